@@ -1,0 +1,1 @@
+"""payment-service: the Payment aggregate of a booking system."""

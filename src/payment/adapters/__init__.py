@@ -1,0 +1,1 @@
+"""Adapters: the only code that touches PostgreSQL, Kafka, HTTP and gateways."""

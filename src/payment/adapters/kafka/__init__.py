@@ -1,0 +1,1 @@
+"""Kafka adapters: CloudEvents codec, consumer, outbox relay, dead letters."""

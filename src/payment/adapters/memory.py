@@ -1,0 +1,212 @@
+"""In-memory EventStore, PaymentIndex, Outbox, Inbox and UnitOfWork for unit tests and scenarios."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+from payment.application.errors import (
+    BookingAlreadyClaimed,
+    ConcurrencyConflict,
+    DuplicateMessage,
+)
+from payment.application.messages import OutboundMessage
+from payment.application.ports import OutboxRecord
+from payment.domain.events import AnyPaymentEvent
+from payment.domain.payment import PaymentStatus
+
+
+class SystemClock:
+    """The wall clock, in UTC."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+class MemoryDatabase:
+    """The committed state shared by every unit of work of one in-memory "database"."""
+
+    def __init__(self) -> None:
+        self.streams: dict[uuid.UUID, list[AnyPaymentEvent]] = {}
+        self.bookings: dict[str, uuid.UUID] = {}
+        self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
+        self.outbox: list[OutboxRecord] = []
+        self.inbox: dict[tuple[str, str], datetime] = {}
+        self.commits = 0
+
+
+class MemoryEventStore:
+    """Streams buffered in the unit of work, checked against committed versions."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._db = db
+        self.pending: dict[uuid.UUID, tuple[int, list[AnyPaymentEvent]]] = {}
+
+    async def load(self, stream_id: uuid.UUID) -> list[AnyPaymentEvent]:
+        committed = list(self._db.streams.get(stream_id, []))
+        if stream_id in self.pending:
+            committed += self.pending[stream_id][1]
+        return committed
+
+    async def append(
+        self, stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]
+    ) -> None:
+        current = len(await self.load(stream_id))
+        if current != expected_version:
+            raise ConcurrencyConflict(stream_id, expected_version)
+        for offset, event in enumerate(events, start=1):
+            if event.version != expected_version + offset or event.payment_id != stream_id:
+                raise ValueError("events must continue the stream's versions without a gap")
+        base, buffered = self.pending.get(stream_id, (expected_version, []))
+        self.pending[stream_id] = (base, [*buffered, *events])
+
+    def check(self) -> None:
+        for stream_id, (base, _) in self.pending.items():
+            if len(self._db.streams.get(stream_id, [])) != base:
+                raise ConcurrencyConflict(stream_id, base)
+
+    def apply(self) -> None:
+        for stream_id, (_, events) in self.pending.items():
+            self._db.streams.setdefault(stream_id, []).extend(events)
+
+
+class MemoryPaymentIndex:
+    """Booking claims and payment status, buffered until commit."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._db = db
+        self.claims: dict[str, tuple[uuid.UUID, datetime]] = {}
+        self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
+
+    async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
+        if booking_id in self._db.bookings or booking_id in self.claims:
+            raise BookingAlreadyClaimed(booking_id)
+        self.claims[booking_id] = (payment_id, at)
+        self.status[payment_id] = (PaymentStatus.INITIATED, at)
+
+    async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
+        if booking_id in self.claims:
+            return self.claims[booking_id][0]
+        return self._db.bookings.get(booking_id)
+
+    async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
+        self.status[payment_id] = (status, at)
+
+    async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
+        rows = [
+            (at, pid)
+            for pid, (status, at) in self._db.status.items()
+            if status is PaymentStatus.INITIATED and at < before
+        ]
+        return [pid for _, pid in sorted(rows)[:limit]]
+
+    def check(self) -> None:
+        for booking_id in self.claims:
+            if booking_id in self._db.bookings:
+                raise BookingAlreadyClaimed(booking_id)
+
+    def apply(self) -> None:
+        for booking_id, (payment_id, _) in self.claims.items():
+            self._db.bookings[booking_id] = payment_id
+        self._db.status.update(self.status)
+
+
+class MemoryOutbox:
+    """Outbox rows, appended to the shared list in commit order."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._db = db
+        self.pending_rows: list[OutboundMessage] = []
+
+    async def add(self, messages: Sequence[OutboundMessage]) -> None:
+        self.pending_rows.extend(messages)
+
+    async def pending(self, limit: int) -> list[OutboxRecord]:
+        return [r for r in self._db.outbox if r.published_at is None][:limit]
+
+    async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
+        wanted = set(positions)
+        self._db.outbox = [
+            OutboxRecord(position=r.position, message=r.message, published_at=at)
+            if r.position in wanted and r.published_at is None
+            else r
+            for r in self._db.outbox
+        ]
+
+    def apply(self) -> None:
+        for message in self.pending_rows:
+            self._db.outbox.append(OutboxRecord(position=len(self._db.outbox) + 1, message=message))
+
+
+class MemoryInbox:
+    """Handled message ids, buffered until commit."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._db = db
+        self.marks: dict[tuple[str, str], datetime] = {}
+
+    async def mark(self, source: str, message_id: str, at: datetime) -> bool:
+        key = (source, message_id)
+        if key in self._db.inbox or key in self.marks:
+            return False
+        self.marks[key] = at
+        return True
+
+    def check(self) -> bool:
+        return not any(key in self._db.inbox for key in self.marks)
+
+    def apply(self) -> None:
+        self._db.inbox.update(self.marks)
+
+
+class MemoryUnitOfWork:
+    """A transaction over `MemoryDatabase`: buffered writes, checked and applied at commit."""
+
+    def __init__(self, db: MemoryDatabase) -> None:
+        self._db = db
+        self.events = MemoryEventStore(db)
+        self.payments = MemoryPaymentIndex(db)
+        self.outbox = MemoryOutbox(db)
+        self.inbox = MemoryInbox(db)
+        self._done = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done = True
+
+    async def commit(self) -> None:
+        if self._done:
+            raise RuntimeError("unit of work already finished")
+        self._done = True
+        # Same outcomes as the database's constraints, checked before anything is applied.
+        self.events.check()
+        self.payments.check()
+        if not self.inbox.check():
+            # A concurrent handler marked the same message first: like a unique
+            # violation at commit, nothing of this transaction survives.
+            raise DuplicateMessage("message already handled by a concurrent transaction")
+        self.events.apply()
+        self.payments.apply()
+        self.outbox.apply()
+        self.inbox.apply()
+        self._db.commits += 1
+
+
+class MemoryUnitOfWorkFactory:
+    """Callable giving a fresh unit of work over one shared in-memory database."""
+
+    def __init__(self, db: MemoryDatabase | None = None) -> None:
+        self.db = db or MemoryDatabase()
+
+    def __call__(self) -> MemoryUnitOfWork:
+        return MemoryUnitOfWork(self.db)

@@ -1,0 +1,1 @@
+"""PostgreSQL adapters: pool, migrations, event store, outbox, inbox, unit of work."""

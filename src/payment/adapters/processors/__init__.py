@@ -1,0 +1,1 @@
+"""Payment processor adapters: fake and Stripe (sandbox = Stripe in test mode)."""

@@ -1,0 +1,1 @@
+"""Application layer: commands, contract messages, ports and handlers."""

@@ -1,0 +1,401 @@
+"""Command handlers: one async function per command, one transaction per handled message."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import msgspec
+
+from payment.application.commands import (
+    ExecutePayment,
+    InboundRef,
+    ReconcilePayment,
+    RequestPayment,
+    TraceHeaders,
+)
+from payment.application.errors import RETRYABLE_CONFLICTS, PaymentConflict
+from payment.application.messages import initiated_message, outcome_message, rejection_message
+from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
+from payment.application.validation import Valid, safe_echo, validate_request
+from payment.domain.events import AnyPaymentEvent, AttemptResult
+from payment.domain.money import DEFAULT_MAX_AMOUNT
+from payment.domain.payment import Payment, PaymentStatus
+from payment.domain.processor import (
+    Approved,
+    ChargeOutcome,
+    ChargeRequest,
+    Declined,
+    OutcomeUnknown,
+    PaymentProcessor,
+    ProcessorUnavailable,
+)
+
+# Optimistic conflicts are retried with fresh state; this bounds a pathological storm.
+MAX_CONFLICT_RETRIES = 10
+
+
+class RequestResult(enum.StrEnum):
+    ACCEPTED = "accepted"  # a new payment was initiated
+    DUPLICATE = "duplicate"  # this message was handled before: nothing changed
+    REJECTED = "rejected"  # broke a rule: payment.failed / invalid_request queued
+    REPLAYED = "replayed"  # booking already paid or failed: its outcome queued again
+    IN_FLIGHT = "in_flight"  # booking's payment still running: its outcome will follow
+
+
+class ExecuteResult(enum.StrEnum):
+    DUPLICATE = "duplicate"
+    NOT_FOUND = "not_found"
+    ALREADY_TERMINAL = "already_terminal"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # outcome unknown: left in flight for the reconciler
+    FLAGGED = "flagged"  # unknown past the review window: flagged for a human
+
+
+class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How hard to try the gateway before giving up on a payment for now."""
+
+    call_timeout_s: float = 10.0
+    max_attempts: int = 4
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 5.0
+    review_after_s: float = 3600.0
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    max_amount: int = DEFAULT_MAX_AMOUNT
+
+
+async def request_payment(
+    cmd: RequestPayment,
+    uow_factory: UnitOfWorkFactory,
+    clock: Clock,
+    settings: Settings = Settings(),
+) -> RequestResult:
+    """Handle `saga.request_payment` (contract sections 3-4).
+
+    Raises `PaymentConflict` for a re-request whose amount or currency differs from the
+    booking's payment: the caller dead-letters it.
+    """
+    checked = validate_request(cmd, max_amount=settings.max_amount)
+    for _ in range(MAX_CONFLICT_RETRIES):
+        try:
+            async with uow_factory() as uow:
+                if not await uow.inbox.mark(
+                    cmd.inbound.source, cmd.inbound.message_id, clock.now()
+                ):
+                    return RequestResult.DUPLICATE
+                result = await _request_in(uow, cmd, checked, clock)
+                await uow.commit()
+                return result
+        except RETRYABLE_CONFLICTS:
+            # Lost a race (for the booking, say): a fresh transaction sees the winner.
+            continue
+    raise RuntimeError("request_payment: too many conflicting writers for one booking")
+
+
+async def _request_in(
+    uow: UnitOfWork, cmd: RequestPayment, checked: Valid | str, clock: Clock
+) -> RequestResult:
+    now = clock.now()
+    if isinstance(checked, str):
+        await uow.outbox.add(
+            [
+                rejection_message(
+                    booking_id=safe_echo(cmd.booking_id) or "",
+                    saga_id=safe_echo(cmd.saga_id),
+                    detail=checked,
+                    at=now,
+                    trace=cmd.trace,
+                )
+            ]
+        )
+        return RequestResult.REJECTED
+
+    existing_id = await uow.payments.payment_for_booking(cmd.booking_id)
+    if existing_id is not None:
+        existing = Payment.replay(await uow.events.load(existing_id))
+        if existing.money != checked.money:
+            raise PaymentConflict(
+                existing.id,
+                "re-request differs in amount or currency from the booking's payment",
+            )
+        if existing.is_terminal:
+            await uow.outbox.add([outcome_message(existing, cmd.trace)])
+            return RequestResult.REPLAYED
+        return RequestResult.IN_FLIGHT
+
+    payment, events = Payment.initiate(
+        payment_id=uuid.uuid4(),
+        booking_id=cmd.booking_id,
+        money=checked.money,
+        payment_method=checked.payment_method,
+        saga_id=cmd.saga_id,
+        customer_id=cmd.customer_id,
+        at=now,
+    )
+    await uow.payments.claim_booking(cmd.booking_id, payment.id, now)
+    await uow.events.append(payment.id, 0, events)
+    await uow.outbox.add([initiated_message(payment, cmd.trace)])
+    return RequestResult.ACCEPTED
+
+
+async def execute_payment(
+    cmd: ExecutePayment,
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+    policy: ExecutionPolicy = ExecutionPolicy(),
+) -> ExecuteResult:
+    """Handle `payment.initiated`: charge once per idempotency key, record the outcome.
+
+    No transaction is held open during the gateway call; the gateway's idempotency makes
+    a second concurrent execution of the same payment harmless, and the optimistic lock
+    lets exactly one of them record the outcome.
+    """
+    async with uow_factory() as uow:
+        events = await uow.events.load(cmd.payment_id)
+    if not events:
+        await _mark_only(uow_factory, cmd.inbound, clock)
+        return ExecuteResult.NOT_FOUND
+    payment = Payment.replay(events)
+    if payment.is_terminal:
+        await _mark_only(uow_factory, cmd.inbound, clock)
+        return ExecuteResult.ALREADY_TERMINAL
+    return await _charge_and_record(payment, cmd.inbound, uow_factory, processor, clock, policy)
+
+
+async def reconcile_payment(
+    cmd: ReconcilePayment,
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+    policy: ExecutionPolicy = ExecutionPolicy(),
+) -> ExecuteResult:
+    """Resolve a payment left in flight: look it up at the gateway, else charge again (same key).
+
+    A payment still unknown past `policy.review_after_s` is flagged for review, once;
+    it is never failed blindly.
+    """
+    async with uow_factory() as uow:
+        events = await uow.events.load(cmd.payment_id)
+    if not events:
+        return ExecuteResult.NOT_FOUND
+    payment = Payment.replay(events)
+    if payment.is_terminal:
+        return ExecuteResult.ALREADY_TERMINAL
+    request = _charge_request(payment)
+    try:
+        known = await asyncio.wait_for(processor.lookup(request), policy.call_timeout_s)
+    except (ProcessorUnavailable, TimeoutError):
+        known = None
+    if known is not None:
+        return await _record_outcome(
+            payment.id, None, [("lookup", known)], known, uow_factory, processor, clock
+        )
+    result = await _charge_and_record(payment, None, uow_factory, processor, clock, policy)
+    if result is ExecuteResult.UNKNOWN:
+        assert payment.initiated_at is not None
+        age = (clock.now() - payment.initiated_at).total_seconds()
+        if age >= policy.review_after_s and not payment.flagged_for_review:
+            return await _flag(payment.id, uow_factory, clock, age)
+    return result
+
+
+# -- internals -------------------------------------------------------------------------
+
+AttemptLog = list[tuple[str, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]]
+
+
+def _charge_request(payment: Payment) -> ChargeRequest:
+    assert payment.money is not None and payment.idempotency_key is not None
+    return ChargeRequest(
+        payment_id=payment.id,
+        booking_id=payment.booking_id,
+        money=payment.money,
+        payment_method=payment.payment_method,
+        idempotency_key=payment.idempotency_key,
+        customer_id=payment.customer_id,
+    )
+
+
+async def _charge_and_record(
+    payment: Payment,
+    inbound: InboundRef | None,
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+    policy: ExecutionPolicy,
+) -> ExecuteResult:
+    request = _charge_request(payment)
+    attempts: AttemptLog = []
+    outcome: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            outcome = await asyncio.wait_for(processor.charge(request), policy.call_timeout_s)
+        except TimeoutError:
+            # The request may have reached the gateway: never treat it as a failure.
+            outcome = OutcomeUnknown(f"no answer within {policy.call_timeout_s:g}s")
+        except (ProcessorUnavailable, OutcomeUnknown) as exc:
+            outcome = exc
+        attempts.append(("charge", outcome))
+        if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
+            break
+        await asyncio.sleep(_backoff(attempt, policy))
+    return await _record_outcome(
+        payment.id, inbound, attempts, outcome, uow_factory, processor, clock
+    )
+
+
+def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
+    # Full jitter: spreads retries of many payments hitting one outage.
+    ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)
+
+
+async def _record_outcome(
+    payment_id: uuid.UUID,
+    inbound: InboundRef | None,
+    attempts: AttemptLog,
+    final: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown,
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+) -> ExecuteResult:
+    for _ in range(MAX_CONFLICT_RETRIES):
+        try:
+            async with uow_factory() as uow:
+                now = clock.now()
+                if inbound is not None and not await uow.inbox.mark(
+                    inbound.source, inbound.message_id, now
+                ):
+                    return ExecuteResult.DUPLICATE
+                payment = Payment.replay(await uow.events.load(payment_id))
+                if payment.is_terminal:
+                    # Another execution recorded the outcome first (same idempotency key,
+                    # so the same charge): keep only the inbox mark.
+                    await uow.commit()
+                    return ExecuteResult.ALREADY_TERMINAL
+                expected = payment.version
+                new: list[AnyPaymentEvent] = []
+                for kind, item in attempts:
+                    new += payment.record_attempt(
+                        processor=processor.name,
+                        result=_result_of(item),
+                        detail=_detail_of(kind, item),
+                        at=now,
+                    )
+                result = _decide(payment, final, processor.name, now, new)
+                await uow.events.append(payment_id, expected, new)
+                if payment.is_terminal:
+                    await uow.payments.set_status(payment_id, _status(payment), now)
+                    await uow.outbox.add([outcome_message(payment, TraceHeaders())])
+                await uow.commit()
+                return result
+        except RETRYABLE_CONFLICTS:
+            continue
+    raise RuntimeError("execute_payment: too many conflicting writers for one payment")
+
+
+def _decide(
+    payment: Payment,
+    final: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown,
+    processor_name: str,
+    now: datetime,
+    new: list[AnyPaymentEvent],
+) -> ExecuteResult:
+    match final:
+        case Approved():
+            new += payment.complete(
+                processor=processor_name, provider_reference=final.provider_reference, at=now
+            )
+            return ExecuteResult.COMPLETED
+        case Declined():
+            new += payment.fail(
+                reason="declined", detail=_decline_detail(final), at=now, decline_code=final.code
+            )
+            return ExecuteResult.FAILED
+        case ProcessorUnavailable():
+            new += payment.fail(
+                reason="processor_unavailable",
+                detail="the payment processor could not be reached; no charge was made",
+                at=now,
+            )
+            return ExecuteResult.FAILED
+        case _:
+            return ExecuteResult.UNKNOWN
+
+
+def _status(payment: Payment) -> PaymentStatus:
+    assert payment.status is not None
+    return payment.status
+
+
+def _result_of(item: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown) -> AttemptResult:
+    match item:
+        case Approved():
+            return "approved"
+        case Declined():
+            return "declined"
+        case ProcessorUnavailable():
+            return "unavailable"
+        case _:
+            return "unknown"
+
+
+def _detail_of(kind: str, item: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown) -> str:
+    match item:
+        case Approved():
+            return f"{kind}: approved, reference {item.provider_reference}"
+        case Declined():
+            return f"{kind}: declined ({item.code})"
+        case _:
+            return f"{kind}: {type(item).__name__}: {item}"
+
+
+def _decline_detail(declined: Declined) -> str:
+    return f"payment declined by the processor ({declined.code})"
+
+
+async def _mark_only(uow_factory: UnitOfWorkFactory, inbound: InboundRef, clock: Clock) -> None:
+    async with uow_factory() as uow:
+        if await uow.inbox.mark(inbound.source, inbound.message_id, clock.now()):
+            await uow.commit()
+
+
+async def _flag(
+    payment_id: uuid.UUID, uow_factory: UnitOfWorkFactory, clock: Clock, age: float
+) -> ExecuteResult:
+    for _ in range(MAX_CONFLICT_RETRIES):
+        try:
+            async with uow_factory() as uow:
+                payment = Payment.replay(await uow.events.load(payment_id))
+                if payment.is_terminal or payment.flagged_for_review:
+                    return ExecuteResult.ALREADY_TERMINAL
+                expected = payment.version
+                now = clock.now()
+                events = payment.flag_for_review(
+                    detail=f"outcome unknown for {age:.0f}s: needs manual review", at=now
+                )
+                await uow.events.append(payment_id, expected, events)
+                await uow.commit()
+                return ExecuteResult.FLAGGED
+        except RETRYABLE_CONFLICTS:
+            continue
+    raise RuntimeError("flag_for_review: too many conflicting writers")
+
+
+__all__: Sequence[str] = [
+    "ExecuteResult",
+    "ExecutionPolicy",
+    "RequestResult",
+    "Settings",
+    "execute_payment",
+    "reconcile_payment",
+    "request_payment",
+]

@@ -1,0 +1,195 @@
+"""Integration messages of the external contract (CONTRACT.md section 3) and their builders."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Final, Literal
+
+import msgspec
+
+from payment.application.commands import TraceHeaders
+from payment.domain.events import FailureReason, PaymentCompleted, PaymentFailed
+from payment.domain.payment import Payment
+
+REQUEST_PAYMENT: Final = "saga.request_payment"
+PAYMENT_INITIATED: Final = "payment.initiated"
+PAYMENT_COMPLETED: Final = "payment.completed"
+PAYMENT_FAILED: Final = "payment.failed"
+
+OutboundType = Literal["payment.initiated", "payment.completed", "payment.failed"]
+
+
+class RequestPaymentMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """`saga.request_payment` data.
+
+    Decoding is strict about types (an amount of 1.5 or "100" does not decode) and
+    tolerant of unknown fields. Only `booking_id` is needed to decode: a missing or
+    out-of-range other field is a rule break answered with `invalid_request`.
+    """
+
+    booking_id: str
+    amount: int | None = None
+    currency: str | None = None
+    payment_method: str | None = None
+    customer_id: str | None = None
+    saga_id: str | None = None
+
+
+class PaymentInitiatedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """`payment.initiated` data (no payment method: the executor reads it from the store)."""
+
+    payment_id: str
+    booking_id: str
+    saga_id: str | None
+    amount: int
+    currency: str
+    customer_id: str | None
+    initiated_at: datetime
+    version: int
+
+
+class PaymentCompletedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """`payment.completed` data."""
+
+    payment_id: str
+    booking_id: str
+    saga_id: str | None
+    amount: int
+    currency: str
+    processor: str
+    provider_reference: str
+    completed_at: datetime
+    version: int
+
+
+class PaymentFailedMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """`payment.failed` data; `payment_id` and `version` are absent when no payment exists."""
+
+    booking_id: str
+    saga_id: str | None
+    reason: FailureReason
+    detail: str
+    failed_at: datetime
+    payment_id: str | None = None
+    version: int | None = None
+
+
+class OutboundMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One message for the outbox: transport-neutral, fully determined when written.
+
+    `event_id` becomes `ce_id` on every (re-)publication; `key` is the payment id (or the
+    booking id when no payment exists); `sequence` is the event's stream version.
+    """
+
+    event_id: uuid.UUID
+    type: OutboundType
+    key: str
+    subject: str | None
+    sequence: int | None
+    time: datetime
+    data: bytes
+    trace: TraceHeaders = TraceHeaders()
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def initiated_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
+    """`payment.initiated` for a freshly initiated payment."""
+    event = payment.initiated
+    assert event is not None and payment.money is not None
+    data = PaymentInitiatedMessage(
+        payment_id=str(payment.id),
+        booking_id=payment.booking_id,
+        saga_id=payment.saga_id,
+        amount=payment.money.amount,
+        currency=payment.money.currency,
+        customer_id=payment.customer_id,
+        initiated_at=event.occurred_at,
+        version=event.version,
+    )
+    return OutboundMessage(
+        event_id=event.event_id,
+        type=PAYMENT_INITIATED,
+        key=str(payment.id),
+        subject=str(payment.id),
+        sequence=event.version,
+        time=event.occurred_at,
+        data=_encoder.encode(data),
+        trace=trace,
+    )
+
+
+def outcome_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
+    """The terminal event of a payment as its contract message.
+
+    A pure function of the stored events: a re-request re-publishes the same `event_id`
+    and the same data.
+    """
+    outcome = payment.outcome
+    assert outcome is not None and payment.money is not None
+    data: PaymentCompletedMessage | PaymentFailedMessage
+    if isinstance(outcome, PaymentCompleted):
+        kind: OutboundType = PAYMENT_COMPLETED
+        data = PaymentCompletedMessage(
+            payment_id=str(payment.id),
+            booking_id=payment.booking_id,
+            saga_id=payment.saga_id,
+            amount=payment.money.amount,
+            currency=payment.money.currency,
+            processor=outcome.processor,
+            provider_reference=outcome.provider_reference,
+            completed_at=outcome.occurred_at,
+            version=outcome.version,
+        )
+    else:
+        assert isinstance(outcome, PaymentFailed)
+        kind = PAYMENT_FAILED
+        data = PaymentFailedMessage(
+            payment_id=str(payment.id),
+            booking_id=payment.booking_id,
+            saga_id=payment.saga_id,
+            reason=outcome.reason,
+            detail=outcome.detail,
+            failed_at=outcome.occurred_at,
+            version=outcome.version,
+        )
+    return OutboundMessage(
+        event_id=outcome.event_id,
+        type=kind,
+        key=str(payment.id),
+        subject=str(payment.id),
+        sequence=outcome.version,
+        time=outcome.occurred_at,
+        data=_encoder.encode(data),
+        trace=trace,
+    )
+
+
+def rejection_message(
+    *,
+    booking_id: str,
+    saga_id: str | None,
+    detail: str,
+    at: datetime,
+    trace: TraceHeaders,
+) -> OutboundMessage:
+    """`payment.failed` / `invalid_request` for a request that created no payment."""
+    data = PaymentFailedMessage(
+        booking_id=booking_id,
+        saga_id=saga_id,
+        reason="invalid_request",
+        detail=detail,
+        failed_at=at,
+    )
+    return OutboundMessage(
+        event_id=uuid.uuid4(),
+        type=PAYMENT_FAILED,
+        key=booking_id,
+        subject=None,
+        sequence=None,
+        time=at,
+        data=_encoder.encode(data),
+        trace=trace,
+    )

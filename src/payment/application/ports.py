@@ -1,0 +1,134 @@
+"""Ports the application needs: event store, payment index, outbox, inbox, unit of work, clock."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self
+
+import msgspec
+
+from payment.application.messages import OutboundMessage
+from payment.domain.events import AnyPaymentEvent
+from payment.domain.payment import PaymentStatus
+
+
+class EventStore(Protocol):
+    """Append-only streams of payment events, one stream per payment."""
+
+    async def load(self, stream_id: uuid.UUID) -> list[AnyPaymentEvent]:
+        """All events of the stream in version order; an empty list if it does not exist."""
+        ...
+
+    async def append(
+        self, stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]
+    ) -> None:
+        """Append events whose versions follow `expected_version` without a gap.
+
+        Raises `ConcurrencyConflict` if the stream is no longer at `expected_version`
+        (another writer appended first). Takes effect when the unit of work commits.
+        """
+        ...
+
+
+class PaymentIndex(Protocol):
+    """Lookup side of the write model: booking -> payment, and which payments are in flight."""
+
+    async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
+        """Record the booking's one payment.
+
+        Raises `BookingAlreadyClaimed` if the booking already has one — enforced by the
+        store itself (a unique constraint), so it holds under concurrency.
+        """
+        ...
+
+    async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
+        """The id of the booking's payment, or None."""
+        ...
+
+    async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
+        """Record the payment's current state (kept in step with its stream)."""
+        ...
+
+    async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
+        """Payments still INITIATED whose last change is older than `before`, oldest first."""
+        ...
+
+
+class OutboxRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored outbox row: its position and the message to publish."""
+
+    position: int
+    message: OutboundMessage
+    published_at: datetime | None = None
+
+
+class Outbox(Protocol):
+    """Messages to publish, written in the same transaction as the state they announce."""
+
+    async def add(self, messages: Sequence[OutboundMessage]) -> None:
+        """Queue messages for publication; they become visible when the unit of work commits."""
+        ...
+
+    async def pending(self, limit: int) -> list[OutboxRecord]:
+        """Unpublished rows, oldest first.
+
+        Never skips a row: a row committed later by a slower transaction is returned by a
+        later call. Rows of one stream come back in the order they were written.
+        """
+        ...
+
+    async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
+        """Mark rows as published (after the broker acknowledged them)."""
+        ...
+
+
+class Inbox(Protocol):
+    """Inbound messages already handled, keyed by CloudEvents (source, id)."""
+
+    async def mark(self, source: str, message_id: str, at: datetime) -> bool:
+        """Record the message as handled; False if it was already recorded (a duplicate).
+
+        Takes effect with the unit of work: a rolled-back handling leaves no mark. An
+        adapter that cannot tell before commit may raise `DuplicateMessage` from `commit`.
+        """
+        ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction: everything done through it commits together or not at all."""
+
+    events: EventStore
+    payments: PaymentIndex
+    outbox: Outbox
+    inbox: Inbox
+
+    async def __aenter__(self) -> Self:
+        """Begin the transaction."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """End it: roll back whatever was not committed."""
+        ...
+
+    async def commit(self) -> None:
+        """Commit the transaction; the unit of work cannot be used afterwards."""
+        ...
+
+
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+
+class Clock(Protocol):
+    """The time, injectable so tests control it."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...

@@ -1,0 +1,87 @@
+"""Rules of contract section 3 for `saga.request_payment`, checked before any payment exists."""
+
+from __future__ import annotations
+
+import re
+
+from payment.application.commands import RequestPayment
+from payment.domain.errors import InvalidMoney
+from payment.domain.money import Money
+
+_BOOKING_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_CARD_LIKE = re.compile(r"[0-9][0-9 -]{11,}[0-9]")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum of a string of decimal digits."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def looks_like_card_number(text: str) -> bool:
+    """True if `text` contains a 13-19 digit Luhn-valid number (spaces and dashes allowed)."""
+    for match in _CARD_LIKE.finditer(text):
+        digits = match.group().replace(" ", "").replace("-", "")
+        for length in range(19, 12, -1):
+            for start in range(0, len(digits) - length + 1):
+                if luhn_valid(digits[start : start + length]):
+                    return True
+    return False
+
+
+class Valid:
+    """A request that passed every rule, with its money."""
+
+    __slots__ = ("money", "payment_method")
+
+    def __init__(self, money: Money, payment_method: str) -> None:
+        self.money = money
+        self.payment_method = payment_method
+
+
+def validate_request(cmd: RequestPayment, *, max_amount: int) -> Valid | str:
+    """The validated request, or a human-readable reason (never echoing secrets) it breaks."""
+    if not _BOOKING_ID.fullmatch(cmd.booking_id):
+        return "booking_id must be 1-64 characters of A-Z a-z 0-9 . _ : -"
+    if cmd.amount is None:
+        return "amount is required"
+    if cmd.currency is None:
+        return "currency is required"
+    try:
+        money = Money.of(cmd.amount, cmd.currency, max_amount=max_amount)
+    except InvalidMoney as exc:
+        return str(exc)
+    method = cmd.payment_method
+    if method is None or not 1 <= len(method) <= 255:
+        return "payment_method is required: a gateway token of 1-255 characters"
+    if looks_like_card_number(method):
+        return "payment_method looks like a card number: send a gateway token, never card data"
+    for name, value in (
+        ("booking_id", cmd.booking_id),
+        ("customer_id", cmd.customer_id),
+        ("saga_id", cmd.saga_id),
+    ):
+        if value is not None and looks_like_card_number(value):
+            return f"{name} looks like a card number"
+    if cmd.customer_id is not None and len(cmd.customer_id) > 64:
+        return "customer_id must be at most 64 characters"
+    if cmd.saga_id is not None and len(cmd.saga_id) > 64:
+        return "saga_id must be at most 64 characters"
+    return Valid(money, method)
+
+
+REDACTED = "[redacted]"
+
+
+def safe_echo(value: str | None) -> str | None:
+    """A request field fit to be echoed in a rejection: card-like values are redacted."""
+    if value is not None and looks_like_card_number(value):
+        return REDACTED
+    return value

@@ -1,0 +1,1 @@
+"""Pure domain: the Payment aggregate, money, events and the processor port."""

@@ -1,0 +1,19 @@
+"""Domain rule violations: typed errors raised by the aggregate and value objects."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base class of every rule the domain refuses to break."""
+
+
+class InvalidMoney(DomainError):
+    """An amount or currency that the domain does not accept."""
+
+
+class IllegalTransition(DomainError):
+    """A command that the payment's current state does not allow; nothing is recorded."""
+
+
+class StreamMismatch(DomainError):
+    """An event applied to the wrong stream or out of version order."""

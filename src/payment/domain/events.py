@@ -1,0 +1,88 @@
+"""Events of the Payment stream: past-tense facts stamped with stream, version and time."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+FailureReason = Literal["declined", "invalid_request", "processor_unavailable"]
+AttemptResult = Literal["approved", "declined", "unavailable", "unknown"]
+
+
+class PaymentEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Common envelope of every stored event (stream id, version, when it happened)."""
+
+    event_id: uuid.UUID
+    payment_id: uuid.UUID
+    version: int
+    occurred_at: datetime
+
+
+class PaymentInitiated(PaymentEvent, frozen=True, kw_only=True, tag="PaymentInitiated"):
+    """A payment was accepted for a booking; its idempotency key is drawn here, once."""
+
+    booking_id: str
+    saga_id: str | None
+    amount: int
+    currency: str
+    customer_id: str | None
+    payment_method: str
+    idempotency_key: uuid.UUID
+
+
+class ChargeAttempted(PaymentEvent, frozen=True, kw_only=True, tag="ChargeAttempted"):
+    """One call to the gateway and what came of it (audit trail; never published)."""
+
+    attempt: int
+    processor: str
+    result: AttemptResult
+    detail: str
+
+
+class PaymentCompleted(PaymentEvent, frozen=True, kw_only=True, tag="PaymentCompleted"):
+    """The gateway charged the payment."""
+
+    processor: str
+    provider_reference: str
+
+
+class PaymentFailed(PaymentEvent, frozen=True, kw_only=True, tag="PaymentFailed"):
+    """The payment ended without a charge."""
+
+    reason: FailureReason
+    detail: str
+    decline_code: str | None = None
+
+
+class PaymentFlaggedForReview(
+    PaymentEvent, frozen=True, kw_only=True, tag="PaymentFlaggedForReview"
+):
+    """The outcome stayed unknown past the review window: a human must look (never failed)."""
+
+    detail: str
+
+
+AnyPaymentEvent = (
+    PaymentInitiated | ChargeAttempted | PaymentCompleted | PaymentFailed | PaymentFlaggedForReview
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[AnyPaymentEvent] = msgspec.json.Decoder(AnyPaymentEvent)
+
+
+def encode_event(event: AnyPaymentEvent) -> bytes:
+    """JSON of an event, with its `type` tag."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> AnyPaymentEvent:
+    """The event of `encode_event`'s JSON."""
+    return _decoder.decode(data)
+
+
+def event_type(event: AnyPaymentEvent) -> str:
+    """The stored type name of an event."""
+    return type(event).__name__

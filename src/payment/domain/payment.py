@@ -1,0 +1,210 @@
+"""The Payment aggregate: INITIATED -> COMPLETED | FAILED, decided here and rebuilt by replay."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TypedDict
+
+from payment.domain.errors import IllegalTransition, StreamMismatch
+from payment.domain.events import (
+    AnyPaymentEvent,
+    AttemptResult,
+    ChargeAttempted,
+    FailureReason,
+    PaymentCompleted,
+    PaymentFailed,
+    PaymentFlaggedForReview,
+    PaymentInitiated,
+)
+from payment.domain.money import Money
+
+
+class _Stamp(TypedDict):
+    event_id: uuid.UUID
+    payment_id: uuid.UUID
+    version: int
+    occurred_at: datetime
+
+
+class PaymentStatus(enum.StrEnum):
+    INITIATED = "INITIATED"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class Payment:
+    """One payment of one booking.
+
+    Command methods check the transition, then return the new events after applying
+    them; `apply` is the only place state changes, so `replay(stored events)` rebuilds
+    exactly the state the commands left behind.
+    """
+
+    def __init__(self, payment_id: uuid.UUID) -> None:
+        self.id = payment_id
+        self.version = 0
+        self.status: PaymentStatus | None = None
+        self.booking_id = ""
+        self.saga_id: str | None = None
+        self.money: Money | None = None
+        self.customer_id: str | None = None
+        self.payment_method = ""
+        self.idempotency_key: uuid.UUID | None = None
+        self.initiated_at: datetime | None = None
+        self.attempts = 0
+        self.flagged_for_review = False
+        self.initiated: PaymentInitiated | None = None
+        self.outcome: PaymentCompleted | PaymentFailed | None = None
+
+    # -- decisions ---------------------------------------------------------------------
+
+    @classmethod
+    def initiate(
+        cls,
+        *,
+        payment_id: uuid.UUID,
+        booking_id: str,
+        money: Money,
+        payment_method: str,
+        saga_id: str | None,
+        customer_id: str | None,
+        at: datetime,
+        idempotency_key: uuid.UUID | None = None,
+        event_id: uuid.UUID | None = None,
+    ) -> tuple[Payment, list[AnyPaymentEvent]]:
+        """A new payment and its `PaymentInitiated` event (version 1)."""
+        payment = cls(payment_id)
+        event = PaymentInitiated(
+            event_id=event_id or uuid.uuid4(),
+            payment_id=payment_id,
+            version=1,
+            occurred_at=at,
+            booking_id=booking_id,
+            saga_id=saga_id,
+            amount=money.amount,
+            currency=money.currency,
+            customer_id=customer_id,
+            payment_method=payment_method,
+            # Drawn once here; every later gateway attempt reuses it.
+            idempotency_key=idempotency_key or uuid.uuid4(),
+        )
+        payment.apply(event)
+        return payment, [event]
+
+    def record_attempt(
+        self, *, processor: str, result: AttemptResult, detail: str, at: datetime
+    ) -> list[AnyPaymentEvent]:
+        """Record one gateway call (an audit fact; allowed only while in flight)."""
+        self._require_in_flight("record an attempt")
+        return self._emit(
+            ChargeAttempted(
+                **self._stamp(at),
+                attempt=self.attempts + 1,
+                processor=processor,
+                result=result,
+                detail=detail,
+            )
+        )
+
+    def complete(
+        self, *, processor: str, provider_reference: str, at: datetime
+    ) -> list[AnyPaymentEvent]:
+        """INITIATED -> COMPLETED."""
+        self._require_in_flight("complete")
+        return self._emit(
+            PaymentCompleted(
+                **self._stamp(at), processor=processor, provider_reference=provider_reference
+            )
+        )
+
+    def fail(
+        self,
+        *,
+        reason: FailureReason,
+        detail: str,
+        at: datetime,
+        decline_code: str | None = None,
+    ) -> list[AnyPaymentEvent]:
+        """INITIATED -> FAILED."""
+        self._require_in_flight("fail")
+        return self._emit(
+            PaymentFailed(
+                **self._stamp(at), reason=reason, detail=detail, decline_code=decline_code
+            )
+        )
+
+    def flag_for_review(self, *, detail: str, at: datetime) -> list[AnyPaymentEvent]:
+        """Mark an unresolvable in-flight payment for a human; once only."""
+        self._require_in_flight("flag for review")
+        if self.flagged_for_review:
+            raise IllegalTransition("payment is already flagged for review")
+        return self._emit(PaymentFlaggedForReview(**self._stamp(at), detail=detail))
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in (PaymentStatus.COMPLETED, PaymentStatus.FAILED)
+
+    @classmethod
+    def replay(cls, events: Iterable[AnyPaymentEvent]) -> Payment:
+        """Rebuild a payment from its stored events, in version order."""
+        payment: Payment | None = None
+        for event in events:
+            if payment is None:
+                payment = cls(event.payment_id)
+            payment.apply(event)
+        if payment is None:
+            raise StreamMismatch("cannot replay an empty stream")
+        return payment
+
+    def apply(self, event: AnyPaymentEvent) -> None:
+        """Evolve the state by one event: the only way state changes."""
+        if event.payment_id != self.id:
+            raise StreamMismatch(f"event of stream {event.payment_id} applied to {self.id}")
+        if event.version != self.version + 1:
+            raise StreamMismatch(f"event version {event.version} after version {self.version}")
+        match event:
+            case PaymentInitiated():
+                self.status = PaymentStatus.INITIATED
+                self.booking_id = event.booking_id
+                self.saga_id = event.saga_id
+                self.money = Money(amount=event.amount, currency=event.currency)
+                self.customer_id = event.customer_id
+                self.payment_method = event.payment_method
+                self.idempotency_key = event.idempotency_key
+                self.initiated_at = event.occurred_at
+                self.initiated = event
+            case ChargeAttempted():
+                self.attempts = event.attempt
+            case PaymentCompleted():
+                self.status = PaymentStatus.COMPLETED
+                self.outcome = event
+            case PaymentFailed():
+                self.status = PaymentStatus.FAILED
+                self.outcome = event
+            case PaymentFlaggedForReview():
+                self.flagged_for_review = True
+        self.version = event.version
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _require_in_flight(self, action: str) -> None:
+        if self.status is not PaymentStatus.INITIATED:
+            state = self.status.value if self.status else "not initiated"
+            raise IllegalTransition(f"cannot {action} a payment that is {state}")
+
+    def _stamp(self, at: datetime) -> _Stamp:
+        return {
+            "event_id": uuid.uuid4(),
+            "payment_id": self.id,
+            "version": self.version + 1,
+            "occurred_at": at,
+        }
+
+    def _emit(self, event: AnyPaymentEvent) -> list[AnyPaymentEvent]:
+        self.apply(event)
+        return [event]

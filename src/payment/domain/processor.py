@@ -1,0 +1,85 @@
+"""The PaymentProcessor port: what the domain asks of a gateway, and what it may answer."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+import msgspec
+
+from payment.domain.money import Money
+
+
+class ChargeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One charge, identified at the gateway by its idempotency key."""
+
+    payment_id: uuid.UUID
+    booking_id: str
+    money: Money
+    payment_method: str
+    idempotency_key: uuid.UUID
+    customer_id: str | None = None
+
+    def __repr__(self) -> str:
+        # The payment method is a gateway token: keep it out of reprs and tracebacks.
+        return (
+            f"ChargeRequest(payment_id={self.payment_id}, booking_id={self.booking_id!r}, "
+            f"money={self.money!r}, payment_method=<redacted>)"
+        )
+
+
+class Approved(msgspec.Struct, frozen=True, kw_only=True, tag="approved"):
+    """The gateway charged the payment method."""
+
+    provider_reference: str
+
+
+class Declined(msgspec.Struct, frozen=True, kw_only=True, tag="declined"):
+    """The gateway refused the charge; nothing was taken. `code` is the gateway's decline code."""
+
+    code: str
+    message: str
+
+
+ChargeOutcome = Approved | Declined
+
+
+class ProcessorError(Exception):
+    """Base class of the two ways a charge can end without an outcome."""
+
+
+class ProcessorUnavailable(ProcessorError):
+    """The charge was not attempted (or the gateway guarantees it had no effect): safe to retry."""
+
+
+class OutcomeUnknown(ProcessorError):
+    """The request may have reached the gateway: the charge may have happened.
+
+    Never report this as a failure; ask again with the same idempotency key.
+    """
+
+
+class PaymentProcessor(Protocol):
+    """A payment gateway.
+
+    Contract: `charge` is idempotent per `request.idempotency_key` — calling it again with
+    the same key returns the original outcome and never charges twice.
+    """
+
+    name: str
+
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        """Charge once per idempotency key.
+
+        Returns `Approved` or `Declined`. Raises `ProcessorUnavailable` when the charge was
+        certainly not made, `OutcomeUnknown` when it may have been.
+        """
+        ...
+
+    async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
+        """The outcome of an earlier charge for this payment, or None if the gateway has none.
+
+        Used to reconcile an unknown outcome where the gateway cannot deduplicate by key.
+        Raises `ProcessorUnavailable` when the gateway cannot be asked.
+        """
+        ...
