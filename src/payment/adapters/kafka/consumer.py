@@ -1,0 +1,350 @@
+"""The inbox consumer: requests and initiated events, handled concurrently, committed in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from payment.adapters.kafka.cloudevents import (
+    InboundEvent,
+    PoisonMessage,
+    decode_initiated,
+    decode_record,
+    decode_request,
+)
+from payment.adapters.metrics import Metrics
+from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
+from payment.application.errors import PaymentConflict
+from payment.application.handlers import (
+    ExecutionPolicy,
+    Settings,
+    execute_payment,
+    request_payment,
+)
+from payment.application.messages import PAYMENT_INITIATED, REQUEST_PAYMENT
+from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.domain.processor import PaymentProcessor
+
+log = logging.getLogger(__name__)
+
+# A handler error that is not an outage is retried this many times, then dead-lettered:
+# a bug must not block a partition forever, an outage must never dead-letter anything.
+MAX_HANDLER_ERRORS = 5
+
+
+class DeadLetters(Protocol):
+    async def publish(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+        """Park the original record with its reason; returns once the broker acknowledged it."""
+        ...
+
+
+class PartitionProgress:
+    """Offsets of one partition: which are still being handled, and what may be committed.
+
+    Messages finish out of order (a slow gateway call beside fast ones); the committed
+    offset never passes the lowest message not yet finished, so a crash redelivers at
+    most the unfinished ones (and the inbox absorbs the finished ones among them).
+    """
+
+    def __init__(self) -> None:
+        self.unfinished: set[int] = set()
+        self.highest = -1
+        self.committed = -1
+
+    def start(self, offset: int) -> None:
+        self.unfinished.add(offset)
+        self.highest = max(self.highest, offset)
+
+    def finish(self, offset: int) -> None:
+        self.unfinished.discard(offset)
+
+    def committable(self) -> int | None:
+        """The next offset to consume, if it moved since the last commit."""
+        nxt = min(self.unfinished) if self.unfinished else self.highest + 1
+        return nxt if nxt > self.committed and nxt > 0 else None
+
+
+class KafkaInboxConsumer:
+    """Consumes requests and initiated events in one consumer group.
+
+    Each record becomes a task (bounded by `max_in_flight`); its inbox mark and effects
+    commit in one database transaction inside the handler; its Kafka offset is committed
+    only after that, in partition order.
+    """
+
+    def __init__(
+        self,
+        *,
+        consumer_factory: Callable[[ConsumerRebalanceListener], Awaitable[AIOKafkaConsumer]],
+        request_topic: str,
+        initiated_topic: str,
+        uow_factory: UnitOfWorkFactory,
+        processor: PaymentProcessor,
+        clock: Clock,
+        dead_letters: DeadLetters,
+        metrics: Metrics,
+        settings: Settings,
+        policy: ExecutionPolicy,
+        transient_errors: tuple[type[BaseException], ...],
+        max_in_flight: int = 256,
+        commit_interval_s: float = 0.2,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self._consumer_factory = consumer_factory
+        self._request_topic = request_topic
+        self._initiated_topic = initiated_topic
+        self._uow_factory = uow_factory
+        self._processor = processor
+        self._clock = clock
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._settings = settings
+        self._policy = policy
+        self._transient = transient_errors
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._commit_interval_s = commit_interval_s
+        self._drain_timeout_s = drain_timeout_s
+        self._progress: dict[TopicPartition, PartitionProgress] = {}
+        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self.assigned: set[TopicPartition] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until `stop()`; then finish in-flight work, commit, and leave the group."""
+        self._consumer = await self._consumer_factory(_Rebalance(self))
+        committer = asyncio.create_task(self._commit_periodically(), name="offset-committer")
+        try:
+            while not self._stopping.is_set():
+                batch = await self._consumer.getmany(timeout_ms=200, max_records=500)
+                for tp, records in batch.items():
+                    for record in records:
+                        if self._stopping.is_set():
+                            break
+                        await self._slots.acquire()
+                        self._dispatch(tp, record)
+        finally:
+            committer.cancel()
+            await self._drain(list(self._tasks))
+            await self._commit()
+            await self._consumer.stop()
+            log.info("consumer: stopped")
+
+    def stop(self) -> None:
+        """Stop fetching; `run` then drains in-flight work and returns."""
+        self._stopping.set()
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _dispatch(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        progress = self._progress.setdefault(tp, PartitionProgress())
+        progress.start(record.offset)
+        task = asyncio.create_task(self._handle(record))
+        tasks = self._tasks.setdefault(tp, set())
+        tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            self._slots.release()
+            # A cancelled task did not finish its message: its offset must not move.
+            if not t.cancelled():
+                progress.finish(record.offset)
+
+        task.add_done_callback(done)
+
+    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        errors = 0
+        delay = 0.1
+        while True:
+            try:
+                await self._process(record)
+                return
+            except PoisonMessage as exc:
+                await self._park(record, exc.reason)
+                return
+            except asyncio.CancelledError:
+                raise
+            except self._transient as exc:
+                # An outage (database, broker): wait and retry for as long as it lasts.
+                self._metrics.inc("handler_retries", kind="transient")
+                log.warning(
+                    "consumer: %s at %s[%d]@%d; retrying in %.1fs",
+                    type(exc).__name__,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    delay,
+                )
+            except Exception as exc:  # the outermost loop: log, count, keep going
+                errors += 1
+                self._metrics.inc("handler_retries", kind="error")
+                log.exception(
+                    "consumer: handler error %d/%d at %s[%d]@%d",
+                    errors,
+                    MAX_HANDLER_ERRORS,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+                if errors >= MAX_HANDLER_ERRORS:
+                    await self._park(record, f"handler error: {type(exc).__name__}")
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _park(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._dead_letters.publish(record, reason)
+                break
+            except (KafkaError, *self._transient):
+                log.warning("consumer: dead-letter publish failed; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._metrics.inc("messages_dead_lettered", topic=record.topic)
+        log.warning(
+            "consumer: dead-lettered %s[%d]@%d: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )
+
+    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        event = decode_record(record)
+        if record.topic == self._request_topic:
+            await self._on_request(record, event)
+        elif record.topic == self._initiated_topic:
+            await self._on_initiated(event)
+        else:
+            raise PoisonMessage(f"unexpected topic {record.topic}")
+
+    async def _on_request(self, record: ConsumerRecord[bytes, bytes], event: InboundEvent) -> None:
+        if event.type != REQUEST_PAYMENT:
+            raise PoisonMessage(f"unexpected ce_type on {record.topic}")
+        data = decode_request(event.data)
+        inbound = InboundRef(source=event.source, message_id=event.id)
+        cmd = RequestPayment(
+            inbound=inbound,
+            booking_id=data.booking_id,
+            amount=data.amount,
+            currency=data.currency,
+            payment_method=data.payment_method,
+            customer_id=data.customer_id,
+            saga_id=data.saga_id,
+            trace=TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate),
+        )
+        self._metrics.inc("requests_received")
+        try:
+            result = await request_payment(cmd, self._uow_factory, self._clock, self._settings)
+        except PaymentConflict as exc:
+            await self._park(record, f"conflict: {exc.detail} (payment {exc.payment_id})")
+            await self._mark_handled(inbound)
+            return
+        self._metrics.inc("requests_handled", result=result.value)
+
+    async def _on_initiated(self, event: InboundEvent) -> None:
+        if event.type != PAYMENT_INITIATED:
+            raise PoisonMessage("unexpected ce_type on the initiated topic")
+        payment_id: uuid.UUID = decode_initiated(event.data)
+        cmd = ExecutePayment(
+            inbound=InboundRef(source=event.source, message_id=event.id),
+            payment_id=payment_id,
+            trace=TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate),
+        )
+        started = time.perf_counter()
+        result = await execute_payment(
+            cmd, self._uow_factory, self._processor, self._clock, self._policy
+        )
+        self._metrics.observe("execution_seconds", time.perf_counter() - started)
+        self._metrics.inc("executions", result=result.value)
+
+    async def _mark_handled(self, inbound: InboundRef) -> None:
+        async with self._uow_factory() as uow:
+            if await uow.inbox.mark(inbound.source, inbound.message_id, self._clock.now()):
+                await uow.commit()
+
+    # -- offsets -----------------------------------------------------------------------
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._commit_interval_s)
+            await self._commit()
+
+    async def _commit(self, only: Sequence[TopicPartition] | None = None) -> None:
+        if self._consumer is None:
+            return
+        async with self._commit_lock:
+            offsets: dict[TopicPartition, int] = {}
+            for tp, progress in self._progress.items():
+                if only is not None and tp not in only:
+                    continue
+                nxt = progress.committable()
+                if nxt is not None:
+                    offsets[tp] = nxt
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                # After a rebalance the new owner re-reads from the last commit; the
+                # inbox absorbs what we already handled.
+                log.warning("consumer: offset commit failed (%s); will retry", type(exc).__name__)
+                return
+            for tp, nxt in offsets.items():
+                self._progress[tp].committed = nxt
+
+    async def _drain(self, partitions: Sequence[TopicPartition]) -> None:
+        tasks = [t for tp in partitions for t in self._tasks.get(tp, ())]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self._drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning(
+                "consumer: %d messages unfinished at drain; they will be redelivered", len(pending)
+            )
+            await asyncio.wait(pending)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._drain(list(revoked))
+        await self._commit(list(revoked))
+        for tp in revoked:
+            self._progress.pop(tp, None)
+            self._tasks.pop(tp, None)
+        self.assigned -= revoked
+        if revoked:
+            log.info("consumer: partitions revoked: %s", _names(revoked))
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assigned |= assigned
+        if assigned:
+            log.info("consumer: partitions assigned: %s", _names(assigned))
+
+
+def _names(tps: set[TopicPartition]) -> str:
+    return ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in tps))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: KafkaInboxConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._owner.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._owner.on_assigned(set(assigned))

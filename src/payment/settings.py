@@ -1,0 +1,202 @@
+"""Configuration (contract section 5): PAYMENT_* environment variables over a TOML file."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+PREFIX = "PAYMENT_"
+
+ProcessorKind = Literal["fake", "sandbox", "stripe"]
+
+
+class ConfigError(Exception):
+    """A bad setting; the message is one line naming the variable, never echoing a secret."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of the service, validated; defaults are the contract's."""
+
+    database_url: str | None = None
+    kafka_bootstrap_servers: str | None = None
+    processor: ProcessorKind = "fake"
+    fake_mode: Literal["success", "fail", "random"] = "success"
+    fake_success_rate: float = 0.8
+    fake_seed: int | None = None
+    fake_latency_ms: float = 0.0
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    consumer_group: str = "payment-service"
+    kafka_enable_idempotence: bool = True
+    # Tansu answers a fetch only when this expires; a real Kafka answers as data arrives.
+    kafka_fetch_max_wait_ms: int = 10
+    kafka_topic_partitions: int = 6
+    event_source: str = "payment-service"
+    topic_request: str = "saga.request_payment"
+    topic_initiated: str = "payment.initiated"
+    topic_completed: str = "payment.completed"
+    topic_failed: str = "payment.failed"
+    topic_dead_letter: str = "payment.dead_letter"
+    http_port: int = 8080
+    http_host: str = "0.0.0.0"
+    max_amount: int = 100_000_000
+    db_pool_min: int = 2
+    db_pool_max: int = 16
+    max_in_flight: int = 256
+    processor_timeout_ms: int = 10_000
+    processor_max_attempts: int = 4
+    reconcile_after_s: float = 60.0
+    reconcile_interval_s: float = 10.0
+    review_after_s: float = 3600.0
+    relay_batch_size: int = 500
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    def __repr__(self) -> str:
+        # The Stripe key and database password must never reach a log line.
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "stripe_api_key"}
+        shown["database_url"] = redact_url(self.database_url)
+        shown["stripe_api_key"] = "<set>" if self.stripe_api_key else None
+        return f"Settings({shown})"
+
+
+_SECRET_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def redact_url(url: str | None) -> str | None:
+    """A URL with its password replaced, fit for a log line."""
+    return None if url is None else _SECRET_IN_URL.sub(r"\1***@", url)
+
+
+def _env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def _coerce(field: str, raw: Any, annotation: Any) -> Any:
+    """Convert a string (env) or TOML value to the field's type, or fail naming the variable."""
+    name = _env_name(field)
+    try:
+        if isinstance(raw, str):
+            return msgspec.convert(_parse_scalar(raw, annotation), annotation, strict=False)
+        return msgspec.convert(raw, annotation, strict=False)
+    except (msgspec.ValidationError, ValueError):
+        expected = getattr(annotation, "__args__", None)
+        hint = f"one of {', '.join(map(str, expected))}" if expected else _type_name(annotation)
+        shown = "" if "key" in field else f" {str(raw)[:60]!r}"
+        raise ConfigError(f"{name}: invalid value{shown} (expected {hint})") from None
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _parse_scalar(raw: str, annotation: Any) -> Any:
+    text = raw.strip()
+    if annotation in (bool,):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if text == "" and "None" in str(annotation):
+        return None
+    return text
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: str | Path | None = None
+) -> Settings:
+    """Settings from an optional TOML file, overridden by PAYMENT_* variables; validated."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    hints = Settings.__annotations__
+    types = {f: _resolve(hints[f]) for f in Settings.__struct_fields__}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config: {config_file} is not valid TOML: {exc}") from None
+        for key, raw in data.items():
+            if key not in types:
+                raise ConfigError(f"--config: unknown setting {key!r} in {config_file}")
+            values[key] = _coerce(key, raw, types[key])
+    for field, annotation in types.items():
+        raw = environ.get(_env_name(field))
+        if raw is not None:
+            values[field] = _coerce(field, raw, annotation)
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _resolve(annotation: Any) -> Any:
+    # Settings uses `from __future__ import annotations`: hints are strings until evaluated.
+    if isinstance(annotation, str):
+        return eval(annotation, globals())
+    return annotation
+
+
+_URL = re.compile(r"postgres(ql)?://[^\s]+")
+_HOST_PORT = re.compile(r"[A-Za-z0-9._\[\]:-]+:\d{1,5}")
+
+
+def _validate(s: Settings) -> None:
+    if s.database_url is not None and not _URL.fullmatch(s.database_url):
+        raise ConfigError(
+            "PAYMENT_DATABASE_URL: malformed URL (expected postgresql://user@host:port/dbname)"
+        )
+    if s.kafka_bootstrap_servers is not None:
+        for part in s.kafka_bootstrap_servers.split(","):
+            if not _HOST_PORT.fullmatch(part.strip()):
+                raise ConfigError(
+                    "PAYMENT_KAFKA_BOOTSTRAP_SERVERS: expected comma-separated host:port"
+                )
+    if s.processor in ("stripe", "sandbox"):
+        if not s.stripe_api_key:
+            raise ConfigError(
+                f"PAYMENT_STRIPE_API_KEY: required when PAYMENT_PROCESSOR={s.processor}"
+            )
+        is_test = s.stripe_api_key.startswith(("sk_test_", "rk_test_"))
+        if s.processor == "sandbox" and not is_test:
+            raise ConfigError(
+                "PAYMENT_STRIPE_API_KEY: the sandbox processor needs a test key (sk_test_...)"
+            )
+        if s.processor == "stripe" and is_test:
+            raise ConfigError(
+                "PAYMENT_STRIPE_API_KEY: a test key cannot be used with PAYMENT_PROCESSOR=stripe"
+                " (use sandbox)"
+            )
+    if s.stripe_api_base is not None and not re.fullmatch(r"https?://[^\s]+", s.stripe_api_base):
+        raise ConfigError("PAYMENT_STRIPE_API_BASE: malformed URL (expected http(s)://host[:port])")
+    if not 0.0 <= s.fake_success_rate <= 1.0:
+        raise ConfigError("PAYMENT_FAKE_SUCCESS_RATE: must be between 0 and 1")
+    if s.fake_latency_ms < 0:
+        raise ConfigError("PAYMENT_FAKE_LATENCY_MS: must not be negative")
+    if not 0 <= s.http_port <= 65535:
+        raise ConfigError("PAYMENT_HTTP_PORT: must be a TCP port (0-65535)")
+    if s.max_amount < 1:
+        raise ConfigError("PAYMENT_MAX_AMOUNT: must be at least 1")
+    for field in (
+        "db_pool_min",
+        "db_pool_max",
+        "max_in_flight",
+        "processor_max_attempts",
+        "relay_batch_size",
+        "kafka_topic_partitions",
+    ):
+        if getattr(s, field) < 1:
+            raise ConfigError(f"{_env_name(field)}: must be at least 1")
+    if s.db_pool_min > s.db_pool_max:
+        raise ConfigError("PAYMENT_DB_POOL_MIN: must not exceed PAYMENT_DB_POOL_MAX")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("PAYMENT_LOG_LEVEL: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
