@@ -100,10 +100,19 @@ class Inbox(Protocol):
 class UnitOfWork(Protocol):
     """One transaction: everything done through it commits together or not at all."""
 
-    events: EventStore
-    payments: PaymentIndex
-    outbox: Outbox
-    inbox: Inbox
+    # Read-only members, so an adapter's more specific types (PostgresEventStore, …)
+    # satisfy the protocol; plain attributes would be invariant and match no adapter.
+    @property
+    def events(self) -> EventStore: ...
+
+    @property
+    def payments(self) -> PaymentIndex: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    @property
+    def inbox(self) -> Inbox: ...
 
     async def __aenter__(self) -> Self:
         """Begin the transaction."""
