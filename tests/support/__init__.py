@@ -1,0 +1,1 @@
+"""Test helpers: where the tests find a Kafka broker and a PostgreSQL database."""
