@@ -1,0 +1,275 @@
+"""PostgresOutbox, the outbox notification channel and the single-relay lock.
+
+Ordering
+--------
+`pending` reads *unpublished rows by position*, with no cursor remembered between calls.
+
+* Nothing is skipped. A relay that remembers "the last position I published" loses rows:
+  positions come from a sequence when a row is inserted, but rows become visible when
+  their transaction commits, so a slow transaction can commit position 10 after position
+  11 was read and passed. Here a row is only ever left out because it is already marked
+  published, so a late commit is simply returned by a later call.
+* One stream's rows come back in the order they were written. A handler writes a
+  stream's next outbox row only in a transaction that first read the stream's events and
+  then appended to it under the (stream_id, version) lock, so the transaction holding the
+  previous row of that stream had already committed. Its position was drawn before that
+  commit, the next row's after it, and the identity sequence hands out increasing values
+  in time order across sessions (it has CACHE 1; a cached sequence would break this). So
+  within a stream, position order is write order, and a row is never visible before its
+  predecessor. Re-published outcomes (a re-request of a terminal payment) also read the
+  committed terminal event first, so they follow it. Rows of a stream written in one
+  transaction are numbered in the order given.
+
+Across streams the relay may publish a late row after higher positions: the contract
+orders a payment's events only, per Kafka key.
+
+Waking the relay
+----------------
+A statement trigger sends NOTIFY `payment_outbox` with each inserting transaction,
+delivered on commit. `listen_for_outbox` and `wait_for_outbox` use it on a dedicated
+connection (`pool.connect_dedicated`). A notification is a hint, not a queue: a relay still
+polls when `wait_for_outbox` times out (one lost connection loses notifications).
+
+One relay at a time
+-------------------
+`try_acquire_relay_lock` takes a session-level advisory lock on a dedicated connection:
+across every instance at most one holds it, and it is released when that connection ends,
+a crashed process included, so a standby's next attempt succeeds. The holder must stop
+publishing as soon as that connection fails (its lock is gone then); a short overlap with
+the successor is possible and harmless (publication is at least once, consumers
+deduplicate by ce_id) but can reorder a payment's events while it lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from datetime import UTC, datetime
+from typing import Final, cast
+
+import psycopg
+
+from payment.adapters.postgres.pool import Connection, connect_dedicated
+from payment.adapters.postgres.transaction import Transaction
+from payment.application.commands import TraceHeaders
+from payment.application.messages import OutboundMessage, OutboundType
+from payment.application.ports import OutboxRecord
+
+OUTBOX_CHANNEL: Final = "payment_outbox"
+# Arbitrary but fixed: every instance competes for the same key.
+RELAY_LOCK_KEY: Final = int.from_bytes(b"pay-rlay", "big")
+
+_ADD = """
+INSERT INTO payment_outbox
+    (event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
+SELECT m.event_id, m.type, m.key, m.subject, m.sequence, m.time, m.data,
+       m.traceparent, m.tracestate
+FROM unnest(
+    %(event_ids)s::uuid[],
+    %(types)s::text[],
+    %(keys)s::text[],
+    %(subjects)s::text[],
+    %(sequences)s::integer[],
+    %(times)s::timestamptz[],
+    %(data)s::bytea[],
+    %(traceparents)s::text[],
+    %(tracestates)s::text[]
+) WITH ORDINALITY
+    AS m(event_id, type, key, subject, sequence, time, data, traceparent, tracestate, ord)
+ORDER BY m.ord
+"""
+
+# Served by the partial index payment_outbox_unpublished_idx.
+_PENDING = """
+SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate
+FROM payment_outbox
+WHERE published_at IS NULL
+ORDER BY position
+LIMIT %s
+"""
+
+_MARK_PUBLISHED = """
+UPDATE payment_outbox SET published_at = %s
+WHERE position = ANY(%s::bigint[]) AND published_at IS NULL
+"""
+
+
+class PostgresOutbox:
+    """The Outbox port on PostgreSQL (see the module docstring for the ordering argument)."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    async def add(self, messages: Sequence[OutboundMessage]) -> None:
+        if not messages:
+            return
+        params = {
+            "event_ids": [m.event_id for m in messages],
+            "types": [m.type for m in messages],
+            "keys": [m.key for m in messages],
+            "subjects": [m.subject for m in messages],
+            "sequences": [m.sequence for m in messages],
+            "times": [m.time for m in messages],
+            "data": [m.data for m in messages],
+            "traceparents": [m.trace.traceparent for m in messages],
+            "tracestates": [m.trace.tracestate for m in messages],
+        }
+        await self._tx.writer().execute(_ADD, params)
+
+    async def pending(self, limit: int) -> list[OutboxRecord]:
+        cur = await self._tx.reader().execute(_PENDING, (limit,))
+        return [
+            OutboxRecord(
+                position=position,
+                message=OutboundMessage(
+                    event_id=event_id,
+                    type=cast(OutboundType, kind),
+                    key=key,
+                    subject=subject,
+                    sequence=sequence,
+                    time=time.astimezone(UTC),
+                    data=data,
+                    trace=TraceHeaders(traceparent=traceparent, tracestate=tracestate),
+                ),
+            )
+            for (
+                position,
+                event_id,
+                kind,
+                key,
+                subject,
+                sequence,
+                time,
+                data,
+                traceparent,
+                tracestate,
+            ) in await cur.fetchall()
+        ]
+
+    async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
+        if not positions:
+            return
+        await self._tx.writer().execute(_MARK_PUBLISHED, (at, list(positions)))
+
+
+async def listen_for_outbox(conn: Connection) -> None:
+    """Subscribe a dedicated autocommit connection to outbox inserts.
+
+    Subscribe before the first `pending` call: a row committed in between is then either
+    returned by that call or announced by a notification.
+    """
+    if not conn.autocommit:
+        # In a transaction, LISTEN takes effect, and notifications arrive, only at commit.
+        raise ValueError("LISTEN needs an autocommit connection (see connect_dedicated)")
+    await conn.execute("LISTEN payment_outbox")
+
+
+async def wait_for_outbox(conn: Connection, seconds: float) -> bool:
+    """Wait up to `seconds` for outbox inserts; True if at least one was announced.
+
+    Consumes every notification already received, so a burst of commits wakes the caller
+    once. Raises psycopg.OperationalError if the connection is lost.
+    """
+    woken = False
+    # aclosing: leaving the generator suspended would keep the connection's lock held.
+    async with aclosing(conn.notifies(timeout=seconds, stop_after=1)) as notifications:
+        async for _ in notifications:
+            woken = True
+    return woken
+
+
+async def try_acquire_relay_lock(conn: Connection) -> bool:
+    """Try to become the one outbox relay across all instances; True if this session is.
+
+    `conn` must be a dedicated connection kept open for as long as the relay publishes
+    (never a pooled one: the lock belongs to the session and would travel with it). The
+    lock is re-entrant per session: call this again only after `release_relay_lock`.
+    """
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
+    row = await cur.fetchone()
+    return row is not None and bool(row[0])
+
+
+async def release_relay_lock(conn: Connection) -> None:
+    """Give up the relay role held by this session (closing the connection also does)."""
+    await conn.execute("SELECT pg_advisory_unlock(%s)", (RELAY_LOCK_KEY,))
+
+
+class OutboxWaiter:
+    """The relay's `wait_for_work(seconds)`: LISTEN on a dedicated connection of its own.
+
+    Connects lazily and again after a lost connection; each (re)connection returns at once,
+    because notifications sent while unsubscribed are lost and the caller must poll. If the
+    database cannot be reached it sleeps `seconds`: the caller's poll reports the error.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: Connection | None = None
+
+    async def __call__(self, seconds: float) -> None:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = None
+                conn = await connect_dedicated(self._url)
+                self._conn = conn
+                await listen_for_outbox(conn)
+                return
+            await wait_for_outbox(self._conn, seconds)
+        except psycopg.OperationalError:
+            await self.aclose()
+            await asyncio.sleep(seconds)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+def wait_for_outbox_notification(url: str) -> OutboxWaiter:
+    """A `wait_for_work` callable for the outbox relay; `aclose()` it at shutdown."""
+    return OutboxWaiter(url)
+
+
+class RelayLeadership:
+    """The relay's `leadership`: each entry holds the relay lock on a new dedicated connection.
+
+    Entering waits, trying every `retry_interval` seconds, until this instance holds the
+    lock; leaving (or cancellation while waiting) closes the connection, which releases it.
+    """
+
+    def __init__(self, url: str, *, retry_interval: float = 1.0) -> None:
+        self._url = url
+        self._retry_interval = retry_interval
+
+    def __call__(self) -> AbstractAsyncContextManager[object]:
+        return self._lead()
+
+    @asynccontextmanager
+    async def _lead(self) -> AsyncIterator[None]:
+        conn = await connect_dedicated(self._url)
+        try:
+            # Polled, not a blocking pg_advisory_lock: a backend left waiting in the server
+            # after this task is cancelled could take the lock and sit on it, unnoticed.
+            while True:
+                if await try_acquire_relay_lock(conn):
+                    break
+                await asyncio.sleep(self._retry_interval)
+            yield None
+        finally:
+            await conn.close()
+
+
+__all__ = [
+    "OUTBOX_CHANNEL",
+    "RELAY_LOCK_KEY",
+    "OutboxWaiter",
+    "PostgresOutbox",
+    "RelayLeadership",
+    "listen_for_outbox",
+    "release_relay_lock",
+    "try_acquire_relay_lock",
+    "wait_for_outbox",
+    "wait_for_outbox_notification",
+]

@@ -1,0 +1,60 @@
+"""PostgresPaymentIndex: booking -> payment and payment status in `payment_payments`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from payment.adapters.postgres.transaction import Transaction
+from payment.application.errors import BookingAlreadyClaimed
+from payment.domain.payment import PaymentStatus
+
+# ON CONFLICT instead of a unique violation: the loser learns it lost without aborting its
+# transaction (and without an ERROR line in the server log per lost race). A concurrent
+# uncommitted claim of the same booking makes this wait for that transaction's outcome.
+_CLAIM = """
+INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
+VALUES (%s, %s, 'INITIATED', %s, %s)
+ON CONFLICT (booking_id) DO NOTHING
+"""
+
+_FOR_BOOKING = "SELECT payment_id FROM payment_payments WHERE booking_id = %s"
+
+_SET_STATUS = "UPDATE payment_payments SET status = %s, updated_at = %s WHERE payment_id = %s"
+
+# Served by the partial index payment_payments_in_flight_idx.
+_IN_FLIGHT = """
+SELECT payment_id FROM payment_payments
+WHERE status = 'INITIATED' AND updated_at < %s
+ORDER BY updated_at, payment_id
+LIMIT %s
+"""
+
+
+class PostgresPaymentIndex:
+    """The PaymentIndex port on PostgreSQL; the booking's uniqueness is a table constraint."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
+        cur = await self._tx.writer().execute(_CLAIM, (payment_id, booking_id, at, at))
+        if cur.rowcount != 1:
+            raise BookingAlreadyClaimed(booking_id)
+
+    async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
+        cur = await self._tx.reader().execute(_FOR_BOOKING, (booking_id,))
+        row = await cur.fetchone()
+        return None if row is None else _uuid(row[0])
+
+    async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
+        await self._tx.writer().execute(_SET_STATUS, (status.value, at, payment_id))
+
+    async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
+        cur = await self._tx.reader().execute(_IN_FLIGHT, (before, limit))
+        return [_uuid(payment_id) for (payment_id,) in await cur.fetchall()]
+
+
+def _uuid(value: object) -> uuid.UUID:
+    assert isinstance(value, uuid.UUID)
+    return value
