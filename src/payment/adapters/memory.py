@@ -115,28 +115,38 @@ class MemoryPaymentIndex:
 
 
 class MemoryOutbox:
-    """Outbox rows, appended to the shared list in commit order."""
+    """Outbox rows, appended to the shared list in commit order; marks buffered until commit."""
 
     def __init__(self, db: MemoryDatabase) -> None:
         self._db = db
         self.pending_rows: list[OutboundMessage] = []
+        self.published: dict[int, datetime] = {}
 
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         self.pending_rows.extend(messages)
 
     async def pending(self, limit: int) -> list[OutboxRecord]:
-        return [r for r in self._db.outbox if r.published_at is None][:limit]
+        return [
+            r
+            for r in self._db.outbox
+            if r.published_at is None and r.position not in self.published
+        ][:limit]
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
-        wanted = set(positions)
-        self._db.outbox = [
-            OutboxRecord(position=r.position, message=r.message, published_at=at)
-            if r.position in wanted and r.published_at is None
-            else r
-            for r in self._db.outbox
-        ]
+        # Like every other write, a mark takes effect only if the unit of work commits.
+        for position in positions:
+            self.published.setdefault(position, at)
 
     def apply(self) -> None:
+        if self.published:
+            self._db.outbox = [
+                OutboxRecord(
+                    position=r.position, message=r.message, published_at=self.published[r.position]
+                )
+                if r.position in self.published and r.published_at is None
+                else r
+                for r in self._db.outbox
+            ]
         for message in self.pending_rows:
             self._db.outbox.append(OutboxRecord(position=len(self._db.outbox) + 1, message=message))
 
