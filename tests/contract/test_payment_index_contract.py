@@ -1,0 +1,118 @@
+"""PaymentIndex contract: one payment per booking and the in-flight query, on every adapter."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from contract_builders import at, race
+
+from payment.application.errors import BookingAlreadyClaimed
+from payment.application.ports import UnitOfWork, UnitOfWorkFactory
+from payment.domain.payment import PaymentStatus
+
+
+async def _claim(uow_factory: UnitOfWorkFactory, booking_id: str, seconds: float = 0) -> uuid.UUID:
+    payment_id = uuid.uuid4()
+    async with uow_factory() as uow:
+        await uow.payments.claim_booking(booking_id, payment_id, at(seconds))
+        await uow.commit()
+    return payment_id
+
+
+async def test_a_claimed_booking_leads_to_its_payment(uow_factory: UnitOfWorkFactory) -> None:
+    payment_id = await _claim(uow_factory, "booking-1")
+    async with uow_factory() as uow:
+        assert await uow.payments.payment_for_booking("booking-1") == payment_id
+        assert await uow.payments.payment_for_booking("booking-2") is None
+
+
+async def test_a_unit_of_work_reads_its_own_claim(uow_factory: UnitOfWorkFactory) -> None:
+    payment_id = uuid.uuid4()
+    async with uow_factory() as uow:
+        await uow.payments.claim_booking("booking-1", payment_id, at(0))
+        assert await uow.payments.payment_for_booking("booking-1") == payment_id
+
+
+async def test_a_claim_is_visible_to_others_only_after_commit(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    async with uow_factory() as writer:
+        await writer.payments.claim_booking("booking-1", uuid.uuid4(), at(0))
+        async with uow_factory() as reader:
+            assert await reader.payments.payment_for_booking("booking-1") is None
+    # Rolled back: the booking is free again.
+    async with uow_factory() as reader:
+        assert await reader.payments.payment_for_booking("booking-1") is None
+    await _claim(uow_factory, "booking-1")
+
+
+async def test_a_booking_is_claimed_once(uow_factory: UnitOfWorkFactory) -> None:
+    first = await _claim(uow_factory, "booking-1")
+    with pytest.raises(BookingAlreadyClaimed) as raised:
+        await _claim(uow_factory, "booking-1")
+    assert raised.value.booking_id == "booking-1"
+    async with uow_factory() as uow:
+        assert await uow.payments.payment_for_booking("booking-1") == first
+
+
+async def test_a_booking_is_claimed_once_in_one_unit_of_work(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    with pytest.raises(BookingAlreadyClaimed):
+        async with uow_factory() as uow:
+            await uow.payments.claim_booking("booking-1", uuid.uuid4(), at(0))
+            await uow.payments.claim_booking("booking-1", uuid.uuid4(), at(0))
+            await uow.commit()
+
+
+async def test_of_two_concurrent_claims_exactly_one_wins(uow_factory: UnitOfWorkFactory) -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    async def claim_first(uow: UnitOfWork) -> None:
+        await uow.payments.claim_booking("booking-1", first, at(0))
+
+    async def claim_second(uow: UnitOfWork) -> None:
+        await uow.payments.claim_booking("booking-1", second, at(0))
+
+    outcome = await race(uow_factory, claim_first, claim_second)
+    assert sorted(outcome) == [False, True]
+    async with uow_factory() as uow:
+        winner = await uow.payments.payment_for_booking("booking-1")
+    assert winner == (first if outcome[0] else second)
+
+
+async def test_in_flight_lists_initiated_payments_older_than_the_cutoff_oldest_first(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    late = await _claim(uow_factory, "booking-late", seconds=30)
+    early = await _claim(uow_factory, "booking-early", seconds=10)
+    middle = await _claim(uow_factory, "booking-middle", seconds=20)
+    await _claim(uow_factory, "booking-new", seconds=40)
+    async with uow_factory() as uow:
+        assert await uow.payments.in_flight_since(at(40), 10) == [early, middle, late]
+        assert await uow.payments.in_flight_since(at(40), 2) == [early, middle]
+        # Strictly older than the cutoff.
+        assert await uow.payments.in_flight_since(at(10), 10) == []
+
+
+async def test_a_terminal_payment_is_no_longer_in_flight(uow_factory: UnitOfWorkFactory) -> None:
+    done = await _claim(uow_factory, "booking-done", seconds=1)
+    failed = await _claim(uow_factory, "booking-failed", seconds=2)
+    running = await _claim(uow_factory, "booking-running", seconds=3)
+    async with uow_factory() as uow:
+        await uow.payments.set_status(done, PaymentStatus.COMPLETED, at(4))
+        await uow.payments.set_status(failed, PaymentStatus.FAILED, at(5))
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.in_flight_since(at(100), 10) == [running]
+
+
+async def test_a_status_change_takes_effect_only_on_commit(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    payment_id = await _claim(uow_factory, "booking-1", seconds=1)
+    async with uow_factory() as uow:
+        await uow.payments.set_status(payment_id, PaymentStatus.COMPLETED, at(2))
+    async with uow_factory() as uow:
+        assert await uow.payments.in_flight_since(at(100), 10) == [payment_id]
