@@ -1,0 +1,271 @@
+"""The PostgreSQL adapters under concurrent handlers, writers and migrators, on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter, defaultdict
+
+import pytest
+
+from payment.adapters.memory import SystemClock
+from payment.adapters.postgres.migrations import (
+    Migration,
+    MigrationError,
+    apply_migrations,
+    available_migrations,
+    migrate,
+)
+from payment.adapters.postgres.pool import Pool, connect_dedicated
+from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from payment.adapters.processors.fake import FakeProcessor
+from payment.application.commands import ExecutePayment, InboundRef, RequestPayment
+from payment.application.errors import ConcurrencyConflict
+from payment.application.handlers import (
+    ExecuteResult,
+    RequestResult,
+    execute_payment,
+    request_payment,
+)
+from payment.application.messages import OutboundMessage
+from payment.domain.events import ChargeAttempted, PaymentCompleted, PaymentFailed
+from support.fixtures import DatabaseFactory
+
+CLOCK = SystemClock()
+
+
+def _request(booking_id: str, message_id: str) -> RequestPayment:
+    return RequestPayment(
+        inbound=InboundRef(source="saga", message_id=message_id),
+        booking_id=booking_id,
+        amount=4200,
+        currency="EUR",
+        payment_method="pm_card_visa",
+        saga_id="saga-1",
+    )
+
+
+async def _scalar(pool: Pool, query: str, *params: object) -> object:
+    async with pool.connection() as conn:
+        cur = await conn.execute(query.encode(), params)
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def _payment_of(uow_factory: PostgresUnitOfWorkFactory, booking_id: str) -> uuid.UUID:
+    async with uow_factory() as uow:
+        payment_id = await uow.payments.payment_for_booking(booking_id)
+    assert payment_id is not None
+    return payment_id
+
+
+@pytest.mark.parametrize("redelivered", [False, True], ids=["new-ids", "same-id"])
+async def test_concurrent_executions_of_one_payment_record_one_outcome(
+    pg_uow_factory: PostgresUnitOfWorkFactory, pg_pool: Pool, redelivered: bool
+) -> None:
+    assert await request_payment(_request("booking-1", "r-1"), pg_uow_factory, CLOCK) is (
+        RequestResult.ACCEPTED
+    )
+    payment_id = await _payment_of(pg_uow_factory, "booking-1")
+    # Latency makes all twenty load the stream before any of them records an outcome.
+    processor = FakeProcessor(mode="success", latency_ms=30)
+
+    def command(i: int) -> ExecutePayment:
+        message_id = "e-1" if redelivered else f"e-{i}"
+        return ExecutePayment(
+            inbound=InboundRef(source="payment-service", message_id=message_id),
+            payment_id=payment_id,
+        )
+
+    results = await asyncio.gather(
+        *(execute_payment(command(i), pg_uow_factory, processor, CLOCK) for i in range(20))
+    )
+
+    counts = Counter(results)
+    assert counts[ExecuteResult.COMPLETED] == 1, counts
+    assert set(counts) <= {
+        ExecuteResult.COMPLETED,
+        ExecuteResult.ALREADY_TERMINAL,
+        ExecuteResult.DUPLICATE,
+    }, counts
+    async with pg_uow_factory() as uow:
+        events = await uow.events.load(payment_id)
+    terminal = [e for e in events if isinstance(e, PaymentCompleted | PaymentFailed)]
+    assert len(terminal) == 1
+    assert [type(e) for e in events[1:]] == [ChargeAttempted, PaymentCompleted]
+    assert len(processor.charges) == 1
+    assert (
+        await _scalar(
+            pg_pool, "SELECT count(*) FROM payment_outbox WHERE type = 'payment.completed'"
+        )
+        == 1
+    )
+    assert await _scalar(pg_pool, "SELECT status FROM payment_payments") == "COMPLETED"
+
+
+@pytest.mark.parametrize("redelivered", [False, True], ids=["new-ids", "same-id"])
+async def test_concurrent_requests_for_one_booking_create_one_payment(
+    pg_uow_factory: PostgresUnitOfWorkFactory, pg_pool: Pool, redelivered: bool
+) -> None:
+    requests = [_request("booking-1", "r-1" if redelivered else f"r-{i}") for i in range(50)]
+
+    results = await asyncio.gather(*(request_payment(r, pg_uow_factory, CLOCK) for r in requests))
+
+    counts = Counter(results)
+    assert counts[RequestResult.ACCEPTED] == 1, counts
+    others = RequestResult.DUPLICATE if redelivered else RequestResult.IN_FLIGHT
+    assert counts[others] == 49, counts
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_payments") == 1
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_events") == 1
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_outbox") == 1
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_inbox") == (
+        1 if redelivered else 50
+    )
+
+
+async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(
+    pg_uow_factory: PostgresUnitOfWorkFactory, pg_pool: Pool
+) -> None:
+    """Writers race on shared streams and some hold their transaction open after drawing an
+    outbox position, so rows commit out of position order while a reader drains the outbox.
+    """
+    streams = [uuid.uuid4() for _ in range(8)]
+    events_per_stream = 12
+    rng = random.Random(7)
+
+    async def stream_writer(stream: uuid.UUID) -> None:
+        while True:
+            try:
+                async with pg_uow_factory() as uow:
+                    version = len(await uow.events.load(stream))
+                    if version >= events_per_stream:
+                        return
+                    await uow.events.append(stream, version, [_attempted(stream, version + 1)])
+                    await uow.outbox.add([_message(str(stream), version + 1)])
+                    if rng.random() < 0.4:
+                        await asyncio.sleep(rng.uniform(0.005, 0.03))
+                    await uow.commit()
+            except ConcurrencyConflict:
+                continue
+
+    async def laggard(n: int) -> None:
+        # Draws a position, then commits well after faster writers drew later ones.
+        async with pg_uow_factory() as uow:
+            await uow.outbox.add([_message(f"laggard-{n}", None)])
+            await asyncio.sleep(rng.uniform(0.02, 0.06))
+            await uow.commit()
+
+    async def laggards() -> None:
+        for n in range(20):
+            await asyncio.gather(laggard(2 * n), laggard(2 * n + 1))
+
+    writers = asyncio.gather(
+        *(stream_writer(s) for s in streams for _ in range(3)),
+        laggards(),
+    )
+    seen: list[tuple[int, str, int | None]] = []
+    late = 0
+    while True:
+        done = writers.done()
+        async with pg_uow_factory() as uow:
+            rows = await uow.outbox.pending(7)
+            await uow.outbox.mark_published([r.position for r in rows], CLOCK.now())
+            await uow.commit()
+        for row in rows:
+            if seen and row.position < max(p for p, _, _ in seen):
+                late += 1
+            seen.append((row.position, row.message.key, row.message.sequence))
+        if done and not rows:
+            break
+        if not rows:
+            await asyncio.sleep(0.001)
+    await writers
+
+    async with pg_pool.connection() as conn:
+        cur = await conn.execute("SELECT position FROM payment_outbox ORDER BY position")
+        stored = [position for (position,) in await cur.fetchall()]
+    assert len(stored) == len(streams) * events_per_stream + 40
+    assert sorted(p for p, _, _ in seen) == stored, "a row was skipped or seen twice"
+    by_stream: dict[str, list[int | None]] = defaultdict(list)
+    for _, key, sequence in seen:
+        if not key.startswith("laggard-"):
+            by_stream[key].append(sequence)
+    assert by_stream == {str(s): list(range(1, events_per_stream + 1)) for s in streams}
+    # The test is only worth something if rows did commit behind the reader's progress.
+    assert late > 0
+
+
+def _attempted(stream: uuid.UUID, version: int) -> ChargeAttempted:
+    return ChargeAttempted(
+        event_id=uuid.uuid4(),
+        payment_id=stream,
+        version=version,
+        occurred_at=CLOCK.now(),
+        attempt=version,
+        processor="fake",
+        result="unknown",
+        detail="test",
+    )
+
+
+def _message(key: str, sequence: int | None) -> OutboundMessage:
+    return OutboundMessage(
+        event_id=uuid.uuid4(),
+        type="payment.initiated",
+        key=key,
+        subject=key,
+        sequence=sequence,
+        time=CLOCK.now(),
+        data=b"{}",
+    )
+
+
+async def _tables(url: str) -> set[str]:
+    conn = await connect_dedicated(url)
+    async with conn:
+        cur = await conn.execute(
+            "SELECT tablename FROM pg_tables"
+            " WHERE schemaname = 'public' AND tablename LIKE 'payment%'"
+        )
+        return {name for (name,) in await cur.fetchall()}
+
+
+EXPECTED_TABLES = {
+    "payment_events",
+    "payment_payments",
+    "payment_outbox",
+    "payment_inbox",
+    "payment_schema_migrations",
+}
+
+
+async def test_migrate_twice_applies_once(make_database: DatabaseFactory) -> None:
+    url = make_database()
+    everything = [m.version for m in available_migrations()]
+    assert await migrate(url) == everything
+    assert await migrate(url) == []
+    assert await _tables(url) == EXPECTED_TABLES
+
+
+async def test_concurrent_migrations_on_an_empty_database_both_succeed(
+    make_database: DatabaseFactory,
+) -> None:
+    url = make_database()
+    everything = [m.version for m in available_migrations()]
+    results = await asyncio.gather(migrate(url), migrate(url), migrate(url))
+    assert sorted(results) == [[], [], everything]
+    assert await _tables(url) == EXPECTED_TABLES
+
+
+async def test_a_changed_migration_is_refused(make_database: DatabaseFactory) -> None:
+    url = make_database()
+    await migrate(url)
+    first = available_migrations()[0]
+    edited = Migration(first.version, first.name, first.sql + "\n-- edited\n")
+    conn = await connect_dedicated(url)
+    async with conn:
+        await conn.set_autocommit(False)
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            await apply_migrations(conn, [edited])
