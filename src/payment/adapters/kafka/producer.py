@@ -1,0 +1,69 @@
+"""The Kafka producer the relay and the dead-letter publisher share, and what they need of it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from aiokafka import AIOKafkaProducer
+
+
+class RecordSender(Protocol):
+    """The part of `AIOKafkaProducer` used here; a test can fake it."""
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> object:
+        """Send one record; returns once the broker acknowledged it, raises if it did not."""
+        ...
+
+
+def create_producer(
+    bootstrap_servers: str | list[str],
+    *,
+    enable_idempotence: bool = True,
+    client_id: str = "payment-service",
+    linger_ms: int = 5,
+    request_timeout_ms: int = 30_000,
+) -> AIOKafkaProducer:
+    """An unstarted producer configured for the outbox: every acknowledgement is durable.
+
+    `enable_idempotence` must be off for brokers without InitProducerId (Tansu).
+    """
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        # A published outbox row is marked and never sent again: its ack must mean that
+        # every in-sync replica has it, not just the leader.
+        acks="all",
+        enable_idempotence=enable_idempotence,
+        # A few milliseconds let concurrent sends of one relay batch share a request.
+        linger_ms=linger_ms,
+        request_timeout_ms=request_timeout_ms,
+    )
+
+
+async def producer_resource(
+    bootstrap_servers: str | list[str], *, enable_idempotence: bool = True
+) -> AsyncIterator[AIOKafkaProducer]:
+    """A started producer, stopped (after flushing) when the generator closes.
+
+    Shaped for a dependency-injector `Resource`.
+    """
+    producer = create_producer(bootstrap_servers, enable_idempotence=enable_idempotence)
+    try:
+        await producer.start()
+    except BaseException:
+        # A failed start leaves connections and tasks behind unless stopped.
+        await producer.stop()
+        raise
+    try:
+        yield producer
+    finally:
+        await producer.stop()

@@ -1,0 +1,264 @@
+"""The outbox relay: publishes committed outbox rows to Kafka in order, marking them after acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+
+from aiokafka.errors import KafkaError
+
+from payment.adapters.kafka.cloudevents import encode_outbound
+from payment.adapters.kafka.producer import RecordSender
+from payment.adapters.kafka.topics import Topics
+from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+WaitForWork = Callable[[float], Awaitable[None]]
+Leadership = Callable[[], AbstractAsyncContextManager[object]]
+
+_FIRST_BACKOFF = 0.1
+
+
+class KafkaOutboxRelay:
+    """Publishes the outbox: at least once, in stream order, the same `ce_id` every time.
+
+    Each pass reads up to `batch_size` pending rows, sends them and marks published only
+    the rows the broker acknowledged. Rows with the same key (one payment) are sent one
+    after the other, each only after the previous one was acknowledged; different keys
+    are sent concurrently. So a failed send never lets a later event of its payment reach
+    the broker before it: the rest of that key waits for the next pass, which starts again
+    from the oldest unpublished row. A crash between ack and mark re-publishes those rows
+    with the same `ce_id`, which consumers deduplicate.
+
+    That also makes the relay safe, though wasteful, when two instances briefly publish at
+    once: each sends a payment's events in order, so the first copy of every event on the
+    partition still comes in stream order. `leadership` only avoids that waste:
+
+    - `leadership` is a callable returning an async context manager. The relay enters it
+      before publishing and exits it when it stops, after an error, and at the end of each
+      `leadership_term` seconds (so a lock lost with its connection is noticed, and
+      re-entering fails or waits). Entering waits until this instance is the leader and
+      must clean up if cancelled. `None`: always publish (a single instance, tests).
+    - `wait_for_work(timeout)` returns when new rows may have been committed, or after
+      `timeout` seconds (the polling fallback). A notification that arrived while the
+      relay was publishing should make the next call return at once; a spurious return
+      costs one query. Default: `asyncio.sleep`, i.e. polling every `poll_interval`.
+
+    Broker errors are logged and retried with backoff; database errors and anything else
+    end the current leadership term, are logged and retried: `run` never raises.
+    """
+
+    def __init__(
+        self,
+        producer: RecordSender,
+        uow_factory: UnitOfWorkFactory,
+        topics: Topics,
+        clock: Clock,
+        *,
+        source: str = "payment-service",
+        batch_size: int = 500,
+        wait_for_work: WaitForWork | None = None,
+        poll_interval: float = 1.0,
+        leadership: Leadership | None = None,
+        leadership_term: float = 60.0,
+        ack_timeout: float = 30.0,
+        max_backoff: float = 10.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._producer = producer
+        self._uow_factory = uow_factory
+        self._topic_for = topics.outbound
+        self._clock = clock
+        self._source = source
+        self._batch_size = batch_size
+        self._wait_for_work: WaitForWork = wait_for_work or _sleep
+        self._poll_interval = poll_interval
+        self._leadership = leadership
+        self._leadership_term = leadership_term
+        self._ack_timeout = ack_timeout
+        self._max_backoff = max_backoff
+        self._pass_lock = asyncio.Lock()
+        self._stopping = False
+        self._leading = False
+        # True only while `run` waits (for leadership, for work, out a backoff): the
+        # points where `stop` may cancel it without cutting a batch in half.
+        self._interruptible = False
+        self._body: asyncio.Task[None] | None = None
+        self.published = 0
+        self.send_failures = 0
+        self.errors = 0
+
+    @property
+    def leading(self) -> bool:
+        """True while `run` holds leadership (or needs none) and publishes."""
+        return self._leading
+
+    async def run(self) -> None:
+        """Publish until `stop()` (returns normally) or cancellation; never raises otherwise."""
+        body = asyncio.create_task(self._run_body(), name="outbox-relay")
+        self._body = body
+        try:
+            await asyncio.wait([body])
+        except asyncio.CancelledError:
+            body.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await body
+            raise
+        finally:
+            self._body = None
+        if not body.cancelled():
+            body.result()
+
+    def stop(self) -> None:
+        """Make `run` return: at once if it is waiting, else after its current batch."""
+        self._stopping = True
+        if self._interruptible and self._body is not None:
+            self._body.cancel()
+
+    async def flush(self, grace_period: float = 10.0) -> int:
+        """Publish until no row is pending, for a graceful shutdown; returns how many.
+
+        Call it while `run` is still running (then `stop()`), or after it ended. Gives up
+        after `grace_period` seconds, or on a database error: what is left stays pending
+        for the next leader. With `leadership`: while `run` is running but does not lead,
+        another instance does and will publish the rows, so this returns 0 at once; after
+        `run` ended (or without it) it tries to lead for the grace period.
+        """
+        before = self.published
+        try:
+            async with asyncio.timeout(grace_period):
+                if self._leading or self._leadership is None:
+                    await self._drain()
+                elif self._body is None:
+                    async with self._leadership():
+                        await self._drain()
+        except TimeoutError:
+            log.warning("outbox relay: flush gave up after %.1fs", grace_period)
+        except Exception:  # shutdown must go on; the rows stay pending for the next leader
+            log.exception("outbox relay: flush failed")
+        return self.published - before
+
+    async def publish_pending(self) -> tuple[int, int]:
+        """One pass: send up to `batch_size` pending rows, mark the acknowledged ones.
+
+        Returns (rows read, rows not published because a send failed). Broker errors are
+        counted, not raised; database errors propagate.
+        """
+        async with self._pass_lock:
+            async with self._uow_factory() as uow:
+                rows = await uow.outbox.pending(self._batch_size)
+            if not rows:
+                return 0, 0
+            by_key: dict[str, list[OutboxRecord]] = {}
+            for row in sorted(rows, key=lambda r: r.position):
+                by_key.setdefault(row.message.key, []).append(row)
+            async with asyncio.TaskGroup() as group:
+                chains = [
+                    group.create_task(self._send_in_order(chain)) for chain in by_key.values()
+                ]
+            acked = sorted(p for chain in chains for p in chain.result())
+            if acked:
+                async with self._uow_factory() as uow:
+                    await uow.outbox.mark_published(acked, self._clock.now())
+                    await uow.commit()
+                self.published += len(acked)
+            return len(rows), len(rows) - len(acked)
+
+    async def _send_in_order(self, rows: Sequence[OutboxRecord]) -> list[int]:
+        """Send one key's rows one by one; stop at the first failure. Acked positions."""
+        acked: list[int] = []
+        for row in rows:
+            message = row.message
+            try:
+                record = encode_outbound(message, source=self._source, topic_for=self._topic_for)
+            except KeyError:
+                log.error("outbox relay: no topic for type %s (row %d)", message.type, row.position)
+                break
+            try:
+                async with asyncio.timeout(self._ack_timeout):
+                    await self._producer.send_and_wait(
+                        record.topic, value=record.value, key=record.key, headers=record.headers
+                    )
+            except (KafkaError, TimeoutError) as exc:
+                self.send_failures += 1
+                log.warning(
+                    "outbox relay: send of row %d (%s, key %s) failed: %s",
+                    row.position,
+                    message.type,
+                    message.key,
+                    type(exc).__name__,
+                )
+                break
+            acked.append(row.position)
+        return acked
+
+    async def _drain(self) -> None:
+        delay = _FIRST_BACKOFF
+        while True:
+            fetched, failed = await self.publish_pending()
+            if failed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+            elif not fetched:
+                return
+
+    async def _run_body(self) -> None:
+        delay = _FIRST_BACKOFF
+        renewing = False
+        while not self._stopping:
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    if self._leadership is not None:
+                        await self._interruptibly(stack.enter_async_context(self._leadership()))
+                        if not renewing:
+                            log.info("outbox relay: leading")
+                    self._leading = True
+                    try:
+                        await self._serve()
+                    finally:
+                        self._leading = False
+                delay = _FIRST_BACKOFF
+                renewing = True
+            except Exception:  # the relay's outermost loop: log, count, keep going
+                self.errors += 1
+                renewing = False
+                log.exception("outbox relay: error; retrying in %.1fs", delay)
+                await self._interruptibly(asyncio.sleep(delay))
+                delay = min(delay * 2, self._max_backoff)
+
+    async def _serve(self) -> None:
+        """Publish while leading: until stopped, or the leadership term ends."""
+        term_ends = time.monotonic() + self._leadership_term
+        delay = _FIRST_BACKOFF
+        while not self._stopping:
+            fetched, failed = await self.publish_pending()
+            if failed:
+                await self._interruptibly(asyncio.sleep(delay))
+                delay = min(delay * 2, self._max_backoff)
+            else:
+                delay = _FIRST_BACKOFF
+                if not fetched:
+                    await self._interruptibly(self._wait_for_work(self._poll_interval))
+            # Checked under load too, so a lost lock is noticed within a term regardless.
+            if self._leadership is not None and time.monotonic() >= term_ends:
+                return
+
+    async def _interruptibly(self, awaitable: Awaitable[_T]) -> _T:
+        self._interruptible = True
+        try:
+            return await awaitable
+        finally:
+            self._interruptible = False
+
+
+async def _sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)

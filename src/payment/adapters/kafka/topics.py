@@ -1,0 +1,91 @@
+"""Topic names (contract section 1) and their creation at start-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import msgspec
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+from payment.application.messages import PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_INITIATED
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITIONS = 6
+
+
+class Topics(msgspec.Struct, frozen=True, kw_only=True):
+    """The service's topic names; defaults are the contract's."""
+
+    request: str = "saga.request_payment"
+    initiated: str = "payment.initiated"
+    completed: str = "payment.completed"
+    failed: str = "payment.failed"
+    dead_letter: str = "payment.dead_letter"
+
+    @property
+    def outbound(self) -> Mapping[str, str]:
+        """Topic of each outbound CloudEvents type (what `encode_outbound` needs)."""
+        return {
+            PAYMENT_INITIATED: self.initiated,
+            PAYMENT_COMPLETED: self.completed,
+            PAYMENT_FAILED: self.failed,
+        }
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every topic the service reads or writes."""
+        return (self.request, self.initiated, self.completed, self.failed, self.dead_letter)
+
+
+class TopicCreationFailed(Exception):
+    """The broker refused to create a topic for a reason other than it existing already."""
+
+
+async def ensure_topics(
+    bootstrap_servers: str | list[str],
+    names: Iterable[str],
+    partitions: int = DEFAULT_PARTITIONS,
+    replication: int = 1,
+    *,
+    timeout_ms: int = 30_000,
+) -> list[str]:
+    """Create whichever of `names` do not exist; returns the ones this call created.
+
+    Existing topics are left as they are (partition count included). Safe to run from
+    several instances at once: losing the race to create a topic is not an error.
+    Raises `TopicCreationFailed` for any other refusal, or aiokafka's `KafkaError` if the
+    broker cannot be reached.
+    """
+    wanted = list(dict.fromkeys(names))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        request_timeout_ms=timeout_ms,
+        client_id="payment-service-admin",
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
+        if not missing:
+            return []
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, replication) for name in missing], timeout_ms=timeout_ms
+        )
+    finally:
+        await admin.close()
+    created: list[str] = []
+    # create_topics reports per-topic errors in the response instead of raising.
+    for topic, code, *_ in response.topic_errors:
+        if code == 0:
+            created.append(topic)
+            continue
+        error = for_code(code)
+        if error is TopicAlreadyExistsError:
+            continue  # another instance created it between our listing and our request
+        raise TopicCreationFailed(f"cannot create topic {topic}: {error.__name__}")
+    if created:
+        log.info("created topics %s (%d partitions)", ", ".join(created), partitions)
+    return created

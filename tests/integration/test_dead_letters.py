@@ -1,0 +1,118 @@
+"""KafkaDeadLetterPublisher against a real Kafka-protocol broker: original bytes plus dlq_*."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from payment.adapters.kafka.cloudevents import PoisonMessage, decode_record, decode_request
+from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
+from payment.adapters.kafka.producer import create_producer
+from payment.adapters.kafka.topics import ensure_topics
+
+
+def enable_idempotence() -> bool:
+    # Tansu has no InitProducerId; a real Kafka may turn it on through the service's variable.
+    return os.environ.get("PAYMENT_KAFKA_ENABLE_IDEMPOTENCE", "false").lower() in ("1", "true")
+
+
+@pytest_asyncio.fixture
+async def producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    p = create_producer(kafka_bootstrap, enable_idempotence=enable_idempotence())
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def read_one(kafka_bootstrap: str, topic: str) -> ConsumerRecord[bytes, bytes]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,  # Tansu answers a fetch only when this expires
+    )
+    await consumer.start()
+    try:
+        async with asyncio.timeout(20):
+            record: ConsumerRecord[bytes, bytes] = await consumer.getone()
+            return record
+    finally:
+        await consumer.stop()
+
+
+async def test_dead_letter_keeps_original_bytes_and_headers_and_adds_dlq_headers(
+    kafka_bootstrap: str, producer: AIOKafkaProducer
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
+    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=3)
+    value = b'{"booking_id": 42, "junk": "\xff\xfe"}'  # not even UTF-8
+    original_headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"req-7"),
+        ("ce_source", b"orchestrator"),
+        ("ce_type", b"saga.request_payment"),
+        ("x-binary", b"\x00\x01\xff"),
+        ("x-repeated", b"one"),
+        ("x-repeated", b"two"),
+        ("dlq_reason", b"a stale reason from an earlier dead-lettering"),
+    ]
+    await producer.send_and_wait(source, value=value, key=b"booking-7", headers=original_headers)
+    poisoned = await read_one(kafka_bootstrap, source)
+    try:
+        decode_request(decode_record(poisoned).data)
+    except PoisonMessage as exc:
+        reason = exc.reason
+    else:
+        raise AssertionError("the record should be poison")
+
+    publisher = KafkaDeadLetterPublisher(producer, dead_letters, "payment-service-test")
+    await publisher.publish(poisoned, reason)
+    assert publisher.published == 1
+
+    parked = await read_one(kafka_bootstrap, dead_letters)
+    assert parked.key == b"booking-7"
+    assert parked.value == value
+    assert list(parked.headers) == [
+        *[h for h in original_headers if h[0] != "dlq_reason"],
+        ("dlq_reason", reason.encode()),
+        ("dlq_original_topic", source.encode()),
+        ("dlq_original_partition", str(poisoned.partition).encode()),
+        ("dlq_original_offset", str(poisoned.offset).encode()),
+        ("dlq_consumer_group", b"payment-service-test"),
+    ]
+    assert reason == "saga.request_payment data: Expected `str`, got `int` - at `$.booking_id`"
+
+
+async def test_dead_letter_of_a_record_without_key_or_headers(
+    kafka_bootstrap: str, producer: AIOKafkaProducer
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
+    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=1)
+    await producer.send_and_wait(source, value=b"x" * (70 * 1024))
+    poisoned = await read_one(kafka_bootstrap, source)
+
+    publisher = KafkaDeadLetterPublisher(producer, dead_letters, "group-x")
+    await publisher.publish(poisoned, "value exceeds 65536 bytes")
+
+    parked = await read_one(kafka_bootstrap, dead_letters)
+    assert parked.key is None
+    assert parked.value == b"x" * (70 * 1024)
+    assert dict(parked.headers) == {
+        "dlq_reason": b"value exceeds 65536 bytes",
+        "dlq_original_topic": source.encode(),
+        "dlq_original_partition": b"0",
+        "dlq_original_offset": b"0",
+        "dlq_consumer_group": b"group-x",
+    }

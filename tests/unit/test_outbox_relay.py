@@ -1,0 +1,364 @@
+"""KafkaOutboxRelay on a fake sender: ordering per key, mark-after-ack, failures, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+from aiokafka.errors import KafkaConnectionError
+
+from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.kafka.topics import Topics
+from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
+from payment.application.messages import OutboundMessage, OutboundType
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+class FixedClock:
+    def now(self) -> datetime:
+        return NOW
+
+
+class Sent:
+    def __init__(self, topic: str, key: bytes, headers: dict[str, bytes]) -> None:
+        self.topic = topic
+        self.key = key.decode()
+        self.ce_id = headers["ce_id"].decode()
+        self.sequence = int(headers["ce_sequence"])
+
+
+class FakeSender:
+    """Acknowledges every send unless `fails(key, sequence)` says the broker refused it."""
+
+    def __init__(self, fails: Callable[[str, int], bool] = lambda key, seq: False) -> None:
+        self.fails = fails
+        self.sent: list[Sent] = []
+        self.attempts = 0
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> object:
+        self.attempts += 1
+        await asyncio.sleep(0)  # let concurrent chains interleave, as real acks do
+        assert key is not None and headers is not None
+        sent = Sent(topic, key, {n: v for n, v in headers if v is not None})
+        if self.fails(sent.key, sent.sequence):
+            raise KafkaConnectionError("broker away")
+        self.sent.append(sent)
+        return None
+
+
+def message(key: str, sequence: int, kind: OutboundType = "payment.initiated") -> OutboundMessage:
+    return OutboundMessage(
+        event_id=uuid.uuid4(),
+        type=kind,
+        key=key,
+        subject=key,
+        sequence=sequence,
+        time=NOW,
+        data=b"{}",
+    )
+
+
+async def add(uow_factory: MemoryUnitOfWorkFactory, *messages: OutboundMessage) -> None:
+    async with uow_factory() as uow:
+        await uow.outbox.add(messages)
+        await uow.commit()
+
+
+def unpublished(uow_factory: MemoryUnitOfWorkFactory) -> list[int]:
+    return [r.position for r in uow_factory.db.outbox if r.published_at is None]
+
+
+def relay(
+    sender: FakeSender, uow_factory: Callable[[], MemoryUnitOfWork], **options: object
+) -> KafkaOutboxRelay:
+    return KafkaOutboxRelay(
+        sender,
+        uow_factory,
+        Topics(),
+        FixedClock(),
+        poll_interval=0.01,
+        max_backoff=0.01,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
+    for _ in range(int(within / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"condition still false after {within}s")
+
+
+async def test_publishes_every_row_in_position_order_per_key_and_marks_it() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1), message("a", 2, "payment.completed"))
+    sender = FakeSender()
+    assert await relay(sender, uows).publish_pending() == (3, 0)
+    assert [(s.key, s.sequence) for s in sender.sent if s.key == "a"] == [("a", 1), ("a", 2)]
+    assert {s.topic for s in sender.sent} == {"payment.initiated", "payment.completed"}
+    assert unpublished(uows) == []
+    assert all(r.published_at == NOW for r in uows.db.outbox)
+
+
+async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1), message("a", 2), message("b", 2))
+    await add(uows, message("a", 3))
+    failures = {("a", 2)}
+
+    def fails(key: str, seq: int) -> bool:
+        return (key, seq) in failures
+
+    sender = FakeSender(fails)
+    r = relay(sender, uows)
+    assert await r.publish_pending() == (5, 2)
+    # a2 failed, so a3 was never even tried: the broker can never hold a3 before a2.
+    assert sorted((s.key, s.sequence) for s in sender.sent) == [("a", 1), ("b", 1), ("b", 2)]
+    assert sender.attempts == 4
+    assert unpublished(uows) == [3, 5]
+    assert r.send_failures == 1
+
+    failures.clear()
+    assert await r.publish_pending() == (2, 0)
+    assert [(s.key, s.sequence) for s in sender.sent if s.key == "a"] == [
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+    ]
+    assert unpublished(uows) == []
+    assert r.published == 5
+
+
+async def test_nothing_is_marked_when_the_broker_is_down() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1))
+    r = relay(FakeSender(lambda key, seq: True), uows)
+    assert await r.publish_pending() == (2, 2)
+    assert unpublished(uows) == [1, 2]
+    assert r.published == 0
+
+
+async def test_a_republished_row_keeps_its_ce_id() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1))
+    sender = FakeSender()
+    await relay(sender, uows).publish_pending()
+    # A crash between the ack and the mark: the row is still pending.
+    uows.db.outbox = [msgspec.structs.replace(r, published_at=None) for r in uows.db.outbox]
+    await relay(sender, uows).publish_pending()
+    assert len(sender.sent) == 2
+    assert sender.sent[0].ce_id == sender.sent[1].ce_id == str(uows.db.outbox[0].message.event_id)
+
+
+async def test_run_keeps_going_through_broker_errors_and_stops_on_request() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, *(message(f"k{i}", 1) for i in range(10)))
+    down = True
+    sender = FakeSender(lambda key, seq: down)
+    r = relay(sender, uows)
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: r.send_failures >= 20)
+    assert unpublished(uows) == list(range(1, 11))
+    down = False
+    await eventually(lambda: not unpublished(uows))
+    r.stop()
+    await asyncio.wait_for(task, 1)
+    assert r.published == 10
+
+
+class FlakyUnitsOfWork(MemoryUnitOfWorkFactory):
+    """The database refuses the first `failures` units of work."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def __call__(self) -> MemoryUnitOfWork:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database away")
+        return super().__call__()
+
+
+async def test_run_survives_database_errors() -> None:
+    uows = FlakyUnitsOfWork(failures=0)
+    await add(uows, message("a", 1))
+    uows.failures = 3
+    r = relay(FakeSender(), uows)
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: not unpublished(uows))
+    r.stop()
+    await asyncio.wait_for(task, 1)
+    assert r.errors == 3
+
+
+async def test_run_wakes_up_when_told_and_stop_interrupts_the_wait() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    wake = asyncio.Event()
+
+    async def wait_for_work(seconds: float) -> None:
+        assert seconds == 3600
+        await wake.wait()
+        wake.clear()
+
+    sender = FakeSender()
+    r = KafkaOutboxRelay(
+        sender, uows, Topics(), FixedClock(), wait_for_work=wait_for_work, poll_interval=3600
+    )
+    task = asyncio.create_task(r.run())
+    await asyncio.sleep(0.05)
+    await add(uows, message("a", 1))
+    await asyncio.sleep(0.05)
+    assert sender.sent == []  # no polling: only the wake-up publishes
+    wake.set()
+    await eventually(lambda: len(sender.sent) == 1)
+    r.stop()
+    await asyncio.wait_for(task, 1)
+
+
+class LockLeadership:
+    """One leader at a time among the relays sharing this object (a stand-in for the lock)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.terms = 0
+
+    def __call__(self) -> AbstractAsyncContextManager[object]:
+        return self._lead()
+
+    @asynccontextmanager
+    async def _lead(self) -> AsyncIterator[None]:
+        async with self.lock:
+            self.terms += 1
+            yield None
+
+
+async def test_only_the_leader_publishes_and_a_standby_takes_over() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    leadership = LockLeadership()
+    first, second = FakeSender(), FakeSender()
+    r1 = relay(first, uows, leadership=leadership)
+    r2 = relay(second, uows, leadership=leadership)
+    t1 = asyncio.create_task(r1.run())
+    await eventually(lambda: r1.leading)
+    t2 = asyncio.create_task(r2.run())
+    await add(uows, message("a", 1), message("b", 1))
+    await eventually(lambda: not unpublished(uows))
+    assert (len(first.sent), len(second.sent), r2.leading) == (2, 0, False)
+
+    r1.stop()
+    await asyncio.wait_for(t1, 1)
+    await eventually(lambda: r2.leading)
+    await add(uows, message("a", 2))
+    await eventually(lambda: not unpublished(uows))
+    assert (len(first.sent), len(second.sent)) == (2, 1)
+
+    r2.stop()  # returns promptly though it waits for work
+    await asyncio.wait_for(t2, 1)
+
+
+async def test_stop_interrupts_waiting_for_leadership() -> None:
+    leadership = LockLeadership()
+    r = relay(FakeSender(), MemoryUnitOfWorkFactory(), leadership=leadership)
+    async with leadership.lock:  # another instance leads
+        task = asyncio.create_task(r.run())
+        await asyncio.sleep(0.05)
+        assert not r.leading
+        r.stop()
+        await asyncio.wait_for(task, 1)
+
+
+async def test_leadership_is_renewed_each_term() -> None:
+    leadership = LockLeadership()
+    r = relay(FakeSender(), MemoryUnitOfWorkFactory(), leadership=leadership, leadership_term=0)
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: leadership.terms >= 3)
+    r.stop()
+    await asyncio.wait_for(task, 1)
+
+
+async def test_cancelling_run_cancels_it() -> None:
+    r = relay(FakeSender(), MemoryUnitOfWorkFactory())
+    task = asyncio.create_task(r.run())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_flush_publishes_everything_pending() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, *(message(f"k{i % 7}", i) for i in range(30)))
+    sender = FakeSender()
+    r = relay(sender, uows, batch_size=4)
+    assert await r.flush() == 30
+    assert unpublished(uows) == []
+
+
+async def test_flush_gives_up_after_its_grace_period() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1))
+    r = relay(FakeSender(lambda key, seq: True), uows)
+    async with asyncio.timeout(2):
+        assert await r.flush(grace_period=0.1) == 0
+    assert unpublished(uows) == [1]
+
+
+async def test_flush_does_not_publish_while_another_instance_leads() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1))
+    leadership = LockLeadership()
+    sender = FakeSender()
+    async with leadership.lock:
+        assert await relay(sender, uows, leadership=leadership).flush(grace_period=0.1) == 0
+    assert sender.sent == []
+
+
+async def test_flush_returns_at_once_while_running_as_a_standby() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1))
+    leadership = LockLeadership()
+    sender = FakeSender()
+    r = relay(sender, uows, leadership=leadership)
+    async with leadership.lock:  # another instance leads
+        task = asyncio.create_task(r.run())
+        await asyncio.sleep(0.02)
+        async with asyncio.timeout(0.5):
+            assert await r.flush(grace_period=5) == 0
+        r.stop()
+        await asyncio.wait_for(task, 1)
+    assert sender.sent == []
+
+
+async def test_flush_while_leading_publishes_alongside_run() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    wake = asyncio.Event()
+
+    async def never_wakes(seconds: float) -> None:
+        await wake.wait()
+
+    leadership = LockLeadership()
+    sender = FakeSender()
+    r = relay(sender, uows, leadership=leadership, wait_for_work=never_wakes)
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: r.leading)
+    await add(uows, message("a", 1), message("a", 2))
+    assert await r.flush() == 2
+    r.stop()
+    await asyncio.wait_for(task, 1)
+    assert [s.sequence for s in sender.sent] == [1, 2]
