@@ -37,6 +37,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Tansu answers a fetch only when this expires; a real Kafka answers as data arrives.
     kafka_fetch_max_wait_ms: int = 10
     kafka_topic_partitions: int = 6
+    # Group membership: how fast a dead instance's partitions move to the others.
+    kafka_session_timeout_ms: int = 10_000
+    kafka_heartbeat_interval_ms: int = 1_000
     event_source: str = "payment-service"
     topic_request: str = "saga.request_payment"
     topic_initiated: str = "payment.initiated"

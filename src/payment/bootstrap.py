@@ -1,0 +1,289 @@
+"""The composition root: dependency-injector containers that pick and wire the adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import msgspec
+import psycopg
+import psycopg_pool
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from dependency_injector import containers, providers
+
+from payment.adapters.http import HealthServer
+from payment.adapters.kafka.consumer import KafkaInboxConsumer
+from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
+from payment.adapters.kafka.producer import producer_resource
+from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.kafka.topics import Topics, ensure_topics
+from payment.adapters.memory import SystemClock
+from payment.adapters.metrics import Metrics
+from payment.adapters.postgres.migrations import migrate
+from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
+from payment.adapters.postgres.pool import open_pool
+from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from payment.adapters.processors.fake import FakeProcessor
+from payment.adapters.processors.stripe import StripeProcessor
+from payment.application.handlers import ExecutionPolicy
+from payment.application.handlers import Settings as HandlerSettings
+from payment.application.reconciler import Reconciler
+from payment.settings import ConfigError, Settings
+
+log = logging.getLogger("payment")
+
+# Errors that mean "the database or the broker is unreachable right now": the consumer
+# retries these for as long as they last and never dead-letters because of them.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    KafkaError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+async def _pool_resource(url: str, min_size: int, max_size: int) -> AsyncIterator[Any]:
+    async with open_pool(url, min_size=min_size, max_size=max_size) as pool:
+        yield pool
+
+
+class Container(containers.DeclarativeContainer):
+    """Everything `run` needs; tests override providers (processor, clock) instead of patching."""
+
+    config = providers.Configuration(strict=True)
+
+    clock = providers.Singleton(SystemClock)
+    metrics = providers.Singleton(Metrics)
+
+    pool = providers.Resource(
+        _pool_resource,
+        url=config.database_url,
+        min_size=config.db_pool_min,
+        max_size=config.db_pool_max,
+    )
+    uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, pool)
+
+    processor = providers.Selector(
+        config.processor,
+        fake=providers.Singleton(
+            FakeProcessor,
+            mode=config.fake_mode,
+            success_rate=config.fake_success_rate,
+            seed=config.fake_seed,
+            latency_ms=config.fake_latency_ms,
+        ),
+        sandbox=providers.Singleton(
+            StripeProcessor,
+            api_key=config.stripe_api_key,
+            api_base=config.stripe_api_base,
+            name="sandbox",
+        ),
+        stripe=providers.Singleton(
+            StripeProcessor,
+            api_key=config.stripe_api_key,
+            api_base=config.stripe_api_base,
+            name="stripe",
+        ),
+    )
+
+    producer = providers.Resource(
+        producer_resource,
+        config.kafka_bootstrap_servers,
+        enable_idempotence=config.kafka_enable_idempotence,
+    )
+
+    topics = providers.Singleton(
+        Topics,
+        request=config.topic_request,
+        initiated=config.topic_initiated,
+        completed=config.topic_completed,
+        failed=config.topic_failed,
+        dead_letter=config.topic_dead_letter,
+    )
+
+    policy = providers.Singleton(
+        lambda timeout_ms, attempts, review_s: ExecutionPolicy(
+            call_timeout_s=timeout_ms / 1000.0, max_attempts=attempts, review_after_s=review_s
+        ),
+        config.processor_timeout_ms,
+        config.processor_max_attempts,
+        config.review_after_s,
+    )
+    handler_settings = providers.Singleton(HandlerSettings, max_amount=config.max_amount)
+
+
+async def _shutdown_resources(container: Container) -> None:
+    pending = container.shutdown_resources()
+    if pending is not None:
+        await pending
+
+
+def make_container(settings: Settings) -> Container:
+    """A container configured from validated settings."""
+    container = Container()
+    container.config.from_dict(msgspec.structs.asdict(settings))
+    return container
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiokafka is chatty about every reconnect; its warnings are enough.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+class Service:
+    """The composed `payment-service run`: consumer, executor, relay, reconciler, HTTP."""
+
+    def __init__(self, settings: Settings, container: Container | None = None) -> None:
+        if not settings.database_url:
+            raise ConfigError("PAYMENT_DATABASE_URL: required by run (dev starts an embedded one)")
+        if not settings.kafka_bootstrap_servers:
+            raise ConfigError(
+                "PAYMENT_KAFKA_BOOTSTRAP_SERVERS: required by run (dev starts an embedded one)"
+            )
+        self.settings = settings
+        self.container = container or make_container(settings)
+        self._stop = asyncio.Event()
+        self.http: HealthServer | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        c = self.container
+        log.info("run: applying migrations")
+        await migrate(str(s.database_url))
+        topics: Topics = c.topics()
+        created = await ensure_topics(
+            str(s.kafka_bootstrap_servers), topics.names, partitions=s.kafka_topic_partitions
+        )
+        log.info("run: topics ready%s", f" (created {', '.join(created)})" if created else "")
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(_shutdown_resources, c)
+            pool = await c.pool()
+            producer = await c.producer()
+            # Its provider depends on the async pool Resource, so it resolves to an awaitable.
+            uow_factory = await c.uow_factory()
+            processor = c.processor()
+            clock = c.clock()
+            metrics: Metrics = c.metrics()
+            log.info("run: database pool open, producer started, processor %s", processor.name)
+
+            waiter = wait_for_outbox_notification(str(s.database_url))
+            stack.push_async_callback(waiter.aclose)
+            relay = KafkaOutboxRelay(
+                producer,
+                uow_factory,
+                topics,
+                clock,
+                source=s.event_source,
+                batch_size=s.relay_batch_size,
+                wait_for_work=waiter,
+                # One relay publishes at a time across instances (an advisory lock).
+                leadership=RelayLeadership(str(s.database_url)),
+            )
+
+            async def make_consumer(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=s.kafka_bootstrap_servers,
+                    group_id=s.consumer_group,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+                    session_timeout_ms=s.kafka_session_timeout_ms,
+                    heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
+                    max_poll_records=500,
+                )
+                consumer.subscribe([topics.request, topics.initiated], listener=listener)
+                await consumer.start()
+                return consumer
+
+            consumer = KafkaInboxConsumer(
+                consumer_factory=make_consumer,
+                request_topic=topics.request,
+                initiated_topic=topics.initiated,
+                uow_factory=uow_factory,
+                processor=processor,
+                clock=clock,
+                dead_letters=KafkaDeadLetterPublisher(
+                    producer, topics.dead_letter, s.consumer_group
+                ),
+                metrics=metrics,
+                settings=c.handler_settings(),
+                policy=c.policy(),
+                transient_errors=TRANSIENT_ERRORS,
+                max_in_flight=s.max_in_flight,
+            )
+            reconciler = Reconciler(
+                uow_factory,
+                processor,
+                clock,
+                c.policy(),
+                threshold_s=s.reconcile_after_s,
+                interval_s=s.reconcile_interval_s,
+            )
+
+            async def readiness() -> dict[str, str]:
+                checks: dict[str, str] = {}
+                try:
+                    async with asyncio.timeout(2.0), pool.connection() as conn:
+                        await conn.execute("SELECT 1")
+                    checks["database"] = "ok"
+                except Exception as exc:  # any failure means "not ready"
+                    checks["database"] = f"unavailable ({type(exc).__name__})"
+                try:
+                    async with asyncio.timeout(2.0):
+                        await producer.client.fetch_all_metadata()
+                    checks["broker"] = "ok"
+                except Exception as exc:  # any failure means "not ready"
+                    checks["broker"] = f"unavailable ({type(exc).__name__})"
+                return checks
+
+            self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)
+            await self.http.start()
+            stack.push_async_callback(self.http.stop)
+
+            relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+            reconciler_task = asyncio.create_task(reconciler.run(), name="reconciler")
+            consumer_task = asyncio.create_task(consumer.run(), name="consumer")
+            log.info(
+                "run: consuming %s and %s as group %s",
+                topics.request,
+                topics.initiated,
+                s.consumer_group,
+            )
+            stopper = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait(
+                {stopper, consumer_task, relay_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopper not in done:
+                # A component ended on its own: that is a crash, surface it.
+                for task in done:
+                    task.result()
+            log.info("run: stopping: draining in-flight messages")
+            consumer.stop()
+            await consumer_task
+            reconciler_task.cancel()
+            log.info("run: flushing the outbox relay")
+            await relay.flush()
+            relay.stop()
+            await relay_task
+            log.info("run: stopped cleanly")
+
+
+async def run_until_signalled(service: Service) -> None:
+    """Run the service; SIGTERM and SIGINT stop it gracefully."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    await service.run()

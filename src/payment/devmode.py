@@ -1,0 +1,106 @@
+"""`payment-service dev`: the service with an embedded PostgreSQL and broker when unset."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import platformdirs
+
+from payment.settings import Settings
+
+if TYPE_CHECKING:
+    from payment.bootstrap import Service
+
+
+def data_dir() -> Path:
+    """Where the embedded PostgreSQL keeps its cluster between runs."""
+    return Path(platformdirs.user_data_dir("payment-service")) / "postgres"
+
+
+def run_dev(settings: Settings, *, fresh: bool = False, demo: int = 0) -> int:
+    """Start what is missing, then run the service (the `run` code path) until stopped.
+
+    With `demo` > 0, the demo orchestrator plays that many requests once the service is
+    ready; the service stops when it is done and the exit code says whether every
+    request reached a terminal event.
+    """
+    from payment.adapters.embedded import EmbeddedBroker, EmbeddedPostgres
+    from payment.adapters.postgres.migrations import migrate
+    from payment.bootstrap import Service, configure_logging
+
+    configure_logging(settings)
+    with ExitStack() as stack:
+        # SIGTERM must unwind this stack (stopping the children) like Ctrl-C does.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        stack.callback(signal.signal, signal.SIGTERM, previous)
+        changes: dict[str, object] = {}
+        if not settings.database_url:
+            pg = EmbeddedPostgres(data_dir(), fresh=fresh)
+            stack.callback(pg.stop)
+            pg.start()
+            print(
+                f"dev: embedded PostgreSQL listening on {pg.url} (data in {pg.data_dir})",
+                flush=True,
+            )
+            changes["database_url"] = pg.url
+        if not settings.kafka_bootstrap_servers:
+            broker = EmbeddedBroker()
+            stack.callback(broker.stop)
+            broker.start()
+            print(
+                f"dev: embedded Kafka-compatible broker listening on {broker.bootstrap_servers}",
+                flush=True,
+            )
+            changes["kafka_bootstrap_servers"] = broker.bootstrap_servers
+            # The embedded broker has no idempotent producer.
+            changes["kafka_enable_idempotence"] = False
+        settings = msgspec.structs.replace(settings, **changes)
+        # Restore the default handler inside asyncio.run: the service installs its own.
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            asyncio.run(migrate(str(settings.database_url)))
+            service = Service(settings)
+            return asyncio.run(_serve(service, settings, demo))
+        except KeyboardInterrupt:
+            return 130
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+async def _serve(service: Service, settings: Settings, demo: int) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    runner = asyncio.create_task(service.run())
+    if demo <= 0:
+        await runner
+        return 0
+    from payment.demo import run_demo
+
+    topics = service.container.topics()
+    demo_task = asyncio.create_task(
+        run_demo(
+            str(settings.kafka_bootstrap_servers),
+            count=demo,
+            topics=topics,
+            enable_idempotence=settings.kafka_enable_idempotence,
+        )
+    )
+    done, _ = await asyncio.wait({runner, demo_task}, return_when=asyncio.FIRST_COMPLETED)
+    if runner in done:
+        demo_task.cancel()
+        runner.result()
+        print("dev: the service stopped before the demo finished", file=sys.stderr)
+        return 1
+    report = demo_task.result()
+    service.stop()
+    await runner
+    return 0 if report.ok else 1
