@@ -20,6 +20,8 @@ from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics, ensure_topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
+from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
+from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType
 from payment.application.ports import OutboxRecord
@@ -347,3 +349,50 @@ async def test_ensure_topics_tolerates_a_race_between_instances(kafka_bootstrap:
     )
     created = [name for result in results for name in result]
     assert sorted(created) == sorted(names)  # each created by exactly one of them
+
+
+async def test_two_relays_on_postgresql_publish_each_row_once_woken_by_notify(
+    kafka_bootstrap: str,
+    producer: AIOKafkaProducer,
+    database_url: str,
+    pg_uow_factory: PostgresUnitOfWorkFactory,
+) -> None:
+    # The wiring of `payment-service run`: advisory-lock leadership and LISTEN/NOTIFY.
+    topics = await topics_on(kafka_bootstrap)
+    waiters = [wait_for_outbox_notification(database_url) for _ in range(2)]
+    leadership = RelayLeadership(database_url, retry_interval=0.05)
+    relays = [
+        KafkaOutboxRelay(
+            producer,
+            pg_uow_factory,
+            topics,
+            UtcClock(),
+            wait_for_work=waiter,
+            poll_interval=30,  # longer than the test: only a notification can wake them
+            leadership=leadership,
+        )
+        for waiter in waiters
+    ]
+    tasks = [asyncio.create_task(r.run()) for r in relays]
+    try:
+        for _ in range(250):
+            if any(r.leading for r in relays):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the leader is now waiting for work
+        payment = str(uuid.uuid4())
+        async with pg_uow_factory() as uow:
+            await uow.outbox.add([message(payment, 1), message(payment, 2, "payment.completed")])
+            await uow.commit()
+        records = await consume(kafka_bootstrap, [topics.initiated, topics.completed], 2, within=10)
+    finally:
+        for r in relays:
+            r.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        for waiter in waiters:
+            await waiter.aclose()
+    assert len(records) == 2  # one leader: no duplicates
+    assert sum(r.published for r in relays) == 2
+    assert [r.leading for r in relays] == [False, False]
+    async with pg_uow_factory() as uow:
+        assert await uow.outbox.pending(10) == []
