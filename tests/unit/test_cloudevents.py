@@ -283,6 +283,13 @@ def test_not_json_is_poison(data: bytes) -> None:
     assert poison_reason(exc) == "saga.request_payment data is not valid UTF-8 JSON"
 
 
+def test_deeply_nested_data_is_poison() -> None:
+    nested = b"[" * 30_000 + b"]" * 30_000
+    with pytest.raises(PoisonMessage) as exc:
+        decode_request(b'{"ignored":' + nested + b',"booking_id":"b"}')
+    assert poison_reason(exc) == "saga.request_payment data nests too deeply"
+
+
 def test_reason_never_echoes_the_payload() -> None:
     for data in (
         b'{"booking_id":"b","payment_method":' + CARD.encode() + b"}",

@@ -264,6 +264,9 @@ def _decode(decoder: msgspec.json.Decoder[_T], data: bytes, what: str) -> _T:
     except (msgspec.DecodeError, UnicodeDecodeError):
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise PoisonMessage(f"{what} data is not valid UTF-8 JSON") from None
+    except RecursionError:
+        # Deep nesting fits easily in 64 KiB; msgspec gives up instead of overflowing.
+        raise PoisonMessage(f"{what} data nests too deeply") from None
 
 
 def encode_outbound(
