@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -118,6 +119,10 @@ class Container(containers.DeclarativeContainer):
     handler_settings = providers.Singleton(HandlerSettings, max_amount=config.max_amount)
 
 
+async def _resolved(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
 async def _shutdown_resources(container: Container) -> None:
     pending = container.shutdown_resources()
     if pending is not None:
@@ -173,7 +178,7 @@ class Service:
             pool = await c.pool()
             producer = await c.producer()
             # Its provider depends on the async pool Resource, so it resolves to an awaitable.
-            uow_factory = await c.uow_factory()
+            uow_factory = await _resolved(c.uow_factory())
             processor = c.processor()
             clock = c.clock()
             metrics: Metrics = c.metrics()

@@ -21,7 +21,7 @@ from payment.application.commands import (
 from payment.application.errors import RETRYABLE_CONFLICTS, PaymentConflict
 from payment.application.messages import initiated_message, outcome_message, rejection_message
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
-from payment.application.validation import Valid, safe_echo, validate_request
+from payment.application.validation import Valid, validate_request
 from payment.domain.events import AnyPaymentEvent, AttemptResult
 from payment.domain.money import DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment, PaymentStatus
@@ -107,8 +107,8 @@ async def _request_in(
         await uow.outbox.add(
             [
                 rejection_message(
-                    booking_id=safe_echo(cmd.booking_id) or "",
-                    saga_id=safe_echo(cmd.saga_id),
+                    booking_id=cmd.booking_id,
+                    saga_id=cmd.saga_id,
                     detail=checked,
                     at=now,
                     trace=cmd.trace,
@@ -320,6 +320,10 @@ def _decide(
                 reason="declined", detail=_decline_detail(final), at=now, decline_code=final.code
             )
             return ExecuteResult.FAILED
+        case ProcessorUnavailable() if payment.charge_may_have_happened:
+            # An earlier attempt's outcome is unknown: "unavailable" now says nothing
+            # about that charge, so the payment stays in flight for the reconciler.
+            return ExecuteResult.UNKNOWN
         case ProcessorUnavailable():
             new += payment.fail(
                 reason="processor_unavailable",

@@ -55,6 +55,7 @@ class Payment:
         self.idempotency_key: uuid.UUID | None = None
         self.initiated_at: datetime | None = None
         self.attempts = 0
+        self.charge_may_have_happened = False
         self.flagged_for_review = False
         self.initiated: PaymentInitiated | None = None
         self.outcome: PaymentCompleted | PaymentFailed | None = None
@@ -128,8 +129,16 @@ class Payment:
         at: datetime,
         decline_code: str | None = None,
     ) -> list[AnyPaymentEvent]:
-        """INITIATED -> FAILED."""
+        """INITIATED -> FAILED.
+
+        `processor_unavailable` is refused once an attempt may have charged: only the
+        gateway's real outcome may end such a payment.
+        """
         self._require_in_flight("fail")
+        if reason == "processor_unavailable" and self.charge_may_have_happened:
+            raise IllegalTransition(
+                "cannot fail as unavailable: an earlier charge may have happened"
+            )
         return self._emit(
             PaymentFailed(
                 **self._stamp(at), reason=reason, detail=detail, decline_code=decline_code
@@ -180,6 +189,8 @@ class Payment:
                 self.initiated = event
             case ChargeAttempted():
                 self.attempts = event.attempt
+                if event.result in ("unknown", "approved"):
+                    self.charge_may_have_happened = True
             case PaymentCompleted():
                 self.status = PaymentStatus.COMPLETED
                 self.outcome = event
