@@ -1,0 +1,1 @@
+"""Gherkin scenarios (pytest-bdd): thin modules over features/*.feature."""
