@@ -10,6 +10,7 @@ from payment.domain.money import Money
 
 _BOOKING_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _CARD_LIKE = re.compile(r"[0-9][0-9 -]{11,}[0-9]")
+_SEPARATORS = re.compile(r"[ -]+")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -28,13 +29,20 @@ def luhn_valid(digits: str) -> bool:
 def looks_like_card_number(text: str) -> bool:
     """True if `text` contains a 13-19 digit Luhn-valid number (spaces and dashes allowed).
 
-    A run of digits is judged whole: a longer number is not a card because some window
-    of it happens to pass the checksum.
+    A run of digit groups is judged by its consecutive whole groups: a card number
+    followed by a CVC or an expiry date is still a card, while an unbroken longer number
+    is not one just because some stretch of it passes the checksum.
     """
     for match in _CARD_LIKE.finditer(text):
-        digits = match.group().replace(" ", "").replace("-", "")
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            return True
+        groups = _SEPARATORS.split(match.group())
+        for first in range(len(groups)):
+            digits = ""
+            for group in groups[first:]:
+                digits += group
+                if len(digits) > 19:
+                    break
+                if len(digits) >= 13 and luhn_valid(digits):
+                    return True
     return False
 
 
