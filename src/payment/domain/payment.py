@@ -176,6 +176,8 @@ class Payment:
             raise StreamMismatch(f"event of stream {event.payment_id} applied to {self.id}")
         if event.version != self.version + 1:
             raise StreamMismatch(f"event version {event.version} after version {self.version}")
+        if isinstance(event, PaymentInitiated) != (self.version == 0):
+            raise StreamMismatch("a stream starts with PaymentInitiated, and only there")
         match event:
             case PaymentInitiated():
                 self.status = PaymentStatus.INITIATED
