@@ -1,0 +1,649 @@
+"""The published contract as AsyncAPI 3.0, generated from the msgspec message types."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, NamedTuple, get_args
+
+import msgspec
+import yaml
+
+from payment.adapters.kafka.cloudevents import (
+    CONTENT_TYPE,
+    H_CONTENT_TYPE,
+    H_ID,
+    H_SEQUENCE,
+    H_SOURCE,
+    H_SPECVERSION,
+    H_SUBJECT,
+    H_TIME,
+    H_TRACEPARENT,
+    H_TRACESTATE,
+    H_TYPE,
+    MAX_ATTRIBUTE_CHARS,
+    MAX_TRACESTATE_CHARS,
+    SPECVERSION,
+)
+from payment.adapters.kafka.topics import Topics
+from payment.application.messages import (
+    PAYMENT_COMPLETED,
+    PAYMENT_FAILED,
+    PAYMENT_INITIATED,
+    REQUEST_PAYMENT,
+    PaymentCompletedMessage,
+    PaymentFailedMessage,
+    PaymentInitiatedMessage,
+    RequestPaymentMessage,
+)
+from payment.domain.events import FailureReason
+from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
+
+Schema = dict[str, Any]
+
+DOCUMENT_PATH: Final = Path("docs/asyncapi.yaml")
+REGENERATE: Final = "python -m payment.asyncapi"
+ASYNCAPI_VERSION: Final = "3.0.0"
+CONTRACT_VERSION: Final = "1.0.0"
+KAFKA_BINDING_VERSION: Final = "0.5.0"
+
+# --- Rules of contract section 3 that the msgspec types do not carry ----------------------
+#
+# The message types are lenient on purpose: a request that decodes but breaks a rule must
+# be answered with `payment.failed` / `invalid_request` (contract 4.4), not dead-lettered as
+# undecodable (4.5), so `msgspec.Meta` constraints on them would change behaviour. The rules
+# are overlaid on the generated schemas here instead; tests/contract/test_asyncapi.py checks
+# them against payment.application.validation and payment.domain.money.
+
+BOOKING_ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,64}$"
+MAX_ID_CHARS: Final = 64
+MAX_PAYMENT_METHOD_CHARS: Final = 255
+MIN_AMOUNT: Final = 1
+CURRENCIES: Final = tuple(sorted(CURRENCY_EXPONENTS))
+FAILURE_REASONS: Final = get_args(FailureReason)
+
+# Written by payment.adapters.kafka.dead_letters (not imported: this module needs only the
+# header names, and the test checks they agree).
+DLQ_HEADERS: Final = (
+    "dlq_reason",
+    "dlq_original_topic",
+    "dlq_original_partition",
+    "dlq_original_offset",
+    "dlq_consumer_group",
+)
+
+_UUID: Final[Schema] = {"format": "uuid"}
+_TIMESTAMP: Final[Schema] = {"format": "date-time", "description": "RFC 3339, UTC."}
+_VERSION: Final[Schema] = {
+    "minimum": 1,
+    "description": "The event's version in its payment stream (also sent as `ce_sequence`).",
+}
+_CURRENCY: Final[Schema] = {
+    "enum": list(CURRENCIES),
+    "description": "ISO 4217 alphabetic code, uppercase, from the service's allowlist.",
+}
+
+
+class Overlay(NamedTuple):
+    """Contract rules added to the generated schema of one message type.
+
+    `required` lists optional fields of the type that a valid message must carry anyway
+    (non-null); `fields` maps a field to the JSON Schema keywords it gains (on the non-null
+    branch of a nullable field). Naming an unknown field, or contradicting a keyword msgspec
+    generated, raises `ValueError`, so an overlay cannot silently outlive its field.
+    """
+
+    required: tuple[str, ...] = ()
+    fields: Mapping[str, Schema] = {}
+
+
+OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
+    RequestPaymentMessage: Overlay(
+        required=("amount", "currency", "payment_method"),
+        fields={
+            "booking_id": {
+                "pattern": BOOKING_ID_PATTERN,
+                "minLength": 1,
+                "maxLength": MAX_ID_CHARS,
+                "description": "The booking to charge; one payment per booking.",
+            },
+            "amount": {
+                "minimum": MIN_AMOUNT,
+                "maximum": DEFAULT_MAX_AMOUNT,
+                "description": (
+                    "Integer number of minor units of `currency` (not a float, not a string). "
+                    "The maximum is the default of `PAYMENT_MAX_AMOUNT`; a deployment may set "
+                    "another."
+                ),
+            },
+            "currency": _CURRENCY,
+            "payment_method": {
+                "minLength": 1,
+                "maxLength": MAX_PAYMENT_METHOD_CHARS,
+                "description": (
+                    "Gateway token. A 13-19 digit Luhn-valid number (a card number) is "
+                    "rejected with `invalid_request` and never stored, logged or published."
+                ),
+            },
+            "customer_id": {"maxLength": MAX_ID_CHARS},
+            "saga_id": {
+                "maxLength": MAX_ID_CHARS,
+                "description": "Echoed on every outcome event.",
+            },
+        },
+    ),
+    PaymentInitiatedMessage: Overlay(
+        fields={
+            "payment_id": _UUID,
+            "booking_id": {"pattern": BOOKING_ID_PATTERN},
+            "saga_id": {"maxLength": MAX_ID_CHARS},
+            "amount": {"minimum": MIN_AMOUNT},
+            "currency": _CURRENCY,
+            "customer_id": {"maxLength": MAX_ID_CHARS},
+            "initiated_at": _TIMESTAMP,
+            "version": _VERSION,
+        },
+    ),
+    PaymentCompletedMessage: Overlay(
+        fields={
+            "payment_id": _UUID,
+            "booking_id": {"pattern": BOOKING_ID_PATTERN},
+            "saga_id": {"maxLength": MAX_ID_CHARS},
+            "amount": {"minimum": MIN_AMOUNT},
+            "currency": _CURRENCY,
+            "processor": {"description": "The gateway that charged, e.g. `fake`, `stripe`."},
+            "provider_reference": {"description": "The gateway's id of the charge."},
+            "completed_at": _TIMESTAMP,
+            "version": _VERSION,
+        },
+    ),
+    # booking_id and saga_id are echoed as received: a rejection may carry invalid ones.
+    PaymentFailedMessage: Overlay(
+        fields={
+            "payment_id": {**_UUID, "description": "Absent when no payment was created."},
+            "reason": {
+                "enum": list(FAILURE_REASONS),
+                "description": (
+                    "`declined` by the gateway; `invalid_request` (a rule of the request was "
+                    "broken, no processor call); `processor_unavailable` (the gateway could "
+                    "not be reached and no charge can have happened)."
+                ),
+            },
+            "detail": {"description": "Human-readable; never secrets or card data."},
+            "failed_at": _TIMESTAMP,
+            "version": {**_VERSION, "description": "Absent when no payment was created."},
+        },
+    ),
+}
+
+
+def apply_overlay(schema: Schema, overlay: Overlay) -> Schema:
+    """`schema` (one generated object schema) with the overlay's rules added; a new dict."""
+    result: Schema = msgspec.json.decode(msgspec.json.encode(schema))  # a deep copy
+    properties: dict[str, Schema] = result["properties"]
+    for name in (*overlay.required, *overlay.fields):
+        if name not in properties:
+            raise ValueError(f"overlay names {name!r}, not a field of {result.get('title')}")
+    for name in overlay.required:
+        properties[name] = _without_null(properties[name])
+    for name, rules in overlay.fields.items():
+        # Annotations describe the field; assertions constrain its (non-null) value.
+        notes = {key: value for key, value in rules.items() if key in _ANNOTATIONS}
+        checks = {key: value for key, value in rules.items() if key not in _ANNOTATIONS}
+        _merge(properties[name], notes, name)
+        _merge(_non_null_branch(properties[name]), checks, name)
+    required = set(result.get("required", ())) | set(overlay.required)
+    result["required"] = [name for name in properties if name in required]
+    return result
+
+
+_ANNOTATIONS: Final = frozenset({"title", "description", "examples"})
+
+
+def _without_null(field: Schema) -> Schema:
+    branches = field.get("anyOf")
+    if branches is None:
+        return field
+    kept = [branch for branch in branches if branch != {"type": "null"}]
+    if len(kept) != 1:
+        raise ValueError(f"cannot make a required field of {field}")
+    rest = {key: value for key, value in field.items() if key not in ("anyOf", "default")}
+    return {**kept[0], **rest}
+
+
+def _non_null_branch(field: Schema) -> Schema:
+    branches = field.get("anyOf")
+    if branches is None:
+        return field
+    kept = [branch for branch in branches if branch != {"type": "null"}]
+    if len(kept) != 1:
+        raise ValueError(f"cannot apply rules to {field}")
+    target: Schema = kept[0]
+    return target
+
+
+def _merge(target: Schema, rules: Schema, name: str) -> None:
+    for key, value in rules.items():
+        if key in target and target[key] != value:
+            raise ValueError(f"overlay on {name!r} contradicts generated {key!r}")
+        target[key] = value
+
+
+# --- Messages, channels, operations -------------------------------------------------------
+
+
+class MessageSpec(NamedTuple):
+    """One message of the contract and where it travels."""
+
+    name: str
+    channel: str
+    topic_field: str
+    ce_type: str
+    struct: type[msgspec.Struct]
+    summary: str
+    key: Schema
+
+
+MESSAGES: Final = (
+    MessageSpec(
+        name="RequestPayment",
+        channel="sagaRequestPayment",
+        topic_field="request",
+        ce_type=REQUEST_PAYMENT,
+        struct=RequestPaymentMessage,
+        summary="The orchestrator asks to charge a booking.",
+        key={"type": "string", "description": "The booking id."},
+    ),
+    MessageSpec(
+        name="PaymentInitiated",
+        channel="paymentInitiated",
+        topic_field="initiated",
+        ce_type=PAYMENT_INITIATED,
+        struct=PaymentInitiatedMessage,
+        summary="A payment was accepted for a booking; its outcome follows.",
+        key={"type": "string", "format": "uuid", "description": "The payment id."},
+    ),
+    MessageSpec(
+        name="PaymentCompleted",
+        channel="paymentCompleted",
+        topic_field="completed",
+        ce_type=PAYMENT_COMPLETED,
+        struct=PaymentCompletedMessage,
+        summary="The payment was charged (terminal).",
+        key={"type": "string", "format": "uuid", "description": "The payment id."},
+    ),
+    MessageSpec(
+        name="PaymentFailed",
+        channel="paymentFailed",
+        topic_field="failed",
+        ce_type=PAYMENT_FAILED,
+        struct=PaymentFailedMessage,
+        summary="The payment ended without a charge, or the request was rejected (terminal).",
+        key={
+            "type": "string",
+            "description": (
+                "The payment id; the booking id for a rejected request that created no payment."
+            ),
+        },
+    ),
+)
+
+DEAD_LETTER: Final = "DeadLetter"
+DEAD_LETTER_CHANNEL: Final = "paymentDeadLetter"
+
+_DESCRIPTION: Final = """\
+Payment service of the booking SAGA: it takes payment requests from the orchestrator over
+Kafka, charges each booking at most once through a payment gateway, and publishes the outcome.
+
+Envelope: CloudEvents 1.0, Kafka protocol binding, binary content mode. The Kafka value is
+the JSON `data`; the attributes travel as `ce_*` headers (UTF-8). Inbound messages are
+deduplicated by (`ce_source`, `ce_id`). Outbound events keep their `ce_id` on every
+re-publication, carry the payment id as key and `ce_subject`, and are published in stream
+order on one partition per payment (`ce_sequence` = version in the payment's stream).
+
+What the orchestrator can rely on:
+
+1. One payment per booking: a valid request for a new booking gives exactly one
+   `payment.initiated`, then exactly one terminal event, `payment.completed` or
+   `payment.failed`.
+2. A redelivered request (same `ce_source` and `ce_id`) changes nothing and publishes nothing.
+3. A new request for a booking that already has a payment never charges again: a terminal
+   outcome is published again with its original `ce_id`; an in-flight one follows as usual.
+   A request whose amount or currency differs from the existing payment is dead-lettered.
+4. A request that decodes but breaks a rule of its schema gets exactly one `payment.failed`
+   with `reason` = `invalid_request`, and no processor call.
+5. A message that cannot be decoded (not JSON, missing CloudEvents headers, wrong types,
+   missing `booking_id`, over 64 KiB) goes to `payment.dead_letter` with its original bytes
+   and headers plus `dlq_*` headers; the partition keeps moving.
+6. A gateway decline gives `payment.failed` with `reason` = `declined`. A gateway timeout or
+   lost response is never reported as a failure: the payment is reconciled with the gateway
+   until its real outcome is known.
+7. No request is lost and no booking is charged twice across crashes, restarts,
+   redeliveries, rebalances and several instances in one consumer group.
+
+Topic names are the defaults; each is configurable (`PAYMENT_TOPIC_*`).
+"""
+
+
+def build_document() -> Schema:
+    """The AsyncAPI 3.0 document of the contract, as plain JSON-compatible data."""
+    topics = Topics()
+    refs, generated = msgspec.json.schema_components(
+        [spec.struct for spec in MESSAGES], ref_template="#/components/schemas/{name}"
+    )
+    overlays = {struct.__name__: overlay for struct, overlay in OVERLAYS.items()}
+    schemas: Schema = {}
+    for name, schema in generated.items():
+        cleaned = dict(schema)
+        if "description" in cleaned:
+            cleaned["description"] = inspect.cleandoc(cleaned["description"])
+        schemas[name] = apply_overlay(cleaned, overlays.get(name, Overlay()))
+    for spec in MESSAGES:
+        schemas[f"{spec.name}Headers"] = _cloudevents_headers(spec)
+    schemas[f"{DEAD_LETTER}Headers"] = _dead_letter_headers()
+
+    messages: Schema = {}
+    channels: Schema = {}
+    for spec, ref in zip(MESSAGES, refs, strict=True):
+        messages[spec.name] = _message(spec, ref)
+        channels[spec.channel] = _channel(
+            getattr(topics, spec.topic_field), spec.topic_field, spec.name
+        )
+    messages[DEAD_LETTER] = _dead_letter_message()
+    channels[DEAD_LETTER_CHANNEL] = _channel(topics.dead_letter, "dead_letter", DEAD_LETTER)
+
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "payment-service",
+            "version": CONTRACT_VERSION,
+            "description": _DESCRIPTION,
+            "license": {"name": "Apache-2.0"},
+        },
+        "defaultContentType": CONTENT_TYPE,
+        "channels": channels,
+        "operations": _operations(),
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def _channel(address: str, topic_field: str, message: str) -> Schema:
+    return {
+        "address": address,
+        "description": (
+            f"Default topic name; configurable with `PAYMENT_TOPIC_{topic_field.upper()}`."
+        ),
+        "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+    }
+
+
+def _message(spec: MessageSpec, payload_ref: Schema) -> Schema:
+    return {
+        "name": spec.name,
+        "title": spec.ce_type,
+        "summary": spec.summary,
+        "contentType": CONTENT_TYPE,
+        "headers": {"$ref": f"#/components/schemas/{spec.name}Headers"},
+        "payload": payload_ref,
+        "correlationId": {
+            "description": "The orchestrator correlates by booking id.",
+            "location": "$message.payload#/booking_id",
+        },
+        "bindings": {"kafka": {"key": spec.key, "bindingVersion": KAFKA_BINDING_VERSION}},
+    }
+
+
+def _dead_letter_message() -> Schema:
+    return {
+        "name": DEAD_LETTER,
+        "title": "dead letter",
+        "summary": "A record that can never be processed, parked with its original bytes.",
+        "contentType": "application/octet-stream",
+        "headers": {"$ref": f"#/components/schemas/{DEAD_LETTER}Headers"},
+        "payload": {
+            "type": "string",
+            "format": "binary",
+            "description": "The original record value, byte for byte (it may not be JSON).",
+        },
+        "bindings": {
+            "kafka": {
+                "key": {"description": "The original record's key, unchanged (or none)."},
+                "bindingVersion": KAFKA_BINDING_VERSION,
+            }
+        },
+    }
+
+
+def _operations() -> Schema:
+    def operation(action: str, channel: str, message: str, summary: str) -> Schema:
+        result: Schema = {
+            "action": action,
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "summary": summary,
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+        }
+        if action == "receive":
+            result["bindings"] = {
+                "kafka": {
+                    "groupId": {
+                        "type": "string",
+                        "description": "`PAYMENT_CONSUMER_GROUP` (default `payment-service`).",
+                    },
+                    "bindingVersion": KAFKA_BINDING_VERSION,
+                }
+            }
+        return result
+
+    return {
+        "receiveRequestPayment": operation(
+            "receive",
+            "sagaRequestPayment",
+            "RequestPayment",
+            "Take a payment request (deduplicated by ce_source and ce_id).",
+        ),
+        "sendPaymentInitiated": operation(
+            "send", "paymentInitiated", "PaymentInitiated", "Announce an accepted payment."
+        ),
+        "receivePaymentInitiated": operation(
+            "receive",
+            "paymentInitiated",
+            "PaymentInitiated",
+            "Self-consumed: an initiated payment triggers its execution.",
+        ),
+        "sendPaymentCompleted": operation(
+            "send", "paymentCompleted", "PaymentCompleted", "Publish a charged payment."
+        ),
+        "sendPaymentFailed": operation(
+            "send", "paymentFailed", "PaymentFailed", "Publish a failed payment or a rejection."
+        ),
+        "sendDeadLetter": operation(
+            "send",
+            DEAD_LETTER_CHANNEL,
+            DEAD_LETTER,
+            "Park a poison record (from any consumed topic); the partition keeps moving.",
+        ),
+    }
+
+
+def _cloudevents_headers(spec: MessageSpec) -> Schema:
+    """Contract section 2: the binary-mode CloudEvents headers of one message type."""
+    inbound = spec.struct is RequestPaymentMessage
+    # Only a rejection, which created no payment, goes out without subject and sequence.
+    of_a_payment = not inbound and spec.struct is not PaymentFailedMessage
+    attribute: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_ATTRIBUTE_CHARS}
+    if inbound:
+        ce_id = {**attribute, "description": "With `ce_source`, the deduplication key."}
+        ce_source = {**attribute, "description": "The sender."}
+    else:
+        ce_id = {
+            "type": "string",
+            "format": "uuid",
+            "description": "The event's own id, identical on every re-publication of it.",
+        }
+        ce_source = {
+            **attribute,
+            "description": "`PAYMENT_EVENT_SOURCE` (default `payment-service`).",
+        }
+    properties: Schema = {
+        H_SPECVERSION: {"type": "string", "const": SPECVERSION},
+        H_ID: ce_id,
+        H_SOURCE: ce_source,
+        H_TYPE: {"type": "string", "const": spec.ce_type},
+        H_TIME: {"type": "string", "format": "date-time", "description": "RFC 3339."},
+        H_CONTENT_TYPE: {"type": "string", "const": CONTENT_TYPE},
+    }
+    if inbound:
+        properties[H_SUBJECT] = {**attribute, "description": "Optional; not used."}
+    else:
+        absent = "" if of_a_payment else "; absent on a rejection that created no payment"
+        properties[H_SUBJECT] = {
+            "type": "string",
+            "format": "uuid",
+            "description": f"The payment id{absent}.",
+        }
+        properties[H_SEQUENCE] = {
+            "type": "string",
+            "pattern": "^[1-9][0-9]*$",
+            "description": f"The event's version in its payment stream, decimal{absent}.",
+        }
+    properties[H_TRACEPARENT] = {
+        "type": "string",
+        "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        "description": (
+            "W3C Trace Context; outbound events carry the trace of the request that caused them."
+            + (" An invalid one is ignored, never a reason to reject." if inbound else "")
+        ),
+    }
+    properties[H_TRACESTATE] = {
+        "type": "string",
+        "maxLength": MAX_TRACESTATE_CHARS,
+        "description": "W3C Trace Context; meaningful only with `traceparent`.",
+    }
+    return {
+        "type": "object",
+        "description": "CloudEvents 1.0 attributes, Kafka binary content mode (UTF-8 values).",
+        "properties": properties,
+        "required": [
+            H_SPECVERSION,
+            H_ID,
+            H_SOURCE,
+            H_TYPE,
+            H_TIME,
+            H_CONTENT_TYPE,
+            *((H_SUBJECT, H_SEQUENCE) if of_a_payment else ()),
+        ],
+    }
+
+
+def _dead_letter_headers() -> Schema:
+    """Contract section 4.5: the original headers plus where and why it was parked."""
+    reason, topic, partition, offset, group = DLQ_HEADERS
+    number: Schema = {"type": "string", "pattern": "^[0-9]+$"}
+    return {
+        "type": "object",
+        "description": (
+            "The original record's headers, unchanged (its `ce_type`, if any, is the original "
+            "type), plus these; `dlq_*` headers of an earlier dead-lettering are replaced."
+        ),
+        "properties": {
+            reason: {"type": "string", "description": "Why; short, never the payload."},
+            topic: {"type": "string", "description": "Topic the record was consumed from."},
+            partition: {**number, "description": "Its partition, decimal."},
+            offset: {**number, "description": "Its offset, decimal."},
+            group: {"type": "string", "description": "The consumer group that gave up on it."},
+        },
+        "required": list(DLQ_HEADERS),
+    }
+
+
+# --- Rendering and the command ------------------------------------------------------------
+
+_HEADER: Final = (
+    f"# Generated by `{REGENERATE}` from the msgspec types in payment.application.messages.\n"
+    "# Do not edit by hand: tests/contract/test_asyncapi.py fails when the two drift apart.\n"
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, multi-line strings as literal blocks, no anchors: stable, readable diffs."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def render(document: Schema) -> str:
+    """The document as YAML text; the same document always renders to the same text."""
+    body: str = yaml.dump(
+        document,
+        Dumper=_Dumper,
+        sort_keys=False,
+        allow_unicode=True,
+        default_flow_style=False,
+        width=100,
+    )
+    return _HEADER + body
+
+
+def drift(path: Path, document: Schema) -> str | None:
+    """None if the file at `path` holds `document`, else what differs and how to fix it."""
+    fix = f"Regenerate it: `{REGENERATE}` (from the repository root), and commit the result."
+    try:
+        published = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror}). {fix}"
+    except yaml.YAMLError as exc:
+        return f"{path} is not valid YAML ({exc}). {fix}"
+    if published == document:
+        return None
+    published_text = render(published) if isinstance(published, dict) else str(published)
+    diff = difflib.unified_diff(
+        published_text.splitlines(keepends=True),
+        render(document).splitlines(keepends=True),
+        fromfile=f"{path} (published)",
+        tofile="generated from the msgspec types",
+    )
+    return f"{path} differs from the generated contract. {fix}\n{''.join(diff)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the AsyncAPI document, or with `--check` fail if the published one drifted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m payment.asyncapi",
+        description="Generate (or check) the AsyncAPI 3.0 document of the payment contract.",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 with a diff if the file differs from the generated one",
+    )
+    parser.add_argument("--output", type=Path, default=DOCUMENT_PATH, help="%(default)s")
+    args = parser.parse_args(argv)
+    path: Path = args.output
+    document = build_document()
+    if args.check:
+        problem = drift(path, document)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(document), encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
