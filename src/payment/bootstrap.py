@@ -18,19 +18,27 @@ from aiokafka.errors import KafkaError
 from dependency_injector import containers, providers
 
 from payment.adapters.http import HealthServer
+from payment.adapters.instrumented import (
+    InstrumentedProcessor,
+    InstrumentedUnitOfWorkFactory,
+    reconcile_scope,
+)
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics, ensure_topics
+from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
 from payment.adapters.postgres.migrations import migrate
+from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
 from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.adapters.processors.stripe import StripeProcessor
+from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.reconciler import Reconciler
@@ -61,6 +69,9 @@ class Container(containers.DeclarativeContainer):
 
     clock = providers.Singleton(SystemClock)
     metrics = providers.Singleton(Metrics)
+    # The SDK configured from OTEL_*; tests override it with a provider of their own.
+    tracer_provider = providers.Resource(tracer_provider_resource)
+    tracer = providers.Callable(tracer_of, tracer_provider)
 
     pool = providers.Resource(
         _pool_resource,
@@ -137,12 +148,27 @@ def make_container(settings: Settings) -> Container:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiokafka is chatty about every reconnect; its warnings are enough.
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    """Text or JSON lines on stderr, with trace ids, through the redacting filter."""
+    configure_log_output(settings.log_level, settings.log_format)
+
+
+def readiness_limits(stats: DatabaseStats, settings: Settings) -> dict[str, str]:
+    """The age checks of /health/ready: "ok", or why not (a limit of 0 turns one off)."""
+    checks: dict[str, str] = {}
+    for name, age, limit, what in (
+        ("outbox", stats.outbox_oldest_age_s, settings.ready_max_outbox_age_s, "unpublished row"),
+        (
+            "in_flight",
+            stats.in_flight_oldest_age_s,
+            settings.ready_max_in_flight_age_s,
+            "in-flight payment",
+        ),
+    ):
+        if limit > 0:
+            checks[name] = (
+                "ok" if age <= limit else f"oldest {what} is {age:.0f}s old (limit {limit:g}s)"
+            )
+    return checks
 
 
 class Service:
@@ -159,6 +185,7 @@ class Service:
         self.container = container or make_container(settings)
         self._stop = asyncio.Event()
         self.http: HealthServer | None = None
+        self.consumer: KafkaInboxConsumer | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -178,17 +205,22 @@ class Service:
             pool = await c.pool()
             producer = await c.producer()
             # Its provider depends on the async pool Resource, so it resolves to an awaitable.
-            uow_factory = await _resolved(c.uow_factory())
-            processor = c.processor()
+            store_uow_factory = await _resolved(c.uow_factory())
             clock = c.clock()
             metrics: Metrics = c.metrics()
+            tracer = c.tracer()
+            # Handlers see instrumented adapters: spans, trace stamping on outbox rows,
+            # metrics and lifecycle log lines (adapters/instrumented.py).
+            uow_factory = InstrumentedUnitOfWorkFactory(store_uow_factory, tracer, metrics)
+            processor = InstrumentedProcessor(c.processor(), tracer, metrics)
             log.info("run: database pool open, producer started, processor %s", processor.name)
 
             waiter = wait_for_outbox_notification(str(s.database_url))
             stack.push_async_callback(waiter.aclose)
             relay = KafkaOutboxRelay(
                 producer,
-                uow_factory,
+                # The relay only reads and marks rows: no payment events to observe.
+                store_uow_factory,
                 topics,
                 clock,
                 source=s.event_source,
@@ -196,6 +228,7 @@ class Service:
                 wait_for_work=waiter,
                 # One relay publishes at a time across instances (an advisory lock).
                 leadership=RelayLeadership(str(s.database_url)),
+                tracer=tracer,
             )
 
             async def make_consumer(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
@@ -213,7 +246,7 @@ class Service:
                 await consumer.start()
                 return consumer
 
-            consumer = KafkaInboxConsumer(
+            consumer = self.consumer = KafkaInboxConsumer(
                 consumer_factory=make_consumer,
                 request_topic=topics.request,
                 initiated_topic=topics.initiated,
@@ -228,6 +261,8 @@ class Service:
                 policy=c.policy(),
                 transient_errors=TRANSIENT_ERRORS,
                 max_in_flight=s.max_in_flight,
+                tracer=tracer,
+                consumer_group=s.consumer_group,
             )
             reconciler = Reconciler(
                 uow_factory,
@@ -236,7 +271,37 @@ class Service:
                 c.policy(),
                 threshold_s=s.reconcile_after_s,
                 interval_s=s.reconcile_interval_s,
+                scope=reconcile_scope(tracer, lambda payment_id: stored_trace(pool, payment_id)),
             )
+
+            async def collect_database() -> None:
+                stats = await read_stats(pool)
+                metrics.observe("payment.outbox.backlog", [(stats.outbox_backlog, {})])
+                metrics.observe("payment.outbox.oldest_age", [(stats.outbox_oldest_age_s, {})])
+                metrics.observe("payment.payments.in_flight", [(stats.in_flight, {})])
+                metrics.observe(
+                    "payment.payments.in_flight.oldest_age", [(stats.in_flight_oldest_age_s, {})]
+                )
+                metrics.observe("payment.payments.review_pending", [(stats.review_pending, {})])
+
+            async def collect_process() -> None:
+                metrics.observe(
+                    "payment.reconciler.actions",
+                    [(count, {"action": action}) for action, count in reconciler.actions.items()],
+                )
+                metrics.observe("payment.outbox.published", [(relay.published, {})])
+                metrics.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
+                lags = await consumer.lag()
+                metrics.observe(
+                    "payment.consumer.lag",
+                    [
+                        (lag, {"topic": tp.topic, "partition": str(tp.partition)})
+                        for tp, lag in lags.items()
+                    ],
+                )
+
+            metrics.add_collector(collect_process)
+            metrics.add_collector(collect_database)
 
             async def readiness() -> dict[str, str]:
                 checks: dict[str, str] = {}
@@ -252,6 +317,13 @@ class Service:
                     checks["broker"] = "ok"
                 except Exception as exc:  # any failure means "not ready"
                     checks["broker"] = f"unavailable ({type(exc).__name__})"
+                if s.ready_max_outbox_age_s > 0 or s.ready_max_in_flight_age_s > 0:
+                    try:
+                        async with asyncio.timeout(2.0):
+                            stats = await read_stats(pool)
+                        checks.update(readiness_limits(stats, s))
+                    except Exception as exc:  # any failure means "not ready"
+                        checks["backlog"] = f"unknown ({type(exc).__name__})"
                 return checks
 
             self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)

@@ -27,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--demo", type=int, metavar="N", default=0, help="also play N booking requests"
     )
+    demo = sub.add_parser(
+        "demo", help="play the booking saga against a running service over Kafka"
+    )
+    demo.add_argument("--count", type=int, default=200, metavar="N", help="booking requests")
+    demo.add_argument("--timeout", type=float, default=120.0, metavar="S")
     show = sub.add_parser("show", help="print a payment's event stream and its outbox state")
     target = show.add_mutually_exclusive_group(required=True)
     target.add_argument("payment_id", nargs="?", help="the payment id")
@@ -46,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from payment.devmode import run_dev
 
             return run_dev(settings, fresh=args.fresh, demo=args.demo)
+        if args.command == "demo":
+            return asyncio.run(_demo(settings, args.count, args.timeout))
         if args.command == "show":
             return asyncio.run(_show(settings, args.payment_id, args.booking))
     except ConfigError as exc:
@@ -54,6 +61,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+async def _demo(settings: Settings, count: int, timeout_s: float) -> int:
+    from payment.adapters.kafka.topics import Topics
+    from payment.demo import run_demo
+
+    if not settings.kafka_bootstrap_servers:
+        raise ConfigError("PAYMENT_KAFKA_BOOTSTRAP_SERVERS: not set (or use `dev --demo N`)")
+    if count < 1:
+        print("demo: --count must be at least 1", file=sys.stderr)
+        return 2
+    topics = Topics(
+        request=settings.topic_request,
+        initiated=settings.topic_initiated,
+        completed=settings.topic_completed,
+        failed=settings.topic_failed,
+        dead_letter=settings.topic_dead_letter,
+    )
+    report = await run_demo(
+        settings.kafka_bootstrap_servers,
+        count=count,
+        topics=topics,
+        enable_idempotence=settings.kafka_enable_idempotence,
+        timeout_s=timeout_s,
+    )
+    return 0 if report.ok else 1
 
 
 def _require_database(settings: Settings) -> str:

@@ -380,7 +380,9 @@ async def run_demo(
     try:
         await producer.start()
         try:
-            timed_out = not await _listen_from_end(consumer, topics, deadline, stream)
+            timed_out = not await _listen_from_end(
+                consumer, producer, topics, deadline, stream
+            )
             if timed_out:
                 stream.write("demo: the service's topics did not appear in time\n")
             else:
@@ -397,7 +399,11 @@ async def run_demo(
 
 
 async def _listen_from_end(
-    consumer: AIOKafkaConsumer, topics: Topics, deadline: float, out: TextIO
+    consumer: AIOKafkaConsumer,
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    deadline: float,
+    out: TextIO,
 ) -> bool:
     """Assign every partition of the outbound topics at its end offset; False on timeout.
 
@@ -406,9 +412,15 @@ async def _listen_from_end(
     """
     wanted = (topics.initiated, topics.completed, topics.failed, topics.dead_letter)
     waiting_said = False
+    partitions_of: dict[str, set[int]] = {}
     while True:
         existing = await consumer.topics()
-        missing = [t for t in (*wanted, topics.request) if t not in existing]
+        # The consumer's own metadata holds only topics it is assigned, so an unassigned
+        # topic's partitions come from the producer, which fetches them on demand.
+        for t in (*wanted, topics.request):
+            if t in existing and not partitions_of.get(t):
+                partitions_of[t] = set(await producer.partitions_for(t))
+        missing = [t for t in (*wanted, topics.request) if not partitions_of.get(t)]
         if not missing:
             break
         if time.monotonic() >= deadline:
@@ -421,7 +433,7 @@ async def _listen_from_end(
     partitions = [
         TopicPartition(topic, p)
         for topic in wanted
-        for p in sorted(consumer.partitions_for_topic(topic) or ())
+        for p in sorted(partitions_of[topic])
     ]
     consumer.assign(partitions)
     for tp, offset in (await consumer.end_offsets(partitions)).items():
