@@ -22,5 +22,5 @@ class PostgresInbox:
         self._tx = tx
 
     async def mark(self, source: str, message_id: str, at: datetime) -> bool:
-        cur = await self._tx.writer().execute(_MARK, (source, message_id, at))
+        cur = await self._tx.write(_MARK, (source, message_id, at))
         return cur.rowcount == 1

@@ -43,6 +43,7 @@ deduplicate by ce_id) but can reorder a payment's events while it lasts.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from datetime import UTC, datetime
@@ -60,25 +61,27 @@ OUTBOX_CHANNEL: Final = "payment_outbox"
 # Arbitrary but fixed: every instance competes for the same key.
 RELAY_LOCK_KEY: Final = int.from_bytes(b"pay-rlay", "big")
 
-_ADD = """
+# One VALUES row per message (scalar parameters: see event_store), numbered so that the
+# positions follow the order given.
+_MESSAGE_ROW = (
+    "({ord}, %s::uuid, %s::text, %s::text, %s::text, %s::integer, %s::timestamptz, %s::bytea,"
+    " %s::text, %s::text)"
+)
+
+
+@functools.cache
+def _add_sql(rows: int) -> bytes:
+    values = ", ".join(_MESSAGE_ROW.format(ord=n) for n in range(rows))
+    return f"""
 INSERT INTO payment_outbox
     (event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
 SELECT m.event_id, m.type, m.key, m.subject, m.sequence, m.time, m.data,
        m.traceparent, m.tracestate
-FROM unnest(
-    %(event_ids)s::uuid[],
-    %(types)s::text[],
-    %(keys)s::text[],
-    %(subjects)s::text[],
-    %(sequences)s::integer[],
-    %(times)s::timestamptz[],
-    %(data)s::bytea[],
-    %(traceparents)s::text[],
-    %(tracestates)s::text[]
-) WITH ORDINALITY
-    AS m(event_id, type, key, subject, sequence, time, data, traceparent, tracestate, ord)
+FROM (VALUES {values})
+    AS m(ord, event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
 ORDER BY m.ord
-"""
+""".encode()
+
 
 # Served by the partial index payment_outbox_unpublished_idx.
 _PENDING = """
@@ -104,21 +107,23 @@ class PostgresOutbox:
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         if not messages:
             return
-        params = {
-            "event_ids": [m.event_id for m in messages],
-            "types": [m.type for m in messages],
-            "keys": [m.key for m in messages],
-            "subjects": [m.subject for m in messages],
-            "sequences": [m.sequence for m in messages],
-            "times": [m.time for m in messages],
-            "data": [m.data for m in messages],
-            "traceparents": [m.trace.traceparent for m in messages],
-            "tracestates": [m.trace.tracestate for m in messages],
-        }
-        await self._tx.writer().execute(_ADD, params)
+        params: list[object] = []
+        for m in messages:
+            params += (
+                m.event_id,
+                m.type,
+                m.key,
+                m.subject,
+                m.sequence,
+                m.time,
+                m.data,
+                m.trace.traceparent,
+                m.trace.tracestate,
+            )
+        await self._tx.write(_add_sql(len(messages)), params)
 
     async def pending(self, limit: int) -> list[OutboxRecord]:
-        cur = await self._tx.reader().execute(_PENDING, (limit,))
+        cur = await self._tx.read(_PENDING, (limit,))
         return [
             OutboxRecord(
                 position=position,
@@ -150,7 +155,7 @@ class PostgresOutbox:
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
         if not positions:
             return
-        await self._tx.writer().execute(_MARK_PUBLISHED, (at, list(positions)))
+        await self._tx.write(_MARK_PUBLISHED, (at, list(positions)))
 
 
 async def listen_for_outbox(conn: Connection) -> None:

@@ -38,20 +38,20 @@ class PostgresPaymentIndex:
         self._tx = tx
 
     async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
-        cur = await self._tx.writer().execute(_CLAIM, (payment_id, booking_id, at, at))
+        cur = await self._tx.write(_CLAIM, (payment_id, booking_id, at, at))
         if cur.rowcount != 1:
             raise BookingAlreadyClaimed(booking_id)
 
     async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
-        cur = await self._tx.reader().execute(_FOR_BOOKING, (booking_id,))
+        cur = await self._tx.read(_FOR_BOOKING, (booking_id,))
         row = await cur.fetchone()
         return None if row is None else _uuid(row[0])
 
     async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
-        await self._tx.writer().execute(_SET_STATUS, (status.value, at, payment_id))
+        await self._tx.write(_SET_STATUS, (status.value, at, payment_id))
 
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
-        cur = await self._tx.reader().execute(_IN_FLIGHT, (before, limit))
+        cur = await self._tx.read(_IN_FLIGHT, (before, limit))
         return [_uuid(payment_id) for (payment_id,) in await cur.fetchall()]
 
 

@@ -23,7 +23,10 @@ def create_pool(
     prepare_threshold: int | None = 0,
     name: str = "payment",
 ) -> Pool:
-    """A closed pool of transactional (non-autocommit) connections; `await pool.open()` it.
+    """A closed pool of autocommit connections; `await pool.open()` it.
+
+    Autocommit because a unit of work opens its transaction only at its first write (see
+    `transaction.Transaction`); it leaves every connection in that mode when done.
 
     `acquire_timeout`: how long a unit of work waits for a free connection before
     psycopg_pool.PoolTimeout.
@@ -39,7 +42,7 @@ def create_pool(
         timeout=acquire_timeout,
         open=False,
         name=name,
-        kwargs={"autocommit": False, "prepare_threshold": prepare_threshold},
+        kwargs={"autocommit": True, "prepare_threshold": prepare_threshold},
     )
 
 

@@ -1,0 +1,135 @@
+"""How PostgresUnitOfWork uses its pooled connection: lazy transaction, clean hand-back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
+
+import pytest
+import pytest_asyncio
+from psycopg.pq import TransactionStatus
+
+from payment.adapters.memory import SystemClock
+from payment.adapters.postgres.pool import Pool, open_pool
+from payment.adapters.postgres.unit_of_work import PostgresUnitOfWork, PostgresUnitOfWorkFactory
+from payment.application.errors import ConcurrencyConflict
+from payment.domain.events import ChargeAttempted
+
+CLOCK = SystemClock()
+
+
+@pytest_asyncio.fixture
+async def one_connection(pg_pool: Pool, database_url: str) -> AsyncIterator[Pool]:
+    """A pool of a single connection, so consecutive units of work share it."""
+    async with open_pool(database_url, min_size=1, max_size=1) as pool:
+        yield pool
+
+
+def _event(stream: uuid.UUID, version: int) -> ChargeAttempted:
+    return ChargeAttempted(
+        event_id=uuid.uuid4(),
+        payment_id=stream,
+        version=version,
+        occurred_at=CLOCK.now(),
+        attempt=version,
+        processor="fake",
+        result="unknown",
+        detail="test",
+    )
+
+
+def _in_transaction(uow: PostgresUnitOfWork) -> bool:
+    conn = uow.events._tx._conn
+    assert conn is not None
+    return conn.info.transaction_status is not TransactionStatus.IDLE
+
+
+async def _prepared_statements(uow: PostgresUnitOfWork) -> int:
+    cur = await uow.events._tx.read("SELECT count(*) FROM pg_prepared_statements")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_reads_run_outside_a_transaction_until_the_first_write(
+    one_connection: Pool,
+) -> None:
+    stream = uuid.uuid4()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.load(stream)
+        assert not _in_transaction(uow)
+        await uow.events.append(stream, 0, [_event(stream, 1)])
+        assert _in_transaction(uow)
+        assert len(await uow.events.load(stream)) == 1
+        await uow.commit()
+        assert not _in_transaction(uow)
+
+
+@pytest.mark.parametrize("ending", ["commit", "leave", "error", "conflict"])
+async def test_the_connection_goes_back_idle_in_autocommit(
+    one_connection: Pool, ending: str
+) -> None:
+    stream = uuid.uuid4()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.commit()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.load(stream)
+        prepared_before = await _prepared_statements(uow)
+    assert prepared_before >= 2
+
+    fails = ending in ("error", "conflict")
+    expected: AbstractContextManager[object] = (
+        pytest.raises((LookupError, ConcurrencyConflict)) if fails else nullcontext()
+    )
+    with expected:
+        async with PostgresUnitOfWork(one_connection) as uow:
+            events = await uow.events.load(stream)
+            if ending == "conflict":
+                await uow.events.append(stream, 0, [_event(stream, 1)])
+            await uow.events.append(stream, len(events), [_event(stream, len(events) + 1)])
+            if ending == "commit":
+                await uow.commit()
+            elif ending == "error":
+                raise LookupError("handler failed")
+
+    async with one_connection.connection() as conn:
+        assert conn.autocommit
+        assert conn.info.transaction_status.name == "IDLE"
+    async with PostgresUnitOfWork(one_connection) as uow:
+        prepared_after = await _prepared_statements(uow)
+        assert len(await uow.events.load(stream)) == (2 if ending == "commit" else 1)
+    if ending == "commit":
+        # Switching autocommit around the transaction keeps the prepared statements.
+        assert prepared_after >= prepared_before
+
+
+async def test_a_cancelled_unit_of_work_leaves_the_pool_usable(one_connection: Pool) -> None:
+    async def stuck() -> None:
+        async with PostgresUnitOfWork(one_connection) as uow:
+            await uow.inbox.mark("saga", "m-1", CLOCK.now())
+            await uow.events._tx.read("SELECT pg_sleep(10)")
+
+    task = asyncio.create_task(stuck())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    factory = PostgresUnitOfWorkFactory(one_connection)
+    async with asyncio.timeout(5.0), factory() as uow:
+        assert await uow.inbox.mark("saga", "m-1", CLOCK.now())  # the first mark was undone
+        await uow.commit()
+
+
+async def test_a_finished_unit_of_work_refuses_statements(one_connection: Pool) -> None:
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.commit()
+        with pytest.raises(RuntimeError):
+            await uow.events.load(uuid.uuid4())
+    with pytest.raises(RuntimeError):
+        await uow.events.load(uuid.uuid4())
+    with pytest.raises(RuntimeError):
+        async with uow:
+            pass
