@@ -380,9 +380,7 @@ async def run_demo(
     try:
         await producer.start()
         try:
-            timed_out = not await _listen_from_end(
-                consumer, producer, topics, deadline, stream
-            )
+            timed_out = not await _listen_from_end(consumer, producer, topics, deadline, stream)
             if timed_out:
                 stream.write("demo: the service's topics did not appear in time\n")
             else:
@@ -431,9 +429,7 @@ async def _listen_from_end(
             waiting_said = True
         await asyncio.sleep(0.2)
     partitions = [
-        TopicPartition(topic, p)
-        for topic in wanted
-        for p in sorted(partitions_of[topic])
+        TopicPartition(topic, p) for topic in wanted for p in sorted(partitions_of[topic])
     ]
     consumer.assign(partitions)
     for tp, offset in (await consumer.end_offsets(partitions)).items():

@@ -183,18 +183,23 @@ def _message(
 
 
 @pytest.fixture
-async def topics(kafka_bootstrap: str) -> Topics:
+def topic_names() -> Topics:
     """Topic names of this test only, so runs never see each other's messages."""
     prefix = f"demo-test-{uuid.uuid4().hex[:8]}"
-    names = Topics(
+    return Topics(
         request=f"{prefix}.saga.request_payment",
         initiated=f"{prefix}.payment.initiated",
         completed=f"{prefix}.payment.completed",
         failed=f"{prefix}.payment.failed",
         dead_letter=f"{prefix}.payment.dead_letter",
     )
-    await ensure_topics(kafka_bootstrap, names.names, partitions=3)
-    return names
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str, topic_names: Topics) -> Topics:
+    """This test's topics, created."""
+    await ensure_topics(kafka_bootstrap, topic_names.names, partitions=3)
+    return topic_names
 
 
 @pytest.fixture
@@ -303,3 +308,24 @@ async def test_a_re_request_answered_under_a_new_ce_id_fails_the_replay_check(
     assert not report.ok
     assert not report.rerequest_replayed
     assert report.conflicting_outcomes == 1
+
+
+async def test_topics_the_service_creates_after_the_demo_started_are_listened_to(
+    kafka_bootstrap: str, topic_names: Topics
+) -> None:
+    # As in `dev --demo`: the demo starts while the service is still creating its topics.
+    async def late_service() -> None:
+        await asyncio.sleep(0.5)
+        await ensure_topics(kafka_bootstrap, topic_names.names, partitions=3)
+        await FakeService(kafka_bootstrap, topic_names, FakeServiceBehaviour()).run(asyncio.Event())
+
+    service = asyncio.create_task(late_service())
+    try:
+        report, printed = await _demo(kafka_bootstrap, topic_names, count=10, timeout_s=30)
+    finally:
+        service.cancel()
+        await asyncio.gather(service, return_exceptions=True)
+
+    assert report.problems == ()
+    assert report.completed == 10
+    assert "waiting for the service to create" in printed
