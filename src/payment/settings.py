@@ -58,6 +58,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_interval_s: float = 10.0
     review_after_s: float = 3600.0
     relay_batch_size: int = 500
+    # /health/ready turns 503 past these ages (seconds; 0 turns the check off).
+    ready_max_outbox_age_s: float = 60.0
+    ready_max_in_flight_age_s: float = 900.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -199,6 +202,9 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, field) < 1:
             raise ConfigError(f"{_env_name(field)}: must be at least 1")
+    for field in ("ready_max_outbox_age_s", "ready_max_in_flight_age_s"):
+        if getattr(s, field) < 0:
+            raise ConfigError(f"{_env_name(field)}: must not be negative (0 turns it off)")
     if s.db_pool_min > s.db_pool_max:
         raise ConfigError("PAYMENT_DB_POOL_MIN: must not exceed PAYMENT_DB_POOL_MAX")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

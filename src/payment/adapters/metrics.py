@@ -1,107 +1,399 @@
-"""In-process metrics (counters, gauges, histograms) rendered in Prometheus text format."""
+"""The service's metrics: OpenTelemetry instruments, read in process, rendered as Prometheus text.
+
+Why the OpenTelemetry metrics SDK rather than a registry of our own: the instruments are
+the standard API (anything else in the process, and a later OTLP metric export, sees the
+same series), and the SDK does the aggregation, cardinality limits and histogram buckets.
+What it lacks without `prometheus_client` is the text format, which is small and written
+here (`render_prometheus`), following the OpenTelemetry "Prometheus and OpenMetrics
+compatibility" naming: dots become underscores, the unit becomes a suffix (`s` ->
+`_seconds`; a `{annotation}` unit adds nothing) and a monotonic sum gets `_total`.
+
+Gauges that describe shared state (the outbox backlog, payments in flight, consumer lag)
+are observable instruments. Their values come from async *collectors* run at scrape time
+(`add_collector`), which may query PostgreSQL or the broker; a collector that fails or
+times out leaves its gauges out of that scrape rather than showing stale numbers.
+
+Label values are bounded sets chosen by the code (results, reasons, topics, partitions),
+never user input: no booking id, payment id or payment method is ever a label.
+"""
 
 from __future__ import annotations
 
-import bisect
-import threading
-from collections.abc import Awaitable, Callable, Iterable
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Final, Literal
 
-Labels = tuple[tuple[str, str], ...]
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    Metric,
+    MetricReader,
+    NumberDataPoint,
+    Sum,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.resources import Resource
 
-DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+log = logging.getLogger(__name__)
+
+Attributes = Mapping[str, str]
+Collector = Callable[[], Awaitable[None]]
+Kind = Literal["counter", "gauge", "histogram"]
+
+METER_NAME: Final = "payment"
+# Gateway calls: a fake answers in microseconds, Stripe in hundreds of milliseconds.
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Request -> outcome spans a normal payment (well under a second) and a reconciled one
+# (minutes, up to the review window).
+OUTCOME_BUCKETS: Final = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+COLLECT_TIMEOUT_S: Final = 2.0
+
+FAILURE_REASONS: Final = ("declined", "invalid_request", "processor_unavailable")
 
 
-def _labels(labels: dict[str, str]) -> Labels:
-    return tuple(sorted(labels.items()))
+class _Declared:
+    __slots__ = ("help", "kind", "name", "unit")
 
-
-def _fmt(labels: Labels, extra: Iterable[tuple[str, str]] = ()) -> str:
-    pairs = [*labels, *extra]
-    if not pairs:
-        return ""
-    escaped = (
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in pairs
-    )
-    return "{" + ",".join(escaped) + "}"
+    def __init__(self, name: str, unit: str, kind: Kind, help_text: str) -> None:
+        self.name = name
+        self.unit = unit
+        self.kind = kind
+        self.help = help_text
 
 
 class Metrics:
-    """A small registry: label values are bounded sets chosen by the code, never user input."""
+    """Every series of the service, as named OpenTelemetry instruments.
 
-    def __init__(self, namespace: str = "payment") -> None:
-        self._ns = namespace
-        self._lock = threading.Lock()
-        self._help: dict[str, tuple[str, str]] = {}
-        self._counters: dict[str, dict[Labels, float]] = {}
-        self._gauges: dict[str, dict[Labels, float]] = {}
-        self._hist: dict[str, dict[Labels, list[float]]] = {}
-        self._buckets: dict[str, tuple[float, ...]] = {}
-        self._collectors: list[Callable[[], Awaitable[None]]] = []
+    Synchronous instruments are public attributes (`metrics.requests_received.add(1)`);
+    observable gauges and counters are fed by collectors through `observe`.
+    """
 
-    def describe(self, name: str, kind: str, text: str) -> None:
-        self._help[name] = (kind, text)
+    def __init__(self, *, readers: Sequence[MetricReader] = ()) -> None:
+        self._reader = InMemoryMetricReader()
+        self._provider = MeterProvider(
+            metric_readers=[self._reader, *readers],
+            resource=Resource.create({"service.name": "payment-service"}),
+            shutdown_on_exit=False,
+        )
+        meter = self._provider.get_meter(METER_NAME)
+        self._declared: dict[str, _Declared] = {}
+        self._collectors: list[Collector] = []
+        self._observed: dict[str, list[tuple[float, Attributes]]] = {}
+        self._scrape_lock = asyncio.Lock()
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        with self._lock:
-            series = self._counters.setdefault(name, {})
-            key = _labels(labels)
-            series[key] = series.get(key, 0.0) + amount
+        # -- inbound -------------------------------------------------------------------
+        self.requests_received = self._counter(
+            meter, "payment.requests.received", "{request}",
+            "saga.request_payment messages decoded (duplicates included)",
+        )  # fmt: skip
+        self.requests_deduplicated = self._counter(
+            meter, "payment.requests.deduplicated", "{request}",
+            "requests already handled (same ce_source and ce_id): nothing changed",
+        )  # fmt: skip
+        self.requests_invalid = self._counter(
+            meter, "payment.requests.invalid", "{request}",
+            "requests that broke a rule: answered with payment.failed / invalid_request",
+        )  # fmt: skip
+        self.requests_handled = self._counter(
+            meter, "payment.requests.handled", "{request}",
+            "requests by result: accepted, duplicate, rejected, replayed, in_flight",
+        )  # fmt: skip
+        self.messages_dead_lettered = self._counter(
+            meter, "payment.messages.dead_lettered", "{message}",
+            "messages parked on the dead-letter topic, by source topic and cause",
+        )  # fmt: skip
+        self.handler_retries = self._counter(
+            meter, "payment.handler.retries", "{retry}",
+            "handler retries: transient (database or broker outage) or error (a bug)",
+        )  # fmt: skip
+        self.executions = self._counter(
+            meter, "payment.executions", "{message}",
+            "payment.initiated messages executed, by result",
+        )  # fmt: skip
+        self.execution_duration = self._histogram(
+            meter, "payment.execution.duration", "s",
+            "time to execute one payment.initiated message (gateway calls and database)",
+            LATENCY_BUCKETS,
+        )  # fmt: skip
+        # -- payments --------------------------------------------------------------------
+        self.payments_initiated = self._counter(
+            meter, "payment.payments.initiated", "{payment}", "payments initiated (committed)"
+        )
+        self.outcomes = self._counter(
+            meter, "payment.outcomes", "{payment}",
+            "terminal outcomes committed, by outcome (completed, failed) and failure reason",
+        )  # fmt: skip
+        self.time_to_outcome = self._histogram(
+            meter, "payment.time_to_outcome", "s",
+            "from the request's receipt (payment initiated) to its terminal event's commit",
+            OUTCOME_BUCKETS,
+        )  # fmt: skip
+        self.payments_flagged = self._counter(
+            meter, "payment.payments.flagged", "{payment}",
+            "payments flagged for manual review (outcome unknown past the review window)",
+        )  # fmt: skip
+        # -- processor -------------------------------------------------------------------
+        self.processor_call_duration = self._histogram(
+            meter, "payment.processor.call.duration", "s",
+            "gateway call latency by processor, operation (charge, lookup) and result",
+            LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.processor_errors = self._counter(
+            meter, "payment.processor.errors", "{call}",
+            "gateway calls without an outcome, by kind: unavailable, unknown, timeout, error",
+        )  # fmt: skip
+        # -- observed at scrape time ---------------------------------------------------------
+        self._observable_gauge(
+            meter, "payment.outbox.backlog", "{row}", "outbox rows not yet published"
+        )
+        self._observable_gauge(
+            meter, "payment.outbox.oldest_age", "s",
+            "age of the oldest unpublished outbox row (0 when none)",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.payments.in_flight", "{payment}",
+            "payments initiated and not yet terminal (not counting those flagged for review)",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.payments.in_flight.oldest_age", "s",
+            "age of the oldest in-flight payment not flagged for review (0 when none)",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.payments.review_pending", "{payment}",
+            "unresolved payments flagged for manual review",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.consumer.lag", "{message}",
+            "per assigned partition: broker highwater minus the consumer's position",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.reconciler.actions", "{action}",
+            "reconciler results per in-flight payment it looked at, and failed rounds",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.outbox.published", "{row}", "outbox rows published by this instance"
+        )
+        self._observable_counter(
+            meter, "payment.outbox.send_failures", "{row}",
+            "outbox sends the broker did not acknowledge (retried)",
+        )  # fmt: skip
 
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._gauges.setdefault(name, {})[_labels(labels)] = value
+        # Series that should read 0 rather than be absent before the first event, so
+        # rate() and alerts work from the start.
+        for counter in (
+            self.requests_received,
+            self.requests_deduplicated,
+            self.requests_invalid,
+            self.payments_initiated,
+            self.payments_flagged,
+        ):
+            counter.add(0)
+        self.outcomes.add(0, {"outcome": "completed"})
+        for reason in FAILURE_REASONS:
+            self.outcomes.add(0, {"outcome": "failed", "reason": reason})
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            buckets = self._buckets.setdefault(name, DEFAULT_BUCKETS)
-            series = self._hist.setdefault(name, {})
-            # Per-bucket counts (non-cumulative), then sum and count at the end.
-            row = series.setdefault(_labels(labels), [0.0] * (len(buckets) + 3))
-            row[bisect.bisect_left(buckets, value)] += 1
-            row[-2] += value
-            row[-1] += 1
+    # -- declaring -------------------------------------------------------------------------
 
-    def counter_value(self, name: str, **labels: str) -> float:
-        return self._counters.get(name, {}).get(_labels(labels), 0.0)
+    def _declare(self, name: str, unit: str, kind: Kind, help_text: str) -> None:
+        self._declared[name] = _Declared(name, unit, kind, help_text)
 
-    def add_collector(self, collect: Callable[[], Awaitable[None]]) -> None:
-        """An async callback run before each scrape (for gauges read from the database)."""
+    def _counter(self, meter: Meter, name: str, unit: str, help_text: str) -> Counter:
+        self._declare(name, unit, "counter", help_text)
+        return meter.create_counter(name, unit=unit, description=help_text)
+
+    def _histogram(
+        self, meter: Meter, name: str, unit: str, help_text: str, buckets: Sequence[float]
+    ) -> Histogram:
+        self._declare(name, unit, "histogram", help_text)
+        return meter.create_histogram(
+            name, unit=unit, description=help_text, explicit_bucket_boundaries_advisory=buckets
+        )
+
+    def _observable_gauge(self, meter: Meter, name: str, unit: str, help_text: str) -> None:
+        self._declare(name, unit, "gauge", help_text)
+        meter.create_observable_gauge(
+            name, callbacks=[self._callback(name)], unit=unit, description=help_text
+        )
+
+    def _observable_counter(self, meter: Meter, name: str, unit: str, help_text: str) -> None:
+        self._declare(name, unit, "counter", help_text)
+        meter.create_observable_counter(
+            name, callbacks=[self._callback(name)], unit=unit, description=help_text
+        )
+
+    def _callback(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            observed = self._observed.get(name, ())
+            return [Observation(value, dict(attrs)) for value, attrs in observed]
+
+        return observe
+
+    # -- observing -----------------------------------------------------------------------
+
+    def add_collector(self, collect: Collector) -> None:
+        """An async callback run before each scrape; it reports values through `observe`."""
         self._collectors.append(collect)
 
-    async def render(self) -> str:
+    def observe(self, name: str, values: Iterable[tuple[float, Attributes]]) -> None:
+        """Set the current values of an observable instrument (a collector calls this)."""
+        if name not in self._declared:
+            raise KeyError(f"no observable instrument {name!r}")
+        self._observed[name] = list(values)
+
+    async def collect(self) -> None:
+        """Run every collector once (each bounded by a timeout); failures are left out."""
+        self._observed = {}
         for collect in self._collectors:
             try:
-                await collect()
-            except Exception:  # a failed collector must not break the scrape
-                continue
-        out: list[str] = []
-        with self._lock:
-            for name, series in sorted(self._counters.items()):
-                self._head(out, name, "counter")
-                for labels, value in sorted(series.items()):
-                    out.append(f"{self._ns}_{name}_total{_fmt(labels)} {value:g}")
-            for name, series in sorted(self._gauges.items()):
-                self._head(out, name, "gauge")
-                for labels, value in sorted(series.items()):
-                    out.append(f"{self._ns}_{name}{_fmt(labels)} {value:g}")
-            for name, hseries in sorted(self._hist.items()):
-                self._head(out, name, "histogram")
-                buckets = self._buckets[name]
-                for labels, row in sorted(hseries.items()):
-                    cumulative = 0.0
-                    for bound, count in zip([*buckets, float("inf")], row, strict=False):
-                        cumulative += count
-                        le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                        out.append(
-                            f"{self._ns}_{name}_bucket{_fmt(labels, [('le', le)])} {cumulative:g}"
-                        )
-                    out.append(f"{self._ns}_{name}_sum{_fmt(labels)} {row[-2]:g}")
-                    out.append(f"{self._ns}_{name}_count{_fmt(labels)} {row[-1]:g}")
-        return "\n".join(out) + "\n"
+                async with asyncio.timeout(COLLECT_TIMEOUT_S):
+                    await collect()
+            except Exception as exc:  # a failed collector must not break the scrape
+                log.debug("metrics: collector %s failed: %s", collect, type(exc).__name__)
 
-    def _head(self, out: list[str], name: str, kind: str) -> None:
-        _, text = self._help.get(name, (kind, name.replace("_", " ")))
-        full = f"{self._ns}_{name}" + ("_total" if kind == "counter" else "")
-        out.append(f"# HELP {full} {text}")
-        out.append(f"# TYPE {full} {kind}")
+    async def render(self) -> str:
+        """The Prometheus text exposition (format 0.0.4) of every series."""
+        async with self._scrape_lock:
+            await self.collect()
+            data = self._reader.get_metrics_data()
+        metrics: list[Metric] = []
+        if data is not None:
+            for resource_metrics in data.resource_metrics:
+                for scope_metrics in resource_metrics.scope_metrics:
+                    metrics.extend(scope_metrics.metrics)
+        return render_prometheus(metrics, self._declared.values())
+
+    def shutdown(self) -> None:
+        self._provider.shutdown()
+
+
+# -- Prometheus text format ---------------------------------------------------------------
+
+_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
+_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+_UNIT_SUFFIXES: Final = {
+    "s": "seconds",
+    "ms": "milliseconds",
+    "By": "bytes",
+    "1": "ratio",
+}
+
+
+def prometheus_name(name: str, unit: str, kind: Kind) -> str:
+    """The Prometheus name of an OpenTelemetry instrument (the compatibility spec's rules)."""
+    base = _INVALID_NAME_CHARS.sub("_", name).strip("_")
+    base = re.sub(r"__+", "_", base)
+    if unit and not unit.startswith("{"):
+        suffix = _UNIT_SUFFIXES.get(unit, _INVALID_LABEL_CHARS.sub("", unit))
+        if suffix == "ratio" and kind != "gauge":
+            suffix = ""
+        if suffix and not base.endswith("_" + suffix):
+            base = f"{base}_{suffix}"
+    if kind == "counter" and not base.endswith("_total"):
+        base += "_total"
+    return base
+
+
+def _family_name(declared: _Declared) -> str:
+    # The `_total` suffix belongs to samples; HELP and TYPE of a counter family carry it
+    # too in the 0.0.4 text format, which is what Prometheus and most parsers expect.
+    return prometheus_name(declared.name, declared.unit, declared.kind)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _labels(attributes: Mapping[str, object], extra: Sequence[tuple[str, str]] = ()) -> str:
+    pairs = [
+        (_INVALID_LABEL_CHARS.sub("_", str(key)), str(value))
+        for key, value in sorted(attributes.items())
+    ]
+    pairs += list(extra)
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape_label(value)}"' for key, value in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def render_prometheus(metrics: Iterable[Metric], declared: Iterable[_Declared] = ()) -> str:
+    """Prometheus text of OpenTelemetry metric data.
+
+    Every `declared` instrument gets its HELP and TYPE lines even before it has a sample,
+    so a scrape lists every series the service can produce.
+    """
+    by_name: dict[str, Metric] = {m.name: m for m in metrics}
+    families: dict[str, tuple[str, str, Metric | None]] = {}
+    for item in declared:
+        families[_family_name(item)] = (item.kind, item.help, by_name.pop(item.name, None))
+    for other in by_name.values():  # instruments not declared here (another library's)
+        other_kind = _kind_of(other)
+        if other_kind is not None:
+            name = prometheus_name(other.name, other.unit or "", other_kind)
+            families[name] = (other_kind, other.description or other.name, other)
+    out: list[str] = []
+    for name, (kind, help_text, metric) in sorted(families.items()):
+        out.append(f"# HELP {name} {_escape_help(help_text)}")
+        out.append(f"# TYPE {name} {kind}")
+        if metric is not None:
+            out.extend(_samples(name, metric))
+    return "\n".join(out) + "\n"
+
+
+def _kind_of(metric: Metric) -> Kind | None:
+    data = metric.data
+    if isinstance(data, Sum):
+        return "counter" if data.is_monotonic else "gauge"
+    if isinstance(data, Gauge):
+        return "gauge"
+    if isinstance(data, HistogramData):
+        return "histogram"
+    return None  # exponential histograms are not used here
+
+
+def _samples(name: str, metric: Metric) -> list[str]:
+    data = metric.data
+    lines: list[str] = []
+    if isinstance(data, Sum | Gauge):
+        for point in sorted(data.data_points, key=_point_key):
+            assert isinstance(point, NumberDataPoint)
+            lines.append(f"{name}{_labels(point.attributes or {})} {_number(point.value)}")
+    elif isinstance(data, HistogramData):
+        for hpoint in sorted(data.data_points, key=_point_key):
+            assert isinstance(hpoint, HistogramDataPoint)
+            attributes = hpoint.attributes or {}
+            cumulative = 0
+            bounds = [*hpoint.explicit_bounds, math.inf]
+            for bound, count in zip(bounds, hpoint.bucket_counts, strict=False):
+                cumulative += count
+                le = "+Inf" if math.isinf(bound) else _number(float(bound))
+                lines.append(f"{name}_bucket{_labels(attributes, [('le', le)])} {cumulative}")
+            lines.append(f"{name}_sum{_labels(attributes)} {_number(hpoint.sum)}")
+            lines.append(f"{name}_count{_labels(attributes)} {hpoint.count}")
+    return lines
+
+
+def _point_key(point: NumberDataPoint | HistogramDataPoint) -> str:
+    return repr(sorted((point.attributes or {}).items()))

@@ -167,7 +167,9 @@ async def execute_payment(
     if payment.is_terminal:
         await _mark_only(uow_factory, cmd.inbound, clock)
         return ExecuteResult.ALREADY_TERMINAL
-    return await _charge_and_record(payment, cmd.inbound, uow_factory, processor, clock, policy)
+    return await _charge_and_record(
+        payment, cmd.inbound, cmd.trace, uow_factory, processor, clock, policy
+    )
 
 
 async def reconcile_payment(
@@ -196,9 +198,11 @@ async def reconcile_payment(
         known = None
     if known is not None:
         return await _record_outcome(
-            payment.id, None, [("lookup", known)], known, uow_factory, processor, clock
+            payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
-    result = await _charge_and_record(payment, None, uow_factory, processor, clock, policy)
+    result = await _charge_and_record(
+        payment, None, cmd.trace, uow_factory, processor, clock, policy
+    )
     if result is ExecuteResult.UNKNOWN:
         assert payment.initiated_at is not None
         age = (clock.now() - payment.initiated_at).total_seconds()
@@ -227,6 +231,7 @@ def _charge_request(payment: Payment) -> ChargeRequest:
 async def _charge_and_record(
     payment: Payment,
     inbound: InboundRef | None,
+    trace: TraceHeaders,
     uow_factory: UnitOfWorkFactory,
     processor: PaymentProcessor,
     clock: Clock,
@@ -248,7 +253,7 @@ async def _charge_and_record(
             break
         await asyncio.sleep(_backoff(attempt, policy))
     return await _record_outcome(
-        payment.id, inbound, attempts, outcome, uow_factory, processor, clock
+        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock
     )
 
 
@@ -261,6 +266,7 @@ def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
 async def _record_outcome(
     payment_id: uuid.UUID,
     inbound: InboundRef | None,
+    trace: TraceHeaders,
     attempts: AttemptLog,
     final: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown,
     uow_factory: UnitOfWorkFactory,
@@ -294,7 +300,9 @@ async def _record_outcome(
                 await uow.events.append(payment_id, expected, new)
                 if payment.is_terminal:
                     await uow.payments.set_status(payment_id, _status(payment), now)
-                    await uow.outbox.add([outcome_message(payment, TraceHeaders())])
+                    # The trace of the message that caused this outcome (the request's,
+                    # carried on payment.initiated): contract section 2.
+                    await uow.outbox.add([outcome_message(payment, trace)])
                 await uow.commit()
                 return result
         except RETRYABLE_CONFLICTS:

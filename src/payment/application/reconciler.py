@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import timedelta
 
 from payment.application.commands import ReconcilePayment
@@ -13,13 +16,21 @@ from payment.domain.processor import PaymentProcessor
 
 log = logging.getLogger(__name__)
 
+# Entered around the reconciliation of one payment: where an adapter opens a trace span.
+Scope = Callable[[uuid.UUID], AbstractAsyncContextManager[object]]
+
+
+def _no_scope(payment_id: uuid.UUID) -> AbstractAsyncContextManager[object]:
+    return nullcontext()
+
 
 class Reconciler:
     """Periodically asks the gateway about payments whose outcome is still unknown.
 
     Running it on several instances at once is safe: reconciling reuses the payment's
     idempotency key (or looks the charge up first) and the optimistic lock records one
-    outcome.
+    outcome. `scope(payment_id)` is entered around each payment's reconciliation (the
+    composition root passes one that continues the payment's trace).
     """
 
     def __init__(
@@ -32,6 +43,7 @@ class Reconciler:
         threshold_s: float,
         interval_s: float,
         batch: int = 100,
+        scope: Scope | None = None,
     ) -> None:
         self._uow_factory = uow_factory
         self._processor = processor
@@ -40,6 +52,7 @@ class Reconciler:
         self._threshold = timedelta(seconds=threshold_s)
         self._interval_s = interval_s
         self._batch = batch
+        self._scope: Scope = scope or _no_scope
         self.actions: dict[str, int] = {}
 
     async def run_once(self) -> int:
@@ -49,16 +62,22 @@ class Reconciler:
                 self._clock.now() - self._threshold, self._batch
             )
         for payment_id in stale:
-            result = await reconcile_payment(
-                ReconcilePayment(payment_id=payment_id),
-                self._uow_factory,
-                self._processor,
-                self._clock,
-                self._policy,
-            )
-            self.actions[result.value] = self.actions.get(result.value, 0) + 1
-            if result is not ExecuteResult.ALREADY_TERMINAL:
-                log.info("reconciler: payment %s -> %s", payment_id, result.value)
+            async with self._scope(payment_id):
+                result = await reconcile_payment(
+                    ReconcilePayment(payment_id=payment_id),
+                    self._uow_factory,
+                    self._processor,
+                    self._clock,
+                    self._policy,
+                )
+                self.actions[result.value] = self.actions.get(result.value, 0) + 1
+                if result is not ExecuteResult.ALREADY_TERMINAL:
+                    log.info(
+                        "reconciler: payment %s -> %s",
+                        payment_id,
+                        result.value,
+                        extra={"payment_id": str(payment_id), "result": result.value},
+                    )
         return len(stale)
 
     async def run(self) -> None:

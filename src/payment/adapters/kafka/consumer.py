@@ -10,8 +10,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from payment.adapters.kafka.cloudevents import (
     InboundEvent,
@@ -21,10 +23,13 @@ from payment.adapters.kafka.cloudevents import (
     decode_request,
 )
 from payment.adapters.metrics import Metrics
+from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
 from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
+    ExecuteResult,
     ExecutionPolicy,
+    RequestResult,
     Settings,
     execute_payment,
     request_payment,
@@ -38,6 +43,20 @@ log = logging.getLogger(__name__)
 # A handler error that is not an outage is retried this many times, then dead-lettered:
 # a bug must not block a partition forever, an outage must never dead-letter anything.
 MAX_HANDLER_ERRORS = 5
+
+# Request results worth a log line of their own; an accepted request is logged by the
+# unit of work as "payment initiated".
+_NOTABLE_REQUESTS = frozenset(
+    {
+        RequestResult.DUPLICATE,
+        RequestResult.REJECTED,
+        RequestResult.REPLAYED,
+        RequestResult.IN_FLIGHT,
+    }
+)
+_NOTABLE_EXECUTIONS = frozenset(
+    {ExecuteResult.DUPLICATE, ExecuteResult.NOT_FOUND, ExecuteResult.ALREADY_TERMINAL}
+)
 
 
 class DeadLetters(Protocol):
@@ -97,6 +116,8 @@ class KafkaInboxConsumer:
         max_in_flight: int = 256,
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
+        tracer: Tracer | None = None,
+        consumer_group: str | None = None,
     ) -> None:
         self._consumer_factory = consumer_factory
         self._request_topic = request_topic
@@ -112,12 +133,17 @@ class KafkaInboxConsumer:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._commit_interval_s = commit_interval_s
         self._drain_timeout_s = drain_timeout_s
+        self._tracer = tracer or trace.get_tracer(__name__)
+        self._consumer_group = consumer_group
         self._progress: dict[TopicPartition, PartitionProgress] = {}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self.assigned: set[TopicPartition] = set()
+        for topic in (request_topic, initiated_topic):
+            for cause in ("poison", "conflict", "handler_error"):
+                metrics.messages_dead_lettered.add(0, {"topic": topic, "cause": cause})
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -164,6 +190,28 @@ class KafkaInboxConsumer:
         task.add_done_callback(done)
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        # One CONSUMER span per message, retries included, continuing the sender's trace.
+        parent = context_from_trace(trace_headers_of_record(record.headers or ()))
+        attributes: dict[str, str | int] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": record.topic,
+            "messaging.destination.partition.id": str(record.partition),
+            "messaging.kafka.offset": record.offset,
+        }
+        if self._consumer_group is not None:
+            attributes["messaging.consumer.group.name"] = self._consumer_group
+        with self._tracer.start_as_current_span(
+            f"process {record.topic}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            await self._handle_in(record, span)
+
+    async def _handle_in(self, record: ConsumerRecord[bytes, bytes], span: Span) -> None:
         errors = 0
         delay = 0.1
         while True:
@@ -171,13 +219,15 @@ class KafkaInboxConsumer:
                 await self._process(record)
                 return
             except PoisonMessage as exc:
-                await self._park(record, exc.reason)
+                await self._park(record, exc.reason, cause="poison")
                 return
             except asyncio.CancelledError:
+                span.set_attribute("error.type", "cancelled")
                 raise
             except self._transient as exc:
                 # An outage (database, broker): wait and retry for as long as it lasts.
-                self._metrics.inc("handler_retries", kind="transient")
+                self._metrics.handler_retries.add(1, {"kind": "transient"})
+                span.add_event("retry", {"error.type": type(exc).__name__, "kind": "transient"})
                 log.warning(
                     "consumer: %s at %s[%d]@%d; retrying in %.1fs",
                     type(exc).__name__,
@@ -188,7 +238,8 @@ class KafkaInboxConsumer:
                 )
             except Exception as exc:  # the outermost loop: log, count, keep going
                 errors += 1
-                self._metrics.inc("handler_retries", kind="error")
+                self._metrics.handler_retries.add(1, {"kind": "error"})
+                span.add_event("retry", {"error.type": type(exc).__name__, "kind": "error"})
                 log.exception(
                     "consumer: handler error %d/%d at %s[%d]@%d",
                     errors,
@@ -198,12 +249,15 @@ class KafkaInboxConsumer:
                     record.offset,
                 )
                 if errors >= MAX_HANDLER_ERRORS:
-                    await self._park(record, f"handler error: {type(exc).__name__}")
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    await self._park(
+                        record, f"handler error: {type(exc).__name__}", cause="handler_error"
+                    )
                     return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _park(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+    async def _park(self, record: ConsumerRecord[bytes, bytes], reason: str, *, cause: str) -> None:
         delay = 0.1
         while True:
             try:
@@ -213,17 +267,25 @@ class KafkaInboxConsumer:
                 log.warning("consumer: dead-letter publish failed; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self._metrics.inc("messages_dead_lettered", topic=record.topic)
+        self._metrics.messages_dead_lettered.add(1, {"topic": record.topic, "cause": cause})
+        span = trace.get_current_span()
+        span.set_attribute("payment.dead_lettered", cause)
         log.warning(
             "consumer: dead-lettered %s[%d]@%d: %s",
             record.topic,
             record.partition,
             record.offset,
             reason,
+            extra={"cause": cause},
         )
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         event = decode_record(record)
+        span = trace.get_current_span()
+        span.set_attribute("messaging.message.id", event.id)
+        span.set_attribute("cloudevents.event_id", event.id)
+        span.set_attribute("cloudevents.event_source", event.source)
+        span.set_attribute("cloudevents.event_type", event.type)
         if record.topic == self._request_topic:
             await self._on_request(record, event)
         elif record.topic == self._initiated_topic:
@@ -246,14 +308,32 @@ class KafkaInboxConsumer:
             saga_id=data.saga_id,
             trace=TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate),
         )
-        self._metrics.inc("requests_received")
+        span = trace.get_current_span()
+        span.set_attribute("payment.booking_id", data.booking_id)
+        self._metrics.requests_received.add(1)
         try:
             result = await request_payment(cmd, self._uow_factory, self._clock, self._settings)
         except PaymentConflict as exc:
-            await self._park(record, f"conflict: {exc.detail} (payment {exc.payment_id})")
+            span.set_attribute("payment.id", str(exc.payment_id))
+            await self._park(
+                record, f"conflict: {exc.detail} (payment {exc.payment_id})", cause="conflict"
+            )
             await self._mark_handled(inbound)
             return
-        self._metrics.inc("requests_handled", result=result.value)
+        span.set_attribute("payment.result", result.value)
+        self._metrics.requests_handled.add(1, {"result": result.value})
+        if result is RequestResult.DUPLICATE:
+            self._metrics.requests_deduplicated.add(1)
+        elif result is RequestResult.REJECTED:
+            self._metrics.requests_invalid.add(1)
+            self._metrics.outcomes.add(1, {"outcome": "failed", "reason": "invalid_request"})
+        if result in _NOTABLE_REQUESTS:
+            log.info(
+                "request %s: %s",
+                event.id[:80],
+                result.value,
+                extra={"booking_id": data.booking_id, "result": result.value},
+            )
 
     async def _on_initiated(self, event: InboundEvent) -> None:
         if event.type != PAYMENT_INITIATED:
@@ -264,17 +344,49 @@ class KafkaInboxConsumer:
             payment_id=payment_id,
             trace=TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate),
         )
+        span = trace.get_current_span()
+        span.set_attribute("payment.id", str(payment_id))
         started = time.perf_counter()
         result = await execute_payment(
             cmd, self._uow_factory, self._processor, self._clock, self._policy
         )
-        self._metrics.observe("execution_seconds", time.perf_counter() - started)
-        self._metrics.inc("executions", result=result.value)
+        span.set_attribute("payment.result", result.value)
+        self._metrics.execution_duration.record(
+            time.perf_counter() - started, {"result": result.value}
+        )
+        self._metrics.executions.add(1, {"result": result.value})
+        if result in _NOTABLE_EXECUTIONS:
+            log.info(
+                "payment.initiated %s: %s",
+                event.id[:80],
+                result.value,
+                extra={"payment_id": str(payment_id), "result": result.value},
+            )
 
     async def _mark_handled(self, inbound: InboundRef) -> None:
         async with self._uow_factory() as uow:
             if await uow.inbox.mark(inbound.source, inbound.message_id, self._clock.now()):
                 await uow.commit()
+
+    # -- lag ---------------------------------------------------------------------------
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition with a known highwater: highwater minus our position."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        lags: dict[TopicPartition, int] = {}
+        for tp in consumer.assignment():
+            try:
+                highwater = consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                async with asyncio.timeout(0.5):
+                    position = await consumer.position(tp)
+            except (IllegalStateError, AssertionError, TimeoutError):
+                continue  # revoked meanwhile, or no position yet
+            lags[tp] = max(highwater - position, 0)
+        return lags
 
     # -- offsets -----------------------------------------------------------------------
 

@@ -11,10 +11,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.kafka.topics import Topics
+from payment.adapters.telemetry import context_from_trace
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,10 @@ class KafkaOutboxRelay:
 
     Broker errors are logged and retried with backoff; database errors and anything else
     end the current leadership term, are logged and retried: `run` never raises.
+
+    Each send is a PRODUCER span continuing the trace stored with the row (the context in
+    force when the row was written). The record carries that stored `traceparent` as it
+    is, so every re-publication of a row sends the same headers.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class KafkaOutboxRelay:
         leadership_term: float = 60.0,
         ack_timeout: float = 30.0,
         max_backoff: float = 10.0,
+        tracer: Tracer | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -86,6 +94,7 @@ class KafkaOutboxRelay:
         self._leadership_term = leadership_term
         self._ack_timeout = ack_timeout
         self._max_backoff = max_backoff
+        self._tracer = tracer or trace.get_tracer(__name__)
         self._pass_lock = asyncio.Lock()
         self._stopping = False
         self._leading = False
@@ -183,21 +192,50 @@ class KafkaOutboxRelay:
             except KeyError:
                 log.error("outbox relay: no topic for type %s (row %d)", message.type, row.position)
                 break
-            try:
-                async with asyncio.timeout(self._ack_timeout):
-                    await self._producer.send_and_wait(
-                        record.topic, value=record.value, key=record.key, headers=record.headers
+            key_attribute = "payment.id" if message.subject is not None else "payment.booking_id"
+            with self._tracer.start_as_current_span(
+                f"publish {record.topic}",
+                context=context_from_trace(message.trace),
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": record.topic,
+                    "messaging.message.id": str(message.event_id),
+                    "cloudevents.event_id": str(message.event_id),
+                    "cloudevents.event_type": message.type,
+                    key_attribute: message.key,
+                    "payment.outbox.position": row.position,
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    async with asyncio.timeout(self._ack_timeout):
+                        await self._producer.send_and_wait(
+                            record.topic, value=record.value, key=record.key, headers=record.headers
+                        )
+                except (KafkaError, TimeoutError) as exc:
+                    self.send_failures += 1
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    log.warning(
+                        "outbox relay: send of row %d (%s, key %s) failed: %s",
+                        row.position,
+                        message.type,
+                        message.key,
+                        type(exc).__name__,
                     )
-            except (KafkaError, TimeoutError) as exc:
-                self.send_failures += 1
-                log.warning(
-                    "outbox relay: send of row %d (%s, key %s) failed: %s",
-                    row.position,
+                    break
+                log.info(
+                    "published %s",
                     message.type,
-                    message.key,
-                    type(exc).__name__,
+                    extra={
+                        "payment_id" if message.subject is not None else "booking_id": message.key,
+                        "event_type": message.type,
+                        "ce_id": str(message.event_id),
+                        "sequence": message.sequence,
+                    },
                 )
-                break
             acked.append(row.position)
         return acked
 

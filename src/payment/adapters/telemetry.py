@@ -1,0 +1,213 @@
+"""Tracing: the OpenTelemetry SDK set up from the standard OTEL_* variables, and W3C helpers.
+
+Exporters (`OTEL_TRACES_EXPORTER`, a comma-separated list):
+
+- unset: `otlp` when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set,
+  otherwise none;
+- `otlp`: OTLP over HTTP/protobuf, or gRPC with `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`. The
+  exporter packages are optional (`pip install 'payment-service[otlp]'`); without them the
+  service logs one warning and runs on without exporting;
+- `console`: spans printed as JSON on stdout; `none`: nothing.
+
+A tracer provider is installed even when nothing is exported, because the trace context
+must still flow: the `traceparent` stored with an outbox row is taken from the span in
+force when the row is written, so every event of a payment carries the trace of the
+request that caused it (contract section 2) whether or not anyone collects spans.
+`OTEL_SDK_DISABLED=true` turns the SDK off; events then carry the inbound `traceparent`
+the handlers pass along.
+
+Sampling (`OTEL_TRACES_SAMPLER`), batching (`OTEL_BSP_*`), the service name
+(`OTEL_SERVICE_NAME`, default `payment-service`) and resource attributes are read by the
+SDK itself from the same variables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Final
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from payment.application.commands import TraceHeaders
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_NAME: Final = "payment-service"
+TRACER_NAME: Final = "payment"
+OTLP_EXTRA_HINT: Final = "pip install 'payment-service[otlp]'"
+
+# Contract section 2 names W3C Trace Context: used explicitly, whatever OTEL_PROPAGATORS says.
+W3C: Final = TraceContextTextMapPropagator()
+_TRACEPARENT: Final = "traceparent"
+_TRACESTATE: Final = "tracestate"
+
+_OTLP_MODULES: Final = {
+    "grpc": (
+        "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+        "opentelemetry-exporter-otlp-proto-grpc",
+    ),
+    "http/protobuf": (
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "opentelemetry-exporter-otlp-proto-http",
+    ),
+}
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() == "true"
+
+
+def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    """The span exporters the OTEL_* variables ask for (see the module docstring)."""
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    raw = environ.get("OTEL_TRACES_EXPORTER")
+    if raw is None or not raw.strip():
+        names = ["otlp"] if endpoint else []
+    else:
+        names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    if "none" in names:
+        return []
+    exporters: list[SpanExporter] = []
+    for name in dict.fromkeys(names):
+        if name == "console":
+            exporters.append(ConsoleSpanExporter(service_name=_service_name(environ)))
+        elif name == "otlp":
+            otlp = _otlp_exporter(environ)
+            if otlp is not None:
+                exporters.append(otlp)
+        else:
+            log.warning("telemetry: unknown OTEL_TRACES_EXPORTER %r ignored", name[:40])
+    return exporters
+
+
+def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    module_name, package = _OTLP_MODULES.get(protocol, _OTLP_MODULES["http/protobuf"])
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        log.warning(
+            "telemetry: OTLP trace export requested but %s is not installed (%s);"
+            " spans are not exported",
+            package,
+            OTLP_EXTRA_HINT,
+        )
+        return None
+    # The exporter reads its endpoint, headers, timeout and compression from OTEL_*.
+    exporter: SpanExporter = module.OTLPSpanExporter()
+    return exporter
+
+
+def _service_name(environ: Mapping[str, str]) -> str:
+    return environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME
+
+
+def configure_tracing(
+    environ: Mapping[str, str] | None = None, *, exporters: Iterable[SpanExporter] | None = None
+) -> TracerProvider | None:
+    """A tracer provider configured from OTEL_* variables; None if the SDK is disabled.
+
+    `exporters` replaces the ones the variables ask for (tests pass an in-memory one).
+    The provider is not made global: the composition root hands its tracer to the
+    adapters, so several services in one process (tests) each keep their own.
+    """
+    environ = os.environ if environ is None else environ
+    if _flag(environ, "OTEL_SDK_DISABLED"):
+        return None
+    resource = Resource.create({SERVICE_NAME: _service_name(environ)})
+    provider = TracerProvider(resource=resource)
+    for exporter in span_exporters(environ) if exporters is None else exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def tracer_provider_resource() -> Iterator[TracerProvider | None]:
+    """The process's tracer provider for a dependency-injector `Resource`.
+
+    Shut down (flushing spans still batched) when the container's resources are.
+    """
+    provider = configure_tracing()
+    try:
+        yield provider
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+def tracer_of(provider: trace.TracerProvider | None) -> Tracer:
+    """The service's tracer from `provider`, or one that records nothing."""
+    if provider is None:
+        return trace.NoOpTracer()
+    return provider.get_tracer(TRACER_NAME)
+
+
+# -- W3C Trace Context ------------------------------------------------------------------
+
+
+def context_from_trace(headers: TraceHeaders | None) -> Context:
+    """The context a span continuing `headers` should have as parent.
+
+    An empty (root) context when there is no valid `traceparent`: a span started with it
+    begins a new trace instead of silently joining whatever context is current.
+    """
+    carrier: dict[str, str] = {}
+    if headers is not None and headers.traceparent is not None:
+        carrier[_TRACEPARENT] = headers.traceparent
+        if headers.tracestate is not None:
+            carrier[_TRACESTATE] = headers.tracestate
+    return W3C.extract(carrier, context=Context())
+
+
+def trace_headers_of_record(headers: Iterable[tuple[str, bytes | None]]) -> TraceHeaders:
+    """The W3C headers of a Kafka record, read leniently like the CloudEvents codec does.
+
+    Header names are matched case-insensitively; a duplicated or non-UTF-8 header is
+    dropped (an ambiguous trace context is ignored, never a reason to reject a message).
+    """
+    seen: dict[str, str | None] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name not in (_TRACEPARENT, _TRACESTATE):
+            continue
+        try:
+            text = None if raw_value is None else raw_value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        seen[name] = None if name in seen else text
+    traceparent = seen.get(_TRACEPARENT)
+    return TraceHeaders(
+        traceparent=traceparent, tracestate=seen.get(_TRACESTATE) if traceparent else None
+    )
+
+
+def current_trace_headers() -> TraceHeaders | None:
+    """W3C headers of the span in force, or None if there is none (no valid context)."""
+    carrier: dict[str, str] = {}
+    W3C.inject(carrier)
+    traceparent = carrier.get(_TRACEPARENT)
+    if traceparent is None:
+        return None
+    return TraceHeaders(traceparent=traceparent, tracestate=carrier.get(_TRACESTATE) or None)
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace id, span id) in hex of the span in force, for log lines; None outside a trace."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
