@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from typing import Any
 
 import msgspec
@@ -35,6 +36,7 @@ from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
 from payment.adapters.postgres.pool import open_pool
+from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.adapters.processors.stripe import StripeProcessor
@@ -274,6 +276,15 @@ class Service:
                 scope=reconcile_scope(tracer, lambda payment_id: stored_trace(pool, payment_id)),
             )
 
+            retention = RetentionJob(
+                pool,
+                clock.now,
+                outbox_age=_days(s.retention_outbox_days),
+                inbox_age=_days(s.retention_inbox_days),
+                interval_s=s.retention_interval_s,
+                batch=s.retention_batch_size,
+            )
+
             async def collect_database() -> None:
                 stats = await read_stats(pool)
                 metrics.observe("payment.outbox.backlog", [(stats.outbox_backlog, {})])
@@ -332,6 +343,7 @@ class Service:
 
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             reconciler_task = asyncio.create_task(reconciler.run(), name="reconciler")
+            retention_task = asyncio.create_task(retention.run(), name="retention")
             consumer_task = asyncio.create_task(consumer.run(), name="consumer")
             log.info(
                 "run: consuming %s and %s as group %s",
@@ -351,11 +363,17 @@ class Service:
             consumer.stop()
             await consumer_task
             reconciler_task.cancel()
+            retention_task.cancel()
             log.info("run: flushing the outbox relay")
             await relay.flush()
             relay.stop()
             await relay_task
             log.info("run: stopped cleanly")
+
+
+def _days(days: float) -> timedelta | None:
+    """A retention window; 0 days means "keep forever" (no window)."""
+    return timedelta(days=days) if days > 0 else None
 
 
 async def run_until_signalled(service: Service) -> None:

@@ -61,6 +61,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # /health/ready turns 503 past these ages (seconds; 0 turns the check off).
     ready_max_outbox_age_s: float = 60.0
     ready_max_in_flight_age_s: float = 900.0
+    # Retention (adapters/postgres/retention.py): published outbox rows and inbox marks
+    # older than this many days are purged; 0 keeps them forever. The inbox window must
+    # outlast every redelivery (README, "Retention").
+    retention_outbox_days: float = 7.0
+    retention_inbox_days: float = 14.0
+    retention_interval_s: float = 300.0
+    retention_batch_size: int = 1000
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -199,12 +206,20 @@ def _validate(s: Settings) -> None:
         "processor_max_attempts",
         "relay_batch_size",
         "kafka_topic_partitions",
+        "retention_batch_size",
     ):
         if getattr(s, field) < 1:
             raise ConfigError(f"{_env_name(field)}: must be at least 1")
-    for field in ("ready_max_outbox_age_s", "ready_max_in_flight_age_s"):
+    for field in (
+        "ready_max_outbox_age_s",
+        "ready_max_in_flight_age_s",
+        "retention_outbox_days",
+        "retention_inbox_days",
+    ):
         if getattr(s, field) < 0:
             raise ConfigError(f"{_env_name(field)}: must not be negative (0 turns it off)")
+    if s.retention_interval_s <= 0:
+        raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
     if s.db_pool_min > s.db_pool_max:
         raise ConfigError("PAYMENT_DB_POOL_MIN: must not exceed PAYMENT_DB_POOL_MAX")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
