@@ -113,7 +113,9 @@ async def test_only_one_session_holds_the_relay_lock(database_url: str, pg_pool:
         # noticed: closing returns before the backend has exited.
         await second.close()
         async with asyncio.timeout(5.0):
-            while not await try_acquire_relay_lock(first):
+            while True:
+                if await try_acquire_relay_lock(first):
+                    break
                 await asyncio.sleep(0.01)
     finally:
         await first.close()
