@@ -38,7 +38,7 @@ _SECRETS: Final = (
     # Bearer/basic credentials anywhere, then whatever follows an Authorization header.
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}"), rf"\1 {REDACTED}"),
     (
-        re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?)(?!\[REDACTED)[^\"'\r\n,;}]+"),
+        re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?)(?!\s*\[REDACTED)[^\"'\r\n,;}]+"),
         rf"\1{REDACTED}",
     ),
     (
@@ -199,18 +199,24 @@ class JsonFormatter(logging.Formatter):
 _HANDLER_NAME: Final = "payment-service"
 
 
+def build_handler(fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:
+    """A stream handler writing `fmt` (`text` or `json`) lines through the redacting filter."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactingFilter())
+    return handler
+
+
 def configure_logging(
     level: str = "INFO", fmt: str = "text", stream: TextIO | None = None
 ) -> logging.Handler:
     """Install (or replace) the service's handler on the root logger; returns it.
 
-    `fmt` is `text` or `json`. The redacting filter sits on the handler, so it sees every
-    record that is written, whichever logger it came from.
+    The redacting filter sits on the handler, so it sees every record that is written,
+    whichever logger it came from.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(RedactingFilter())
+    handler = build_handler(fmt, stream)
     root = logging.getLogger()
     for old in list(root.handlers):
         if old.get_name() == _HANDLER_NAME:
