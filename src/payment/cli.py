@@ -1,12 +1,14 @@
-"""The `payment-service` command: migrate, run, dev, show."""
+"""The `payment-service` command: migrate, run, dev, demo, show, dead-letters."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from payment.settings import ConfigError, Settings, load_settings
 
@@ -36,7 +38,36 @@ def _parser() -> argparse.ArgumentParser:
     target = show.add_mutually_exclusive_group(required=True)
     target.add_argument("payment_id", nargs="?", help="the payment id")
     target.add_argument("--booking", metavar="BOOKING_ID", help="find the payment by booking")
+    _dead_letters_parser(sub)
     return parser
+
+
+def _dead_letters_parser(sub: Any) -> None:
+    dead = sub.add_parser(
+        "dead-letters", help="inspect the dead-letter topic and re-drive parked messages"
+    )
+    actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list",
+        help="every dead letter: where it came from, why, its size (never its payload)",
+    )
+    listing.add_argument(
+        "--show-payload",
+        action="store_true",
+        help="also print each payload (card numbers and secrets masked)",
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    again = actions.add_parser(
+        "redrive",
+        help="re-publish parked records to their original topic, each at most once",
+    )
+    again.add_argument(
+        "refs", nargs="*", metavar="PARTITION:OFFSET", help="dead letters, as `list` names them"
+    )
+    again.add_argument("--all", action="store_true", help="every dead letter not yet re-driven")
+    again.add_argument("--dry-run", action="store_true", help="say what would be re-driven")
+    again.add_argument("--timeout", type=float, default=60.0, metavar="S")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_demo(settings, args.count, args.timeout))
         if args.command == "show":
             return asyncio.run(_show(settings, args.payment_id, args.booking))
+        if args.command == "dead-letters":
+            return asyncio.run(_dead_letters(settings, args))
     except ConfigError as exc:
         print(f"payment-service: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -132,6 +165,128 @@ async def _show(settings: Settings, payment_id: str | None, booking: str | None)
         return 1
     print("\n".join(lines))
     return 0
+
+
+_REF = re.compile(r"(\d+):(\d+)")
+
+
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from payment.adapters.kafka.redrive import read_dead_letters
+
+    if not settings.kafka_bootstrap_servers:
+        raise ConfigError("PAYMENT_KAFKA_BOOTSTRAP_SERVERS: not set")
+    topic = settings.topic_dead_letter
+    if args.action == "redrive":
+        refs: list[str] = list(args.refs)
+        bad = [ref for ref in refs if not _REF.fullmatch(ref)]
+        if bad or bool(refs) == bool(args.all):
+            print(
+                "dead-letters redrive: give PARTITION:OFFSET refs (as `list` prints them)"
+                " or --all, not both",
+                file=sys.stderr,
+            )
+            return 2
+        url = _require_database(settings)
+    letters = await read_dead_letters(
+        settings.kafka_bootstrap_servers, topic, timeout_s=args.timeout
+    )
+    if args.action == "list":
+        return await _list_dead_letters(settings, letters, args.show_payload, args.json)
+    return await _redrive(settings, url, letters, None if args.all else refs, args.dry_run)
+
+
+async def _list_dead_letters(
+    settings: Settings, letters: Sequence[Any], show_payload: bool, as_json: bool
+) -> int:
+    import json
+
+    from payment.adapters.postgres.redrives import PostgresRedriveLedger, Redriven
+
+    topic = settings.topic_dead_letter
+    redriven: dict[tuple[int, int], Redriven] | None = None
+    if settings.database_url:
+        import psycopg
+
+        try:
+            async with PostgresRedriveLedger.connect(settings.database_url) as ledger:
+                redriven = await ledger.redriven(topic)
+        except psycopg.errors.UndefinedTable:
+            redriven = {}  # not migrated to 0003 yet: nothing was ever re-driven
+    done = 0
+    lines: list[str] = []
+    for dl in letters:
+        status = "unknown" if redriven is None else "parked"
+        if redriven is not None and (mark := redriven.get((dl.partition, dl.offset))):
+            done += 1
+            status = (
+                "redriven" if mark.offset is None else f"redriven:{mark.partition}:{mark.offset}"
+            )
+        facts = dl.summary(redriven=status)
+        if as_json:
+            if show_payload:
+                facts["payload"] = dl.payload()
+            lines.append(json.dumps(facts, ensure_ascii=False))
+            continue
+        origin = (
+            f"{facts['original_topic']}[{facts['original_partition']}]@{facts['original_offset']}"
+        )
+        lines.append(
+            f"{dl.ref:<8} {origin:<40} {dl.size:>8} B  {status:<12}"
+            f" type={facts['ce_type']} id={facts['ce_id']}  reason: {facts['reason']}"
+        )
+        if show_payload:
+            lines.append(f"         payload: {dl.payload()}")
+    if not as_json:
+        print(f"{topic}: {len(letters)} dead letters, {done} re-driven")
+    if lines:
+        print("\n".join(lines))
+    return 0
+
+
+async def _redrive(
+    settings: Settings, url: str, letters: Sequence[Any], refs: list[str] | None, dry_run: bool
+) -> int:
+    from payment.adapters.kafka.producer import create_producer
+    from payment.adapters.kafka.redrive import redrive
+    from payment.adapters.postgres.migrations import migrate
+    from payment.adapters.postgres.redrives import PostgresRedriveLedger
+
+    assert settings.kafka_bootstrap_servers is not None
+    topic = settings.topic_dead_letter
+    await migrate(url)  # the ledger table (0003)
+    producer = create_producer(
+        settings.kafka_bootstrap_servers,
+        enable_idempotence=settings.kafka_enable_idempotence,
+        client_id="payment-service-redrive",
+    )
+    async with PostgresRedriveLedger.connect(url) as ledger:
+        already = set(await ledger.redriven(topic))
+        await producer.start()
+        try:
+            results = await redrive(
+                letters,
+                refs,
+                dlq_topic=topic,
+                allowed_topics=(settings.topic_request, settings.topic_initiated),
+                ledger=ledger,
+                producer=producer,
+                already=already,
+                dry_run=dry_run,
+            )
+        finally:
+            await producer.stop()
+    for result in results:
+        print(
+            f"{result.ref}: {result.outcome.replace('_', ' ')}"
+            + (f" ({result.detail})" if result.detail else "")
+        )
+    counts = {o: sum(r.outcome == o for r in results) for o in ("redriven", "already_redriven")}
+    print(
+        f"dead-letters redrive: {counts['redriven']} re-driven,"
+        f" {counts['already_redriven']} already re-driven, {len(results)} asked"
+    )
+    failed = [r for r in results if r.outcome in ("not_found", "refused")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""The re-drive ledger on PostgreSQL and `redrive` over it: at most once, even concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from payment.adapters.kafka.redrive import DeadLetter, redrive
+from payment.adapters.postgres.migrations import migrate
+from payment.adapters.postgres.redrives import PostgresRedriveLedger
+
+DLQ = "payment.dead_letter"
+REQUESTS = "saga.request_payment"
+
+
+class Meta:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition = partition
+        self.offset = offset
+
+
+class FakeProducer:
+    """Records what it is asked to send; can be told to fail, or to wait for a signal."""
+
+    def __init__(self, *, fail: bool = False, gate: asyncio.Event | None = None) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = []
+        self.fail = fail
+        self.gate = gate
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> object:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append((topic, key, value, list(headers or ())))
+        return Meta(2, 100 + len(self.sent))
+
+
+def dead_letter(offset: int, *, topic: str = REQUESTS) -> DeadLetter:
+    return DeadLetter(
+        partition=0,
+        offset=offset,
+        timestamp_ms=0,
+        key=b"booking-1",
+        value=b'{"booking_id": "booking-1"}',
+        headers=(
+            ("ce_id", b"id-1"),
+            ("ce_type", b"saga.request_payment"),
+            ("dlq_reason", b"handler error: Bug"),
+            ("dlq_original_topic", topic.encode()),
+            ("dlq_original_partition", b"1"),
+            ("dlq_original_offset", b"41"),
+            ("DLQ_CONSUMER_GROUP", b"payment-service"),
+        ),
+    )
+
+
+async def test_original_record_without_dlq_headers_once(database_url: str) -> None:
+    await migrate(database_url)
+    producer = FakeProducer()
+    async with PostgresRedriveLedger.connect(database_url) as ledger:
+        first = await redrive(
+            [dead_letter(5)],
+            None,
+            dlq_topic=DLQ,
+            allowed_topics=[REQUESTS],
+            ledger=ledger,
+            producer=producer,
+        )
+        # Without the `already` hint: the ledger's own claim says no.
+        second = await redrive(
+            [dead_letter(5)],
+            ["0:5"],
+            dlq_topic=DLQ,
+            allowed_topics=[REQUESTS],
+            ledger=ledger,
+            producer=producer,
+        )
+        recorded = await ledger.redriven(DLQ)
+    assert [r.outcome for r in first] == ["redriven"]
+    assert [r.outcome for r in second] == ["already_redriven"]
+    assert producer.sent == [
+        (
+            REQUESTS,
+            b"booking-1",
+            b'{"booking_id": "booking-1"}',
+            [("ce_id", b"id-1"), ("ce_type", b"saga.request_payment")],
+        )
+    ]
+    assert (recorded[(0, 5)].partition, recorded[(0, 5)].offset) == (2, 101)
+
+
+async def test_two_concurrent_runs_redrive_a_dead_letter_once(database_url: str) -> None:
+    await migrate(database_url)
+    gate = asyncio.Event()
+    slow, fast = FakeProducer(gate=gate), FakeProducer()
+    async with (
+        PostgresRedriveLedger.connect(database_url) as one,
+        PostgresRedriveLedger.connect(database_url) as two,
+    ):
+        first = asyncio.create_task(
+            redrive(
+                [dead_letter(7)],
+                None,
+                dlq_topic=DLQ,
+                allowed_topics=[REQUESTS],
+                ledger=one,
+                producer=slow,
+            )
+        )
+        await asyncio.sleep(0.2)  # the first run holds the claim, its send is stalled
+        second = asyncio.create_task(
+            redrive(
+                [dead_letter(7)],
+                None,
+                dlq_topic=DLQ,
+                allowed_topics=[REQUESTS],
+                ledger=two,
+                producer=fast,
+            )
+        )
+        await asyncio.sleep(0.2)
+        assert not second.done(), "the second run waits for the first one's claim"
+        gate.set()
+        results = [await first, await second]
+    assert [r[0].outcome for r in results] == ["redriven", "already_redriven"]
+    assert len(slow.sent) + len(fast.sent) == 1
+
+
+async def test_a_failed_publication_leaves_no_claim(database_url: str) -> None:
+    await migrate(database_url)
+    async with PostgresRedriveLedger.connect(database_url) as ledger:
+        with pytest.raises(ConnectionError):
+            await redrive(
+                [dead_letter(9)],
+                None,
+                dlq_topic=DLQ,
+                allowed_topics=[REQUESTS],
+                ledger=ledger,
+                producer=FakeProducer(fail=True),
+            )
+        assert await ledger.redriven(DLQ) == {}
+        retried = await redrive(
+            [dead_letter(9)],
+            None,
+            dlq_topic=DLQ,
+            allowed_topics=[REQUESTS],
+            ledger=ledger,
+            producer=FakeProducer(),
+        )
+    assert [r.outcome for r in retried] == ["redriven"]
+
+
+async def test_dry_run_and_foreign_topics_publish_nothing(database_url: str) -> None:
+    await migrate(database_url)
+    producer = FakeProducer()
+    async with PostgresRedriveLedger.connect(database_url) as ledger:
+        results = await redrive(
+            [dead_letter(1), dead_letter(2, topic="elsewhere")],
+            None,
+            dlq_topic=DLQ,
+            allowed_topics=[REQUESTS],
+            ledger=ledger,
+            producer=producer,
+            dry_run=True,
+        )
+        assert await ledger.redriven(DLQ) == {}
+    assert [r.outcome for r in results] == ["dry_run", "refused"]
+    assert producer.sent == []
