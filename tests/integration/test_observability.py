@@ -310,7 +310,10 @@ async def test_one_trace_from_request_to_outcome(run_service: RunService) -> Non
     assert names.count(f"publish {s.topic_initiated}") == 1, names
     assert names.count(f"publish {s.topic_completed}") == 1, names
     assert names.count("fake charge") == 1, names
-    assert names.count("db transaction") >= 2, names
+    # Two transactions for the execution: it reads the payment, calls the gateway with no
+    # transaction open, then records the outcome.
+    assert names.count("db transaction") == 3, names
+    assert len(spans) == 8, names
 
     by_name = {sp.name: sp for sp in spans}
     request_span = by_name[f"process {s.topic_request}"]
@@ -322,6 +325,11 @@ async def test_one_trace_from_request_to_outcome(run_service: RunService) -> Non
     initiated_parent = (header(initiated, "traceparent") or "").split("-")[2]
     assert execute_span.parent is not None
     assert f"{execute_span.parent.span_id:016x}" == initiated_parent
+
+    # The relay's publish continues the trace stored with the row: the writing transaction.
+    publish_span = by_name[f"publish {s.topic_initiated}"]
+    assert publish_span.parent is not None
+    assert f"{publish_span.parent.span_id:016x}" == initiated_parent
 
     payment_id = json.loads(completed.value or b"{}")["payment_id"]
     charge = by_name["fake charge"]
