@@ -222,6 +222,13 @@ def _message(key: str, sequence: int | None) -> OutboundMessage:
     )
 
 
+async def _applied(url: str) -> list[int]:
+    conn = await connect_dedicated(url)
+    async with conn:
+        cur = await conn.execute("SELECT version FROM payment_schema_migrations ORDER BY version")
+        return [version for (version,) in await cur.fetchall()]
+
+
 async def _tables(url: str) -> set[str]:
     conn = await connect_dedicated(url)
     async with conn:
@@ -232,7 +239,8 @@ async def _tables(url: str) -> set[str]:
         return {name for (name,) in await cur.fetchall()}
 
 
-EXPECTED_TABLES = {
+# Later migrations add tables of their own; these are the adapters' core.
+CORE_TABLES = {
     "payment_events",
     "payment_payments",
     "payment_outbox",
@@ -246,7 +254,8 @@ async def test_migrate_twice_applies_once(make_database: DatabaseFactory) -> Non
     everything = [m.version for m in available_migrations()]
     assert await migrate(url) == everything
     assert await migrate(url) == []
-    assert await _tables(url) == EXPECTED_TABLES
+    assert await _tables(url) >= CORE_TABLES
+    assert await _applied(url) == everything
 
 
 async def test_concurrent_migrations_on_an_empty_database_both_succeed(
@@ -256,7 +265,8 @@ async def test_concurrent_migrations_on_an_empty_database_both_succeed(
     everything = [m.version for m in available_migrations()]
     results = await asyncio.gather(migrate(url), migrate(url), migrate(url))
     assert sorted(results) == [[], [], everything]
-    assert await _tables(url) == EXPECTED_TABLES
+    assert await _tables(url) >= CORE_TABLES
+    assert await _applied(url) == everything
 
 
 async def test_a_changed_migration_is_refused(make_database: DatabaseFactory) -> None:
