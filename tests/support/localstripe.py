@@ -1,0 +1,183 @@
+"""localstripe (a Stripe API emulator) in a subprocess, and pytest fixtures around it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import IO, Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from payment.adapters.processors.stripe import StripeProcessor
+from payment.domain.money import Money
+from payment.domain.processor import ChargeRequest
+
+from .proxy import TcpProxy
+
+API_KEY = "sk_test_localstripe"  # localstripe accepts any sk_ key; sandbox needs sk_test_
+
+# localstripe pickles its whole store to /tmp/localstripe.pickle after every write: slow,
+# and shared by every instance on the machine. Each test instance keeps its store in memory.
+_BOOT = """
+import sys
+import localstripe.resources
+localstripe.resources.Store.dump_to_disk = lambda self: None
+from localstripe.server import start
+sys.argv = ["localstripe", *sys.argv[1:]]
+start()
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalStripe:
+    """One localstripe process on a free port, from scratch."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        # A file, not a pipe: localstripe logs every request to stderr, and a pipe nobody
+        # reads fills up after some hundred requests and freezes the server mid-test.
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> LocalStripe:
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, "--port", str(self.port), "--from-scratch"],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
+                self.stop()
+                raise RuntimeError(f"localstripe exited at start-up: {err[-2000:]}")
+            try:
+                httpx.get(f"{self.url}/v1/payment_intents", auth=(API_KEY, ""), timeout=1.0)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"localstripe did not answer on port {self.port} in {timeout_s}s")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        log, self._log = self._log, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        if log is not None:
+            log.close()
+
+    def __enter__(self) -> LocalStripe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- an oracle independent of the adapter under test ---------------------------------
+
+    def payment_intents(self) -> list[dict[str, Any]]:
+        """Every PaymentIntent the emulator holds, read with plain HTTP."""
+        intents: list[dict[str, Any]] = []
+        params: dict[str, str | int] = {"limit": 100}
+        with httpx.Client(base_url=self.url, auth=(API_KEY, ""), timeout=5.0) as client:
+            while True:
+                page = client.get("/v1/payment_intents", params=params).raise_for_status().json()
+                intents += page["data"]
+                if not page["has_more"] or not page["data"]:
+                    return intents
+                params = {"limit": 100, "starting_after": page["data"][-1]["id"]}
+
+    def intents_for(self, payment_id: uuid.UUID) -> list[dict[str, Any]]:
+        """The PaymentIntents whose metadata names this payment."""
+        wanted = str(payment_id)
+        return [i for i in self.payment_intents() if i["metadata"].get("payment_id") == wanted]
+
+
+def charge_request(
+    payment_method: str = "pm_card_visa",
+    *,
+    amount: int = 1000,
+    currency: str = "EUR",
+    booking_id: str | None = None,
+) -> ChargeRequest:
+    """A fresh charge (new payment id, new idempotency key)."""
+    return ChargeRequest(
+        payment_id=uuid.uuid4(),
+        booking_id=booking_id or f"bk-{uuid.uuid4().hex[:12]}",
+        money=Money.of(amount, currency),
+        payment_method=payment_method,
+        idempotency_key=uuid.uuid4(),
+    )
+
+
+def sandbox_processor(url: str, **kwargs: Any) -> StripeProcessor:
+    """A sandbox StripeProcessor speaking localstripe's dialect at `url`."""
+    # Generous: localstripe's list (the lookup) slows down as a session's store grows.
+    options: dict[str, Any] = {"name": "sandbox", "dialect": "localstripe", "timeout_s": 10.0}
+    options.update(kwargs)
+    return StripeProcessor(API_KEY, api_base=url, **options)
+
+
+# -- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[LocalStripe]:
+    """The session's localstripe; tests tell their data apart by fresh payment ids."""
+    with LocalStripe() as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def stripe_processor(localstripe: LocalStripe) -> AsyncIterator[StripeProcessor]:
+    """A sandbox StripeProcessor talking to localstripe directly."""
+    async with sandbox_processor(localstripe.url) as processor:
+        yield processor
+
+
+@pytest_asyncio.fixture
+async def stripe_proxy(localstripe: LocalStripe) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of localstripe, forwarding until told otherwise."""
+    async with TcpProxy("127.0.0.1", localstripe.port) as proxy:
+        yield proxy
+
+
+@pytest_asyncio.fixture
+async def proxied_processor(stripe_proxy: TcpProxy) -> AsyncIterator[StripeProcessor]:
+    """A sandbox StripeProcessor whose every byte goes through `stripe_proxy`."""
+    async with sandbox_processor(stripe_proxy.url, timeout_s=10.0) as processor:
+        yield processor
+
+
+@contextlib.contextmanager
+def own_localstripe() -> Iterator[LocalStripe]:
+    """A private localstripe, for tests that stop it."""
+    with LocalStripe() as server:
+        yield server
