@@ -296,9 +296,12 @@ class Service:
                 metrics.observe("payment.payments.review_pending", [(stats.review_pending, {})])
 
             async def collect_process() -> None:
+                # The usual actions read 0 until they happen, so alerts have a series.
+                actions = dict.fromkeys(("completed", "failed", "unknown", "flagged", "error"), 0)
+                actions.update(reconciler.actions)
                 metrics.observe(
                     "payment.reconciler.actions",
-                    [(count, {"action": action}) for action, count in reconciler.actions.items()],
+                    [(count, {"action": action}) for action, count in actions.items()],
                 )
                 metrics.observe("payment.outbox.published", [(relay.published, {})])
                 metrics.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
