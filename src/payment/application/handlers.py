@@ -303,6 +303,10 @@ async def _record_outcome(
                     # The trace of the message that caused this outcome (the request's,
                     # carried on payment.initiated): contract section 2.
                     await uow.outbox.add([outcome_message(payment, trace)])
+                else:
+                    # Still unknown: move it to the back of the reconciler's queue, so a
+                    # few unresolvable payments cannot starve newer ones.
+                    await uow.payments.set_status(payment_id, PaymentStatus.INITIATED, now)
                 await uow.commit()
                 return result
         except RETRYABLE_CONFLICTS:
@@ -395,6 +399,7 @@ async def _flag(
                     detail=f"outcome unknown for {age:.0f}s: needs manual review", at=now
                 )
                 await uow.events.append(payment_id, expected, events)
+                await uow.payments.set_status(payment_id, PaymentStatus.INITIATED, now)
                 await uow.commit()
                 return ExecuteResult.FLAGGED
         except RETRYABLE_CONFLICTS:
