@@ -1,0 +1,1 @@
+"""End-to-end tests: the composed `payment-service` process driven over Kafka."""

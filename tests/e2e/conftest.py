@@ -1,0 +1,70 @@
+"""Fixtures of the end-to-end suites: log directory, module databases, service stacks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from support.database import fresh_database
+
+from .harness import ServiceProcess, ServiceStack, StackFactory, open_stack
+
+
+@pytest.fixture(scope="session")
+def e2e_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where every service process of the run writes its log (kept by pytest's basetemp)."""
+    return tmp_path_factory.mktemp("e2e-logs")
+
+
+@pytest.fixture(scope="module")
+def module_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, empty database shared by one test module (and its one service)."""
+    with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
+        yield url
+
+
+@pytest_asyncio.fixture
+async def make_stack(
+    kafka_bootstrap: str, make_database: Callable[..., str], e2e_log_dir: Path
+) -> AsyncIterator[StackFactory]:
+    """Factory of test-owned stacks (`await make_stack(PAYMENT_FAKE_MODE="fail")`), each on
+    its own fresh database and topics, torn down after the test."""
+    async with AsyncExitStack() as stacks:
+
+        async def make(*, instances: int = 1, **overrides: str) -> ServiceStack:
+            return await stacks.enter_async_context(
+                open_stack(
+                    bootstrap=kafka_bootstrap,
+                    database_url=make_database(prefix="payment_e2e"),
+                    log_dir=e2e_log_dir,
+                    instances=instances,
+                    **overrides,
+                )
+            )
+
+        yield make
+
+
+def _services_of(item: pytest.Item) -> list[ServiceProcess]:
+    found: list[ServiceProcess] = []
+    for value in getattr(item, "funcargs", {}).values():
+        candidates: list[Any] = [value]
+        if isinstance(value, ServiceStack):
+            candidates = list(value.services)
+        found += [c for c in candidates if isinstance(c, ServiceProcess)]
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test's report carries the tail of each service log it used."""
+    report = yield
+    if report.failed:
+        for service in _services_of(item):
+            report.sections.append((f"service log: {service.name}", service.log_tail(80)))
+    return report
