@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import re
 import sys
 import uuid
@@ -140,9 +141,17 @@ async def _migrate(settings: Settings) -> int:
 
 
 def _run(settings: Settings) -> int:
+    from payment.application import failpoints
     from payment.bootstrap import Service, configure_logging, run_until_signalled
 
+    try:
+        # Crash tests only (PAYMENT_FAILPOINTS); unset in production, and then free.
+        armed = failpoints.arm_from_environment()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     configure_logging(settings)
+    if armed:
+        logging.getLogger("payment").warning("failpoints armed: %s", ", ".join(armed))
     service = Service(settings)
     asyncio.run(run_until_signalled(service))
     return 0

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import msgspec
 
+from payment.application import failpoints
 from payment.application.commands import (
     ExecutePayment,
     InboundRef,
@@ -90,8 +91,11 @@ async def request_payment(
                     cmd.inbound.source, cmd.inbound.message_id, clock.now()
                 ):
                     return RequestResult.DUPLICATE
+                failpoints.hit("after_inbox_insert")
                 result = await _request_in(uow, cmd, checked, clock)
                 await uow.commit()
+                if result is RequestResult.ACCEPTED:
+                    failpoints.hit("after_initiated_commit")
                 return result
         except RETRYABLE_CONFLICTS:
             # Lost a race (for the booking, say): a fresh transaction sees the winner.
@@ -241,6 +245,7 @@ async def _charge_and_record(
     attempts: AttemptLog = []
     outcome: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown
     for attempt in range(1, policy.max_attempts + 1):
+        failpoints.hit("before_charge")
         try:
             outcome = await asyncio.wait_for(processor.charge(request), policy.call_timeout_s)
         except TimeoutError:
@@ -248,6 +253,7 @@ async def _charge_and_record(
             outcome = OutcomeUnknown(f"no answer within {policy.call_timeout_s:g}s")
         except (ProcessorUnavailable, OutcomeUnknown) as exc:
             outcome = exc
+        failpoints.hit("after_charge")
         attempts.append(("charge", outcome))
         if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
             break
@@ -307,7 +313,12 @@ async def _record_outcome(
                     # Still unknown: move it to the back of the reconciler's queue, so a
                     # few unresolvable payments cannot starve newer ones.
                     await uow.payments.set_status(payment_id, PaymentStatus.INITIATED, now)
+                terminal = payment.is_terminal
+                if terminal:
+                    failpoints.hit("before_terminal_commit")
                 await uow.commit()
+                if terminal:
+                    failpoints.hit("after_terminal_commit")
                 return result
         except RETRYABLE_CONFLICTS:
             continue

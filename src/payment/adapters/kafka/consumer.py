@@ -24,6 +24,7 @@ from payment.adapters.kafka.cloudevents import (
 )
 from payment.adapters.metrics import Metrics
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
+from payment.application import failpoints
 from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
@@ -409,7 +410,9 @@ class KafkaInboxConsumer:
             if not offsets:
                 return
             try:
+                failpoints.hit("before_offset_commit")
                 await self._consumer.commit(offsets)
+                failpoints.hit("after_offset_commit")
             except (CommitFailedError, KafkaError) as exc:
                 # After a rebalance the new owner re-reads from the last commit; the
                 # inbox absorbs what we already handled.

@@ -18,6 +18,7 @@ from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.telemetry import context_from_trace
+from payment.application import failpoints
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ class KafkaOutboxRelay:
                 async with self._uow_factory() as uow:
                     await uow.outbox.mark_published(acked, self._clock.now())
                     await uow.commit()
+                failpoints.hit("after_mark_published")
                 self.published += len(acked)
             return len(rows), len(rows) - len(acked)
 
@@ -210,6 +212,7 @@ class KafkaOutboxRelay:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
+                failpoints.hit("before_publish")
                 try:
                     async with asyncio.timeout(self._ack_timeout):
                         await self._producer.send_and_wait(
@@ -236,6 +239,7 @@ class KafkaOutboxRelay:
                         "sequence": message.sequence,
                     },
                 )
+            failpoints.hit("after_publish")
             acked.append(row.position)
         return acked
 
