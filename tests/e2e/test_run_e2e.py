@@ -101,7 +101,8 @@ async def stack(
 async def fail_stack(
     kafka_bootstrap: str, postgres_server_url: str, e2e_log_dir: Any
 ) -> AsyncIterator[ServiceStack]:
-    """A second service whose fake gateway declines every charge."""
+    """A second service whose fake gateway declines every charge, taking half a second
+    (so a test can act while a charge is in flight)."""
     with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
         async with open_stack(
             bootstrap=kafka_bootstrap,
@@ -109,6 +110,7 @@ async def fail_stack(
             log_dir=e2e_log_dir,
             topic_prefix="e2e-fail",
             PAYMENT_FAKE_MODE="fail",
+            PAYMENT_FAKE_LATENCY_MS="500",
         ) as opened:
             yield opened
 
@@ -288,6 +290,34 @@ async def test_rerequest_of_completed_booking_republishes_same_completed(
     assert len(orch.events.terminal(booking)) == 2
 
 
+async def test_rerequest_while_charging_gives_the_one_outcome(fail_stack: ServiceStack) -> None:
+    """Contract 4.3: a re-request for a payment still in flight publishes nothing itself;
+    the outcome follows as usual, once."""
+    orch = fail_stack.orch
+    booking = new_booking("in-flight")
+    await orch.request(booking)
+    await orch.wait_for(lambda log: log.initiated(booking), what="payment.initiated")
+    again = await orch.request(booking)  # the charge takes 500 ms: still in flight
+    outcome = await orch.wait_outcome(booking)
+    await orch.sentinel(after=again)
+    assert outcome.kind == "failed"
+    assert outcome.data["reason"] == "declined"
+    assert len(orch.events.initiated(booking)) == 1
+    assert len(orch.events.terminal(booking)) == 1, orch.events.summary(booking)
+    assert not orch.events.dead_letters(booking)
+
+
+async def test_redelivered_invalid_request_is_answered_once(stack: ServiceStack) -> None:
+    orch = stack.orch
+    booking = new_booking("invalid-redelivered")
+    sent = await orch.request(booking, amount=0)
+    await orch.wait_outcome(booking)
+    again = await orch.redeliver(sent)
+    await orch.sentinel(after=again)
+    [failed] = orch.events.terminal(booking)
+    assert failed.data["reason"] == "invalid_request"
+
+
 @pytest.mark.parametrize(
     "change", [{"amount": 1_001}, {"currency": "USD"}], ids=["amount", "currency"]
 )
@@ -456,6 +486,10 @@ async def test_poison_messages_are_dead_lettered_and_the_partition_keeps_moving(
         "no-ce_id": await orch.send_raw(valid_body, key=key, headers=orch.headers(omit=["ce_id"])),
         "over-64KiB": await orch.send_raw(oversized, key=key, headers=orch.headers()),
     }
+    for header in ("ce_source", "ce_type", "ce_specversion"):
+        poison[f"no-{header}"] = await orch.send_raw(
+            valid_body, key=key, headers=orch.headers(omit=[header])
+        )
     valid = await orch.request(booking, amount=4_200)
     assert {s.partition for s in (*poison.values(), valid)} == {valid.partition}
     assert valid.offset > max(s.offset for s in poison.values())
@@ -475,7 +509,8 @@ async def test_poison_messages_are_dead_lettered_and_the_partition_keeps_moving(
         assert dead.header("dlq_original_partition") == str(sent.partition)
         assert dead.header("dlq_original_offset") == str(sent.offset)
         assert dead.header("dlq_consumer_group") == stack.group
-        assert dead.header("ce_type") == "saga.request_payment", name
+        if any(h == "ce_type" for h, _ in sent.headers):
+            assert dead.header("ce_type") == "saga.request_payment", name
     await orch.sentinel(after=valid)
     assert len(orch.events.dead_letters(booking)) == len(poison)
     assert len(orch.events.initiated(booking)) == 1
