@@ -184,8 +184,9 @@ class KafkaInboxConsumer:
         def done(t: asyncio.Task[None]) -> None:
             tasks.discard(t)
             self._slots.release()
-            # A cancelled task did not finish its message: its offset must not move.
-            if not t.cancelled():
+            # A cancelled or crashed task did not finish its message: its offset must
+            # not move (a restart or the next owner redelivers it).
+            if not t.cancelled() and t.exception() is None:
                 progress.finish(record.offset)
 
         task.add_done_callback(done)
@@ -210,7 +211,23 @@ class KafkaInboxConsumer:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            await self._handle_in(record, span)
+            while True:
+                try:
+                    await self._handle_in(record, span)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The error handling itself failed (dead-letter publish, logging,
+                    # metrics): the message is neither handled nor parked, so it must
+                    # not be let go. Try the whole thing again.
+                    log.exception(
+                        "consumer: could not handle or park %s[%d]@%d; retrying",
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                    )
+                    await asyncio.sleep(1.0)
 
     async def _handle_in(self, record: ConsumerRecord[bytes, bytes], span: Span) -> None:
         errors = 0
