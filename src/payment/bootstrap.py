@@ -314,8 +314,9 @@ class Service:
                     ],
                 )
 
-            metrics.add_collector(collect_process)
-            metrics.add_collector(collect_database)
+            for collector in (collect_process, collect_database):
+                metrics.add_collector(collector)
+                stack.callback(metrics.remove_collector, collector)
 
             async def readiness() -> dict[str, str]:
                 checks: dict[str, str] = {}

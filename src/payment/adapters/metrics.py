@@ -242,6 +242,11 @@ class Metrics:
         """An async callback run before each scrape; it reports values through `observe`."""
         self._collectors.append(collect)
 
+    def remove_collector(self, collect: Collector) -> None:
+        """Stop running a collector (its service stopped); unknown ones are ignored."""
+        if collect in self._collectors:
+            self._collectors.remove(collect)
+
     def observe(self, name: str, values: Iterable[tuple[float, Attributes]]) -> None:
         """Set the current values of an observable instrument (a collector calls this)."""
         if name not in self._declared:
