@@ -1,0 +1,226 @@
+"""Shared plumbing of the bench scripts: scratch databases, the broker, the service, sampling.
+
+Not a test helper: every function here starts something real and cleans it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+POSTGRES_ENV_VAR = "PAYMENT_BENCH_POSTGRES_URL"
+KAFKA_ENV_VAR = "PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS"
+DEFAULT_POSTGRES = "postgresql://root@127.0.0.1:5432/postgres"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class BenchError(Exception):
+    """The bench could not set up, or a component misbehaved outside the measurement."""
+
+
+def server_url() -> str:
+    """The PostgreSQL server URL of a role that may create databases."""
+    return os.environ.get(POSTGRES_ENV_VAR, DEFAULT_POSTGRES)
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@contextlib.contextmanager
+def scratch_database(server: str, prefix: str) -> Iterator[tuple[str, str]]:
+    """A fresh database on `server`: yields (name, url); dropped (FORCE) afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield name, with_database(server, name)
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[tuple[str, int | None]]:
+    """(bootstrap servers, broker pid or None): `$PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS`,
+    else an embedded Tansu broker started here and stopped afterwards."""
+    configured = os.environ.get(KAFKA_ENV_VAR, "").strip()
+    if configured:
+        yield configured, None
+        return
+    from payment.adapters.embedded import EmbeddedBroker
+
+    with EmbeddedBroker() as embedded:
+        yield embedded.bootstrap_servers, embedded.pid
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def executable() -> str:
+    return str(Path(sys.executable).parent / "payment-service")
+
+
+def tail(path: str, lines: int = 40) -> str:
+    text = Path(path).read_bytes()[-16_384:].decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Service:
+    """`payment-service run` as a child process, its log in a temporary file."""
+
+    def __init__(self, env: Mapping[str, str], name: str) -> None:
+        self.env = dict(env)
+        self.port = int(self.env["PAYMENT_HTTP_PORT"])
+        self.log: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept on failure
+            prefix=f"{name}-", suffix=".log", delete=False
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def migrate(self) -> None:
+        done = subprocess.run(
+            [executable(), "migrate"], env=self.env, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise BenchError(f"migrate failed:\n{done.stdout}{done.stderr}")
+
+    def start(self) -> float:
+        """Start `run` and wait for /health/ready; seconds it took."""
+        self.process = subprocess.Popen(
+            [executable(), "run"],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{self.port}/health/ready"
+        while time.monotonic() - started < READY_TIMEOUT_S:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"payment-service run exited with {self.process.returncode}:\n"
+                    + tail(self.log.name)
+                )
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(url, timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return time.monotonic() - started
+            time.sleep(0.1)
+        raise BenchError("payment-service run not ready in time:\n" + tail(self.log.name))
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.exit_code = self.process.returncode
+        return self.exit_code
+
+    def discard_log(self) -> None:
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+# -- process figures -------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (psutil, else /proc/<pid>/stat)."""
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def cpu_seconds_of(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ProcessLookupError, ValueError, IndexError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's resident-set high-water mark (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmHWM for pid {pid}")
+
+
+def backend_pids(server: str, database: str) -> list[int]:
+    """PostgreSQL backend processes connected to `database` (the service's pool, say)."""
+    with psycopg.connect(server, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)
+        ).fetchall()
+    return [int(pid) for (pid,) in rows]
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def percentile(ordered: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A plain Markdown table (fits a terminal and docs/performance.md alike)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -1,0 +1,537 @@
+"""End-to-end benchmark: an open-loop orchestrator against the real `payment-service run`.
+
+Starts everything it needs: a Tansu broker (or $PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS), a
+fresh database on the local PostgreSQL ($PAYMENT_BENCH_POSTGRES_URL; dropped afterwards)
+and the `run` process. The orchestrator offers requests at a fixed rate for a fixed time
+(each is sent when it is due, whatever the answers so far: open loop), and listens to the
+outcome topics. Latency runs from a request's *scheduled* send time to its terminal event,
+so a sender that falls behind shows up in the figures instead of hiding them.
+
+    .venv/bin/python bench/e2e.py --rate 1000 --duration 30
+    .venv/bin/python bench/e2e.py --saturation
+    .venv/bin/python bench/e2e.py --latency-ms 300 --rate 1000 --duration 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import (
+    BenchError,
+    Service,
+    backend_pids,
+    broker,
+    cpu_seconds,
+    cpu_seconds_of,
+    free_port,
+    load,
+    peak_rss_mb,
+    percentile,
+    scratch_database,
+    server_url,
+    table,
+    tail,
+)
+
+from payment.adapters.kafka.topics import Topics
+
+P99_LIMIT_MS = 250.0
+DEFAULT_STEPS = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000)
+
+
+class _Outcome(msgspec.Struct):
+    booking_id: str
+
+
+_decode_outcome = msgspec.json.Decoder(_Outcome).decode
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class StepResult:
+    """One measured period at one offered rate."""
+
+    label: str
+    offered_rate: float
+    duration_s: float
+    sent: int
+    answered: int
+    elapsed_s: float  # first scheduled send -> last outcome
+    latencies_ms: list[float]
+    service_cpu_s: float
+    db_cpu_s: float
+    broker_cpu_s: float
+    orchestrator_cpu_s: float
+    peak_rss_mb: float
+    load: str
+    send_lag_ms: float  # how far the sender fell behind its schedule at worst
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.answered / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def p(self, q: float) -> float:
+        value = percentile(self.latencies_ms, q)
+        return float("nan") if value is None else value
+
+    @property
+    def sustained(self) -> bool:
+        return (
+            self.answered == self.sent
+            and self.p(99) < P99_LIMIT_MS
+            and self.throughput >= 0.95 * self.offered_rate
+        )
+
+    @property
+    def cpu_ms_per_payment(self) -> float:
+        return 1000 * self.service_cpu_s / self.answered if self.answered else float("nan")
+
+    def row(self) -> list[str]:
+        per = self.answered or 1
+        return [
+            self.label,
+            f"{self.offered_rate:.0f}",
+            f"{self.duration_s:.0f}",
+            f"{self.answered}/{self.sent}",
+            f"{self.throughput:.0f}",
+            f"{self.p(50):.0f} / {self.p(95):.0f} / {self.p(99):.0f}",
+            f"{self.cpu_ms_per_payment:.2f}",
+            f"{100 * self.service_cpu_s / self.elapsed_s:.0f}%" if self.elapsed_s else "-",
+            f"{1000 * self.db_cpu_s / per:.2f}",
+            f"{1000 * self.broker_cpu_s / per:.2f}",
+            f"{self.peak_rss_mb:.0f}",
+            self.load,
+        ]
+
+
+HEADER = [
+    "run",
+    "offered/s",
+    "s",
+    "answered",
+    "payments/s",
+    "p50/p95/p99 ms",
+    "svc CPU ms/pay",
+    "svc CPU",
+    "PG ms/pay",
+    "broker ms/pay",
+    "peak RSS MB",
+    "load 1/5/15",
+]
+
+
+class Orchestrator:
+    """Sends requests on a schedule and matches the outcome events to them."""
+
+    def __init__(self, bootstrap: str, topics: Topics, run_id: str) -> None:
+        self._bootstrap = bootstrap
+        self._topics = topics
+        self._run_id = run_id
+        self._source = f"bench-e2e-{run_id}"
+        self.sent_at: dict[str, float] = {}
+        self.latency: dict[str, float] = {}
+        self.last_outcome = 0.0
+        self.send_failures = 0
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Orchestrator:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            enable_idempotence=False,
+            acks=1,
+            linger_ms=2,
+            max_batch_size=256 * 1024,
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=5,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await self._consumer.start()
+        partitions: list[TopicPartition] = []
+        for topic in (self._topics.completed, self._topics.failed):
+            found = await self._producer.partitions_for(topic)
+            partitions += [TopicPartition(topic, p) for p in sorted(found)]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await self._consumer.position(tp)  # resolve the end offsets before sending
+        self._listener = asyncio.create_task(self._listen())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def _listen(self) -> None:
+        assert self._consumer is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100, max_records=5000)
+            now = loop.time()
+            for records in batch.values():
+                for record in records:
+                    if record.value is None:
+                        continue
+                    try:
+                        booking = _decode_outcome(record.value).booking_id
+                    except msgspec.ValidationError:
+                        continue
+                    sent = self.sent_at.get(booking)
+                    if sent is not None and booking not in self.latency:
+                        self.latency[booking] = now - sent
+                        self.last_outcome = now
+
+    def _request(self, booking: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+        value = _encode(
+            {
+                "booking_id": booking,
+                "amount": 1999,
+                "currency": "EUR",
+                "payment_method": "pm_card_visa",
+                "saga_id": f"saga-{booking}",
+            }
+        )
+        headers = [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", uuid.uuid4().hex.encode()),
+            ("ce_source", self._source.encode()),
+            ("ce_type", b"saga.request_payment"),
+            ("ce_time", datetime.now(UTC).isoformat().encode()),
+            ("content-type", b"application/json"),
+        ]
+        return value, headers
+
+    def _count_failure(self, future: asyncio.Future[object]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.send_failures += 1
+
+    async def offer(self, prefix: str, rate: float, duration_s: float) -> tuple[list[str], float]:
+        """Send `rate` requests/s for `duration_s` on schedule; (booking ids, worst lag s)."""
+        assert self._producer is not None
+        loop = asyncio.get_running_loop()
+        total = max(1, round(rate * duration_s))
+        bookings = [f"{prefix}-n{i}" for i in range(total)]
+        start = loop.time() + 0.01
+        worst_lag = 0.0
+        i = 0
+        while i < total:
+            now = loop.time()
+            due = min(total, int((now - start) * rate) + 1)
+            if i < due:
+                worst_lag = max(worst_lag, now - (start + i / rate))
+            while i < due:
+                booking = bookings[i]
+                value, headers = self._request(booking)
+                self.sent_at[booking] = start + i / rate
+                future = await self._producer.send(
+                    self._topics.request, value=value, key=booking.encode(), headers=headers
+                )
+                future.add_done_callback(self._count_failure)
+                i += 1
+            if i < total:
+                await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        await self._producer.flush()
+        return bookings, worst_lag
+
+    async def wait_answered(self, bookings: Sequence[str], timeout_s: float) -> int:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            answered = sum(1 for b in bookings if b in self.latency)
+            if answered == len(bookings):
+                return answered
+            await asyncio.sleep(0.1)
+        return sum(1 for b in bookings if b in self.latency)
+
+
+@dataclass
+class Probes:
+    """The processes whose CPU a step accounts for."""
+
+    service_pid: int
+    backend_pids: Callable[[], list[int]]
+    broker_pid: int | None
+
+
+async def measure(
+    orchestrator: Orchestrator,
+    probes: Probes,
+    label: str,
+    rate: float,
+    duration_s: float,
+    drain_s: float,
+) -> StepResult:
+    loop = asyncio.get_running_loop()
+    backends = probes.backend_pids()
+    service0 = cpu_seconds(probes.service_pid)
+    db0 = cpu_seconds_of(backends)
+    broker0 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
+    own0 = time.process_time()
+    t0 = loop.time()
+    bookings, lag = await orchestrator.offer(f"{label}-{uuid.uuid4().hex[:6]}", rate, duration_s)
+    answered = await orchestrator.wait_answered(bookings, drain_s)
+    service1 = cpu_seconds(probes.service_pid)
+    # Backends that appeared during the step (the pool grew) count from zero: close enough.
+    db1 = cpu_seconds_of(backends)
+    db_new = [p for p in probes.backend_pids() if p not in backends]
+    db1 += cpu_seconds_of(db_new)
+    broker1 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
+    own1 = time.process_time()
+    first_sent = orchestrator.sent_at[bookings[0]]
+    end = orchestrator.last_outcome if answered else loop.time()
+    latencies = sorted(
+        1000 * orchestrator.latency[b] for b in bookings if b in orchestrator.latency
+    )
+    return StepResult(
+        label=label,
+        offered_rate=rate,
+        duration_s=duration_s,
+        sent=len(bookings) - orchestrator.send_failures,
+        answered=answered,
+        elapsed_s=max(end - min(first_sent, t0 + 0.01), 1e-9),
+        latencies_ms=latencies,
+        service_cpu_s=service1 - service0,
+        db_cpu_s=db1 - db0,
+        broker_cpu_s=broker1 - broker0,
+        orchestrator_cpu_s=own1 - own0,
+        peak_rss_mb=peak_rss_mb(probes.service_pid),
+        load=load(),
+        send_lag_ms=1000 * lag,
+    )
+
+
+async def warm_up(orchestrator: Orchestrator, rate: float, seconds: float) -> None:
+    """One request answered end to end (the group is joined), then a short unmeasured run."""
+    bookings, _ = await orchestrator.offer(f"warm-{uuid.uuid4().hex[:6]}", 1, 1)
+    if await orchestrator.wait_answered(bookings, 60) != 1:
+        raise BenchError("the warm-up request got no outcome within 60 s")
+    if seconds > 0:
+        bookings, _ = await orchestrator.offer(f"warm-{uuid.uuid4().hex[:6]}", rate, seconds)
+        await orchestrator.wait_answered(bookings, 30)
+
+
+@dataclass
+class Plan:
+    rates: list[float]
+    duration_s: float
+    latency_ms: float
+    saturation: bool
+    drain_s: float
+    warmup_s: float
+    env: dict[str, str]
+    bisect: bool = True
+    profile: str | None = None  # py-spy raw (collapsed) stacks of the first measured step
+    keep_log: bool = False
+
+
+async def _run_steps(
+    bootstrap: str, topics: Topics, run_id: str, probes: Probes, plan: Plan
+) -> list[StepResult]:
+    results: list[StepResult] = []
+    tag = f"lat{plan.latency_ms:g}" if plan.latency_ms else "zero"
+    async with Orchestrator(bootstrap, topics, run_id) as orchestrator:
+        await warm_up(orchestrator, min(plan.rates[0], 500), plan.warmup_s)
+        rates = list(plan.rates)
+        passed: float | None = None
+        while rates:
+            rate = rates.pop(0)
+            label = f"{'sat' if plan.saturation else 'rate'}-{tag}-{rate:.0f}"
+            spy = _start_profile(plan, probes.service_pid) if not results else None
+            result = await measure(orchestrator, probes, label, rate, plan.duration_s, plan.drain_s)
+            if spy is not None:
+                await asyncio.to_thread(spy.wait)
+            results.append(result)
+            print(
+                f"e2e: {label}: {result.throughput:.0f}/s, p99 {result.p(99):.0f} ms,"
+                f" {result.answered}/{result.sent} answered,"
+                f" {result.cpu_ms_per_payment:.2f} ms CPU/payment, load {result.load}",
+                flush=True,
+            )
+            if not plan.saturation:
+                continue
+            if result.sustained:
+                passed = rate
+                continue
+            rates = []
+            if plan.bisect and passed is not None and rate - passed > 250:
+                # One more step halfway, once the backlog of this one has drained.
+                await orchestrator.wait_answered(list(orchestrator.sent_at), plan.drain_s)
+                plan.bisect = False
+                rates = [passed + round((rate - passed) / 2 / 100) * 100]
+    return results
+
+
+def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:
+    if plan.profile is None:
+        return None
+    py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            f"{plan.duration_s:.0f}",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            plan.profile,
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run(plan: Plan) -> list[StepResult]:
+    """Start the broker, a scratch database and the service; run the plan; clean up."""
+    run_id = uuid.uuid4().hex[:8]
+    topics = Topics(
+        request=f"bench-{run_id}.saga.request_payment",
+        initiated=f"bench-{run_id}.payment.initiated",
+        completed=f"bench-{run_id}.payment.completed",
+        failed=f"bench-{run_id}.payment.failed",
+        dead_letter=f"bench-{run_id}.payment.dead_letter",
+    )
+    server = server_url()
+    with broker() as (bootstrap, broker_pid), scratch_database(server, "bench_e2e") as (db, url):
+        env = {
+            **os.environ,
+            "PAYMENT_DATABASE_URL": url,
+            "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "PAYMENT_KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "PAYMENT_KAFKA_FETCH_MAX_WAIT_MS": "5",
+            "PAYMENT_HTTP_PORT": str(free_port()),
+            "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
+            "PAYMENT_TOPIC_REQUEST": topics.request,
+            "PAYMENT_TOPIC_INITIATED": topics.initiated,
+            "PAYMENT_TOPIC_COMPLETED": topics.completed,
+            "PAYMENT_TOPIC_FAILED": topics.failed,
+            "PAYMENT_TOPIC_DEAD_LETTER": topics.dead_letter,
+            "PAYMENT_FAKE_LATENCY_MS": f"{plan.latency_ms:g}",
+            **plan.env,
+        }
+        service = Service(env, f"bench-e2e-{run_id}")
+        ok = False
+        try:
+            service.migrate()
+            ready = service.start()
+            print(f"e2e: service ready after {ready:.1f} s (log {service.log.name})", flush=True)
+            probes = Probes(
+                service_pid=service.pid,
+                backend_pids=lambda: backend_pids(server, db),
+                broker_pid=broker_pid,
+            )
+            results = asyncio.run(_run_steps(bootstrap, topics, run_id, probes, plan))
+            if not service.alive():
+                raise BenchError("the service died during the run:\n" + tail(service.log.name))
+            ok = True
+        finally:
+            code = service.stop()
+            if ok and code != 0:
+                print(f"e2e: WARNING: the service exited with {code} on SIGTERM", flush=True)
+            if ok and code == 0 and not plan.keep_log:
+                service.discard_log()
+            else:
+                print(f"e2e: service log kept in {service.log.name}", flush=True)
+    return results
+
+
+def saturation_of(results: Sequence[StepResult]) -> StepResult | None:
+    """The highest-rate step that held (all answered, p99 < 250 ms, ≥ 95 % of offered)."""
+    held = [r for r in results if r.sustained]
+    return max(held, key=lambda r: r.offered_rate) if held else None
+
+
+def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--env expects KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=1000, help="requests/s offered")
+    parser.add_argument("--duration", type=float, default=30, help="seconds per measured step")
+    parser.add_argument("--saturation", action="store_true", help="step the rate up")
+    parser.add_argument(
+        "--steps",
+        default=",".join(map(str, DEFAULT_STEPS)),
+        help="rates of --saturation, ascending",
+    )
+    parser.add_argument("--latency-ms", type=float, default=0, help="fake processor latency")
+    parser.add_argument("--drain", type=float, default=30, help="seconds to wait for stragglers")
+    parser.add_argument("--warmup", type=float, default=3, help="unmeasured seconds first")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
+    parser.add_argument("--profile", help="py-spy collapsed stacks of the first step, to FILE")
+    parser.add_argument("--keep-log", action="store_true", help="keep the service log")
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.steps.split(",")] if args.saturation else [args.rate]
+    plan = Plan(
+        rates=rates,
+        duration_s=args.duration,
+        latency_ms=args.latency_ms,
+        saturation=args.saturation,
+        drain_s=args.drain,
+        warmup_s=args.warmup,
+        env=_env_pairs(args.env),
+        profile=args.profile,
+        keep_log=args.keep_log,
+    )
+    print(f"e2e: load before {load()} on {os.cpu_count()} CPUs", flush=True)
+    try:
+        results = run(plan)
+    except BenchError as exc:
+        print(f"e2e: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(table([r.row() for r in results], HEADER))
+    if args.saturation:
+        best = saturation_of(results)
+        print(
+            "\nsaturation (p99 < 250 ms, all answered): "
+            + (
+                f"{best.throughput:.0f} payments/s at {best.offered_rate:.0f}/s offered"
+                if best
+                else "no step held"
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
