@@ -437,7 +437,7 @@ async def test_metrics_list_every_series_and_move_with_traffic(run_service: RunS
                 break
             await asyncio.sleep(0.2)
 
-    assert value(after, "payment_requests_received_total") == 4
+    assert value(after, "payment_requests_received_total") == 5  # the poison one too
     assert value(after, "payment_requests_invalid_total") == 1
     assert value(after, 'payment_outcomes_total{outcome="completed"}') == 1
     assert value(after, 'payment_outcomes_total{outcome="failed",reason="invalid_request"}') == 1

@@ -92,7 +92,7 @@ class Metrics:
         # -- inbound -------------------------------------------------------------------
         self.requests_received = self._counter(
             meter, "payment.requests.received", "{request}",
-            "saga.request_payment messages decoded (duplicates included)",
+            "deliveries on the request topic (redeliveries and poison included)",
         )  # fmt: skip
         self.requests_deduplicated = self._counter(
             meter, "payment.requests.deduplicated", "{request}",

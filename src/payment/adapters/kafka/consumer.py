@@ -230,6 +230,9 @@ class KafkaInboxConsumer:
                     await asyncio.sleep(1.0)
 
     async def _handle_in(self, record: ConsumerRecord[bytes, bytes], span: Span) -> None:
+        if record.topic == self._request_topic:
+            # Once per delivery, before decoding: retries do not count again, poison does.
+            self._metrics.requests_received.add(1)
         errors = 0
         delay = 0.1
         while True:
@@ -328,7 +331,6 @@ class KafkaInboxConsumer:
         )
         span = trace.get_current_span()
         span.set_attribute("payment.booking_id", data.booking_id)
-        self._metrics.requests_received.add(1)
         try:
             result = await request_payment(cmd, self._uow_factory, self._clock, self._settings)
         except PaymentConflict as exc:
