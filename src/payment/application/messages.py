@@ -9,6 +9,7 @@ from typing import Final, Literal
 import msgspec
 
 from payment.application.commands import TraceHeaders
+from payment.application.validation import echo_safe
 from payment.domain.events import FailureReason, PaymentCompleted, PaymentFailed
 from payment.domain.payment import Payment
 
@@ -175,10 +176,17 @@ def rejection_message(
     at: datetime,
     trace: TraceHeaders,
 ) -> OutboundMessage:
-    """`payment.failed` / `invalid_request` for a request that created no payment."""
+    """`payment.failed` / `invalid_request` for a request that created no payment.
+
+    The booking and saga ids are echoed for the orchestrator to correlate, but they come
+    from a request that was refused: a card number in them is masked (contract 3: card
+    data is never published) and a NUL replaced (the outbox could not store it); the
+    Kafka key is the echoed booking id.
+    """
+    booking_id = echo_safe(booking_id)
     data = PaymentFailedMessage(
         booking_id=booking_id,
-        saga_id=saga_id,
+        saga_id=None if saga_id is None else echo_safe(saga_id),
         reason="invalid_request",
         detail=detail,
         failed_at=at,

@@ -46,6 +46,37 @@ def looks_like_card_number(text: str) -> bool:
     return False
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+CARD_MASK = "[REDACTED CARD]"
+
+
+def echo_safe(text: str) -> str:
+    """Untrusted text fit to echo in an event: card numbers masked, NULs replaced."""
+    return mask_card_numbers(text).replace("\x00", "\ufffd")
+
+
+def mask_card_numbers(text: str) -> str:
+    """`text` with each digit run holding a card number replaced by `CARD_MASK`.
+
+    UUIDs are kept as they are: their digit groups can pass the checksum by chance, and
+    ids are what a reader correlates on.
+    """
+    if not looks_like_card_number(text):
+        return text
+
+    def mask(match: re.Match[str]) -> str:
+        return CARD_MASK if looks_like_card_number(match.group()) else match.group()
+
+    pieces: list[str] = []
+    last = 0
+    for uuid_match in _UUID.finditer(text):
+        pieces.append(_CARD_LIKE.sub(mask, text[last : uuid_match.start()]))
+        pieces.append(uuid_match.group())
+        last = uuid_match.end()
+    pieces.append(_CARD_LIKE.sub(mask, text[last:]))
+    return "".join(pieces)
+
+
 class Valid:
     """A request that passed every rule, with its money."""
 
@@ -73,6 +104,9 @@ def validate_request(cmd: RequestPayment, *, max_amount: int) -> Valid | str:
         return "payment_method is required: a gateway token of 1-255 characters"
     if looks_like_card_number(method):
         return "payment_method looks like a card number: send a gateway token, never card data"
+    if any("\x00" in text for text in (method, cmd.customer_id or "", cmd.saga_id or "")):
+        # Valid JSON, but no PostgreSQL text or jsonb value can hold it.
+        return "payment_method, customer_id and saga_id must not contain NUL characters"
     if cmd.customer_id is not None and len(cmd.customer_id) > 64:
         return "customer_id must be at most 64 characters"
     if cmd.saga_id is not None and len(cmd.saga_id) > 64:

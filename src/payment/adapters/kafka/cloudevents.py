@@ -42,6 +42,7 @@ _TRACE: Final = (H_TRACEPARENT, H_TRACESTATE)
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACESTATE = re.compile(r"[\x20-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _T = TypeVar("_T")
 _AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -176,6 +177,10 @@ def _header_attributes(headers: Iterable[tuple[str, bytes | None]]) -> dict[str,
             raise PoisonMessage(f"empty header {name}")
         if len(text) > MAX_ATTRIBUTE_CHARS:
             raise PoisonMessage(f"header {name} longer than {MAX_ATTRIBUTE_CHARS} characters")
+        if _CONTROL.search(text):
+            # CloudEvents 1.0 String: control characters MUST NOT be used (and PostgreSQL
+            # text, where the inbox keeps ce_source and ce_id, cannot hold a NUL at all).
+            raise PoisonMessage(f"header {name} contains a control character")
         seen[name] = text
     for name in ambiguous_trace:
         seen.pop(name, None)

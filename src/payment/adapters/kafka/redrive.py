@@ -30,10 +30,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from payment.adapters.kafka.cloudevents import H_ID, H_SOURCE, H_TYPE
 from payment.adapters.kafka.dead_letters import (
     DLQ_CONSUMER_GROUP,
+    DLQ_HEADERS_DROPPED,
     DLQ_ORIGINAL_OFFSET,
     DLQ_ORIGINAL_PARTITION,
     DLQ_ORIGINAL_TOPIC,
     DLQ_REASON,
+    DLQ_VALUE_DROPPED,
 )
 from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.logs import redact
@@ -90,6 +92,11 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
         return self.header(DLQ_CONSUMER_GROUP)
 
     @property
+    def complete(self) -> bool:
+        """False if the record was too large to park whole (its value or headers dropped)."""
+        return self.header(DLQ_VALUE_DROPPED) is None and self.header(DLQ_HEADERS_DROPPED) is None
+
+    @property
     def size(self) -> int:
         """Bytes of the value (the payload)."""
         return 0 if self.value is None else len(self.value)
@@ -116,6 +123,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
             "ce_id": shown(self.header(H_ID)),
             "key": shown(None if self.key is None else self.key.decode("utf-8", "replace")),
             "size": self.size,
+            "value_dropped": _int(self.header(DLQ_VALUE_DROPPED)),
             "redriven": redriven,
         }
 
@@ -283,6 +291,15 @@ async def redrive(
                     ref=ref,
                     outcome="refused",
                     detail=f"original topic {shown(target)!s} is not consumed by this service",
+                )
+            )
+            continue
+        if not dl.complete:
+            results.append(
+                RedriveResult(
+                    ref=ref,
+                    outcome="refused",
+                    detail="too large to be parked whole: the original record is not here",
                 )
             )
             continue
