@@ -75,6 +75,8 @@ DLQ_HEADERS: Final = (
     "dlq_original_offset",
     "dlq_consumer_group",
 )
+# Only on a record too large to park whole (its value, then its headers, left out).
+DLQ_DROPPED_HEADERS: Final = ("dlq_value_dropped", "dlq_headers_dropped")
 
 _UUID: Final[Schema] = {"format": "uuid"}
 _TIMESTAMP: Final[Schema] = {"format": "date-time", "description": "RFC 3339, UTC."}
@@ -547,7 +549,10 @@ def _dead_letter_headers() -> Schema:
         "type": "object",
         "description": (
             "The original record's headers, unchanged (its `ce_type`, if any, is the original "
-            "type), plus these; `dlq_*` headers of an earlier dead-lettering are replaced."
+            "type), plus these; `dlq_*` headers of an earlier dead-lettering are replaced. "
+            "A record too large for the dead-letter topic is parked without its value "
+            "(`dlq_value_dropped`), and if still too large without its original headers "
+            "(`dlq_headers_dropped`), so that the partition keeps moving."
         ),
         "properties": {
             reason: {"type": "string", "description": "Why; short, never the payload."},
@@ -555,6 +560,14 @@ def _dead_letter_headers() -> Schema:
             partition: {**number, "description": "Its partition, decimal."},
             offset: {**number, "description": "Its offset, decimal."},
             group: {"type": "string", "description": "The consumer group that gave up on it."},
+            DLQ_DROPPED_HEADERS[0]: {
+                **number,
+                "description": "Size in bytes of the value left out (the record has none).",
+            },
+            DLQ_DROPPED_HEADERS[1]: {
+                **number,
+                "description": "Size in bytes of the original headers left out.",
+            },
         },
         "required": list(DLQ_HEADERS),
     }

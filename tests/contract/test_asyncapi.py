@@ -184,6 +184,10 @@ def test_dead_letter_header_names_are_the_publishers() -> None:
         dead_letters.DLQ_ORIGINAL_OFFSET,
         dead_letters.DLQ_CONSUMER_GROUP,
     )
+    assert asyncapi.DLQ_DROPPED_HEADERS == (
+        dead_letters.DLQ_VALUE_DROPPED,
+        dead_letters.DLQ_HEADERS_DROPPED,
+    )
 
 
 def _request_samples() -> Iterator[Schema]:
