@@ -82,6 +82,13 @@ class Container(containers.DeclarativeContainer):
         max_size=config.db_pool_max,
     )
     uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, pool)
+    # The relay, health checks, metrics collectors and retention get connections of
+    # their own: behind a backlog of handlers queueing for `pool` they would stall
+    # publication and report a busy instance as not ready.
+    control_pool = providers.Resource(
+        _pool_resource, url=config.database_url, min_size=1, max_size=4
+    )
+    control_uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, control_pool)
 
     processor = providers.Selector(
         config.processor,
@@ -204,7 +211,7 @@ class Service:
         log.info("run: topics ready%s", f" (created {', '.join(created)})" if created else "")
         async with AsyncExitStack() as stack:
             stack.push_async_callback(_shutdown_resources, c)
-            pool = await c.pool()
+            control = await c.control_pool()
             producer = await c.producer()
             # Its provider depends on the async pool Resource, so it resolves to an awaitable.
             store_uow_factory = await _resolved(c.uow_factory())
@@ -222,7 +229,7 @@ class Service:
             relay = KafkaOutboxRelay(
                 producer,
                 # The relay only reads and marks rows: no payment events to observe.
-                store_uow_factory,
+                await _resolved(c.control_uow_factory()),
                 topics,
                 clock,
                 source=s.event_source,
@@ -273,11 +280,11 @@ class Service:
                 c.policy(),
                 threshold_s=s.reconcile_after_s,
                 interval_s=s.reconcile_interval_s,
-                scope=reconcile_scope(tracer, lambda payment_id: stored_trace(pool, payment_id)),
+                scope=reconcile_scope(tracer, lambda payment_id: stored_trace(control, payment_id)),
             )
 
             retention = RetentionJob(
-                pool,
+                control,
                 clock.now,
                 outbox_age=_days(s.retention_outbox_days),
                 inbox_age=_days(s.retention_inbox_days),
@@ -286,7 +293,7 @@ class Service:
             )
 
             async def collect_database() -> None:
-                stats = await read_stats(pool)
+                stats = await read_stats(control)
                 metrics.observe("payment.outbox.backlog", [(stats.outbox_backlog, {})])
                 metrics.observe("payment.outbox.oldest_age", [(stats.outbox_oldest_age_s, {})])
                 metrics.observe("payment.payments.in_flight", [(stats.in_flight, {})])
@@ -321,7 +328,7 @@ class Service:
             async def readiness() -> dict[str, str]:
                 checks: dict[str, str] = {}
                 try:
-                    async with asyncio.timeout(2.0), pool.connection() as conn:
+                    async with asyncio.timeout(2.0), control.connection() as conn:
                         await conn.execute("SELECT 1")
                     checks["database"] = "ok"
                 except Exception as exc:  # any failure means "not ready"
@@ -335,7 +342,7 @@ class Service:
                 if s.ready_max_outbox_age_s > 0 or s.ready_max_in_flight_age_s > 0:
                     try:
                         async with asyncio.timeout(2.0):
-                            stats = await read_stats(pool)
+                            stats = await read_stats(control)
                         checks.update(readiness_limits(stats, s))
                     except Exception as exc:  # any failure means "not ready"
                         checks["backlog"] = f"unknown ({type(exc).__name__})"
