@@ -42,6 +42,7 @@ from payment.application.ports import (
     Outbox,
     OutboxRecord,
     PaymentIndex,
+    StreamAppend,
     UnitOfWork,
     UnitOfWorkFactory,
 )
@@ -182,25 +183,63 @@ def _result_of(outcome: object) -> str:
 # -- unit of work ------------------------------------------------------------------------
 
 
+# How many loaded-but-unfinished payments' start times the factory remembers for the
+# time-to-outcome metric; past it the oldest are forgotten (their outcome goes untimed).
+_STARTS_KEPT = 65_536
+
+
+class InitiationTimes:
+    """When loaded payments began, shared by the units of work of one factory.
+
+    The executor loads a payment in one unit of work and records its outcome in another
+    (without loading it again): the outcome's unit of work finds the start time here.
+    """
+
+    def __init__(self, limit: int = _STARTS_KEPT) -> None:
+        self._limit = limit
+        self._starts: dict[uuid.UUID, datetime] = {}
+
+    def remember(self, stream_id: uuid.UUID, events: Sequence[AnyPaymentEvent]) -> None:
+        if events and isinstance(events[0], PaymentInitiated):
+            self._starts[stream_id] = events[0].occurred_at
+            if len(self._starts) > self._limit:
+                del self._starts[next(iter(self._starts))]
+
+    def take(self, stream_id: uuid.UUID) -> datetime | None:
+        return self._starts.pop(stream_id, None)
+
+
 class _RecordingEventStore:
     """Passes through; remembers what was appended, and when each loaded stream began."""
 
-    def __init__(self, inner: EventStore) -> None:
+    def __init__(self, inner: EventStore, starts: InitiationTimes) -> None:
         self._inner = inner
         self.appended: list[AnyPaymentEvent] = []
-        self.initiated_at: dict[uuid.UUID, datetime] = {}
+        self.initiated_at = starts
 
     async def load(self, stream_id: uuid.UUID) -> list[AnyPaymentEvent]:
         events = await self._inner.load(stream_id)
-        if events and isinstance(events[0], PaymentInitiated):
-            self.initiated_at[stream_id] = events[0].occurred_at
+        self.initiated_at.remember(stream_id, events)
         return events
+
+    async def load_many(
+        self, stream_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[AnyPaymentEvent]]:
+        found = await self._inner.load_many(stream_ids)
+        for stream_id, events in found.items():
+            self.initiated_at.remember(stream_id, events)
+        return found
 
     async def append(
         self, stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]
     ) -> None:
         await self._inner.append(stream_id, expected_version, events)
         self.appended.extend(events)
+
+    async def append_many(self, appends: Sequence[StreamAppend]) -> None:
+        await self._inner.append_many(appends)
+        for a in appends:
+            self.appended.extend(a.events)
 
 
 class _TraceStampingOutbox:
@@ -236,13 +275,19 @@ class InstrumentedUnitOfWork:
     """A UnitOfWork traced as one span, stamping outbox rows, observed once committed."""
 
     def __init__(
-        self, inner: UnitOfWork, tracer: Tracer, metrics: Metrics, *, db_system: str
+        self,
+        inner: UnitOfWork,
+        tracer: Tracer,
+        metrics: Metrics,
+        *,
+        db_system: str,
+        starts: InitiationTimes | None = None,
     ) -> None:
         self._inner = inner
         self._tracer = tracer
         self._metrics = metrics
         self._db_system = db_system
-        self._events = _RecordingEventStore(inner.events)
+        self._events = _RecordingEventStore(inner.events, starts or InitiationTimes())
         self._outbox = _TraceStampingOutbox(inner.outbox)
         self._span: Span | None = None
         self._token: Token[Context] | None = None
@@ -349,7 +394,7 @@ class InstrumentedUnitOfWork:
                 log.warning("payment flagged for manual review: %s", event.detail, extra=ids)
 
     def _observe_latency(self, event: PaymentCompleted | PaymentFailed, outcome: str) -> None:
-        started = self._events.initiated_at.get(event.payment_id)
+        started = self._events.initiated_at.take(event.payment_id)
         if started is not None:
             elapsed = (event.occurred_at - started).total_seconds()
             self._metrics.time_to_outcome.record(max(elapsed, 0.0), {"outcome": outcome})
@@ -370,10 +415,15 @@ class InstrumentedUnitOfWorkFactory:
         self._tracer = tracer
         self._metrics = metrics
         self._db_system = db_system
+        self._starts = InitiationTimes()
 
     def __call__(self) -> InstrumentedUnitOfWork:
         return InstrumentedUnitOfWork(
-            self.inner(), self._tracer, self._metrics, db_system=self._db_system
+            self.inner(),
+            self._tracer,
+            self._metrics,
+            db_system=self._db_system,
+            starts=self._starts,
         )
 
 

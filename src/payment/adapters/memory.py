@@ -14,7 +14,7 @@ from payment.application.errors import (
     DuplicateMessage,
 )
 from payment.application.messages import OutboundMessage
-from payment.application.ports import OutboxRecord
+from payment.application.ports import OutboxRecord, StreamAppend
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import PaymentStatus
 
@@ -51,17 +51,42 @@ class MemoryEventStore:
             committed += self.pending[stream_id][1]
         return committed
 
+    async def load_many(
+        self, stream_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[AnyPaymentEvent]]:
+        found: dict[uuid.UUID, list[AnyPaymentEvent]] = {}
+        for stream_id in stream_ids:
+            events = await self.load(stream_id)
+            if events:
+                found[stream_id] = events
+        return found
+
     async def append(
         self, stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]
     ) -> None:
-        current = len(await self.load(stream_id))
-        if current != expected_version:
+        self._check(stream_id, expected_version, events)
+        base, buffered = self.pending.get(stream_id, (expected_version, []))
+        self.pending[stream_id] = (base, [*buffered, *events])
+
+    async def append_many(self, appends: Sequence[StreamAppend]) -> None:
+        if len({a.stream_id for a in appends}) != len(appends):
+            raise ValueError("append_many takes each stream once")
+        # All checked before any is buffered: all or nothing.
+        for a in appends:
+            self._check(a.stream_id, a.expected_version, a.events)
+        for a in appends:
+            await self.append(a.stream_id, a.expected_version, a.events)
+
+    def _check(
+        self, stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]
+    ) -> None:
+        committed = len(self._db.streams.get(stream_id, []))
+        buffered = len(self.pending[stream_id][1]) if stream_id in self.pending else 0
+        if committed + buffered != expected_version:
             raise ConcurrencyConflict(stream_id, expected_version)
         for offset, event in enumerate(events, start=1):
             if event.version != expected_version + offset or event.payment_id != stream_id:
                 raise ValueError("events must continue the stream's versions without a gap")
-        base, buffered = self.pending.get(stream_id, (expected_version, []))
-        self.pending[stream_id] = (base, [*buffered, *events])
 
     def check(self) -> None:
         for stream_id, (base, _) in self.pending.items():
@@ -87,6 +112,16 @@ class MemoryPaymentIndex:
         self.claims[booking_id] = (payment_id, at)
         self.status[payment_id] = (PaymentStatus.INITIATED, at)
 
+    async def claim_bookings(
+        self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
+    ) -> set[str]:
+        claimed: set[str] = set()
+        for booking_id, payment_id in claims:
+            if booking_id not in self._db.bookings and booking_id not in self.claims:
+                await self.claim_booking(booking_id, payment_id, at)
+                claimed.add(booking_id)
+        return claimed
+
     async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
         if booking_id in self.claims:
             return self.claims[booking_id][0]
@@ -94,6 +129,12 @@ class MemoryPaymentIndex:
 
     async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
         self.status[payment_id] = (status, at)
+
+    async def set_statuses(
+        self, statuses: Sequence[tuple[uuid.UUID, PaymentStatus]], at: datetime
+    ) -> None:
+        for payment_id, status in statuses:
+            self.status[payment_id] = (status, at)
 
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
         rows = [
@@ -164,6 +205,11 @@ class MemoryInbox:
             return False
         self.marks[key] = at
         return True
+
+    async def mark_many(
+        self, keys: Sequence[tuple[str, str]], at: datetime
+    ) -> set[tuple[str, str]]:
+        return {key for key in keys if await self.mark(key[0], key[1], at)}
 
     def check(self) -> bool:
         return not any(key in self._db.inbox for key in self.marks)

@@ -19,7 +19,11 @@ from payment.application.commands import (
     RequestPayment,
     TraceHeaders,
 )
-from payment.application.errors import RETRYABLE_CONFLICTS, PaymentConflict
+from payment.application.errors import (
+    RETRYABLE_CONFLICTS,
+    BookingAlreadyClaimed,
+    PaymentConflict,
+)
 from payment.application.messages import initiated_message, outcome_message, rejection_message
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from payment.application.validation import Valid, validate_request
@@ -121,19 +125,6 @@ async def _request_in(
         )
         return RequestResult.REJECTED
 
-    existing_id = await uow.payments.payment_for_booking(cmd.booking_id)
-    if existing_id is not None:
-        existing = Payment.replay(await uow.events.load(existing_id))
-        if existing.money != checked.money:
-            raise PaymentConflict(
-                existing.id,
-                "re-request differs in amount or currency from the booking's payment",
-            )
-        if existing.is_terminal:
-            await uow.outbox.add([outcome_message(existing, cmd.trace)])
-            return RequestResult.REPLAYED
-        return RequestResult.IN_FLIGHT
-
     payment, events = Payment.initiate(
         payment_id=uuid.uuid4(),
         booking_id=cmd.booking_id,
@@ -143,10 +134,35 @@ async def _request_in(
         customer_id=cmd.customer_id,
         at=now,
     )
-    await uow.payments.claim_booking(cmd.booking_id, payment.id, now)
+    # Claim first: a new booking (the common case) then costs no lookup. The claim leaves
+    # the transaction usable when the booking is taken, so the existing payment is read
+    # in it; a claim refused only at commit retries the whole handling.
+    try:
+        await uow.payments.claim_booking(cmd.booking_id, payment.id, now)
+    except BookingAlreadyClaimed:
+        existing_id = await uow.payments.payment_for_booking(cmd.booking_id)
+        if existing_id is None:
+            raise  # its claimer rolled back meanwhile: retry from the start
+        return await _existing_payment(uow, cmd, checked, existing_id)
     await uow.events.append(payment.id, 0, events)
     await uow.outbox.add([initiated_message(payment, cmd.trace)])
     return RequestResult.ACCEPTED
+
+
+async def _existing_payment(
+    uow: UnitOfWork, cmd: RequestPayment, checked: Valid, existing_id: uuid.UUID
+) -> RequestResult:
+    """A valid request for a booking that already has a payment (contract 4.3)."""
+    existing = Payment.replay(await uow.events.load(existing_id))
+    if existing.money != checked.money:
+        raise PaymentConflict(
+            existing.id,
+            "re-request differs in amount or currency from the booking's payment",
+        )
+    if existing.is_terminal:
+        await uow.outbox.add([outcome_message(existing, cmd.trace)])
+        return RequestResult.REPLAYED
+    return RequestResult.IN_FLIGHT
 
 
 async def execute_payment(
@@ -241,13 +257,25 @@ async def _charge_and_record(
     clock: Clock,
     policy: ExecutionPolicy,
 ) -> ExecuteResult:
+    attempts, outcome = await _charge(payment, processor, policy)
+    return await _record_outcome(
+        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment
+    )
+
+
+async def _charge(
+    payment: Payment, processor: PaymentProcessor, policy: ExecutionPolicy
+) -> tuple[AttemptLog, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]:
+    """Call the gateway until it answers (or `policy` gives up): the attempts and the last."""
     request = _charge_request(payment)
     attempts: AttemptLog = []
     outcome: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown
     for attempt in range(1, policy.max_attempts + 1):
         failpoints.hit("before_charge")
         try:
-            outcome = await asyncio.wait_for(processor.charge(request), policy.call_timeout_s)
+            # asyncio.timeout, not wait_for: no extra task per gateway call.
+            async with asyncio.timeout(policy.call_timeout_s):
+                outcome = await processor.charge(request)
         except TimeoutError:
             # The request may have reached the gateway: never treat it as a failure.
             outcome = OutcomeUnknown(f"no answer within {policy.call_timeout_s:g}s")
@@ -258,9 +286,7 @@ async def _charge_and_record(
         if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
             break
         await asyncio.sleep(_backoff(attempt, policy))
-    return await _record_outcome(
-        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock
-    )
+    return attempts, outcome
 
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
@@ -278,7 +304,14 @@ async def _record_outcome(
     uow_factory: UnitOfWorkFactory,
     processor: PaymentProcessor,
     clock: Clock,
+    known: Payment | None = None,
 ) -> ExecuteResult:
+    """Record a charge's attempts and outcome; `known`: the payment as loaded before it.
+
+    The first try appends after `known` without loading the stream again: the optimistic
+    lock on its version still refuses the append if anyone wrote meanwhile, and the retry
+    then reads the stream afresh.
+    """
     for _ in range(MAX_CONFLICT_RETRIES):
         try:
             async with uow_factory() as uow:
@@ -287,7 +320,11 @@ async def _record_outcome(
                     inbound.source, inbound.message_id, now
                 ):
                     return ExecuteResult.DUPLICATE
-                payment = Payment.replay(await uow.events.load(payment_id))
+                if known is not None:
+                    # Used once: its state changes below, and a retry must read afresh.
+                    payment, known = known, None
+                else:
+                    payment = Payment.replay(await uow.events.load(payment_id))
                 if payment.is_terminal:
                     # Another execution recorded the outcome first (same idempotency key,
                     # so the same charge): keep only the inbox mark.

@@ -6,13 +6,21 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Protocol, Self
+from typing import NamedTuple, Protocol, Self
 
 import msgspec
 
 from payment.application.messages import OutboundMessage
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import PaymentStatus
+
+
+class StreamAppend(NamedTuple):
+    """Events to append to one stream, continuing `expected_version` (see `append`)."""
+
+    stream_id: uuid.UUID
+    expected_version: int
+    events: Sequence[AnyPaymentEvent]
 
 
 class EventStore(Protocol):
@@ -22,6 +30,12 @@ class EventStore(Protocol):
         """All events of the stream in version order; an empty list if it does not exist."""
         ...
 
+    async def load_many(
+        self, stream_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[AnyPaymentEvent]]:
+        """`load` of several streams at once; a stream that does not exist is absent."""
+        ...
+
     async def append(
         self, stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]
     ) -> None:
@@ -29,6 +43,14 @@ class EventStore(Protocol):
 
         Raises `ConcurrencyConflict` if the stream is no longer at `expected_version`
         (another writer appended first). Takes effect when the unit of work commits.
+        """
+        ...
+
+    async def append_many(self, appends: Sequence[StreamAppend]) -> None:
+        """`append` to several distinct streams, all or nothing.
+
+        Raises `ConcurrencyConflict` if any stream is no longer at its expected version;
+        the unit of work must then be abandoned (nothing of it may be committed).
         """
         ...
 
@@ -44,12 +66,29 @@ class PaymentIndex(Protocol):
         """
         ...
 
+    async def claim_bookings(
+        self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
+    ) -> set[str]:
+        """`claim_booking` for several (booking id, payment id) pairs; the bookings claimed.
+
+        A booking that already has a payment is left out instead of raising (the caller
+        decides what to do with it); the first pair of a booking given twice wins. A claim
+        the store can only refuse at commit makes `commit` raise `BookingAlreadyClaimed`.
+        """
+        ...
+
     async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
         """The id of the booking's payment, or None."""
         ...
 
     async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
         """Record the payment's current state (kept in step with its stream)."""
+        ...
+
+    async def set_statuses(
+        self, statuses: Sequence[tuple[uuid.UUID, PaymentStatus]], at: datetime
+    ) -> None:
+        """`set_status` for several distinct payments."""
         ...
 
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
@@ -93,6 +132,15 @@ class Inbox(Protocol):
 
         Takes effect with the unit of work: a rolled-back handling leaves no mark. An
         adapter that cannot tell before commit may raise `DuplicateMessage` from `commit`.
+        """
+        ...
+
+    async def mark_many(
+        self, keys: Sequence[tuple[str, str]], at: datetime
+    ) -> set[tuple[str, str]]:
+        """`mark` for several (source, id) keys; the keys marked now.
+
+        The others were recorded before (duplicates); a key given twice is marked once.
         """
         ...
 

@@ -52,6 +52,7 @@ from typing import Final, cast
 import psycopg
 
 from payment.adapters.postgres.pool import Connection, connect_dedicated
+from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType
@@ -83,6 +84,21 @@ ORDER BY m.ord
 """.encode()
 
 
+# More rows than this go as one JSON parameter (rows.py) instead of VALUES rows.
+_VALUES_MAX = 4
+
+_ADD_MANY = b"""
+INSERT INTO payment_outbox
+    (event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
+SELECT m.event_id, m.type, m.key, m.subject, m.sequence, m.time, convert_to(m.data, 'UTF8'),
+       m.traceparent, m.tracestate
+FROM json_to_recordset(%s::json) AS m(
+    ord integer, event_id uuid, type text, key text, subject text, sequence integer,
+    time timestamptz, data text, traceparent text, tracestate text
+)
+ORDER BY m.ord
+"""
+
 # Served by the partial index payment_outbox_unpublished_idx.
 _PENDING = """
 SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate
@@ -107,6 +123,14 @@ class PostgresOutbox:
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         if not messages:
             return
+        if len(messages) > _VALUES_MAX:
+            try:
+                rows = _json_rows(messages)
+            except ValueError:
+                pass  # not UTF-8 text: bytea parameters below take anything
+            else:
+                await self._tx.write(_ADD_MANY, (rows,))
+                return
         params: list[object] = []
         for m in messages:
             params += (
@@ -156,6 +180,31 @@ class PostgresOutbox:
         if not positions:
             return
         await self._tx.write(_MARK_PUBLISHED, (at, list(positions)))
+
+
+def _json_rows(messages: Sequence[OutboundMessage]) -> str:
+    """The messages as JSON rows; ValueError if a payload is not UTF-8 text without NUL."""
+    if any(b"\x00" in m.data for m in messages):
+        raise ValueError("NUL in a payload: PostgreSQL text cannot hold it")
+    return json_rows(
+        [
+            {
+                "ord": n,
+                "event_id": m.event_id,
+                "type": m.type,
+                "key": m.key,
+                "subject": m.subject,
+                "sequence": m.sequence,
+                "time": m.time,
+                # Text in the JSON, bytes again in the table: convert_to gives back
+                # exactly the UTF-8 bytes given.
+                "data": m.data.decode("utf-8"),
+                "traceparent": m.trace.traceparent,
+                "tracestate": m.trace.tracestate,
+            }
+            for n, m in enumerate(messages)
+        ]
+    )
 
 
 async def listen_for_outbox(conn: Connection) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 
+from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.errors import BookingAlreadyClaimed
 from payment.domain.payment import PaymentStatus
@@ -18,9 +20,25 @@ VALUES (%s, %s, 'INITIATED', %s, %s)
 ON CONFLICT (booking_id) DO NOTHING
 """
 
+# Bookings in a fixed order: two batches sharing bookings cannot deadlock.
+_CLAIM_MANY = b"""
+INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
+SELECT r.payment_id, r.booking_id, 'INITIATED', %s::timestamptz, %s::timestamptz
+FROM json_to_recordset(%s::json) AS r(payment_id uuid, booking_id text)
+ORDER BY r.booking_id
+ON CONFLICT (booking_id) DO NOTHING
+RETURNING booking_id
+"""
+
 _FOR_BOOKING = "SELECT payment_id FROM payment_payments WHERE booking_id = %s"
 
 _SET_STATUS = "UPDATE payment_payments SET status = %s, updated_at = %s WHERE payment_id = %s"
+
+_SET_STATUSES = b"""
+UPDATE payment_payments AS p SET status = r.status, updated_at = %s::timestamptz
+FROM json_to_recordset(%s::json) AS r(payment_id uuid, status text)
+WHERE p.payment_id = r.payment_id
+"""
 
 # Served by the partial index payment_payments_in_flight_idx.
 _IN_FLIGHT = """
@@ -42,6 +60,16 @@ class PostgresPaymentIndex:
         if cur.rowcount != 1:
             raise BookingAlreadyClaimed(booking_id)
 
+    async def claim_bookings(
+        self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
+    ) -> set[str]:
+        first = dict(reversed(claims))  # the first pair of a booking wins
+        if not first:
+            return set()
+        rows = json_rows([{"payment_id": pid, "booking_id": bid} for bid, pid in first.items()])
+        cur = await self._tx.write(_CLAIM_MANY, (at, at, rows))
+        return {booking_id for (booking_id,) in await cur.fetchall()}
+
     async def payment_for_booking(self, booking_id: str) -> uuid.UUID | None:
         cur = await self._tx.read(_FOR_BOOKING, (booking_id,))
         row = await cur.fetchone()
@@ -49,6 +77,14 @@ class PostgresPaymentIndex:
 
     async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
         await self._tx.write(_SET_STATUS, (status.value, at, payment_id))
+
+    async def set_statuses(
+        self, statuses: Sequence[tuple[uuid.UUID, PaymentStatus]], at: datetime
+    ) -> None:
+        if not statuses:
+            return
+        rows = json_rows([{"payment_id": pid, "status": status.value} for pid, status in statuses])
+        await self._tx.write(_SET_STATUSES, (at, rows))
 
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
         cur = await self._tx.read(_IN_FLIGHT, (before, limit))

@@ -1,0 +1,345 @@
+"""Batch handlers: many messages of one kind in one transaction, each as its own handler would.
+
+A consumer batch of requests (or of initiated events) costs a handful of statements in
+one transaction instead of a handful per message. The outcome of every message is what
+`request_payment` / `execute_payment` would have given it, and the guarantees are the
+same: a message's inbox mark, its events and its outbox rows still commit together (with
+those of the other messages of the batch, all or nothing).
+
+Whatever the fast path does not cover goes through the single-message handlers instead:
+a second message of the same booking, payment or (source, id) in one batch; a booking
+that already has a payment (a re-request: it must be compared, replayed or refused); a
+lost race with a concurrent writer. The batch transaction is then abandoned, not
+committed, so nothing of it counts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+from payment.application import failpoints
+from payment.application.commands import ExecutePayment, RequestPayment
+from payment.application.errors import RETRYABLE_CONFLICTS, PaymentConflict
+from payment.application.handlers import (
+    AttemptLog,
+    ExecuteResult,
+    ExecutionPolicy,
+    RequestResult,
+    Settings,
+    _charge,
+    _decide,
+    _detail_of,
+    _mark_only,
+    _record_outcome,
+    _result_of,
+    _status,
+    execute_payment,
+    request_payment,
+)
+from payment.application.messages import (
+    OutboundMessage,
+    initiated_message,
+    outcome_message,
+    rejection_message,
+)
+from payment.application.ports import Clock, StreamAppend, UnitOfWorkFactory
+from payment.application.validation import Valid, validate_request
+from payment.domain.events import AnyPaymentEvent
+from payment.domain.payment import Payment, PaymentStatus
+from payment.domain.processor import (
+    ChargeOutcome,
+    OutcomeUnknown,
+    PaymentProcessor,
+    ProcessorUnavailable,
+)
+
+RequestOutcome = RequestResult | PaymentConflict
+
+# Entered around one command's gateway calls (where an adapter makes that message's trace
+# current, so the calls are traced under it).
+ChargeScope = Callable[[ExecutePayment], AbstractContextManager[object]]
+
+
+def _no_scope(cmd: ExecutePayment) -> AbstractContextManager[object]:
+    return nullcontext()
+
+
+def _split(keys: Sequence[tuple[object, ...]]) -> tuple[list[int], list[int]]:
+    """Indexes whose every key is new in the batch, and the others (for one by one, after)."""
+    seen: set[object] = set()
+    first: list[int] = []
+    again: list[int] = []
+    for i, item in enumerate(keys):
+        if any(k in seen for k in item):
+            again.append(i)
+        else:
+            seen.update(item)
+            first.append(i)
+    return first, again
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+async def request_payments(
+    cmds: Sequence[RequestPayment],
+    uow_factory: UnitOfWorkFactory,
+    clock: Clock,
+    settings: Settings = Settings(),
+) -> list[RequestOutcome]:
+    """`request_payment` for each command; one transaction for the batch when it can.
+
+    Returns each command's result in order; a command `request_payment` would raise
+    `PaymentConflict` for gets that exception as its result (the caller dead-letters it).
+    """
+    results: dict[int, RequestOutcome] = {}
+    batch, single = _split(
+        [(("m", c.inbound.source, c.inbound.message_id), ("b", c.booking_id)) for c in cmds]
+    )
+    checked = {i: validate_request(cmds[i], max_amount=settings.max_amount) for i in batch}
+    for _ in range(2):
+        if not batch:
+            break
+        try:
+            taken = await _request_batch(cmds, batch, checked, uow_factory, clock, results)
+        except RETRYABLE_CONFLICTS:
+            taken = None
+        if taken is None:
+            break  # lost a race: everything one by one
+        if not taken:
+            batch = []
+            break
+        # Bookings that already have a payment: those one by one, the rest again.
+        single += taken
+        batch = [i for i in batch if i not in set(taken)]
+    single += batch
+    for i in sorted(single):
+        try:
+            results[i] = await request_payment(cmds[i], uow_factory, clock, settings)
+        except PaymentConflict as exc:
+            results[i] = exc
+    return [results[i] for i in range(len(cmds))]
+
+
+async def _request_batch(
+    cmds: Sequence[RequestPayment],
+    batch: Sequence[int],
+    checked: dict[int, Valid | str],
+    uow_factory: UnitOfWorkFactory,
+    clock: Clock,
+    results: dict[int, RequestOutcome],
+) -> list[int]:
+    """One transaction for `batch`; the indexes whose booking was taken (then nothing is
+    committed and `results` is left alone)."""
+    async with uow_factory() as uow:
+        now = clock.now()
+        fresh = await uow.inbox.mark_many(
+            [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i in batch], now
+        )
+        failpoints.hit("after_inbox_insert")
+        outcomes: dict[int, RequestResult] = {}
+        initiated: dict[int, tuple[Payment, list[AnyPaymentEvent]]] = {}
+        for i in batch:
+            cmd = cmds[i]
+            valid = checked[i]
+            if (cmd.inbound.source, cmd.inbound.message_id) not in fresh:
+                outcomes[i] = RequestResult.DUPLICATE
+            elif isinstance(valid, str):
+                outcomes[i] = RequestResult.REJECTED
+            else:
+                initiated[i] = Payment.initiate(
+                    payment_id=uuid.uuid4(),
+                    booking_id=cmd.booking_id,
+                    money=valid.money,
+                    payment_method=valid.payment_method,
+                    saga_id=cmd.saga_id,
+                    customer_id=cmd.customer_id,
+                    at=now,
+                )
+                outcomes[i] = RequestResult.ACCEPTED
+        if initiated:
+            claimed = await uow.payments.claim_bookings(
+                [(cmds[i].booking_id, payment.id) for i, (payment, _) in initiated.items()], now
+            )
+            taken = [i for i in initiated if cmds[i].booking_id not in claimed]
+            if taken:
+                return taken  # leaving without commit rolls the batch back
+            await uow.events.append_many(
+                [StreamAppend(p.id, 0, events) for p, events in initiated.values()]
+            )
+        messages: list[OutboundMessage] = []
+        for i in batch:
+            cmd = cmds[i]
+            valid = checked[i]
+            if outcomes[i] is RequestResult.REJECTED:
+                assert isinstance(valid, str)
+                messages.append(
+                    rejection_message(
+                        booking_id=cmd.booking_id,
+                        saga_id=cmd.saga_id,
+                        detail=valid,
+                        at=now,
+                        trace=cmd.trace,
+                    )
+                )
+            elif i in initiated:
+                messages.append(initiated_message(initiated[i][0], cmd.trace))
+        await uow.outbox.add(messages)
+        await uow.commit()
+    if initiated:
+        failpoints.hit("after_initiated_commit")
+    results.update(outcomes)
+    return []
+
+
+# -- executions ----------------------------------------------------------------------------
+
+Final = ChargeOutcome | ProcessorUnavailable | OutcomeUnknown
+
+
+async def execute_payments(
+    cmds: Sequence[ExecutePayment],
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+    policy: ExecutionPolicy = ExecutionPolicy(),
+    scope: ChargeScope | None = None,
+) -> list[ExecuteResult]:
+    """`execute_payment` for each command: one read for the batch, charges concurrently,
+    outcomes recorded together.
+
+    Outcomes are written in waves: whatever charges have finished when the previous write
+    ends go in the next transaction, so a slow gateway call holds back only itself. Each
+    payment's outcome is appended after the version read before its charge (no second
+    read); the optimistic lock refuses it if anyone wrote meanwhile, and that wave is then
+    recorded one message at a time, reading afresh.
+    """
+    enter = scope or _no_scope
+    results: dict[int, ExecuteResult] = {}
+    batch, single = _split(
+        [(("m", c.inbound.source, c.inbound.message_id), ("p", c.payment_id)) for c in cmds]
+    )
+    if batch:
+        async with uow_factory() as uow:
+            streams = await uow.events.load_many([cmds[i].payment_id for i in batch])
+        mark_only: list[int] = []
+        charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment]] = {}
+        for i in batch:
+            events = streams.get(cmds[i].payment_id)
+            if not events:
+                results[i] = ExecuteResult.NOT_FOUND
+                mark_only.append(i)
+                continue
+            payment = Payment.replay(events)
+            if payment.is_terminal:
+                results[i] = ExecuteResult.ALREADY_TERMINAL
+                mark_only.append(i)
+                continue
+            task = asyncio.create_task(_charge_in(enter(cmds[i]), payment, processor, policy))
+            charges[task] = (i, payment)
+        try:
+            await _record_in_waves(cmds, charges, mark_only, uow_factory, processor, clock, results)
+        finally:
+            for task in charges:
+                task.cancel()
+    for i in single:
+        results[i] = await execute_payment(cmds[i], uow_factory, processor, clock, policy)
+    return [results[i] for i in range(len(cmds))]
+
+
+async def _charge_in(
+    scope: AbstractContextManager[object],
+    payment: Payment,
+    processor: PaymentProcessor,
+    policy: ExecutionPolicy,
+) -> tuple[AttemptLog, Final]:
+    with scope:
+        return await _charge(payment, processor, policy)
+
+
+async def _record_in_waves(
+    cmds: Sequence[ExecutePayment],
+    charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment]],
+    mark_only: list[int],
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+    results: dict[int, ExecuteResult],
+) -> None:
+    pending: set[asyncio.Task[tuple[AttemptLog, Final]]] = set(charges)
+    marks = mark_only
+    while pending or marks:
+        done: set[asyncio.Task[tuple[AttemptLog, Final]]] = set()
+        if pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        wave = [(charges[t][0], charges[t][1], *t.result()) for t in done]
+        wave.sort(key=lambda item: item[0])
+        try:
+            await _record_wave(cmds, wave, marks, uow_factory, processor, clock, results)
+        except RETRYABLE_CONFLICTS:
+            for i, payment, attempts, final in wave:
+                cmd = cmds[i]
+                results[i] = await _record_outcome(
+                    payment.id, cmd.inbound, cmd.trace, attempts, final, uow_factory,
+                    processor, clock,
+                )  # fmt: skip
+            for i in marks:
+                await _mark_only(uow_factory, cmds[i].inbound, clock)
+        marks = []
+
+
+async def _record_wave(
+    cmds: Sequence[ExecutePayment],
+    wave: Sequence[tuple[int, Payment, AttemptLog, Final]],
+    marks: Sequence[int],
+    uow_factory: UnitOfWorkFactory,
+    processor: PaymentProcessor,
+    clock: Clock,
+    results: dict[int, ExecuteResult],
+) -> None:
+    async with uow_factory() as uow:
+        now = clock.now()
+        keys = [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i, *_ in wave]
+        keys += [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i in marks]
+        fresh = await uow.inbox.mark_many(keys, now)
+        outcomes: dict[int, ExecuteResult] = {}
+        appends: list[StreamAppend] = []
+        statuses: list[tuple[uuid.UUID, PaymentStatus]] = []
+        messages: list[OutboundMessage] = []
+        for i, payment, attempts, final in wave:
+            cmd = cmds[i]
+            if (cmd.inbound.source, cmd.inbound.message_id) not in fresh:
+                outcomes[i] = ExecuteResult.DUPLICATE
+                continue
+            expected = payment.version
+            new: list[AnyPaymentEvent] = []
+            for kind, item in attempts:
+                new += payment.record_attempt(
+                    processor=processor.name,
+                    result=_result_of(item),
+                    detail=_detail_of(kind, item),
+                    at=now,
+                )
+            outcomes[i] = _decide(payment, final, processor.name, now, new)
+            appends.append(StreamAppend(payment.id, expected, new))
+            if payment.is_terminal:
+                statuses.append((payment.id, _status(payment)))
+                messages.append(outcome_message(payment, cmd.trace))
+            else:
+                # Still unknown: to the back of the reconciler's queue (as execute_payment).
+                statuses.append((payment.id, PaymentStatus.INITIATED))
+        await uow.events.append_many(appends)
+        await uow.payments.set_statuses(statuses, now)
+        await uow.outbox.add(messages)
+        if messages:
+            failpoints.hit("before_terminal_commit")
+        await uow.commit()
+    if messages:
+        failpoints.hit("after_terminal_commit")
+    results.update(outcomes)
+
+
+__all__: Sequence[str] = ["ChargeScope", "RequestOutcome", "execute_payments", "request_payments"]
