@@ -49,3 +49,17 @@ def memory_uow_factory() -> MemoryUnitOfWorkFactory:
 def pg_uow_factory(pg_pool: Pool) -> PostgresUnitOfWorkFactory:
     """Units of work over this test's own PostgreSQL database."""
     return PostgresUnitOfWorkFactory(pg_pool)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stack",
+        choices=("memory", "real", "both"),
+        default="both",
+        help=(
+            "where the Gherkin scenarios (tests/features) run: on the in-memory adapters, "
+            "through the real stack (PostgreSQL, the broker, `payment-service run`; with the "
+            "fake and the sandbox processor), or both (default; the real-stack runs are "
+            "marked slow, so -m 'not slow' keeps only the in-memory one)"
+        ),
+    )

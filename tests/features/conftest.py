@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from pytest_bdd import given, parsers, then, when
@@ -13,27 +14,89 @@ from pytest_bdd import given, parsers, then, when
 from payment.adapters.processors.fake import DECLINE_CODES
 from payment.domain.money import CURRENCY_EXPONENTS
 
-from .driver import MemoryDriver, PaymentsDriver, ProcessorSetup, Published
+from support.localstripe import LocalStripe
 
-# Which driver runs the scenarios. The memory driver is the default; a real-stack driver
-# registers here and is chosen with `--stack NAME` once that option exists. A factory gets
-# the fixture request, so it can pull in fixtures (`request.getfixturevalue("database_url")`).
+from .driver import MemoryDriver, PaymentsDriver, ProcessorSetup, Published
+from .real_driver import RealProcessor, RealStackDriver
+
+# Which drivers run the scenarios, by name. Every scenario runs once per selected driver
+# (test ids `[memory]`, `[real-fake]`, `[real-sandbox]`). `--stack` selects them: `memory`
+# (the in-memory adapters, milliseconds), `real` (PostgreSQL, the broker and the real
+# `payment-service run`, once with the fake processor and once with the sandbox) or
+# `both`, the default, so that plain `pytest` (CI) runs both; the real-stack ids are
+# marked `slow` and `realstack`, so `-m 'not slow'` leaves the in-memory run alone.
+# A factory gets the fixture request, so it can pull in fixtures.
 DRIVERS: dict[str, Callable[[pytest.FixtureRequest], PaymentsDriver]] = {
     "memory": lambda request: MemoryDriver(),
+    "real-fake": lambda request: _real_driver(request, "fake"),
+    "real-sandbox": lambda request: _real_driver(request, "sandbox"),
 }
+STACKS = {
+    "memory": ("memory",),
+    "real": ("real-fake", "real-sandbox"),
+    "both": ("memory", "real-fake", "real-sandbox"),
+}
+REAL_STACK_MARKS = (pytest.mark.slow, pytest.mark.realstack)
 
 BOOKING = r'"(?P<booking>[^"]*)"'
 MONEY = r"(?P<amount>\d+(?:\.\d+)?) (?P<currency>[A-Z]{3})"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # pytest-bdd requests step fixtures while a scenario runs, so `driver` is not in the
+    # static fixture closure: the autouse `stack` fixture carries the parameter instead.
+    if "stack" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.config.getoption("--stack", default="both")
+    if chosen not in STACKS:
+        raise pytest.UsageError(f"--stack {chosen}: one of {sorted(STACKS)}")
+    metafunc.parametrize(
+        "stack",
+        [
+            pytest.param(name, id=name, marks=() if name == "memory" else REAL_STACK_MARKS)
+            for name in STACKS[chosen]
+        ],
+        indirect=True,
+    )
+
+
+@pytest.fixture(autouse=True)
+def stack(request: pytest.FixtureRequest) -> str:
+    """The name of the driver this scenario runs on (a key of DRIVERS)."""
+    return str(getattr(request, "param", "memory"))
+
+
 @pytest.fixture
-def driver(request: pytest.FixtureRequest) -> Iterator[PaymentsDriver]:
-    stack = request.config.getoption("--stack", default="memory")
-    if stack not in DRIVERS:
-        raise pytest.UsageError(f"no Gherkin driver for --stack {stack}: one of {sorted(DRIVERS)}")
+def driver(request: pytest.FixtureRequest, stack: str) -> Iterator[PaymentsDriver]:
     made = DRIVERS[stack](request)
     yield made
     made.close()
+
+
+@pytest.fixture(scope="session")
+def scenario_localstripe() -> Iterator[LocalStripe]:
+    """The sandbox scenarios' own localstripe: other suites' charges stay out of its ledger
+    (and out of the adapter's look-ups, whose cost grows with it)."""
+    with LocalStripe() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def scenario_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the real-stack scenarios' service processes write their logs."""
+    return tmp_path_factory.mktemp("bdd-logs")
+
+
+def _real_driver(request: pytest.FixtureRequest, processor: RealProcessor) -> PaymentsDriver:
+    return RealStackDriver(
+        processor,
+        bootstrap=request.getfixturevalue("kafka_bootstrap"),
+        make_database=request.getfixturevalue("make_database"),
+        log_dir=request.getfixturevalue("scenario_log_dir"),
+        localstripe=(
+            request.getfixturevalue("scenario_localstripe") if processor == "sandbox" else None
+        ),
+    )
 
 
 @dataclass
