@@ -13,7 +13,6 @@ from pytest_bdd import given, parsers, then, when
 
 from payment.adapters.processors.fake import DECLINE_CODES
 from payment.domain.money import CURRENCY_EXPONENTS
-
 from support.localstripe import LocalStripe
 
 from .driver import MemoryDriver, PaymentsDriver, ProcessorSetup, Published

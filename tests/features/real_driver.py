@@ -312,7 +312,9 @@ class RealStackDriver:
         proxy.mode = "drop_response"
 
         async def forward_after_one() -> None:
-            while proxy.dropped_responses == dropped:
+            # The proxy keeps counters, not events: a millisecond poll flips it back long
+            # before the reconciler's next charge (seconds away).
+            while proxy.dropped_responses == dropped:  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
             proxy.mode = "forward"
 
@@ -333,9 +335,8 @@ class RealStackDriver:
         orch = self._orch
 
         async def read() -> list[Published]:
-            return [
-                _published(r) for r in orch.events.for_booking(booking_id) if r.kind != "dead_letter"
-            ]
+            found = orch.events.for_booking(booking_id)
+            return [_published(r) for r in found if r.kind != "dead_letter"]
 
         return self._run(read())
 
