@@ -58,8 +58,8 @@ from payment.domain.processor import (
 
 RequestOutcome = RequestResult | PaymentConflict
 
-# Entered around one command's gateway calls (where an adapter makes that message's trace
-# current, so the calls are traced under it).
+# Entered around one command's gateway calls, and around the whole handling of a command
+# that goes one by one (where an adapter makes that message's trace current).
 ChargeScope = Callable[[ExecutePayment], AbstractContextManager[object]]
 
 
@@ -246,7 +246,8 @@ async def execute_payments(
             for task in charges:
                 task.cancel()
     for i in single:
-        results[i] = await execute_payment(cmds[i], uow_factory, processor, clock, policy)
+        with enter(cmds[i]):
+            results[i] = await execute_payment(cmds[i], uow_factory, processor, clock, policy)
     return [results[i] for i in range(len(cmds))]
 
 

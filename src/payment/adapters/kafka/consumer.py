@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -14,6 +15,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from payment.adapters.kafka.cloudevents import (
     InboundEvent,
@@ -25,6 +27,7 @@ from payment.adapters.kafka.cloudevents import (
 from payment.adapters.metrics import Metrics
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
 from payment.application import failpoints
+from payment.application.batches import execute_payments, request_payments
 from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
@@ -44,6 +47,15 @@ log = logging.getLogger(__name__)
 # A handler error that is not an outage is retried this many times, then dead-lettered:
 # a bug must not block a partition forever, an outage must never dead-letter anything.
 MAX_HANDLER_ERRORS = 5
+
+# Records of one kind fetched together are handled as one batch of at most this many (see
+# application/batches.py): a few statements in one transaction for the batch instead of a
+# few per message. One record alone takes the single-message path.
+MAX_BATCH = 250
+
+_W3C = TraceContextTextMapPropagator()
+
+Fetched = tuple[TopicPartition, ConsumerRecord[bytes, bytes]]
 
 # Request results worth a log line of their own; an accepted request is logged by the
 # unit of work as "payment initiated".
@@ -115,6 +127,7 @@ class KafkaInboxConsumer:
         policy: ExecutionPolicy,
         transient_errors: tuple[type[BaseException], ...],
         max_in_flight: int = 256,
+        max_batch: int = MAX_BATCH,
         commit_interval_s: float = 0.2,
         drain_timeout_s: float = 30.0,
         tracer: Tracer | None = None,
@@ -132,6 +145,9 @@ class KafkaInboxConsumer:
         self._policy = policy
         self._transient = transient_errors
         self._slots = asyncio.Semaphore(max_in_flight)
+        # A batch holds a slot per record: never more than there are slots.
+        self._max_batch = max(1, min(max_batch, max_in_flight))
+        self._batches: dict[asyncio.Task[None], list[Fetched]] = {}
         self._commit_interval_s = commit_interval_s
         self._drain_timeout_s = drain_timeout_s
         self._tracer = tracer or trace.get_tracer(__name__)
@@ -154,13 +170,21 @@ class KafkaInboxConsumer:
         committer = asyncio.create_task(self._commit_periodically(), name="offset-committer")
         try:
             while not self._stopping.is_set():
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=500)
-                for tp, records in batch.items():
-                    for record in records:
+                fetched = await self._consumer.getmany(timeout_ms=200, max_records=500)
+                by_topic: dict[str, list[Fetched]] = {}
+                for tp, records in fetched.items():
+                    by_topic.setdefault(tp.topic, []).extend((tp, r) for r in records)
+                for group in by_topic.values():
+                    for start in range(0, len(group), self._max_batch):
                         if self._stopping.is_set():
                             break
-                        await self._slots.acquire()
-                        self._dispatch(tp, record)
+                        chunk = group[start : start + self._max_batch]
+                        for _ in chunk:
+                            await self._slots.acquire()
+                        if len(chunk) == 1:
+                            self._dispatch(*chunk[0])
+                        else:
+                            self._dispatch_batch(chunk)
         finally:
             committer.cancel()
             await self._drain(list(self._tasks))
@@ -191,9 +215,33 @@ class KafkaInboxConsumer:
 
         task.add_done_callback(done)
 
-    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        # One CONSUMER span per message, retries included, continuing the sender's trace.
-        parent = context_from_trace(trace_headers_of_record(record.headers or ()))
+    def _dispatch_batch(self, chunk: list[Fetched]) -> None:
+        """One task for records of one topic (any partitions); offsets move as one by one."""
+        progresses = []
+        for tp, record in chunk:
+            progress = self._progress.setdefault(tp, PartitionProgress())
+            progress.start(record.offset)
+            progresses.append((progress, record.offset))
+        task = asyncio.create_task(self._handle_batch(chunk))
+        self._batches[task] = chunk
+        sets = {tp: self._tasks.setdefault(tp, set()) for tp, _ in chunk}
+        for tasks in sets.values():
+            tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._batches.pop(t, None)
+            for tasks in sets.values():
+                tasks.discard(t)
+            for _ in chunk:
+                self._slots.release()
+            if not t.cancelled() and t.exception() is None:
+                for progress, offset in progresses:
+                    progress.finish(offset)
+
+        task.add_done_callback(done)
+
+    def _span(self, record: ConsumerRecord[bytes, bytes]) -> Span:
+        """The CONSUMER span of one message, continuing the sender's trace (not made current)."""
         attributes: dict[str, str | int] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
@@ -203,17 +251,26 @@ class KafkaInboxConsumer:
         }
         if self._consumer_group is not None:
             attributes["messaging.consumer.group.name"] = self._consumer_group
-        with self._tracer.start_as_current_span(
+        return self._tracer.start_span(
             f"process {record.topic}",
-            context=parent,
+            context=context_from_trace(trace_headers_of_record(record.headers or ())),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
+    async def _handle(self, record: ConsumerRecord[bytes, bytes], *, counted: bool = False) -> None:
+        # One CONSUMER span per message, retries included, continuing the sender's trace.
+        with trace.use_span(
+            self._span(record),
+            end_on_exit=True,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
             while True:
                 try:
-                    await self._handle_in(record, span)
+                    await self._handle_in(record, span, counted=counted)
                     return
                 except asyncio.CancelledError:
                     raise
@@ -229,8 +286,186 @@ class KafkaInboxConsumer:
                     )
                     await asyncio.sleep(1.0)
 
-    async def _handle_in(self, record: ConsumerRecord[bytes, bytes], span: Span) -> None:
-        if record.topic == self._request_topic:
+    async def _handle_batch(self, chunk: list[Fetched]) -> None:
+        """Handle records of one topic together; anything unusual goes one by one.
+
+        Records that do not decode, and every record of a batch whose handler raised (an
+        outage, a bug), take the single-message path with its retries and dead letters.
+        """
+        topic = chunk[0][1].topic
+        counted = topic == self._request_topic
+        if counted:
+            self._metrics.requests_received.add(len(chunk))
+        decoded: list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]] = []
+        alone: list[ConsumerRecord[bytes, bytes]] = []
+        for _, record in chunk:
+            try:
+                event = decode_record(record)
+                expected = REQUEST_PAYMENT if counted else PAYMENT_INITIATED
+                if topic not in (self._request_topic, self._initiated_topic):
+                    raise PoisonMessage(f"unexpected topic {topic}")
+                if event.type != expected:
+                    raise PoisonMessage(f"unexpected ce_type on {topic}")
+            except PoisonMessage:
+                alone.append(record)
+                continue
+            span = self._span(record)
+            span.set_attribute("messaging.message.id", event.id)
+            span.set_attribute("cloudevents.event_id", event.id)
+            span.set_attribute("cloudevents.event_source", event.source)
+            span.set_attribute("cloudevents.event_type", event.type)
+            decoded.append((record, event, span))
+        try:
+            if counted:
+                alone += await self._request_batch(decoded)
+            else:
+                alone += await self._initiated_batch(decoded)
+        except asyncio.CancelledError:
+            for _, _, span in decoded:
+                span.set_attribute("error.type", "cancelled")
+                span.end()
+            raise
+        except Exception as exc:  # the batch's outermost handler: one by one instead
+            log.warning(
+                "consumer: batch of %d on %s failed (%s); handling them one by one",
+                len(decoded),
+                topic,
+                type(exc).__name__,
+            )
+            for _, _, span in decoded:
+                span.set_attribute("payment.batch.fallback", type(exc).__name__)
+                span.end()
+            alone += [record for record, _, _ in decoded]
+        else:
+            for _, _, span in decoded:
+                span.end()
+        for record in sorted(alone, key=lambda r: (r.partition, r.offset)):
+            await self._handle(record, counted=counted)
+
+    async def _request_batch(
+        self, decoded: list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]]
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """Requests through `request_payments`; the records left for one by one handling."""
+        cmds: list[RequestPayment] = []
+        items: list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]] = []
+        alone: list[ConsumerRecord[bytes, bytes]] = []
+        for record, event, span in decoded:
+            try:
+                data = decode_request(event.data)
+            except PoisonMessage:
+                span.end()
+                alone.append(record)
+                continue
+            span.set_attribute("payment.booking_id", data.booking_id)
+            cmds.append(
+                RequestPayment(
+                    inbound=InboundRef(source=event.source, message_id=event.id),
+                    booking_id=data.booking_id,
+                    amount=data.amount,
+                    currency=data.currency,
+                    payment_method=data.payment_method,
+                    customer_id=data.customer_id,
+                    saga_id=data.saga_id,
+                    trace=_trace_of(span, event),
+                )
+            )
+            items.append((record, event, span))
+        decoded[:] = items
+        results = await request_payments(cmds, self._uow_factory, self._clock, self._settings)
+        for (record, event, span), cmd, result in zip(items, cmds, results, strict=True):
+            with trace.use_span(span, end_on_exit=False):
+                if isinstance(result, PaymentConflict):
+                    span.set_attribute("payment.id", str(result.payment_id))
+                    await self._park(
+                        record,
+                        f"conflict: {result.detail} (payment {result.payment_id})",
+                        cause="conflict",
+                    )
+                    await self._mark_handled(cmd.inbound)
+                else:
+                    self._requested(event, cmd.booking_id, result, span)
+        return alone
+
+    def _requested(
+        self, event: InboundEvent, booking_id: str, result: RequestResult, span: Span
+    ) -> None:
+        span.set_attribute("payment.result", result.value)
+        self._metrics.requests_handled.add(1, {"result": result.value})
+        if result is RequestResult.DUPLICATE:
+            self._metrics.requests_deduplicated.add(1)
+        elif result is RequestResult.REJECTED:
+            self._metrics.requests_invalid.add(1)
+            self._metrics.outcomes.add(1, {"outcome": "failed", "reason": "invalid_request"})
+        if result in _NOTABLE_REQUESTS:
+            log.info(
+                "request %s: %s",
+                event.id[:80],
+                result.value,
+                extra={"booking_id": booking_id, "result": result.value},
+            )
+
+    async def _initiated_batch(
+        self, decoded: list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]]
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """Executions through `execute_payments`; the records left for one by one handling."""
+        cmds: list[ExecutePayment] = []
+        items: list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]] = []
+        spans: dict[int, Span] = {}  # by id() of the command
+        alone: list[ConsumerRecord[bytes, bytes]] = []
+        for record, event, span in decoded:
+            try:
+                payment_id = decode_initiated(event.data)
+            except PoisonMessage:
+                span.end()
+                alone.append(record)
+                continue
+            span.set_attribute("payment.id", str(payment_id))
+            cmd = ExecutePayment(
+                inbound=InboundRef(source=event.source, message_id=event.id),
+                payment_id=payment_id,
+                trace=_trace_of(span, event),
+            )
+            cmds.append(cmd)
+            spans[id(cmd)] = span
+            items.append((record, event, span))
+        decoded[:] = items
+
+        def scope(cmd: ExecutePayment) -> AbstractContextManager[object]:
+            # The gateway call is traced under its own message's span.
+            return trace.use_span(spans[id(cmd)], end_on_exit=False)
+
+        started = time.perf_counter()
+        results = await execute_payments(
+            cmds, self._uow_factory, self._processor, self._clock, self._policy, scope
+        )
+        elapsed = time.perf_counter() - started
+        for (_, event, span), cmd, result in zip(items, cmds, results, strict=True):
+            self._executed(event, cmd.payment_id, result, span, elapsed)
+        return alone
+
+    def _executed(
+        self,
+        event: InboundEvent,
+        payment_id: uuid.UUID,
+        result: ExecuteResult,
+        span: Span,
+        elapsed: float,
+    ) -> None:
+        span.set_attribute("payment.result", result.value)
+        self._metrics.execution_duration.record(elapsed, {"result": result.value})
+        self._metrics.executions.add(1, {"result": result.value})
+        if result in _NOTABLE_EXECUTIONS:
+            log.info(
+                "payment.initiated %s: %s",
+                event.id[:80],
+                result.value,
+                extra={"payment_id": str(payment_id), "result": result.value},
+            )
+
+    async def _handle_in(
+        self, record: ConsumerRecord[bytes, bytes], span: Span, *, counted: bool = False
+    ) -> None:
+        if record.topic == self._request_topic and not counted:
             # Once per delivery, before decoding: retries do not count again, poison does.
             self._metrics.requests_received.add(1)
         errors = 0
@@ -340,20 +575,7 @@ class KafkaInboxConsumer:
             )
             await self._mark_handled(inbound)
             return
-        span.set_attribute("payment.result", result.value)
-        self._metrics.requests_handled.add(1, {"result": result.value})
-        if result is RequestResult.DUPLICATE:
-            self._metrics.requests_deduplicated.add(1)
-        elif result is RequestResult.REJECTED:
-            self._metrics.requests_invalid.add(1)
-            self._metrics.outcomes.add(1, {"outcome": "failed", "reason": "invalid_request"})
-        if result in _NOTABLE_REQUESTS:
-            log.info(
-                "request %s: %s",
-                event.id[:80],
-                result.value,
-                extra={"booking_id": data.booking_id, "result": result.value},
-            )
+        self._requested(event, data.booking_id, result, span)
 
     async def _on_initiated(self, event: InboundEvent) -> None:
         if event.type != PAYMENT_INITIATED:
@@ -370,18 +592,7 @@ class KafkaInboxConsumer:
         result = await execute_payment(
             cmd, self._uow_factory, self._processor, self._clock, self._policy
         )
-        span.set_attribute("payment.result", result.value)
-        self._metrics.execution_duration.record(
-            time.perf_counter() - started, {"result": result.value}
-        )
-        self._metrics.executions.add(1, {"result": result.value})
-        if result in _NOTABLE_EXECUTIONS:
-            log.info(
-                "payment.initiated %s: %s",
-                event.id[:80],
-                result.value,
-                extra={"payment_id": str(payment_id), "result": result.value},
-            )
+        self._executed(event, payment_id, result, span, time.perf_counter() - started)
 
     async def _mark_handled(self, inbound: InboundRef) -> None:
         async with self._uow_factory() as uow:
@@ -451,7 +662,18 @@ class KafkaInboxConsumer:
             log.warning(
                 "consumer: %d messages unfinished at drain; they will be redelivered", len(pending)
             )
+            kept = [
+                (tp, record)
+                for task in pending
+                for tp, record in self._batches.get(task, ())
+                if tp not in partitions and tp in self.assigned
+            ]
             await asyncio.wait(pending)
+            # A cancelled batch may hold records of partitions this instance keeps: nobody
+            # would redeliver those, so they are handled again here, one by one.
+            for tp, record in kept:
+                await self._slots.acquire()
+                self._dispatch(tp, record)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         await self._drain(list(revoked))
@@ -467,6 +689,23 @@ class KafkaInboxConsumer:
         self.assigned |= assigned
         if assigned:
             log.info("consumer: partitions assigned: %s", _names(assigned))
+
+
+def _trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
+    """The trace context outbound rows of this message carry: its CONSUMER span's.
+
+    (The single-message path stamps rows with the span in force when they are written;
+    a batch writes many messages' rows outside any one span, so each carries its own.)
+    Without a valid span (tracing off), the sender's context as received.
+    """
+    if span.get_span_context().is_valid:
+        carrier: dict[str, str] = {}
+        _W3C.inject(carrier, context=trace.set_span_in_context(span))
+        if "traceparent" in carrier:
+            return TraceHeaders(
+                traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
+            )
+    return TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate)
 
 
 def _names(tps: set[TopicPartition]) -> str:
