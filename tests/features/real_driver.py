@@ -376,10 +376,15 @@ class RealStackDriver:
         return self._run(found())
 
     def close(self) -> None:
+        async def stop_gateway() -> None:
+            for task in list(self._watchers):  # an answer armed but never lost
+                task.cancel()
+            if self._proxy is not None:
+                await self._proxy.stop()
+
         try:
             self._stop_service()
-            if self._proxy is not None:
-                self._run(self._proxy.stop())
+            self._run(stop_gateway())
         finally:
             self._loop.close()
 
