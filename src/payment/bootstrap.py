@@ -29,6 +29,7 @@ from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics, ensure_topics
+from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
@@ -220,8 +221,12 @@ class Service:
             tracer = c.tracer()
             # Handlers see instrumented adapters: spans, trace stamping on outbox rows,
             # metrics and lifecycle log lines (adapters/instrumented.py).
-            uow_factory = InstrumentedUnitOfWorkFactory(store_uow_factory, tracer, metrics)
-            processor = InstrumentedProcessor(c.processor(), tracer, metrics)
+            # One budget for every per-message INFO line (adapters/log_budget.py).
+            budget = LogBudget(s.lifecycle_log_per_s)
+            uow_factory = InstrumentedUnitOfWorkFactory(
+                store_uow_factory, tracer, metrics, log_budget=budget
+            )
+            processor = InstrumentedProcessor(c.processor(), tracer, metrics, log_budget=budget)
             log.info("run: database pool open, producer started, processor %s", processor.name)
 
             waiter = wait_for_outbox_notification(str(s.database_url))
@@ -238,6 +243,7 @@ class Service:
                 # One relay publishes at a time across instances (an advisory lock).
                 leadership=RelayLeadership(str(s.database_url)),
                 tracer=tracer,
+                log_budget=budget,
             )
 
             async def make_consumer(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
@@ -272,6 +278,7 @@ class Service:
                 max_in_flight=s.max_in_flight,
                 tracer=tracer,
                 consumer_group=s.consumer_group,
+                log_budget=budget,
             )
             reconciler = Reconciler(
                 uow_factory,

@@ -32,6 +32,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
+from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.metrics import Metrics
 from payment.adapters.telemetry import context_from_trace, current_trace_headers
 from payment.application.commands import TraceHeaders
@@ -89,11 +90,19 @@ class InstrumentedProcessor:
     `timeout` (cancelled: the handler's call timeout, or shutdown) and `error` (a bug).
     """
 
-    def __init__(self, inner: PaymentProcessor, tracer: Tracer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        inner: PaymentProcessor,
+        tracer: Tracer,
+        metrics: Metrics,
+        *,
+        log_budget: LogBudget = UNLIMITED,
+    ) -> None:
         self.inner = inner
         self.name = inner.name
         self._tracer = tracer
         self._metrics = metrics
+        self._budget = log_budget
         for operation in ("charge", "lookup"):
             for kind in _ERROR_KINDS:
                 metrics.processor_errors.add(
@@ -162,7 +171,7 @@ class InstrumentedProcessor:
                         elapsed,
                         extra={**ids, "processor": self.name, "result": result},
                     )
-                else:
+                elif self._budget.allow(f"processor {operation}"):
                     log.info(
                         "processor %s %s: %s",
                         self.name,
@@ -282,12 +291,14 @@ class InstrumentedUnitOfWork:
         *,
         db_system: str,
         starts: InitiationTimes | None = None,
+        log_budget: LogBudget = UNLIMITED,
     ) -> None:
         self._inner = inner
         self._tracer = tracer
         self._metrics = metrics
         self._db_system = db_system
         self._events = _RecordingEventStore(inner.events, starts or InitiationTimes())
+        self._budget = log_budget
         self._outbox = _TraceStampingOutbox(inner.outbox)
         self._span: Span | None = None
         self._token: Token[Context] | None = None
@@ -366,29 +377,32 @@ class InstrumentedUnitOfWork:
             ids = {"payment_id": str(event.payment_id)}
             if isinstance(event, PaymentInitiated):
                 self._metrics.payments_initiated.add(1)
-                log.info(
-                    "payment initiated",
-                    extra={**ids, "booking_id": event.booking_id, "version": event.version},
-                )
+                if self._budget.allow("payment initiated"):
+                    log.info(
+                        "payment initiated",
+                        extra={**ids, "booking_id": event.booking_id, "version": event.version},
+                    )
             elif isinstance(event, PaymentCompleted):
                 self._metrics.outcomes.add(1, {"outcome": "completed"})
                 self._observe_latency(event, "completed")
-                log.info(
-                    "payment completed",
-                    extra={**ids, "processor": event.processor, "version": event.version},
-                )
+                if self._budget.allow("payment completed"):
+                    log.info(
+                        "payment completed",
+                        extra={**ids, "processor": event.processor, "version": event.version},
+                    )
             elif isinstance(event, PaymentFailed):
                 self._metrics.outcomes.add(1, {"outcome": "failed", "reason": event.reason})
                 self._observe_latency(event, "failed")
-                log.info(
-                    "payment failed",
-                    extra={
-                        **ids,
-                        "reason": event.reason,
-                        "decline_code": event.decline_code,
-                        "version": event.version,
-                    },
-                )
+                if self._budget.allow("payment failed"):
+                    log.info(
+                        "payment failed",
+                        extra={
+                            **ids,
+                            "reason": event.reason,
+                            "decline_code": event.decline_code,
+                            "version": event.version,
+                        },
+                    )
             elif isinstance(event, PaymentFlaggedForReview):
                 self._metrics.payments_flagged.add(1)
                 log.warning("payment flagged for manual review: %s", event.detail, extra=ids)
@@ -410,12 +424,14 @@ class InstrumentedUnitOfWorkFactory:
         metrics: Metrics,
         *,
         db_system: str = "postgresql",
+        log_budget: LogBudget = UNLIMITED,
     ) -> None:
         self.inner = inner
         self._tracer = tracer
         self._metrics = metrics
         self._db_system = db_system
         self._starts = InitiationTimes()
+        self._budget = log_budget
 
     def __call__(self) -> InstrumentedUnitOfWork:
         return InstrumentedUnitOfWork(
@@ -424,6 +440,7 @@ class InstrumentedUnitOfWorkFactory:
             self._metrics,
             db_system=self._db_system,
             starts=self._starts,
+            log_budget=self._budget,
         )
 
 

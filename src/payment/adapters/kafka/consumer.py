@@ -24,6 +24,7 @@ from payment.adapters.kafka.cloudevents import (
     decode_record,
     decode_request,
 )
+from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.metrics import Metrics
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
 from payment.application import failpoints
@@ -132,6 +133,7 @@ class KafkaInboxConsumer:
         drain_timeout_s: float = 30.0,
         tracer: Tracer | None = None,
         consumer_group: str | None = None,
+        log_budget: LogBudget = UNLIMITED,
     ) -> None:
         self._consumer_factory = consumer_factory
         self._request_topic = request_topic
@@ -152,6 +154,7 @@ class KafkaInboxConsumer:
         self._drain_timeout_s = drain_timeout_s
         self._tracer = tracer or trace.get_tracer(__name__)
         self._consumer_group = consumer_group
+        self._budget = log_budget
         self._progress: dict[TopicPartition, PartitionProgress] = {}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
@@ -396,7 +399,7 @@ class KafkaInboxConsumer:
         elif result is RequestResult.REJECTED:
             self._metrics.requests_invalid.add(1)
             self._metrics.outcomes.add(1, {"outcome": "failed", "reason": "invalid_request"})
-        if result in _NOTABLE_REQUESTS:
+        if result in _NOTABLE_REQUESTS and self._budget.allow(f"request {result.value}"):
             log.info(
                 "request %s: %s",
                 event.id[:80],
@@ -454,7 +457,7 @@ class KafkaInboxConsumer:
         span.set_attribute("payment.result", result.value)
         self._metrics.execution_duration.record(elapsed, {"result": result.value})
         self._metrics.executions.add(1, {"result": result.value})
-        if result in _NOTABLE_EXECUTIONS:
+        if result in _NOTABLE_EXECUTIONS and self._budget.allow(f"execution {result.value}"):
             log.info(
                 "payment.initiated %s: %s",
                 event.id[:80],

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.kafka.topics import Topics
+from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.telemetry import context_from_trace
 from payment.application import failpoints
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
@@ -80,6 +81,7 @@ class KafkaOutboxRelay:
         ack_timeout: float = 30.0,
         max_backoff: float = 10.0,
         tracer: Tracer | None = None,
+        log_budget: LogBudget = UNLIMITED,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -96,6 +98,7 @@ class KafkaOutboxRelay:
         self._ack_timeout = ack_timeout
         self._max_backoff = max_backoff
         self._tracer = tracer or trace.get_tracer(__name__)
+        self._budget = log_budget
         self._pass_lock = asyncio.Lock()
         self._stopping = False
         self._leading = False
@@ -229,16 +232,19 @@ class KafkaOutboxRelay:
                         type(exc).__name__,
                     )
                     break
-                log.info(
-                    "published %s",
-                    message.type,
-                    extra={
-                        "payment_id" if message.subject is not None else "booking_id": message.key,
-                        "event_type": message.type,
-                        "ce_id": str(message.event_id),
-                        "sequence": message.sequence,
-                    },
-                )
+                if self._budget.allow(f"published {message.type}"):
+                    log.info(
+                        "published %s",
+                        message.type,
+                        extra={
+                            "payment_id"
+                            if message.subject is not None
+                            else "booking_id": message.key,
+                            "event_type": message.type,
+                            "ce_id": str(message.event_id),
+                            "sequence": message.sequence,
+                        },
+                    )
             failpoints.hit("after_publish")
             acked.append(row.position)
         return acked
