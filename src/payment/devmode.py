@@ -88,8 +88,9 @@ async def _serve(service: Service, settings: Settings, demo: int) -> int:
     topics = service.container.topics()
     # Play once the consumer has joined its group, so the demo's latencies measure the
     # service, not the broker's first group join.
-    while not (service.consumer and service.consumer.assigned) and not runner.done():
-        await asyncio.sleep(0.1)
+    joined = asyncio.create_task(service.joined.wait())
+    await asyncio.wait({joined, runner}, return_when=asyncio.FIRST_COMPLETED)
+    joined.cancel()
     demo_task = asyncio.create_task(
         run_demo(
             str(settings.kafka_bootstrap_servers),

@@ -134,6 +134,7 @@ class KafkaInboxConsumer:
         tracer: Tracer | None = None,
         consumer_group: str | None = None,
         log_budget: LogBudget = UNLIMITED,
+        joined: asyncio.Event | None = None,
     ) -> None:
         self._consumer_factory = consumer_factory
         self._request_topic = request_topic
@@ -161,6 +162,8 @@ class KafkaInboxConsumer:
         self._stopping = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self.assigned: set[TopicPartition] = set()
+        # Set once the group first gave this instance partitions (dev --demo waits on it).
+        self.joined = joined if joined is not None else asyncio.Event()
         for topic in (request_topic, initiated_topic):
             for cause in ("poison", "conflict", "handler_error"):
                 metrics.messages_dead_lettered.add(0, {"topic": topic, "cause": cause})
@@ -690,6 +693,8 @@ class KafkaInboxConsumer:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assigned |= assigned
+        if assigned:
+            self.joined.set()
         if assigned:
             log.info("consumer: partitions assigned: %s", _names(assigned))
 
