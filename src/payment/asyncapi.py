@@ -76,7 +76,7 @@ DLQ_HEADERS: Final = (
     "dlq_consumer_group",
 )
 # Only on a record too large to park whole (its value, then its headers, left out).
-DLQ_DROPPED_HEADERS: Final = ("dlq_value_dropped", "dlq_headers_dropped")
+DLQ_DROPPED_HEADERS: Final = ("dlq_value_dropped", "dlq_headers_dropped", "dlq_key_dropped")
 
 _UUID: Final[Schema] = {"format": "uuid"}
 _TIMESTAMP: Final[Schema] = {"format": "date-time", "description": "RFC 3339, UTC."}
@@ -550,9 +550,9 @@ def _dead_letter_headers() -> Schema:
         "description": (
             "The original record's headers, unchanged (its `ce_type`, if any, is the original "
             "type), plus these; `dlq_*` headers of an earlier dead-lettering are replaced. "
-            "A record too large for the dead-letter topic is parked without its value "
-            "(`dlq_value_dropped`), and if still too large without its original headers "
-            "(`dlq_headers_dropped`), so that the partition keeps moving."
+            "A record too large for the dead-letter topic is parked without its largest part "
+            "(value, original headers or key), then the next largest, until it fits, each "
+            "named by a `dlq_*_dropped` header, so that the partition keeps moving."
         ),
         "properties": {
             reason: {"type": "string", "description": "Why; short, never the payload."},
@@ -567,6 +567,10 @@ def _dead_letter_headers() -> Schema:
             DLQ_DROPPED_HEADERS[1]: {
                 **number,
                 "description": "Size in bytes of the original headers left out.",
+            },
+            DLQ_DROPPED_HEADERS[2]: {
+                **number,
+                "description": "Size in bytes of the key left out (the record has none).",
             },
         },
         "required": list(DLQ_HEADERS),

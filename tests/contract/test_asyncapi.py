@@ -187,6 +187,7 @@ def test_dead_letter_header_names_are_the_publishers() -> None:
     assert asyncapi.DLQ_DROPPED_HEADERS == (
         dead_letters.DLQ_VALUE_DROPPED,
         dead_letters.DLQ_HEADERS_DROPPED,
+        dead_letters.DLQ_KEY_DROPPED,
     )
 
 

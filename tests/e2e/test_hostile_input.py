@@ -92,6 +92,8 @@ class Spec:
     card: bool = False
     # Pad a dict body (its "padding" field) to exactly this many bytes.
     pad_to: int | None = None
+    # The Kafka key, if not the booking id ("" for no key at all).
+    key: bytes | None = None
 
 
 @dataclass
@@ -529,6 +531,16 @@ def fixed_specs() -> list[Spec]:
             expect=DEAD,
             header_ops=(("set", "ce_source", b"src\x00nul"),),
         ),
+        # Keys: the service never reads them, but a dead letter keeps them.
+        Spec(kind="key/2MiB+poison", body=b"not json", key=b"k" * (2 * ONE_MIB), expect=DEAD),
+        Spec(
+            kind="key/2MiB+rule",
+            body={**valid_body(), "amount": 0},
+            key=b"k" * (2 * ONE_MIB),
+            expect=FAILED,
+        ),
+        Spec(kind="key/none+rule", body={**valid_body(), "amount": 0}, key=b"", expect=FAILED),
+        Spec(kind="key/binary+poison", body=b"[]", key=b"\xff\x00\xfe", expect=DEAD),
         # Hostile records on the other inbound topic.
         Spec(kind="initiated/garbage", body=b"\x00\xff not json", expect=DEAD, topic="initiated"),
         Spec(
@@ -580,7 +592,7 @@ def materialize(index: int, spec: Spec, run: str) -> Case:
         spec=spec,
         booking=booking,
         trace_id=trace,
-        key=booking.encode(),
+        key=booking.encode() if spec.key is None else (spec.key or None),
         value=value,
         headers=headers,
     )
@@ -910,6 +922,10 @@ async def test_hostile_input_never_becomes_a_payment_and_leaks_nothing(
     # service's producer (aiokafka's default max_request_size, 1 MiB) cannot park a 1 MiB
     # value plus headers, so those dead letters keep everything but the value.
     for case in cases:
+        if case.spec.kind == "key/2MiB+poison":
+            [dead] = [r for r in orch.events.dead_letters() if _origin(r) == _sent_at(case)]
+            assert dead.key is None and dead.value == case.value, case.label()
+            assert dead.header("dlq_key_dropped") == str(2 * ONE_MIB)
         if case.spec.pad_to is None or case.spec.expect != DEAD:
             continue
         assert case.sent is not None

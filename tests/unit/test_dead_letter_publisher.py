@@ -42,15 +42,18 @@ class LimitedProducer:
     ) -> object:
         if self.down:
             raise KafkaConnectionError("broker down")
-        size = len(value or b"") + sum(len(n) + len(v or b"") for n, v in headers or ())
+        size = len(key or b"") + len(value or b"")
+        size += sum(len(n) + len(v or b"") for n, v in headers or ())
         if size > self.limit:
             raise MessageSizeTooLargeError(f"{size} bytes")
         self.sent.append((topic, key, value, list(headers or ())))
         return object()
 
 
-def record(value: bytes | None, headers: Headers = (("ce_id", b"1"),)) -> Record:
-    return Record("requests", 2, 40, b"booking-1", value, headers)
+def record(
+    value: bytes | None, headers: Headers = (("ce_id", b"1"),), key: bytes | None = b"booking-1"
+) -> Record:
+    return Record("requests", 2, 40, key, value, headers)
 
 
 def header(headers: Headers, name: str) -> bytes | None:
@@ -88,6 +91,17 @@ async def test_headers_too_large_are_dropped_as_well() -> None:
     assert value is None
     assert [n for n, _ in headers if not n.startswith("dlq_")] == []
     assert header(headers, "dlq_headers_dropped") == str(len("x-junk") + 3_000 + 6).encode()
+
+
+async def test_a_huge_key_goes_first_and_the_value_stays() -> None:
+    producer = LimitedProducer(1_000)
+    await KafkaDeadLetterPublisher(producer, "dlq", "group").publish(
+        record(b"{}", key=b"k" * 5_000), "poison"
+    )
+    [(_, key, value, headers)] = producer.sent
+    assert (key, value) == (None, b"{}")
+    assert header(headers, "dlq_key_dropped") == b"5000"
+    assert not any(n in ("dlq_value_dropped", "dlq_headers_dropped") for n, _ in headers)
 
 
 async def test_an_outage_still_propagates_for_the_caller_to_retry() -> None:

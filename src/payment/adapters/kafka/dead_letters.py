@@ -17,10 +17,11 @@ DLQ_ORIGINAL_TOPIC: Final = "dlq_original_topic"
 DLQ_ORIGINAL_PARTITION: Final = "dlq_original_partition"
 DLQ_ORIGINAL_OFFSET: Final = "dlq_original_offset"
 DLQ_CONSUMER_GROUP: Final = "dlq_consumer_group"
-# Present when the dead letter could not keep what the record carried: the original
-# size in bytes of the value (`dlq_value_dropped`) or of the headers (`dlq_headers_dropped`).
+# Present when the dead letter could not keep what the record carried: the size in bytes
+# of the value, the original headers or the key it left out.
 DLQ_VALUE_DROPPED: Final = "dlq_value_dropped"
 DLQ_HEADERS_DROPPED: Final = "dlq_headers_dropped"
+DLQ_KEY_DROPPED: Final = "dlq_key_dropped"
 # Too large for the producer's or the broker's limit: the same bytes will never fit.
 _TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 _DLQ_PREFIX: Final = "dlq_"
@@ -46,11 +47,12 @@ class KafkaDeadLetterPublisher:
         The caller moves its offset past the record only after this returns; a broker
         error propagates (aiokafka's `KafkaError`) so it can retry.
 
-        A record too large to park as it is (a value past the producer's
-        `max_request_size` or the broker's message limit, once the `dlq_*` headers are
-        added) is parked without its value, then also without its original headers,
-        saying so in `dlq_value_dropped` / `dlq_headers_dropped`: retrying the same bytes
-        would block the partition forever (contract 4.5: the partition keeps moving).
+        A record too large to park as it is (past the producer's `max_request_size` or
+        the broker's message limit, once the `dlq_*` headers are added) is parked without
+        its largest part (value, original headers or key), then the next largest, each
+        drop said in `dlq_value_dropped` / `dlq_headers_dropped` / `dlq_key_dropped` (the
+        size left out): retrying the same bytes would block the partition forever
+        (contract 4.5: the partition keeps moving).
         """
         # A record re-driven from the dead-letter topic that fails again gets fresh dlq_*
         # headers, not a second, contradicting set.
@@ -66,51 +68,42 @@ class KafkaDeadLetterPublisher:
             (DLQ_ORIGINAL_OFFSET, str(record.offset).encode()),
             (DLQ_CONSUMER_GROUP, self._consumer_group.encode()),
         ]
-        value = record.value
-        try:
-            await self._send(record, value, original + dlq)
-            return
-        except _TOO_LARGE:
-            if value is None:
-                raise
-        value_size = str(len(value)).encode()
-        log.warning(
-            "dead letter of %s[%d]@%d too large to keep its %d-byte value: dropping the value",
-            record.topic,
-            record.partition,
-            record.offset,
-            len(value),
-        )
-        try:
-            await self._send(record, None, [*original, *dlq, (DLQ_VALUE_DROPPED, value_size)])
-            return
-        except _TOO_LARGE:
-            pass
-        headers_size = sum(len(n) + len(v or b"") for n, v in original)
-        log.warning(
-            "dead letter of %s[%d]@%d still too large: dropping its %d bytes of headers too",
-            record.topic,
-            record.partition,
-            record.offset,
-            headers_size,
-        )
-        await self._send(
-            record,
-            None,
-            [
-                *dlq,
-                (DLQ_VALUE_DROPPED, value_size),
-                (DLQ_HEADERS_DROPPED, str(headers_size).encode()),
-            ],
-        )
-
-    async def _send(
-        self, record: ConsumedRecord, value: bytes | None, headers: list[tuple[str, bytes | None]]
-    ) -> None:
-        await self._producer.send_and_wait(
-            self._topic, value=value, key=record.key, headers=headers
-        )
-        self.published += 1
+        key, value = record.key, record.value
+        dropped: list[tuple[str, bytes | None]] = []
+        sizes = {
+            DLQ_VALUE_DROPPED: None if value is None else len(value),
+            DLQ_HEADERS_DROPPED: sum(len(n) + len(v or b"") for n, v in original) or None,
+            DLQ_KEY_DROPPED: None if key is None else len(key),
+        }
+        while True:
+            try:
+                await self._producer.send_and_wait(
+                    self._topic, value=value, key=key, headers=[*original, *dlq, *dropped]
+                )
+                self.published += 1
+                return
+            except _TOO_LARGE:
+                left = {name: size for name, size in sizes.items() if size is not None}
+                if not left:
+                    raise
+            # The largest part first: the least is lost.
+            part = max(left, key=lambda name: left[name])
+            size = sizes.pop(part)
+            dropped.append((part, str(size).encode()))
+            if part == DLQ_VALUE_DROPPED:
+                value = None
+            elif part == DLQ_HEADERS_DROPPED:
+                original = []
+            else:
+                key = None
+            log.warning(
+                "dead letter of %s[%d]@%d too large: leaving out %s bytes (%s)",
+                record.topic,
+                record.partition,
+                record.offset,
+                size,
+                part,
+            )
 
 
 def _bounded(reason: str) -> str:

@@ -31,6 +31,7 @@ from payment.adapters.kafka.cloudevents import H_ID, H_SOURCE, H_TYPE
 from payment.adapters.kafka.dead_letters import (
     DLQ_CONSUMER_GROUP,
     DLQ_HEADERS_DROPPED,
+    DLQ_KEY_DROPPED,
     DLQ_ORIGINAL_OFFSET,
     DLQ_ORIGINAL_PARTITION,
     DLQ_ORIGINAL_TOPIC,
@@ -93,8 +94,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def complete(self) -> bool:
-        """False if the record was too large to park whole (its value or headers dropped)."""
-        return self.header(DLQ_VALUE_DROPPED) is None and self.header(DLQ_HEADERS_DROPPED) is None
+        """False if the record was too large to park whole (a part of it left out)."""
+        dropped = (DLQ_VALUE_DROPPED, DLQ_HEADERS_DROPPED, DLQ_KEY_DROPPED)
+        return all(self.header(name) is None for name in dropped)
 
     @property
     def size(self) -> int:
