@@ -9,9 +9,12 @@ import re
 import sys
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from payment.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from payment.adapters.kafka.redrive import DeadLetter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,7 +208,7 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _list_dead_letters(
-    settings: Settings, letters: Sequence[Any], show_payload: bool, as_json: bool
+    settings: Settings, letters: Sequence[DeadLetter], show_payload: bool, as_json: bool
 ) -> int:
     import json
 
@@ -253,7 +256,11 @@ async def _list_dead_letters(
 
 
 async def _redrive(
-    settings: Settings, url: str, letters: Sequence[Any], refs: list[str] | None, dry_run: bool
+    settings: Settings,
+    url: str,
+    letters: Sequence[DeadLetter],
+    refs: list[str] | None,
+    dry_run: bool,
 ) -> int:
     from payment.adapters.kafka.producer import create_producer
     from payment.adapters.kafka.redrive import redrive
