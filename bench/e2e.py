@@ -371,7 +371,9 @@ async def _run_steps(
             print(
                 f"e2e: {label}: {result.throughput:.0f}/s, p99 {result.p(99):.0f} ms,"
                 f" {result.answered}/{result.sent} answered,"
-                f" {result.cpu_ms_per_payment:.2f} ms CPU/payment, load {result.load}",
+                f" {result.cpu_ms_per_payment:.2f} ms CPU/payment, load {result.load};"
+                f" sender fell behind by {result.send_lag_ms:.0f} ms at worst,"
+                f" orchestrator CPU {result.orchestrator_cpu_s:.1f} s",
                 flush=True,
             )
             if not plan.saturation:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
@@ -48,6 +49,7 @@ OTLP_EXTRA_HINT: Final = "pip install 'payment-service[otlp]'"
 # Contract section 2 names W3C Trace Context: used explicitly, whatever OTEL_PROPAGATORS says.
 W3C: Final = TraceContextTextMapPropagator()
 _TRACEPARENT: Final = "traceparent"
+_PLAIN_TRACEPARENT: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACESTATE: Final = "tracestate"
 
 _OTLP_MODULES: Final = {
@@ -165,11 +167,24 @@ def context_from_trace(headers: TraceHeaders | None) -> Context:
     An empty (root) context when there is no valid `traceparent`: a span started with it
     begins a new trace instead of silently joining whatever context is current.
     """
-    carrier: dict[str, str] = {}
-    if headers is not None and headers.traceparent is not None:
-        carrier[_TRACEPARENT] = headers.traceparent
-        if headers.tracestate is not None:
-            carrier[_TRACESTATE] = headers.tracestate
+    if headers is None or headers.traceparent is None:
+        return Context()
+    # The usual case, version 00 without tracestate, without the propagator's per-call
+    # regex lookup (it runs for every consumed message and every published row).
+    match = _PLAIN_TRACEPARENT.fullmatch(headers.traceparent)
+    if match is not None and headers.tracestate is None:
+        trace_id, span_id = int(match[1], 16), int(match[2], 16)
+        if trace_id and span_id:
+            parent = trace.SpanContext(
+                trace_id=trace_id,
+                span_id=span_id,
+                is_remote=True,
+                trace_flags=trace.TraceFlags(int(match[3], 16)),
+            )
+            return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
+    carrier = {_TRACEPARENT: headers.traceparent}
+    if headers.tracestate is not None:
+        carrier[_TRACESTATE] = headers.tracestate
     return W3C.extract(carrier, context=Context())
 
 
