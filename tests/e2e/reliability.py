@@ -365,7 +365,9 @@ class Audit:
 
     # -- the invariants ----------------------------------------------------------------
 
-    def violations(self) -> list[str]:
+    def violations(self, *, order: bool = True) -> list[str]:
+        """Every broken invariant, described; `order=False` skips the per-payment order
+        (when `records` carry no broker timestamps)."""
         found: list[str] = []
         terminal = self.distinct(*TERMINAL_KINDS)
         initiated = self.distinct("initiated")
@@ -441,7 +443,8 @@ class Audit:
             found.append(f"{self.db.in_flight_stale} payments in flight past the threshold")
 
         # Per payment, on the topics: the first copy of each event in stream order.
-        found += self.order_violations()
+        if order:
+            found += self.order_violations()
         dead = [r for r in self.records if r.kind == "dead_letter"]
         if dead:
             found.append(f"{len(dead)} dead letters")
