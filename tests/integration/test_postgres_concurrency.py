@@ -29,6 +29,7 @@ from payment.application.handlers import (
     request_payment,
 )
 from payment.application.messages import OutboundMessage
+from payment.application.ports import UnitOfWork
 from payment.domain.events import ChargeAttempted, PaymentCompleted, PaymentFailed
 from support.fixtures import DatabaseFactory
 
@@ -145,6 +146,7 @@ async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(
                     await uow.events.append(stream, version, [_attempted(stream, version + 1)])
                     await uow.outbox.add([_message(str(stream), version + 1)])
                     if rng.random() < 0.4:
+                        await _send_now(uow)
                         await asyncio.sleep(rng.uniform(0.005, 0.03))
                     await uow.commit()
             except ConcurrencyConflict:
@@ -154,6 +156,7 @@ async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(
         # Draws a position, then commits well after faster writers drew later ones.
         async with pg_uow_factory() as uow:
             await uow.outbox.add([_message(f"laggard-{n}", None)])
+            await _send_now(uow)
             await asyncio.sleep(rng.uniform(0.02, 0.06))
             await uow.commit()
 
@@ -195,6 +198,12 @@ async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(
     assert by_stream == {str(s): list(range(1, events_per_stream + 1)) for s in streams}
     # The test is only worth something if rows did commit behind the reader's progress.
     assert late > 0
+
+
+async def _send_now(uow: UnitOfWork) -> None:
+    """Make the unit of work send its queued writes now (a read sees them, so it sends
+    them first): the outbox row draws its position here, long before the commit."""
+    await uow.events.load(uuid.uuid4())
 
 
 def _attempted(stream: uuid.UUID, version: int) -> ChargeAttempted:

@@ -60,11 +60,47 @@ async def test_reads_run_outside_a_transaction_until_the_first_write(
     async with PostgresUnitOfWork(one_connection) as uow:
         await uow.events.load(stream)
         assert not _in_transaction(uow)
-        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.inbox.mark("saga", "m-1", CLOCK.now())
         assert _in_transaction(uow)
+        await uow.events.append(stream, 0, [_event(stream, 1)])
         assert len(await uow.events.load(stream)) == 1
         await uow.commit()
         assert not _in_transaction(uow)
+
+
+async def test_writes_without_a_result_wait_for_the_next_statement_or_the_commit(
+    one_connection: Pool,
+) -> None:
+    stream = uuid.uuid4()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.append(stream, 0, [_event(stream, 1)])
+        # Nothing sent yet: no transaction, and a reader elsewhere sees nothing.
+        assert not _in_transaction(uow)
+        await uow.events.append(stream, 1, [_event(stream, 2)])
+        # A read in the unit of work sees its own writes (they are sent first).
+        assert len(await uow.events.load(stream)) == 2
+        assert _in_transaction(uow)
+        await uow.outbox.add([])
+        await uow.commit()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        assert len(await uow.events.load(stream)) == 2
+
+
+async def test_a_deferred_conflict_surfaces_at_commit_and_nothing_commits(
+    one_connection: Pool,
+) -> None:
+    stream = uuid.uuid4()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.commit()
+    with pytest.raises(ConcurrencyConflict):
+        async with PostgresUnitOfWork(one_connection) as uow:
+            assert await uow.inbox.mark("saga", "m-2", CLOCK.now())
+            await uow.events.append(stream, 0, [_event(stream, 1)])  # behind: version 1 exists
+            await uow.commit()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        assert len(await uow.events.load(stream)) == 1
+        assert await uow.inbox.mark("saga", "m-2", CLOCK.now())  # the mark was rolled back
 
 
 @pytest.mark.parametrize("ending", ["commit", "leave", "error", "conflict"])
@@ -90,8 +126,8 @@ async def test_the_connection_goes_back_idle_in_autocommit(
             if ending == "conflict":
                 await uow.events.append(stream, 0, [_event(stream, 1)])
             await uow.events.append(stream, len(events), [_event(stream, len(events) + 1)])
-            if ending == "commit":
-                await uow.commit()
+            if ending in ("commit", "conflict"):
+                await uow.commit()  # a conflict of a queued append surfaces here
             elif ending == "error":
                 raise LookupError("handler failed")
 

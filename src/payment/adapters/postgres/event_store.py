@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
-from psycopg import errors
+import psycopg
+from psycopg import AsyncCursor, errors
+from psycopg.rows import TupleRow
 
 from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
@@ -103,15 +105,17 @@ class PostgresEventStore:
                 e.occurred_at,
             )
         params += (expected_version, stream_id, expected_version)
-        try:
-            cur = await self._tx.write(_append_sql(len(events)), params)
-        except errors.UniqueViolation as exc:
-            if exc.diag.constraint_name == STREAM_VERSION_CONSTRAINT:
-                # The transaction is aborted now; the caller retries in a fresh one.
-                raise ConcurrencyConflict(stream_id, expected_version) from None
-            raise
-        if cur.rowcount != len(events):
-            raise ConcurrencyConflict(stream_id, expected_version)
+        # Sent with the next statement or the commit (Transaction.defer); a conflict
+        # surfaces there. Appending to a new stream needs no look at the row count: its
+        # guard always holds, so such a unit of work commits in the same round trip.
+        self._tx.defer(
+            _append_sql(len(events)),
+            params,
+            check=_rows_check(len(events), stream_id, expected_version)
+            if expected_version
+            else None,
+            translate=_conflict_of(stream_id, expected_version),
+        )
 
     async def append_many(self, appends: Sequence[StreamAppend]) -> None:
         if len({a.stream_id for a in appends}) != len(appends):
@@ -133,17 +137,45 @@ class PostgresEventStore:
             )
         if not rows:
             return
+        # Which stream conflicted does not matter to the caller, who abandons the whole
+        # unit of work: the first one is named.
         first = appends[0]
-        try:
-            cur = await self._tx.write(_APPEND_MANY, (json_rows(rows),))
-        except errors.UniqueViolation as exc:
-            if exc.diag.constraint_name == STREAM_VERSION_CONSTRAINT:
-                raise ConcurrencyConflict(first.stream_id, first.expected_version) from None
-            raise
-        if cur.rowcount != len(rows):
-            # Some stream was behind its expected version; which one does not matter to
-            # the caller, who abandons the whole unit of work.
-            raise ConcurrencyConflict(first.stream_id, first.expected_version)
+        self._tx.defer(
+            _APPEND_MANY,
+            (json_rows(rows),),
+            check=_rows_check(len(rows), first.stream_id, first.expected_version)
+            if any(a.expected_version for a in appends)
+            else None,
+            translate=_conflict_of(first.stream_id, first.expected_version),
+        )
+
+
+def _rows_check(
+    count: int, stream_id: uuid.UUID, expected_version: int
+) -> Callable[[AsyncCursor[TupleRow]], None]:
+    """Fewer rows than events: a stream was behind its expected version."""
+
+    def check(cur: AsyncCursor[TupleRow]) -> None:
+        if cur.rowcount != count:
+            raise ConcurrencyConflict(stream_id, expected_version)
+
+    return check
+
+
+def _conflict_of(
+    stream_id: uuid.UUID, expected_version: int
+) -> Callable[[psycopg.Error], Exception | None]:
+    """A unique violation of (stream, version): another writer appended first."""
+
+    def translate(exc: psycopg.Error) -> Exception | None:
+        if (
+            isinstance(exc, errors.UniqueViolation)
+            and exc.diag.constraint_name == STREAM_VERSION_CONSTRAINT
+        ):
+            return ConcurrencyConflict(stream_id, expected_version)
+        return None
+
+    return translate
 
 
 def _check(stream_id: uuid.UUID, expected_version: int, events: Sequence[AnyPaymentEvent]) -> None:

@@ -129,7 +129,7 @@ class PostgresOutbox:
             except ValueError:
                 pass  # not UTF-8 text: bytea parameters below take anything
             else:
-                await self._tx.write(_ADD_MANY, (rows,))
+                self._tx.defer(_ADD_MANY, (rows,))
                 return
         params: list[object] = []
         for m in messages:
@@ -144,7 +144,7 @@ class PostgresOutbox:
                 m.trace.traceparent,
                 m.trace.tracestate,
             )
-        await self._tx.write(_add_sql(len(messages)), params)
+        self._tx.defer(_add_sql(len(messages)), params)
 
     async def pending(self, limit: int) -> list[OutboxRecord]:
         cur = await self._tx.read(_PENDING, (limit,))
@@ -179,7 +179,7 @@ class PostgresOutbox:
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
         if not positions:
             return
-        await self._tx.write(_MARK_PUBLISHED, (at, list(positions)))
+        self._tx.defer(_MARK_PUBLISHED, (at, list(positions)))
 
 
 def _json_rows(messages: Sequence[OutboundMessage]) -> str:

@@ -76,7 +76,7 @@ class PostgresPaymentIndex:
         return None if row is None else _uuid(row[0])
 
     async def set_status(self, payment_id: uuid.UUID, status: PaymentStatus, at: datetime) -> None:
-        await self._tx.write(_SET_STATUS, (status.value, at, payment_id))
+        self._tx.defer(_SET_STATUS, (status.value, at, payment_id))
 
     async def set_statuses(
         self, statuses: Sequence[tuple[uuid.UUID, PaymentStatus]], at: datetime
@@ -84,7 +84,7 @@ class PostgresPaymentIndex:
         if not statuses:
             return
         rows = json_rows([{"payment_id": pid, "status": status.value} for pid, status in statuses])
-        await self._tx.write(_SET_STATUSES, (at, rows))
+        self._tx.defer(_SET_STATUSES, (at, rows))
 
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
         cur = await self._tx.read(_IN_FLIGHT, (before, limit))
