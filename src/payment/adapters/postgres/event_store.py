@@ -29,7 +29,9 @@ ORDER BY stream_id, version
 
 # append_many: one fixed statement whatever the number of events (rows.py); the same
 # guard as _append_sql, per row. Rows go in (stream, version) order, so two batches that
-# share streams wait on each other in the same order and cannot deadlock.
+# share streams wait on each other in the same order and cannot deadlock. The guard is a
+# LATERAL probe of the (stream_id, version) index: written as `OR EXISTS (…)`, PostgreSQL
+# plans it as a hashed subplan over a sequential scan of the whole table.
 _APPEND_MANY = b"""
 INSERT INTO payment_events (stream_id, version, event_id, event_type, data, occurred_at)
 SELECT r.stream_id, r.version, r.event_id, r.event_type, r.data, r.occurred_at
@@ -37,10 +39,11 @@ FROM json_to_recordset(%s::json) AS r(
     stream_id uuid, version integer, expected integer, event_id uuid, event_type text,
     data jsonb, occurred_at timestamptz
 )
-WHERE r.expected = 0
-   OR EXISTS (
-        SELECT FROM payment_events e WHERE e.stream_id = r.stream_id AND e.version = r.expected
-   )
+LEFT JOIN LATERAL (
+    SELECT true AS found FROM payment_events e
+    WHERE e.stream_id = r.stream_id AND e.version = r.expected
+) AS g ON true
+WHERE r.expected = 0 OR g.found
 ORDER BY r.stream_id, r.version
 """
 

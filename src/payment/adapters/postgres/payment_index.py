@@ -34,11 +34,11 @@ _FOR_BOOKING = "SELECT payment_id FROM payment_payments WHERE booking_id = %s"
 
 _SET_STATUS = "UPDATE payment_payments SET status = %s, updated_at = %s WHERE payment_id = %s"
 
-_SET_STATUSES = b"""
-UPDATE payment_payments AS p SET status = r.status, updated_at = %s::timestamptz
-FROM json_to_recordset(%s::json) AS r(payment_id uuid, status text)
-WHERE p.payment_id = r.payment_id
-"""
+# One statement per status (a batch has one or two): by primary key. A join with a JSON
+# recordset instead is planned as a hash join over a sequential scan of the table.
+_SET_STATUSES = (
+    "UPDATE payment_payments SET status = %s, updated_at = %s WHERE payment_id = ANY(%s)"
+)
 
 # Served by the partial index payment_payments_in_flight_idx.
 _IN_FLIGHT = """
@@ -81,10 +81,11 @@ class PostgresPaymentIndex:
     async def set_statuses(
         self, statuses: Sequence[tuple[uuid.UUID, PaymentStatus]], at: datetime
     ) -> None:
-        if not statuses:
-            return
-        rows = json_rows([{"payment_id": pid, "status": status.value} for pid, status in statuses])
-        self._tx.defer(_SET_STATUSES, (at, rows))
+        by_status: dict[PaymentStatus, list[uuid.UUID]] = {}
+        for payment_id, status in statuses:
+            by_status.setdefault(status, []).append(payment_id)
+        for status, ids in by_status.items():
+            self._tx.defer(_SET_STATUSES, (status.value, at, ids))
 
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
         cur = await self._tx.read(_IN_FLIGHT, (before, limit))
