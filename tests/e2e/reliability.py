@@ -468,15 +468,20 @@ class Audit:
     def summary(self) -> dict[str, int]:
         terminal_records = [r for r in self.records if r.kind in TERMINAL_KINDS]
         charged = [i for i in self.intents if i["status"] == "succeeded"]
+        counters = {}
+        if self.gateway_stats:  # the fake gateway counts; localstripe does not
+            counters = {
+                "gateway create calls": self.gateway_stats.get("create_requests", 0),
+                "gateway idempotent replays": self.gateway_stats.get("replayed", 0),
+                "gateway lost responses": self.gateway_stats.get("lost_responses", 0),
+            }
         return {
             "requests sent": self.requests,
             "bookings": len(self.bookings),
             "payments": len(self.db.payments),
             "gateway charges (succeeded intents)": len(charged),
             "gateway declines": len(self.intents) - len(charged),
-            "gateway create calls": self.gateway_stats.get("create_requests", 0),
-            "gateway idempotent replays": self.gateway_stats.get("replayed", 0),
-            "gateway lost responses": self.gateway_stats.get("lost_responses", 0),
+            **counters,
             "terminal events (deliveries)": len(terminal_records),
             "terminal events (distinct ce_id)": len({r.ce_id for r in terminal_records}),
             "initiated events (deliveries)": sum(r.kind == "initiated" for r in self.records),

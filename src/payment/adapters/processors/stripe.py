@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal, Self
 from urllib.parse import urlsplit
@@ -264,6 +266,8 @@ class StripeProcessor:
             dialect if dialect != "auto" else ("stripe" if api_base is None else None)
         )
         self._lookup_before_charge = lookup_before_charge
+        # payment id -> (its lock, how many calls hold or wait for it)
+        self._charging: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
         self._api_base = api_base
         self._api_key = _Secret(api_key)
         # The application's deadline (ExecutionPolicy.call_timeout_s) is longer, so that
@@ -317,13 +321,37 @@ class StripeProcessor:
             # Nothing was sent; no retry can change the answer.
             return Declined(code="amount_not_representable", message=str(exc))
         dialect = await self._resolve_dialect()
-        if self._looks_up_before_charge(dialect):
+        if not self._looks_up_before_charge(dialect):
+            return await self._create(request, amount, dialect)
+        # Look-up-then-create is not atomic: two calls for one payment in this process (the
+        # consumer's and the reconciler's, after a restart) would both find nothing and
+        # create two PaymentIntents at a gateway that ignores idempotency keys. So one at
+        # a time per payment: the second finds the first one's intent. (Across instances
+        # nothing serialises them; only Stripe's own idempotency keys do.)
+        async with self._one_charge_at_a_time(request.payment_id):
             found = await self._find(request)
             if found:
                 known = self._outcome_of_many(request, found)
                 if known is None:
                     raise OutcomeUnknown("stripe: an earlier attempt is not final yet")
                 return known
+            return await self._create(request, amount, dialect)
+
+    @contextlib.asynccontextmanager
+    async def _one_charge_at_a_time(self, payment_id: uuid.UUID) -> AsyncIterator[None]:
+        lock, users = self._charging.get(payment_id, (asyncio.Lock(), 0))
+        self._charging[payment_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._charging[payment_id]
+            if users == 1:
+                del self._charging[payment_id]
+            else:
+                self._charging[payment_id] = (lock, users - 1)
+
+    async def _create(self, request: ChargeRequest, amount: int, dialect: Dialect) -> ChargeOutcome:
         try:
             intent = await self._client.v1.payment_intents.create_async(
                 self._create_params(request, amount, dialect),
