@@ -185,6 +185,19 @@ def cpu_seconds_of(pids: Sequence[int]) -> float:
     return total
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (schedstat).
+
+    On a shared machine this tells CPU starvation (other processes had the cores) from a
+    process that was idle, waiting on I/O.
+    """
+    total = 0.0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[1]) / 1e9
+    return total
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's resident-set high-water mark (VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

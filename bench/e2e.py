@@ -42,6 +42,7 @@ from benchlib import (
     load,
     peak_rss_mb,
     percentile,
+    runqueue_wait_s,
     scratch_database,
     server_url,
     table,
@@ -80,6 +81,7 @@ class StepResult:
     peak_rss_mb: float
     load: str
     send_lag_ms: float  # how far the sender fell behind its schedule at worst
+    service_wait_s: float = 0.0  # runnable but waiting for a CPU (other processes had them)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -113,6 +115,7 @@ class StepResult:
             f"{self.p(50):.0f} / {self.p(95):.0f} / {self.p(99):.0f}",
             f"{self.cpu_ms_per_payment:.2f}",
             f"{100 * self.service_cpu_s / self.elapsed_s:.0f}%" if self.elapsed_s else "-",
+            f"{100 * self.service_wait_s / self.elapsed_s:.0f}%" if self.elapsed_s else "-",
             f"{1000 * self.db_cpu_s / per:.2f}",
             f"{1000 * self.broker_cpu_s / per:.2f}",
             f"{self.peak_rss_mb:.0f}",
@@ -129,6 +132,7 @@ HEADER = [
     "p50/p95/p99 ms",
     "svc CPU ms/pay",
     "svc CPU",
+    "svc CPU wait",
     "PG ms/pay",
     "broker ms/pay",
     "peak RSS MB",
@@ -291,6 +295,7 @@ async def measure(
     loop = asyncio.get_running_loop()
     backends = probes.backend_pids()
     service0 = cpu_seconds(probes.service_pid)
+    wait0 = runqueue_wait_s(probes.service_pid)
     db0 = cpu_seconds_of(backends)
     broker0 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
     own0 = time.process_time()
@@ -298,6 +303,7 @@ async def measure(
     bookings, lag = await orchestrator.offer(f"{label}-{uuid.uuid4().hex[:6]}", rate, duration_s)
     answered = await orchestrator.wait_answered(bookings, drain_s)
     service1 = cpu_seconds(probes.service_pid)
+    wait1 = runqueue_wait_s(probes.service_pid)
     # Backends that appeared during the step (the pool grew) count from zero: close enough.
     db1 = cpu_seconds_of(backends)
     db_new = [p for p in probes.backend_pids() if p not in backends]
@@ -324,6 +330,7 @@ async def measure(
         peak_rss_mb=peak_rss_mb(probes.service_pid),
         load=load(),
         send_lag_ms=1000 * lag,
+        service_wait_s=wait1 - wait0,
     )
 
 
