@@ -303,6 +303,19 @@ class FailOnce:
             topic, value=value, key=key, headers=list(headers)
         )
 
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> asyncio.Future[object]:
+        return asyncio.ensure_future(
+            self.send_and_wait(topic, value, key, partition, timestamp_ms, headers)
+        )
+
 
 async def test_a_failed_send_never_lets_a_later_event_of_its_payment_overtake_it(
     kafka_bootstrap: str, producer: AIOKafkaProducer

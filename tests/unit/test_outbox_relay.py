@@ -59,6 +59,20 @@ class FakeSender:
         self.sent.append(sent)
         return None
 
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> asyncio.Future[object]:
+        # Queued now, acknowledged (or refused) a moment later, like the real producer.
+        return asyncio.ensure_future(
+            self.send_and_wait(topic, value, key, partition, timestamp_ms, headers)
+        )
+
 
 def message(key: str, sequence: int, kind: OutboundType = "payment.initiated") -> OutboundMessage:
     return OutboundMessage(

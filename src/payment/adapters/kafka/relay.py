@@ -12,10 +12,10 @@ from typing import TypeVar
 
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from payment.adapters.kafka.cloudevents import encode_outbound
-from payment.adapters.kafka.producer import RecordSender
+from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.telemetry import context_from_trace
@@ -67,7 +67,7 @@ class KafkaOutboxRelay:
 
     def __init__(
         self,
-        producer: RecordSender,
+        producer: RecordQueue,
         uow_factory: UnitOfWorkFactory,
         topics: Topics,
         clock: Clock,
@@ -174,11 +174,19 @@ class KafkaOutboxRelay:
             by_key: dict[str, list[OutboxRecord]] = {}
             for row in sorted(rows, key=lambda r: r.position):
                 by_key.setdefault(row.message.key, []).append(row)
-            async with asyncio.TaskGroup() as group:
-                chains = [
-                    group.create_task(self._send_in_order(chain)) for chain in by_key.values()
+            # Rounds: the first row of every key, then the second of every key whose first
+            # was acknowledged, and so on. A key stops at its first failure.
+            acked: list[int] = []
+            live = list(by_key.values())
+            depth = 0
+            while live:
+                sent = await self._send_round([chain[depth] for chain in live])
+                acked += [chain[depth].position for chain, ok in zip(live, sent, strict=True) if ok]
+                depth += 1
+                live = [
+                    chain for chain, ok in zip(live, sent, strict=True) if ok and len(chain) > depth
                 ]
-            acked = sorted(p for chain in chains for p in chain.result())
+            acked.sort()
             if acked:
                 async with self._uow_factory() as uow:
                     await uow.outbox.mark_published(acked, self._clock.now())
@@ -187,18 +195,24 @@ class KafkaOutboxRelay:
                 self.published += len(acked)
             return len(rows), len(rows) - len(acked)
 
-    async def _send_in_order(self, rows: Sequence[OutboxRecord]) -> list[int]:
-        """Send one key's rows one by one; stop at the first failure. Acked positions."""
-        acked: list[int] = []
+    async def _send_round(self, rows: Sequence[OutboxRecord]) -> list[bool]:
+        """Send one row of each of several keys at once; which of them were acknowledged.
+
+        Every row is queued with the producer first (one PRODUCER span each, ended at its
+        acknowledgement), then the acknowledgements are awaited together, within
+        `ack_timeout`: no task or timer per row.
+        """
+        sending: list[tuple[OutboxRecord, Span, asyncio.Future[object]] | None] = []
         for row in rows:
             message = row.message
             try:
                 record = encode_outbound(message, source=self._source, topic_for=self._topic_for)
             except KeyError:
                 log.error("outbox relay: no topic for type %s (row %d)", message.type, row.position)
-                break
+                sending.append(None)
+                continue
             key_attribute = "payment.id" if message.subject is not None else "payment.booking_id"
-            with self._tracer.start_as_current_span(
+            span = self._tracer.start_span(
                 f"publish {record.topic}",
                 context=context_from_trace(message.trace),
                 kind=SpanKind.PRODUCER,
@@ -214,25 +228,55 @@ class KafkaOutboxRelay:
                 },
                 record_exception=False,
                 set_status_on_exception=False,
-            ) as span:
-                failpoints.hit("before_publish")
-                try:
-                    async with asyncio.timeout(self._ack_timeout):
-                        await self._producer.send_and_wait(
-                            record.topic, value=record.value, key=record.key, headers=record.headers
-                        )
-                except (KafkaError, TimeoutError) as exc:
-                    self.send_failures += 1
-                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                    log.warning(
-                        "outbox relay: send of row %d (%s, key %s) failed: %s",
-                        row.position,
-                        message.type,
-                        message.key,
-                        type(exc).__name__,
-                    )
-                    break
-                if self._budget.allow(f"published {message.type}"):
+            )
+            failpoints.hit("before_publish")
+            try:
+                ack = await self._producer.send(
+                    record.topic, value=record.value, key=record.key, headers=record.headers
+                )
+            except KafkaError as exc:
+                ack = asyncio.get_running_loop().create_future()
+                ack.set_exception(exc)
+            sending.append((row, span, ack))
+        acks = [item[2] for item in sending if item is not None]
+        if acks:
+            await asyncio.wait(acks, timeout=self._ack_timeout)
+        results: list[bool] = []
+        for item in sending:
+            if item is None:
+                results.append(False)
+                continue
+            row, span, ack = item
+            error: BaseException | None
+            if not ack.done():
+                ack.cancel()
+                error = TimeoutError()
+            else:
+                error = None if ack.cancelled() else ack.exception()
+                if ack.cancelled():
+                    error = TimeoutError()
+            results.append(self._acknowledged(row, span, error))
+        return results
+
+    def _acknowledged(self, row: OutboxRecord, span: Span, error: BaseException | None) -> bool:
+        """End the row's span and log its fate; True if the broker acknowledged it."""
+        message = row.message
+        try:
+            if error is not None:
+                if not isinstance(error, (KafkaError, TimeoutError)):
+                    raise error
+                self.send_failures += 1
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                log.warning(
+                    "outbox relay: send of row %d (%s, key %s) failed: %s",
+                    row.position,
+                    message.type,
+                    message.key,
+                    type(error).__name__,
+                )
+                return False
+            if self._budget.allow(f"published {message.type}"):
+                with trace.use_span(span, end_on_exit=False):
                     log.info(
                         "published %s",
                         message.type,
@@ -245,9 +289,10 @@ class KafkaOutboxRelay:
                             "sequence": message.sequence,
                         },
                     )
-            failpoints.hit("after_publish")
-            acked.append(row.position)
-        return acked
+        finally:
+            span.end()
+        failpoints.hit("after_publish")
+        return True
 
     async def _drain(self) -> None:
         delay = _FIRST_BACKOFF
