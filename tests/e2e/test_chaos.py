@@ -101,6 +101,7 @@ class Killer:
         self.rng = rng
         self.causes: Counter[str] = Counter()
         self.points = sorted(failpoints.POINTS)
+        self._next_points: list[str] = []
 
     @property
     def kills(self) -> int:
@@ -110,7 +111,10 @@ class Killer:
         rng = self.rng
         spec: str | None = None
         if rng.random() < 0.6:
-            spec = f"{rng.choice(self.points)}@{rng.randint(1, 6)}"
+            # Every point in turn (shuffled), so that each is armed a few times per run.
+            if not self._next_points:
+                self._next_points = rng.sample(self.points, len(self.points))
+            spec = f"{self._next_points.pop()}@{rng.randint(1, 6)}"
             self.service.env[failpoints.ENV_VAR] = spec
         else:
             self.service.env.pop(failpoints.ENV_VAR, None)
