@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -378,6 +379,7 @@ class KafkaInboxConsumer:
             items.append((record, event, span))
         decoded[:] = items
         results = await request_payments(cmds, self._uow_factory, self._clock, self._settings)
+        tally: Counter[RequestResult] = Counter()
         for (record, event, span), cmd, result in zip(items, cmds, results, strict=True):
             with trace.use_span(span, end_on_exit=False):
                 if isinstance(result, PaymentConflict):
@@ -389,19 +391,25 @@ class KafkaInboxConsumer:
                     )
                     await self._mark_handled(cmd.inbound)
                 else:
-                    self._requested(event, cmd.booking_id, result, span)
+                    self._requested(event, cmd.booking_id, result, span, tally)
+        # Counters once per result of the batch, not once per message.
+        for result, count in tally.items():
+            self._count_requests(result, count)
         return alone
 
     def _requested(
-        self, event: InboundEvent, booking_id: str, result: RequestResult, span: Span
+        self,
+        event: InboundEvent,
+        booking_id: str,
+        result: RequestResult,
+        span: Span,
+        tally: Counter[RequestResult] | None = None,
     ) -> None:
         span.set_attribute("payment.result", result.value)
-        self._metrics.requests_handled.add(1, {"result": result.value})
-        if result is RequestResult.DUPLICATE:
-            self._metrics.requests_deduplicated.add(1)
-        elif result is RequestResult.REJECTED:
-            self._metrics.requests_invalid.add(1)
-            self._metrics.outcomes.add(1, {"outcome": "failed", "reason": "invalid_request"})
+        if tally is None:
+            self._count_requests(result, 1)
+        else:
+            tally[result] += 1
         if result in _NOTABLE_REQUESTS and self._budget.allow(f"request {result.value}"):
             log.info(
                 "request %s: %s",
@@ -409,6 +417,14 @@ class KafkaInboxConsumer:
                 result.value,
                 extra={"booking_id": booking_id, "result": result.value},
             )
+
+    def _count_requests(self, result: RequestResult, count: int) -> None:
+        self._metrics.requests_handled.add(count, {"result": result.value})
+        if result is RequestResult.DUPLICATE:
+            self._metrics.requests_deduplicated.add(count)
+        elif result is RequestResult.REJECTED:
+            self._metrics.requests_invalid.add(count)
+            self._metrics.outcomes.add(count, {"outcome": "failed", "reason": "invalid_request"})
 
     async def _initiated_batch(
         self, decoded: list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]]
@@ -445,8 +461,11 @@ class KafkaInboxConsumer:
             cmds, self._uow_factory, self._processor, self._clock, self._policy, scope
         )
         elapsed = time.perf_counter() - started
+        tally: Counter[ExecuteResult] = Counter()
         for (_, event, span), cmd, result in zip(items, cmds, results, strict=True):
-            self._executed(event, cmd.payment_id, result, span, elapsed)
+            self._executed(event, cmd.payment_id, result, span, elapsed, tally)
+        for result, count in tally.items():
+            self._metrics.executions.add(count, {"result": result.value})
         return alone
 
     def _executed(
@@ -456,10 +475,15 @@ class KafkaInboxConsumer:
         result: ExecuteResult,
         span: Span,
         elapsed: float,
+        tally: Counter[ExecuteResult] | None = None,
     ) -> None:
         span.set_attribute("payment.result", result.value)
+        # Every message's duration (a batch's messages share theirs); counts per batch.
         self._metrics.execution_duration.record(elapsed, {"result": result.value})
-        self._metrics.executions.add(1, {"result": result.value})
+        if tally is not None:
+            tally[result] += 1
+        else:
+            self._metrics.executions.add(1, {"result": result.value})
         if result in _NOTABLE_EXECUTIONS and self._budget.allow(f"execution {result.value}"):
             log.info(
                 "payment.initiated %s: %s",
