@@ -33,9 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--demo", type=int, metavar="N", default=0, help="also play N booking requests"
     )
-    demo = sub.add_parser(
-        "demo", help="play the booking saga against a running service over Kafka"
-    )
+    demo = sub.add_parser("demo", help="play the booking saga against a running service over Kafka")
     demo.add_argument("--count", type=int, default=200, metavar="N", help="booking requests")
     demo.add_argument("--timeout", type=float, default=120.0, metavar="S")
     show = sub.add_parser("show", help="print a payment's event stream and its outbox state")

@@ -159,9 +159,7 @@ class TextFormatter(logging.Formatter):
         record.message = record.getMessage()
         record.asctime = self.formatTime(record, self.datefmt)
         line = self.formatMessage(record)
-        fields = [
-            f"{k}={_text_value(v)}" for k, v in extra_fields(record).items() if v is not None
-        ]
+        fields = [f"{k}={_text_value(v)}" for k, v in extra_fields(record).items() if v is not None]
         ids = _trace_ids(record)
         if ids is not None:
             fields += [f"trace_id={ids[0]}", f"span_id={ids[1]}"]
