@@ -339,7 +339,11 @@ class KafkaOutboxRelay:
                 delay = min(delay * 2, self._max_backoff)
             else:
                 delay = _FIRST_BACKOFF
-                if not fetched:
+                # A short pass read everything committed before it: with notifications, a
+                # row committed since has announced itself (the wait returns at once), so
+                # asking again now would mostly find nothing. Polling must ask again.
+                notified = self._wait_for_work is not _sleep
+                if not fetched or (notified and fetched < self._batch_size):
                     await self._interruptibly(self._wait_for_work(self._poll_interval))
             # Checked under load too, so a lost lock is noticed within a term regardless.
             if self._leadership is not None and time.monotonic() >= term_ends:
