@@ -30,8 +30,9 @@ ORDER BY stream_id, version
 # append_many: one fixed statement whatever the number of events (rows.py); the same
 # guard as _append_sql, per row. Rows go in (stream, version) order, so two batches that
 # share streams wait on each other in the same order and cannot deadlock. The guard is a
-# LATERAL probe of the (stream_id, version) index: written as `OR EXISTS (…)`, PostgreSQL
-# plans it as a hashed subplan over a sequential scan of the whole table.
+# LATERAL probe of the (stream_id, version) index, kept a probe by its LIMIT: written as
+# `OR EXISTS (…)`, or as a LATERAL PostgreSQL may flatten into a join, it was planned as a
+# hash over a sequential scan of the whole table (seen with auto_explain under load).
 _APPEND_MANY = b"""
 INSERT INTO payment_events (stream_id, version, event_id, event_type, data, occurred_at)
 SELECT r.stream_id, r.version, r.event_id, r.event_type, r.data, r.occurred_at
@@ -42,6 +43,7 @@ FROM json_to_recordset(%s::json) AS r(
 LEFT JOIN LATERAL (
     SELECT true AS found FROM payment_events e
     WHERE e.stream_id = r.stream_id AND e.version = r.expected
+    LIMIT 1
 ) AS g ON true
 WHERE r.expected = 0 OR g.found
 ORDER BY r.stream_id, r.version
