@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter steps")
     parser.add_argument("--peer-workers", type=int, default=8)
-    parser.add_argument("--steps", default="500,1000,1500,2000,2500,3000")
+    parser.add_argument("--steps", default="200,300,400,600,800,1000,1200,1500")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
     args = parser.parse_args(argv)
     step_s = 10.0 if args.quick else 20.0
@@ -116,15 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     print(table([r.row() for r in runs], e2e.HEADER))
 
     held = sustained if sustained is not None and sustained.sustained else None
-    ours = held.throughput if held else (best.throughput if best else 0.0)
+    # Without a step that held p99 < 250 ms, the ratio uses the most payments/s any
+    # zero-latency run completed (all answered), and says so.
+    answered = [r for r in [at_1000, *steps] if r.answered == r.sent]
+    most = max(answered, key=lambda r: r.throughput) if answered else None
+    top = held or best or most
+    ours = top.throughput if top else 0.0
+    basis = (
+        f"held {sustain_s:.0f} s"
+        if held
+        else "saturation step"
+        if best
+        else "no step held p99 < 250 ms: most completed/s"
+    )
     ratio = ours / peer.rate if peer.rate else float("nan")
     peak_rss = max(r.peak_rss_mb for r in runs)
-    top = held or best
     lines = [
         Line(
-            "e2e payments/s, zero-latency fake, p99 < 250 ms"
-            + (f", held {sustain_s:.0f} s" if held else " (saturation step)"),
-            f"{ours:.0f}",
+            f"e2e payments/s, zero-latency fake ({basis})",
+            f"{ours:.0f}" + (f" (p99 {top.p(99):.0f} ms)" if top else ""),
             ">= 2500 for 60 s",
             _yes(held is not None and ours >= 2500 and sustain_s >= 60),
             top.load if top else load(),
@@ -152,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
         Line("service peak RSS", f"{peak_rss:.0f} MB", "<= 300 MB", _yes(peak_rss <= 300), "-"),
         Line(
-            "service CPU per payment (at saturation step)",
-            f"{best.cpu_ms_per_payment:.2f} ms" if best else "-",
+            "CPU per payment at 1000/s: service / PostgreSQL / broker",
+            f"{at_1000.cpu_ms_per_payment:.2f} / {1000 * at_1000.db_cpu_s / at_1000.answered:.2f}"
+            f" / {1000 * at_1000.broker_cpu_s / at_1000.answered:.2f} ms",
             "-",
             "-",
-            best.load if best else "-",
+            at_1000.load,
         ),
     ]
     print()
