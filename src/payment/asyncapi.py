@@ -25,7 +25,7 @@ from payment.adapters.kafka.cloudevents import (
     H_TRACEPARENT,
     H_TRACESTATE,
     H_TYPE,
-    MAX_ATTRIBUTE_CHARS,
+    MAX_ATTRIBUTE_BYTES,
     MAX_TRACESTATE_CHARS,
     SPECVERSION,
 )
@@ -476,7 +476,7 @@ def _cloudevents_headers(spec: MessageSpec) -> Schema:
     inbound = spec.struct is RequestPaymentMessage
     # Only a rejection, which created no payment, goes out without subject and sequence.
     of_a_payment = not inbound and spec.struct is not PaymentFailedMessage
-    attribute: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_ATTRIBUTE_CHARS}
+    attribute: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_ATTRIBUTE_BYTES}
     if inbound:
         ce_id = {**attribute, "description": "With `ce_source`, the deduplication key."}
         ce_source = {**attribute, "description": "The sender."}

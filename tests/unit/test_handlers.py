@@ -769,14 +769,34 @@ async def test_another_execution_during_an_outage_never_fails_an_unknown_payment
     gateway = ScriptedGateway("lost", *["unavailable"] * 10)
     payment_id = await _unknown_payment(uow_factory, clock, gateway)
 
-    # A second instance handles the same payment under another message id.
+    # A second instance handles the same payment under another message id. Its calls are
+    # refused, so before failing it asks the gateway, which holds the lost charge.
     result = await execute_payment(
         execute_cmd(payment_id, message_id="elsewhere"), uow_factory, gateway, clock, POLICY
     )
 
+    assert result is ExecuteResult.COMPLETED
+    assert gateway.charges_made == 1
+    assert [m.type for m in of_type(uow_factory, *TERMINAL)] == ["payment.completed"]
+
+
+async def test_an_outage_after_an_unrecorded_charge_never_fails_the_payment(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # The first execution charged and died before recording anything (no ChargeAttempted):
+    # the redelivered execution finds the gateway refusing calls and lookups alike.
+    gateway = ScriptedGateway(*["unavailable"] * 10)
+    payment_id = await initiate(uow_factory, clock, "BK-2002")
+    gateway.ledger[payment_of(uow_factory, "BK-2002").idempotency_key] = Approved(
+        provider_reference="pi_charged_before_the_crash"
+    )
+    gateway.lookup_unavailable = True
+
+    result = await execute_payment(execute_cmd(payment_id), uow_factory, gateway, clock, POLICY)
+
     assert result is ExecuteResult.UNKNOWN
     assert of_type(uow_factory, *TERMINAL) == []
-    assert payment_of(uow_factory, "BK-1001").status is PaymentStatus.INITIATED
+    assert payment_of(uow_factory, "BK-2002").status is PaymentStatus.INITIATED
 
 
 async def test_concurrent_reconciliations_record_one_outcome(

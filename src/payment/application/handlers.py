@@ -286,7 +286,36 @@ async def _charge(
         if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
             break
         await asyncio.sleep(_backoff(attempt, policy))
+    if isinstance(outcome, ProcessorUnavailable):
+        outcome = await _confirm_no_charge(request, processor, policy, attempts, outcome)
     return attempts, outcome
+
+
+async def _confirm_no_charge(
+    request: ChargeRequest,
+    processor: PaymentProcessor,
+    policy: ExecutionPolicy,
+    attempts: AttemptLog,
+    unavailable: ProcessorUnavailable,
+) -> ChargeOutcome | ProcessorUnavailable | OutcomeUnknown:
+    """Before failing as unavailable, ask the gateway whether it holds a charge anyway.
+
+    Our own refused calls charged nothing, but an earlier call whose answer was never
+    recorded (a crash after the charge, a concurrent execution) may have: only the
+    gateway's "no such charge" makes `processor_unavailable` safe. If it cannot be asked
+    either, the payment stays in flight for the reconciler.
+    """
+    try:
+        async with asyncio.timeout(policy.call_timeout_s):
+            found = await processor.lookup(request)
+    except (ProcessorUnavailable, OutcomeUnknown, TimeoutError):
+        return OutcomeUnknown(
+            "gateway unavailable; an unrecorded earlier charge cannot be ruled out"
+        )
+    if found is not None:
+        attempts.append(("lookup", found))
+        return found
+    return unavailable
 
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:

@@ -63,13 +63,20 @@ class Reconciler:
             )
         for payment_id in stale:
             async with self._scope(payment_id):
-                result = await reconcile_payment(
-                    ReconcilePayment(payment_id=payment_id),
-                    self._uow_factory,
-                    self._processor,
-                    self._clock,
-                    self._policy,
-                )
+                try:
+                    result = await reconcile_payment(
+                        ReconcilePayment(payment_id=payment_id),
+                        self._uow_factory,
+                        self._processor,
+                        self._clock,
+                        self._policy,
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # one payment's failure must not stop the others
+                    self.actions["error"] = self.actions.get("error", 0) + 1
+                    log.exception("reconciler: payment %s could not be reconciled", payment_id)
+                    continue
                 self.actions[result.value] = self.actions.get(result.value, 0) + 1
                 if result is not ExecuteResult.ALREADY_TERMINAL:
                     log.info(
