@@ -188,6 +188,14 @@ class KafkaInboxConsumer:
                         chunk = group[start : start + self._max_batch]
                         for _ in chunk:
                             await self._slots.acquire()
+                        # A rebalance may have revoked partitions while we waited for
+                        # slots: their records now belong to another member.
+                        kept = [(tp, r) for tp, r in chunk if tp in self.assigned]
+                        for _ in range(len(chunk) - len(kept)):
+                            self._slots.release()
+                        chunk = kept
+                        if not chunk:
+                            continue
                         if len(chunk) == 1:
                             self._dispatch(*chunk[0])
                         else:
@@ -662,7 +670,11 @@ class KafkaInboxConsumer:
         async with self._commit_lock:
             offsets: dict[TopicPartition, int] = {}
             for tp, progress in self._progress.items():
-                if only is not None and tp not in only:
+                # Partitions being revoked are committed by name, once, from on_revoked;
+                # otherwise only partitions this member still owns.
+                if (only is not None and tp not in only) or (
+                    only is None and tp not in self.assigned
+                ):
                     continue
                 nxt = progress.committable()
                 if nxt is not None:
@@ -706,12 +718,13 @@ class KafkaInboxConsumer:
                 self._dispatch(tp, record)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # First, so that the run loop dispatches nothing more from these partitions.
+        self.assigned -= revoked
         await self._drain(list(revoked))
         await self._commit(list(revoked))
         for tp in revoked:
             self._progress.pop(tp, None)
             self._tasks.pop(tp, None)
-        self.assigned -= revoked
         if revoked:
             log.info("consumer: partitions revoked: %s", _names(revoked))
 
