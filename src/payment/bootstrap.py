@@ -228,7 +228,12 @@ class Service:
             uow_factory = InstrumentedUnitOfWorkFactory(
                 store_uow_factory, tracer, metrics, log_budget=budget
             )
-            processor = InstrumentedProcessor(c.processor(), tracer, metrics, log_budget=budget)
+            gateway = c.processor()
+            closer = getattr(gateway, "aclose", None)
+            if closer is not None:
+                # The Stripe adapter's HTTP client; the fake has nothing to close.
+                stack.push_async_callback(closer)
+            processor = InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget)
             log.info("run: database pool open, producer started, processor %s", processor.name)
 
             waiter = wait_for_outbox_notification(str(s.database_url))
@@ -386,15 +391,27 @@ class Service:
             done, _ = await asyncio.wait(
                 {stopper, consumer_task, relay_task}, return_when=asyncio.FIRST_COMPLETED
             )
+            background = (reconciler_task, retention_task)
             if stopper not in done:
-                # A component ended on its own: that is a crash, surface it.
-                for task in done:
-                    task.result()
+                # A component ended on its own: that is a crash. Stop the rest before the
+                # pool and producer close under them, then surface it.
+                everything: list[asyncio.Task[Any]] = [
+                    stopper,
+                    consumer_task,
+                    relay_task,
+                    *background,
+                ]
+                for running in everything:
+                    running.cancel()
+                await asyncio.gather(*everything, return_exceptions=True)
+                for finished in done:
+                    finished.result()
             log.info("run: stopping: draining in-flight messages")
             consumer.stop()
             await consumer_task
-            reconciler_task.cancel()
-            retention_task.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             log.info("run: flushing the outbox relay")
             await relay.flush()
             relay.stop()
