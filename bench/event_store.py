@@ -4,7 +4,10 @@ On fresh databases of the local server (dropped after): first pgbench's ceiling 
 machine in this run — 8 clients committing three-INSERT transactions on a scratch table —
 then our store through its unit of work: one-event appends (each its own transaction),
 appends of 100 streams per transaction (`append_many`, what a consumer batch does), and
-loads of two-event streams (outside a transaction, as the executor reads).
+loads of two-event streams (outside a transaction, as the executor reads); and whole
+payments through the application handlers on this store without the broker (request and
+execution, one message per transaction, then in consumer-sized batches): the figure to
+set beside the `eventsourcing` peer, which has no broker either.
 
     .venv/bin/python bench/event_store.py --tasks 8 --seconds 10
 """
@@ -29,9 +32,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import BenchError, load, scratch_database, server_url, table
 
+from payment.adapters.memory import SystemClock
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from payment.adapters.processors.fake import FakeProcessor
+from payment.application.batches import execute_payments, request_payments
+from payment.application.commands import ExecutePayment, InboundRef, RequestPayment
+from payment.application.handlers import (
+    ExecuteResult,
+    RequestResult,
+    execute_payment,
+    request_payment,
+)
 from payment.application.ports import StreamAppend
 from payment.domain.events import PaymentCompleted, PaymentInitiated
 
@@ -249,6 +262,69 @@ async def ours(server: str, tasks: int, seconds: float) -> list[StoreResult]:
                     load(),
                 )
             )
+            results += await _handlers(uows, tasks, seconds)
+    return results
+
+
+HANDLER_BATCH = 50
+
+
+async def _handlers(
+    uows: PostgresUnitOfWorkFactory, tasks: int, seconds: float
+) -> list[StoreResult]:
+    """Payments through the application handlers on this store, no broker: request, then
+    execute with the zero-latency fake (inbox, booking index, events and outbox rows, as
+    the service writes them); one message per transaction, then consumer-sized batches."""
+    clock = SystemClock()
+    processor = FakeProcessor()
+    counter = iter(range(10**9))
+
+    def request(n: int) -> RequestPayment:
+        return RequestPayment(
+            inbound=InboundRef(source="bench", message_id=f"r{n}"),
+            booking_id=f"store-n{n}",
+            amount=1999,
+            currency="EUR",
+            payment_method="pm_card_visa",
+        )
+
+    def execution(cmd: RequestPayment, payment_id: uuid.UUID) -> ExecutePayment:
+        return ExecutePayment(
+            inbound=InboundRef(source="self", message_id=f"e{cmd.inbound.message_id}"),
+            payment_id=payment_id,
+        )
+
+    async def ids_of(cmds: list[RequestPayment]) -> list[uuid.UUID]:
+        # The executor learns the ids from payment.initiated; here one read stands in.
+        async with uows() as uow:
+            found = [await uow.payments.payment_for_booking(c.booking_id) for c in cmds]
+        assert all(found)
+        return [f for f in found if f is not None]
+
+    async def one_by_one(_: int) -> int:
+        cmd = request(next(counter))
+        assert await request_payment(cmd, uows, clock) is RequestResult.ACCEPTED
+        [payment_id] = await ids_of([cmd])
+        result = await execute_payment(execution(cmd, payment_id), uows, processor, clock)
+        assert result is ExecuteResult.COMPLETED
+        return 1
+
+    async def batched(_: int) -> int:
+        cmds = [request(next(counter)) for _ in range(HANDLER_BATCH)]
+        assert set(await request_payments(cmds, uows, clock)) == {RequestResult.ACCEPTED}
+        ids = await ids_of(cmds)
+        executions = [execution(c, p) for c, p in zip(cmds, ids, strict=True)]
+        done = await execute_payments(executions, uows, processor, clock)
+        assert set(done) == {ExecuteResult.COMPLETED}
+        return HANDLER_BATCH
+
+    results = []
+    for what, body in (
+        ("ours: request + execute, one message per transaction", one_by_one),
+        (f"ours: request + execute, batches of {HANDLER_BATCH} messages", batched),
+    ):
+        ops, elapsed, cpu = await _timed(tasks, seconds, body)
+        results.append(StoreResult(what, "payments", ops, elapsed, cpu, load()))
     return results
 
 
