@@ -177,12 +177,23 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def cpu_seconds_of(pids: Sequence[int]) -> float:
-    total = 0.0
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds of each process still alive (a pooled connection's backend may end)."""
+    found: dict[int, float] = {}
     for pid in pids:
-        with contextlib.suppress(OSError, ProcessLookupError, ValueError, IndexError):
-            total += cpu_seconds(pid)
-    return total
+        try:
+            found[pid] = cpu_seconds(pid)
+        except Exception:  # gone meanwhile (psutil.NoSuchProcess, OSError, …)
+            continue
+    return found
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU used between two readings: processes alive at both, plus those born since.
+
+    A process that ended in between is left out (its last seconds are not known).
+    """
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 def runqueue_wait_s(pid: int) -> float:

@@ -36,8 +36,9 @@ from benchlib import (
     Service,
     backend_pids,
     broker,
+    cpu_by_pid,
     cpu_seconds,
-    cpu_seconds_of,
+    cpu_used,
     free_port,
     load,
     peak_rss_mb,
@@ -293,10 +294,9 @@ async def measure(
     drain_s: float,
 ) -> StepResult:
     loop = asyncio.get_running_loop()
-    backends = probes.backend_pids()
     service0 = cpu_seconds(probes.service_pid)
     wait0 = runqueue_wait_s(probes.service_pid)
-    db0 = cpu_seconds_of(backends)
+    db0 = cpu_by_pid(probes.backend_pids())
     broker0 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
     own0 = time.process_time()
     t0 = loop.time()
@@ -305,9 +305,7 @@ async def measure(
     service1 = cpu_seconds(probes.service_pid)
     wait1 = runqueue_wait_s(probes.service_pid)
     # Backends that appeared during the step (the pool grew) count from zero: close enough.
-    db1 = cpu_seconds_of(backends)
-    db_new = [p for p in probes.backend_pids() if p not in backends]
-    db1 += cpu_seconds_of(db_new)
+    db1 = cpu_by_pid(probes.backend_pids())
     broker1 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
     own1 = time.process_time()
     first_sent = orchestrator.sent_at[bookings[0]]
@@ -324,7 +322,7 @@ async def measure(
         elapsed_s=max(end - min(first_sent, t0 + 0.01), 1e-9),
         latencies_ms=latencies,
         service_cpu_s=service1 - service0,
-        db_cpu_s=db1 - db0,
+        db_cpu_s=cpu_used(db0, db1),
         broker_cpu_s=broker1 - broker0,
         orchestrator_cpu_s=own1 - own0,
         peak_rss_mb=peak_rss_mb(probes.service_pid),
