@@ -116,28 +116,32 @@ def main(argv: list[str] | None = None) -> int:
     print(table([r.row() for r in runs], e2e.HEADER))
 
     held = sustained if sustained is not None and sustained.sustained else None
-    # Without a step that held p99 < 250 ms, the ratio uses the most payments/s any
-    # zero-latency run completed (all answered), and says so.
-    answered = [r for r in [at_1000, *steps] if r.answered == r.sent]
+    top = held or best
+    # The peer runs closed loop, as fast as it can: set beside it the most payments/s any
+    # zero-latency run completed with every request answered, whatever its latency.
+    zero_latency = [at_1000, *steps, *([sustained] if sustained else [])]
+    answered = [r for r in zero_latency if r.answered == r.sent]
     most = max(answered, key=lambda r: r.throughput) if answered else None
-    top = held or best or most
-    ours = top.throughput if top else 0.0
-    basis = (
-        f"held {sustain_s:.0f} s"
-        if held
-        else "saturation step"
-        if best
-        else "no step held p99 < 250 ms: most completed/s"
-    )
+    ours = most.throughput if most else 0.0
     ratio = ours / peer.rate if peer.rate else float("nan")
     peak_rss = max(r.peak_rss_mb for r in runs)
     lines = [
         Line(
-            f"e2e payments/s, zero-latency fake ({basis})",
-            f"{ours:.0f}" + (f" (p99 {top.p(99):.0f} ms)" if top else ""),
+            "e2e payments/s holding p99 < 250 ms, zero-latency fake"
+            + (f", for {sustain_s:.0f} s" if held else f" ({step_s:.0f} s step)" if top else ""),
+            f"{top.throughput:.0f} (p99 {top.p(99):.0f} ms)" if top else "no step held",
             ">= 2500 for 60 s",
-            _yes(held is not None and ours >= 2500 and sustain_s >= 60),
+            _yes(held is not None and held.throughput >= 2500 and sustain_s >= 60),
             top.load if top else load(),
+        ),
+        Line(
+            "e2e payments/s completed, zero-latency fake (most of any run)",
+            f"{ours:.0f} at {most.offered_rate:.0f}/s offered (p99 {most.p(99):.0f} ms)"
+            if most
+            else "-",
+            ">= 2500",
+            _yes(ours >= 2500),
+            most.load if most else load(),
         ),
         Line(
             "e2e payments/s, fake at 300 ms, 1000/s offered",
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             at_1000.load,
         ),
         Line(
-            f"ours end to end / eventsourcing {peer.version} ({peer.rate:.0f} payments/s)",
+            f"ours end to end (most completed/s) / eventsourcing {peer.version}"
+            f" ({peer.rate:.0f} payments/s)",
             f"{ratio:.1f}x",
             ">= 5x",
             _yes(ratio >= 5),
