@@ -24,7 +24,8 @@ DLQ_HEADERS_DROPPED: Final = "dlq_headers_dropped"
 DLQ_KEY_DROPPED: Final = "dlq_key_dropped"
 # Too large for the producer's or the broker's limit: the same bytes will never fit.
 _TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
-_DLQ_PREFIX: Final = "dlq_"
+# Every header this module adds starts so; a re-parked record sheds the old ones.
+DLQ_PREFIX: Final = "dlq_"
 MAX_REASON_CHARS: Final = 500
 
 
@@ -59,7 +60,7 @@ class KafkaDeadLetterPublisher:
         original: list[tuple[str, bytes | None]] = [
             (name, value)
             for name, value in (record.headers or ())
-            if not name.lower().startswith(_DLQ_PREFIX)
+            if not name.lower().startswith(DLQ_PREFIX)
         ]
         dlq: list[tuple[str, bytes | None]] = [
             (DLQ_REASON, _bounded(reason).encode()),

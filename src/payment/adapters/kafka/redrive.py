@@ -35,13 +35,13 @@ from payment.adapters.kafka.dead_letters import (
     DLQ_ORIGINAL_OFFSET,
     DLQ_ORIGINAL_PARTITION,
     DLQ_ORIGINAL_TOPIC,
+    DLQ_PREFIX,
     DLQ_REASON,
     DLQ_VALUE_DROPPED,
 )
 from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.logs import redact
 
-_DLQ_PREFIX: Final = "dlq_"
 _SHOWN_CHARS: Final = 120
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -106,7 +106,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def original_headers(self) -> list[Header]:
         """The headers the record had when it was consumed: everything but `dlq_*`."""
-        return [(k, v) for k, v in self.headers if not k.lower().startswith(_DLQ_PREFIX)]
+        return [(k, v) for k, v in self.headers if not k.lower().startswith(DLQ_PREFIX)]
 
     def summary(self, *, redriven: str | None = None) -> dict[str, object]:
         """Printable facts about it, safe to show: no payload, untrusted text masked."""
