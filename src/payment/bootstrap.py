@@ -283,6 +283,7 @@ class Service:
                 policy=c.policy(),
                 transient_errors=TRANSIENT_ERRORS,
                 max_in_flight=s.max_in_flight,
+                commit_interval_s=s.kafka_commit_interval_ms / 1000,
                 tracer=tracer,
                 consumer_group=s.consumer_group,
                 log_budget=budget,

@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Group membership: how fast a dead instance's partitions move to the others.
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 1_000
+    # How often handled offsets are committed (and once more when partitions are revoked).
+    kafka_commit_interval_ms: int = 200
     event_source: str = "payment-service"
     topic_request: str = "saga.request_payment"
     topic_initiated: str = "payment.initiated"
@@ -211,6 +213,7 @@ def _validate(s: Settings) -> None:
         "processor_max_attempts",
         "relay_batch_size",
         "kafka_topic_partitions",
+        "kafka_commit_interval_ms",
         "retention_batch_size",
     ):
         if getattr(s, field) < 1:

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
+
+from support.net import free_port
 
 T = TypeVar("T")
 
@@ -134,13 +135,6 @@ async def create_topics(
     for topic, code, *_ in response.topic_errors:
         if code != 0 and for_code(code) is not TopicAlreadyExistsError:
             raise RuntimeError(f"cannot create topic {topic}: {for_code(code).__name__}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def service_env(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from payment.adapters.processors.stripe import StripeProcessor
 from payment.domain.money import Money
 from payment.domain.processor import ChargeRequest
 
+from .net import free_port
 from .proxy import TcpProxy
 
 API_KEY = "sk_test_localstripe"  # localstripe accepts any sk_ key; sandbox needs sk_test_
@@ -35,13 +35,6 @@ from localstripe.server import start
 sys.argv = ["localstripe", *sys.argv[1:]]
 start()
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class LocalStripe:

@@ -131,6 +131,7 @@ class KafkaInboxConsumer:
         max_in_flight: int = 256,
         max_batch: int = MAX_BATCH,
         commit_interval_s: float = 0.2,
+        commit_timeout_s: float = 5.0,
         drain_timeout_s: float = 30.0,
         tracer: Tracer | None = None,
         consumer_group: str | None = None,
@@ -138,6 +139,7 @@ class KafkaInboxConsumer:
         joined: asyncio.Event | None = None,
     ) -> None:
         self._consumer_factory = consumer_factory
+        self._commit_timeout_s = commit_timeout_s
         self._request_topic = request_topic
         self._initiated_topic = initiated_topic
         self._uow_factory = uow_factory
@@ -683,13 +685,16 @@ class KafkaInboxConsumer:
                 return
             try:
                 failpoints.hit("before_offset_commit")
-                await self._consumer.commit(offsets)
-                failpoints.hit("after_offset_commit")
-            except (CommitFailedError, KafkaError) as exc:
+                committed = await commit_as_member(self._consumer, offsets, self._commit_timeout_s)
+            except (CommitFailedError, KafkaError, TimeoutError) as exc:
                 # After a rebalance the new owner re-reads from the last commit; the
                 # inbox absorbs what we already handled.
                 log.warning("consumer: offset commit failed (%s); will retry", type(exc).__name__)
                 return
+            if not committed:
+                log.info("consumer: not a member of the group now; offsets left uncommitted")
+                return
+            failpoints.hit("after_offset_commit")
             for tp, nxt in offsets.items():
                 self._progress[tp].committed = nxt
 
@@ -734,6 +739,36 @@ class KafkaInboxConsumer:
             self.joined.set()
         if assigned:
             log.info("consumer: partitions assigned: %s", _names(assigned))
+
+
+async def commit_as_member(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], timeout_s: float
+) -> bool:
+    """Commit `offsets` only while this consumer holds a generation of its group.
+
+    A consumer that lost its membership (its session expired while the broker was away,
+    or the broker forgot it) has generation -1, and a broker accepts a commit without a
+    generation into a group that has no members. Those offsets were read from the log as
+    it was before: if the broker lost that log (a broker without durable storage
+    restarted, a topic re-created), they point past records nobody has read yet, and the
+    group would skip them. So a consumer without a generation does not commit (returns
+    False): the partitions' next owner re-reads from the last commit and the inbox absorbs
+    the redelivery. The check is made once the coordinator is known, right before the
+    request goes out; a commit that waits longer than `timeout_s` (no coordinator
+    reachable) gives up with TimeoutError and is retried later, checked again.
+
+    aiokafka keeps the generation private (`_coordinator.generation`); without it this
+    falls back to a plain commit.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    async with asyncio.timeout(timeout_s):
+        if coordinator is not None:
+            await coordinator.ensure_coordinator_known()
+            generation = getattr(coordinator, "generation", 0)
+            if isinstance(generation, int) and generation < 0:
+                return False
+        await consumer.commit(offsets)
+    return True
 
 
 def _trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
