@@ -11,6 +11,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 from aiokafka.errors import KafkaConnectionError
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
@@ -156,6 +159,63 @@ async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
     ]
     assert unpublished(uows) == []
     assert r.published == 5
+
+
+class OddSender(FakeSender):
+    """Fails some rows with errors that are not the broker's: `raising` when queueing,
+    `failing` in the acknowledgement."""
+
+    def __init__(self, raising: set[tuple[str, int]], failing: set[tuple[str, int]]) -> None:
+        super().__init__()
+        self.raising = raising
+        self.failing = failing
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> asyncio.Future[object]:
+        assert key is not None and headers is not None
+        sequence = int(dict(headers)["ce_sequence"] or b"0")
+        if (key.decode(), sequence) in self.raising:
+            raise ValueError("cannot queue this record")
+        if (key.decode(), sequence) in self.failing:
+            ack: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            ack.set_exception(RuntimeError("a bug in the ack path"))
+            return ack
+        return await super().send(topic, value, key, partition, timestamp_ms, headers)
+
+
+async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1), message("c", 1))
+    await add(uows, message("a", 2), message("b", 2), message("c", 2))
+    sender = OddSender(raising={("a", 2)}, failing={("b", 1)})
+    r = relay(sender, uows, tracer=provider.get_tracer("test"))
+
+    # No exception escapes the pass: what was acknowledged is marked, not sent again later.
+    assert await r.publish_pending() == (6, 3)
+    assert sorted((s.key, s.sequence) for s in sender.sent) == [("a", 1), ("c", 1), ("c", 2)]
+    assert unpublished(uows) == [2, 4, 5]
+    assert r.send_failures == 2
+    # One span per attempt, and every one of them ended (exported), the failures marked.
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 5
+    assert sorted(s.status.status_code.name for s in spans) == ["ERROR", "ERROR"] + ["UNSET"] * 3
+
+    sender.raising.clear()
+    sender.failing.clear()
+    assert await r.publish_pending() == (3, 0)
+    assert unpublished(uows) == []
+    for key in ("a", "b"):
+        assert [s.sequence for s in sender.sent if s.key == key] == [1, 2]
 
 
 async def test_nothing_is_marked_when_the_broker_is_down() -> None:

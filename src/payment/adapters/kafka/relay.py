@@ -211,6 +211,10 @@ class KafkaOutboxRelay:
                 log.error("outbox relay: no topic for type %s (row %d)", message.type, row.position)
                 sending.append(None)
                 continue
+            except Exception:  # a row that cannot be encoded holds back its key only
+                log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
+                sending.append(None)
+                continue
             key_attribute = "payment.id" if message.subject is not None else "payment.booking_id"
             span = self._tracer.start_span(
                 f"publish {record.topic}",
@@ -234,7 +238,7 @@ class KafkaOutboxRelay:
                 ack = await self._producer.send(
                     record.topic, value=record.value, key=record.key, headers=record.headers
                 )
-            except KafkaError as exc:
+            except Exception as exc:  # refused before queueing: the row's ack is the error
                 ack = asyncio.get_running_loop().create_future()
                 ack.set_exception(exc)
             sending.append((row, span, ack))
@@ -263,16 +267,19 @@ class KafkaOutboxRelay:
         message = row.message
         try:
             if error is not None:
-                if not isinstance(error, (KafkaError, TimeoutError)):
-                    raise error
+                # Whatever the error, only this row's key is held back: the rows of the
+                # round that were acknowledged are still marked, and every span ends.
                 self.send_failures += 1
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                log.warning(
+                broker_trouble = isinstance(error, (KafkaError, TimeoutError))
+                log.log(
+                    logging.WARNING if broker_trouble else logging.ERROR,
                     "outbox relay: send of row %d (%s, key %s) failed: %s",
                     row.position,
                     message.type,
                     message.key,
                     type(error).__name__,
+                    exc_info=None if broker_trouble else error,
                 )
                 return False
             if self._budget.allow(f"published {message.type}"):
