@@ -25,6 +25,7 @@ from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.adapters.telemetry import (
+    PropagatingTracerProvider,
     configure_tracing,
     context_from_trace,
     current_trace_headers,
@@ -116,10 +117,40 @@ def test_otlp_when_an_endpoint_is_set() -> None:
 
 def test_the_sdk_can_be_disabled() -> None:
     assert configure_tracing({"OTEL_SDK_DISABLED": "true"}) is None
-    provider = configure_tracing({"OTEL_SERVICE_NAME": "payments-eu"})
-    assert provider is not None
+    provider = configure_tracing(
+        {"OTEL_SERVICE_NAME": "payments-eu", "OTEL_TRACES_EXPORTER": "console"}
+    )
+    assert isinstance(provider, TracerProvider)
     assert provider.resource.attributes["service.name"] == "payments-eu"
     provider.shutdown()
+
+
+def test_without_an_exporter_spans_record_nothing_and_carry_the_trace_on() -> None:
+    provider = configure_tracing({"OTEL_TRACES_EXPORTER": "none"})
+    assert isinstance(provider, PropagatingTracerProvider)
+    assert isinstance(configure_tracing({}), PropagatingTracerProvider)
+    tracer = provider.get_tracer("payment")
+    inbound = context_from_trace(TraceHeaders(traceparent=TRACEPARENT, tracestate="vendor=1"))
+    with tracer.start_as_current_span("process", context=inbound) as span:
+        assert not span.is_recording()
+        own = span.get_span_context()
+        assert f"{own.trace_id:032x}" == TRACE_ID
+        assert f"{own.span_id:016x}" != "00f067aa0ba902b7"  # a span id of its own
+        headers = current_trace_headers()
+        assert headers is not None and headers.traceparent is not None
+        assert headers.traceparent.split("-")[1] == TRACE_ID
+        assert headers.traceparent.endswith("-01")  # the parent's sampled flag, kept
+        assert headers.tracestate == "vendor=1"
+        # A child of the current span stays in the trace, with its own id again.
+        child = tracer.start_span("publish").get_span_context()
+        assert child.trace_id == own.trace_id and child.span_id != own.span_id
+    unsampled = context_from_trace(TraceHeaders(traceparent=TRACEPARENT[:-2] + "00"))
+    assert not tracer.start_span("x", context=unsampled).get_span_context().trace_flags.sampled
+    # Without a parent: a new trace, sampled like the SDK's default sampler decides.
+    roots = [tracer.start_span("x", context=context_from_trace(None)) for _ in range(2)]
+    first, second = (r.get_span_context() for r in roots)
+    assert first.is_valid and first.trace_flags.sampled
+    assert first.trace_id != second.trace_id
 
 
 # -- W3C helpers ---------------------------------------------------------------------------

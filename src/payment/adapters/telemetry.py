@@ -9,12 +9,13 @@ Exporters (`OTEL_TRACES_EXPORTER`, a comma-separated list):
   service logs one warning and runs on without exporting;
 - `console`: spans printed as JSON on stdout; `none`: nothing.
 
-A tracer provider is installed even when nothing is exported, because the trace context
-must still flow: the `traceparent` stored with an outbox row is taken from the span in
-force when the row is written, so every event of a payment carries the trace of the
-request that caused it (contract section 2) whether or not anyone collects spans.
-`OTEL_SDK_DISABLED=true` turns the SDK off; events then carry the inbound `traceparent`
-the handlers pass along.
+The trace context flows even when nothing is exported: the `traceparent` stored with an
+outbox row is taken from the span in force when the row is written, so every event of a
+payment carries the trace of the request that caused it (contract section 2) whether or
+not anyone collects spans. With no exporter the service uses `PropagatingTracerProvider`:
+spans with their own ids that continue their parent's trace and record nothing (an SDK
+span costs several times more, and would be thrown away). `OTEL_SDK_DISABLED=true` turns
+tracing off; events then carry the inbound `traceparent` the handlers pass along.
 
 Sampling (`OTEL_TRACES_SAMPLER`), batching (`OTEL_BSP_*`), the service name
 (`OTEL_SERVICE_NAME`, default `payment-service`) and resource attributes are read by the
@@ -23,18 +24,20 @@ SDK itself from the same variables.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -121,24 +124,95 @@ def _service_name(environ: Mapping[str, str]) -> str:
 
 def configure_tracing(
     environ: Mapping[str, str] | None = None, *, exporters: Iterable[SpanExporter] | None = None
-) -> TracerProvider | None:
+) -> trace.TracerProvider | None:
     """A tracer provider configured from OTEL_* variables; None if the SDK is disabled.
 
-    `exporters` replaces the ones the variables ask for (tests pass an in-memory one).
+    The SDK's provider when spans are exported (`exporters` replaces the ones the variables
+    ask for: tests pass an in-memory one); a `PropagatingTracerProvider` when none is.
     The provider is not made global: the composition root hands its tracer to the
     adapters, so several services in one process (tests) each keep their own.
     """
     environ = os.environ if environ is None else environ
     if _flag(environ, "OTEL_SDK_DISABLED"):
         return None
+    chosen = list(span_exporters(environ) if exporters is None else exporters)
+    if not chosen:
+        return PropagatingTracerProvider()
     resource = Resource.create({SERVICE_NAME: _service_name(environ)})
     provider = TracerProvider(resource=resource)
-    for exporter in span_exporters(environ) if exporters is None else exporters:
+    for exporter in chosen:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
-def tracer_provider_resource() -> Iterator[TracerProvider | None]:
+class PropagatingTracer(Tracer):
+    """Spans that record nothing and carry the trace on: for a service exporting no spans.
+
+    A span continues its parent's trace id, flags and trace state with a span id of its
+    own; without a valid parent it starts a new, sampled trace (what the SDK's default
+    sampler decides). The `traceparent` stored with outbox rows and the ids in log lines
+    are therefore what they would be with the SDK. Nothing is timed or kept.
+    """
+
+    def __init__(self) -> None:
+        self._ids = RandomIdGenerator()
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes: Any = None,
+        links: Any = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:
+            own = trace.SpanContext(
+                trace_id=parent.trace_id,
+                span_id=self._ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=parent.trace_flags,
+                trace_state=parent.trace_state,
+            )
+        else:
+            own = trace.SpanContext(
+                trace_id=self._ids.generate_trace_id(),
+                span_id=self._ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+            )
+        return trace.NonRecordingSpan(own)
+
+    # The API declares its own (private) context-manager type; a generator one behaves alike.
+    @contextlib.contextmanager
+    def start_as_current_span(  # type: ignore[override]
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes: Any = None,
+        links: Any = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        span = self.start_span(name, context)
+        with trace.use_span(span, end_on_exit=end_on_exit) as current:
+            yield current
+
+
+class PropagatingTracerProvider(trace.TracerProvider):
+    """Hands out `PropagatingTracer`s: the provider when no span is exported."""
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Tracer:
+        return PropagatingTracer()
+
+
+def tracer_provider_resource() -> Iterator[trace.TracerProvider | None]:
     """The process's tracer provider for a dependency-injector `Resource`.
 
     Shut down (flushing spans still batched) when the container's resources are.
@@ -147,7 +221,7 @@ def tracer_provider_resource() -> Iterator[TracerProvider | None]:
     try:
         yield provider
     finally:
-        if provider is not None:
+        if isinstance(provider, TracerProvider):
             provider.shutdown()
 
 
