@@ -29,22 +29,16 @@ from payment.application.handlers import (
     ExecutionPolicy,
     RequestResult,
     Settings,
-    _charge,
-    _decide,
-    _detail_of,
-    _mark_only,
-    _record_outcome,
-    _result_of,
-    _status,
+    apply_outcome,
+    charge_payment,
     execute_payment,
+    initiate_for,
+    mark_handled,
+    record_outcome,
+    rejection_for,
     request_payment,
 )
-from payment.application.messages import (
-    OutboundMessage,
-    initiated_message,
-    outcome_message,
-    rejection_message,
-)
+from payment.application.messages import OutboundMessage, initiated_message
 from payment.application.ports import Clock, StreamAppend, UnitOfWorkFactory
 from payment.application.validation import Valid, validate_request
 from payment.domain.events import AnyPaymentEvent
@@ -150,15 +144,7 @@ async def _request_batch(
             elif isinstance(valid, str):
                 outcomes[i] = RequestResult.REJECTED
             else:
-                initiated[i] = Payment.initiate(
-                    payment_id=uuid.uuid4(),
-                    booking_id=cmd.booking_id,
-                    money=valid.money,
-                    payment_method=valid.payment_method,
-                    saga_id=cmd.saga_id,
-                    customer_id=cmd.customer_id,
-                    at=now,
-                )
+                initiated[i] = initiate_for(cmd, valid, now)
                 outcomes[i] = RequestResult.ACCEPTED
         if initiated:
             claimed = await uow.payments.claim_bookings(
@@ -176,15 +162,7 @@ async def _request_batch(
             valid = checked[i]
             if outcomes[i] is RequestResult.REJECTED:
                 assert isinstance(valid, str)
-                messages.append(
-                    rejection_message(
-                        booking_id=cmd.booking_id,
-                        saga_id=cmd.saga_id,
-                        detail=valid,
-                        at=now,
-                        trace=cmd.trace,
-                    )
-                )
+                messages.append(rejection_for(cmd, valid, now))
             elif i in initiated:
                 messages.append(initiated_message(initiated[i][0], cmd.trace))
         await uow.outbox.add(messages)
@@ -258,7 +236,7 @@ async def _charge_in(
     policy: ExecutionPolicy,
 ) -> tuple[AttemptLog, Final]:
     with scope:
-        return await _charge(payment, processor, policy)
+        return await charge_payment(payment, processor, policy)
 
 
 async def _record_in_waves(
@@ -283,12 +261,12 @@ async def _record_in_waves(
         except RETRYABLE_CONFLICTS:
             for i, payment, attempts, final in wave:
                 cmd = cmds[i]
-                results[i] = await _record_outcome(
+                results[i] = await record_outcome(
                     payment.id, cmd.inbound, cmd.trace, attempts, final, uow_factory,
                     processor, clock,
                 )  # fmt: skip
             for i in marks:
-                await _mark_only(uow_factory, cmds[i].inbound, clock)
+                await mark_handled(uow_factory, cmds[i].inbound, clock)
         marks = []
 
 
@@ -316,22 +294,13 @@ async def _record_wave(
                 outcomes[i] = ExecuteResult.DUPLICATE
                 continue
             expected = payment.version
-            new: list[AnyPaymentEvent] = []
-            for kind, item in attempts:
-                new += payment.record_attempt(
-                    processor=processor.name,
-                    result=_result_of(item),
-                    detail=_detail_of(kind, item),
-                    at=now,
-                )
-            outcomes[i] = _decide(payment, final, processor.name, now, new)
+            outcomes[i], new, status, message = apply_outcome(
+                payment, attempts, final, processor.name, now, cmd.trace
+            )
             appends.append(StreamAppend(payment.id, expected, new))
-            if payment.is_terminal:
-                statuses.append((payment.id, _status(payment)))
-                messages.append(outcome_message(payment, cmd.trace))
-            else:
-                # Still unknown: to the back of the reconciler's queue (as execute_payment).
-                statuses.append((payment.id, PaymentStatus.INITIATED))
+            statuses.append((payment.id, status))
+            if message is not None:
+                messages.append(message)
         await uow.events.append_many(appends)
         await uow.payments.set_statuses(statuses, now)
         await uow.outbox.add(messages)

@@ -24,7 +24,12 @@ from payment.application.errors import (
     BookingAlreadyClaimed,
     PaymentConflict,
 )
-from payment.application.messages import initiated_message, outcome_message, rejection_message
+from payment.application.messages import (
+    OutboundMessage,
+    initiated_message,
+    outcome_message,
+    rejection_message,
+)
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from payment.application.validation import Valid, validate_request
 from payment.domain.events import AnyPaymentEvent, AttemptResult
@@ -112,28 +117,10 @@ async def _request_in(
 ) -> RequestResult:
     now = clock.now()
     if isinstance(checked, str):
-        await uow.outbox.add(
-            [
-                rejection_message(
-                    booking_id=cmd.booking_id,
-                    saga_id=cmd.saga_id,
-                    detail=checked,
-                    at=now,
-                    trace=cmd.trace,
-                )
-            ]
-        )
+        await uow.outbox.add([rejection_for(cmd, checked, now)])
         return RequestResult.REJECTED
 
-    payment, events = Payment.initiate(
-        payment_id=uuid.uuid4(),
-        booking_id=cmd.booking_id,
-        money=checked.money,
-        payment_method=checked.payment_method,
-        saga_id=cmd.saga_id,
-        customer_id=cmd.customer_id,
-        at=now,
-    )
+    payment, events = initiate_for(cmd, checked, now)
     # Claim first: a new booking (the common case) then costs no lookup. The claim leaves
     # the transaction usable when the booking is taken, so the existing payment is read
     # in it; a claim refused only at commit retries the whole handling.
@@ -181,11 +168,11 @@ async def execute_payment(
     async with uow_factory() as uow:
         events = await uow.events.load(cmd.payment_id)
     if not events:
-        await _mark_only(uow_factory, cmd.inbound, clock)
+        await mark_handled(uow_factory, cmd.inbound, clock)
         return ExecuteResult.NOT_FOUND
     payment = Payment.replay(events)
     if payment.is_terminal:
-        await _mark_only(uow_factory, cmd.inbound, clock)
+        await mark_handled(uow_factory, cmd.inbound, clock)
         return ExecuteResult.ALREADY_TERMINAL
     return await _charge_and_record(
         payment, cmd.inbound, cmd.trace, uow_factory, processor, clock, policy
@@ -217,7 +204,7 @@ async def reconcile_payment(
     except (ProcessorUnavailable, TimeoutError):
         known = None
     if known is not None:
-        return await _record_outcome(
+        return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
     result = await _charge_and_record(
@@ -231,7 +218,63 @@ async def reconcile_payment(
     return result
 
 
-# -- internals -------------------------------------------------------------------------
+# -- steps shared with the batch handlers (batches.py) ----------------------------------
+
+
+def rejection_for(cmd: RequestPayment, detail: str, at: datetime) -> OutboundMessage:
+    """`payment.failed` / `invalid_request` for a request refused with `detail` (no payment)."""
+    return rejection_message(
+        booking_id=cmd.booking_id, saga_id=cmd.saga_id, detail=detail, at=at, trace=cmd.trace
+    )
+
+
+def initiate_for(
+    cmd: RequestPayment, checked: Valid, at: datetime
+) -> tuple[Payment, list[AnyPaymentEvent]]:
+    """A new payment for a valid request, and its events (not stored yet)."""
+    return Payment.initiate(
+        payment_id=uuid.uuid4(),
+        booking_id=cmd.booking_id,
+        money=checked.money,
+        payment_method=checked.payment_method,
+        saga_id=cmd.saga_id,
+        customer_id=cmd.customer_id,
+        at=at,
+    )
+
+
+def apply_outcome(
+    payment: Payment,
+    attempts: AttemptLog,
+    final: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown,
+    processor_name: str,
+    now: datetime,
+    trace: TraceHeaders,
+) -> tuple[ExecuteResult, list[AnyPaymentEvent], PaymentStatus, OutboundMessage | None]:
+    """Apply a charge's attempts and `final` outcome to `payment` (not stored yet).
+
+    Returns the result, the new events, the payment's status for the index and its
+    outcome message (None while the outcome is still unknown).
+    """
+    new: list[AnyPaymentEvent] = []
+    for kind, item in attempts:
+        new += payment.record_attempt(
+            processor=processor_name,
+            result=_result_of(item),
+            detail=_detail_of(kind, item),
+            at=now,
+        )
+    result = _decide(payment, final, processor_name, now, new)
+    if payment.is_terminal:
+        # The trace of the message that caused this outcome (the request's, carried on
+        # payment.initiated): contract section 2.
+        return result, new, _status(payment), outcome_message(payment, trace)
+    # Still unknown: back to the end of the reconciler's queue, so a few unresolvable
+    # payments cannot starve newer ones.
+    return result, new, PaymentStatus.INITIATED, None
+
+
+# -- internals (charge_payment, record_outcome and mark_handled also serve batches.py) --
 
 AttemptLog = list[tuple[str, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]]
 
@@ -257,13 +300,13 @@ async def _charge_and_record(
     clock: Clock,
     policy: ExecutionPolicy,
 ) -> ExecuteResult:
-    attempts, outcome = await _charge(payment, processor, policy)
-    return await _record_outcome(
+    attempts, outcome = await charge_payment(payment, processor, policy)
+    return await record_outcome(
         payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment
     )
 
 
-async def _charge(
+async def charge_payment(
     payment: Payment, processor: PaymentProcessor, policy: ExecutionPolicy
 ) -> tuple[AttemptLog, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]:
     """Call the gateway until it answers (or `policy` gives up): the attempts and the last."""
@@ -324,7 +367,7 @@ def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
     return random.uniform(0, ceiling)
 
 
-async def _record_outcome(
+async def record_outcome(
     payment_id: uuid.UUID,
     inbound: InboundRef | None,
     trace: TraceHeaders,
@@ -360,25 +403,13 @@ async def _record_outcome(
                     await uow.commit()
                     return ExecuteResult.ALREADY_TERMINAL
                 expected = payment.version
-                new: list[AnyPaymentEvent] = []
-                for kind, item in attempts:
-                    new += payment.record_attempt(
-                        processor=processor.name,
-                        result=_result_of(item),
-                        detail=_detail_of(kind, item),
-                        at=now,
-                    )
-                result = _decide(payment, final, processor.name, now, new)
+                result, new, status, message = apply_outcome(
+                    payment, attempts, final, processor.name, now, trace
+                )
                 await uow.events.append(payment_id, expected, new)
-                if payment.is_terminal:
-                    await uow.payments.set_status(payment_id, _status(payment), now)
-                    # The trace of the message that caused this outcome (the request's,
-                    # carried on payment.initiated): contract section 2.
-                    await uow.outbox.add([outcome_message(payment, trace)])
-                else:
-                    # Still unknown: move it to the back of the reconciler's queue, so a
-                    # few unresolvable payments cannot starve newer ones.
-                    await uow.payments.set_status(payment_id, PaymentStatus.INITIATED, now)
+                await uow.payments.set_status(payment_id, status, now)
+                if message is not None:
+                    await uow.outbox.add([message])
                 terminal = payment.is_terminal
                 if terminal:
                     failpoints.hit("before_terminal_commit")
@@ -455,7 +486,8 @@ def _decline_detail(declined: Declined) -> str:
     return f"payment declined by the processor ({declined.code})"
 
 
-async def _mark_only(uow_factory: UnitOfWorkFactory, inbound: InboundRef, clock: Clock) -> None:
+async def mark_handled(uow_factory: UnitOfWorkFactory, inbound: InboundRef, clock: Clock) -> None:
+    """Mark a message handled that changes nothing else (its own transaction)."""
     async with uow_factory() as uow:
         if await uow.inbox.mark(inbound.source, inbound.message_id, clock.now()):
             await uow.commit()
