@@ -482,6 +482,23 @@ async def test_real_dialect_looks_up_by_search(
         await real_dialect.lookup(request)
 
 
+async def test_a_processing_intent_is_an_unknown_outcome_not_an_absent_charge(
+    canned: CannedStripe, real_dialect: StripeProcessor
+) -> None:
+    request = charge_request()
+    mine = {"payment_id": str(request.payment_id)}
+    processing = _intent("processing", metadata=mine)
+    canned.answer(200, {"object": "search_result", "data": [processing], "has_more": False})
+    # "Nothing found" would let a failure be reported while money may still be taken.
+    with pytest.raises(OutcomeUnknown):
+        await real_dialect.lookup(request)
+    succeeded = {**_intent("succeeded", metadata=mine), "id": "pi_canned2"}
+    canned.answer(
+        200, {"object": "search_result", "data": [processing, succeeded], "has_more": False}
+    )
+    assert await real_dialect.lookup(request) == Approved(provider_reference="pi_canned2")
+
+
 async def test_auto_dialect_detects_localstripe(localstripe: LocalStripe) -> None:
     async with StripeProcessor(API_KEY, api_base=localstripe.url, name="sandbox") as processor:
         assert processor.dialect is None

@@ -99,6 +99,7 @@ class ScriptedGateway:
         self.decline = decline
         self.supports_lookup = supports_lookup
         self.lookup_unavailable = lookup_unavailable
+        self.lookup_in_progress = False
         self.ledger: dict[uuid.UUID, ChargeOutcome] = {}
         self.keys_seen: list[uuid.UUID] = []
         self.charge_calls = 0
@@ -134,6 +135,8 @@ class ScriptedGateway:
         self.lookup_calls += 1
         if self.lookup_unavailable:
             raise ProcessorUnavailable("gateway down")
+        if self.lookup_in_progress:
+            raise OutcomeUnknown("the charge is still processing")
         if not self.supports_lookup:
             return None
         return self.ledger.get(request.idempotency_key)
@@ -715,6 +718,34 @@ async def test_an_outcome_unknown_past_the_review_window_is_flagged_once_never_f
     assert of_type(uow_factory, *TERMINAL) == []
     assert payment_of(uow_factory, "BK-1001").status is PaymentStatus.INITIATED
     assert len(set(gateway.keys_seen)) == 1
+
+
+async def test_a_charge_still_in_progress_at_the_gateway_is_waited_for_not_charged_again(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    gateway = ScriptedGateway("lost")
+    payment_id = await _unknown_payment(uow_factory, clock, gateway)
+    gateway.lookup_in_progress = True
+    reconcile = ReconcilePayment(payment_id=payment_id)
+    before = stream(uow_factory, payment_id)
+
+    result = await reconcile_payment(reconcile, uow_factory, gateway, clock, POLICY)
+
+    assert result is ExecuteResult.UNKNOWN
+    assert gateway.charge_calls == 1  # no new charge while one is in progress
+    assert stream(uow_factory, payment_id) == before  # and nothing recorded meanwhile
+    assert of_type(uow_factory, *TERMINAL) == []
+
+    clock.advance(POLICY.review_after_s)
+    assert await reconcile_payment(reconcile, uow_factory, gateway, clock, POLICY) is (
+        ExecuteResult.FLAGGED
+    )
+    assert gateway.charge_calls == 1
+
+    gateway.lookup_in_progress = False  # the charge settled
+    result = await reconcile_payment(reconcile, uow_factory, gateway, clock, POLICY)
+    assert result is ExecuteResult.COMPLETED
+    assert gateway.charge_calls == 1 and gateway.charges_made == 1
 
 
 async def test_a_flagged_payment_is_still_resolved_when_the_gateway_answers(

@@ -188,8 +188,10 @@ async def reconcile_payment(
 ) -> ExecuteResult:
     """Resolve a payment left in flight: look it up at the gateway, else charge again (same key).
 
-    A payment still unknown past `policy.review_after_s` is flagged for review, once;
-    it is never failed blindly.
+    A charge the gateway reports as still in progress is waited for: not charged again
+    (once the gateway's idempotency window has passed, a new charge would take the money
+    twice) and nothing is recorded until it settles. A payment still unknown past
+    `policy.review_after_s` is flagged for review, once; it is never failed blindly.
     """
     async with uow_factory() as uow:
         events = await uow.events.load(cmd.payment_id)
@@ -199,17 +201,24 @@ async def reconcile_payment(
     if payment.is_terminal:
         return ExecuteResult.ALREADY_TERMINAL
     request = _charge_request(payment)
+    known: ChargeOutcome | None = None
+    in_progress = False
     try:
         known = await asyncio.wait_for(processor.lookup(request), policy.call_timeout_s)
     except (ProcessorUnavailable, TimeoutError):
-        known = None
+        pass  # the gateway cannot be asked: charge again, with the same key
+    except OutcomeUnknown:
+        in_progress = True
     if known is not None:
         return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
-    result = await _charge_and_record(
-        payment, None, cmd.trace, uow_factory, processor, clock, policy
-    )
+    if in_progress:
+        result = ExecuteResult.UNKNOWN
+    else:
+        result = await _charge_and_record(
+            payment, None, cmd.trace, uow_factory, processor, clock, policy
+        )
     if result is ExecuteResult.UNKNOWN:
         assert payment.initiated_at is not None
         age = (clock.now() - payment.initiated_at).total_seconds()

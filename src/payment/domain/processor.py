@@ -80,6 +80,8 @@ class PaymentProcessor(Protocol):
         """The outcome of an earlier charge for this payment, or None if the gateway has none.
 
         Used to reconcile an unknown outcome where the gateway cannot deduplicate by key.
-        Raises `ProcessorUnavailable` when the gateway cannot be asked.
+        Raises `ProcessorUnavailable` when the gateway cannot be asked, `OutcomeUnknown`
+        when it holds a charge for this payment whose outcome is not final yet (money may
+        still be taken: the caller must neither report a failure nor charge anew).
         """
         ...

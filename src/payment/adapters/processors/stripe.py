@@ -498,10 +498,15 @@ class StripeProcessor:
                 ", ".join(_text(i, "id") or "?" for i in intents),
             )
         outcomes = [_outcome_of(i, request.payment_method) for i in intents]
-        # Money taken wins; then anything still moving; a decline only when all are final.
+        # Money taken wins; then a charge still moving; a decline only when all are final.
         for outcome in outcomes:
             if isinstance(outcome, Approved):
                 return outcome
+        processing = [_text(i, "id") or "?" for i in intents if _text(i, "status") == "processing"]
+        if processing:
+            # Money may still be taken: neither "no charge" (which would let a failure be
+            # reported, or a new intent be created once the key has expired) nor final.
+            raise OutcomeUnknown(f"stripe: PaymentIntent {processing[0]} is still processing")
         if any(o is None for o in outcomes):
             return None
         return outcomes[0]
