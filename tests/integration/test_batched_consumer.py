@@ -28,7 +28,7 @@ from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
-from payment.settings import Settings
+from support.service_settings import isolated_settings, topics_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,27 +69,14 @@ async def test_a_backlog_is_handled_in_batches_message_by_message(
     database_url: str, kafka_bootstrap: str
 ) -> None:
     prefix = f"batch{uuid.uuid4().hex[:10]}"
-    settings = Settings(
+    settings = isolated_settings(
+        prefix,
         database_url=database_url,
-        kafka_bootstrap_servers=kafka_bootstrap,
+        bootstrap=kafka_bootstrap,
         kafka_enable_idempotence=_idempotence(),
         kafka_topic_partitions=3,
-        consumer_group=f"{prefix}-group",
-        topic_request=f"{prefix}.request",
-        topic_initiated=f"{prefix}.initiated",
-        topic_completed=f"{prefix}.completed",
-        topic_failed=f"{prefix}.failed",
-        topic_dead_letter=f"{prefix}.dead_letter",
-        http_host="127.0.0.1",
-        http_port=0,
     )
-    topics = [
-        settings.topic_request,
-        settings.topic_initiated,
-        settings.topic_completed,
-        settings.topic_failed,
-        settings.topic_dead_letter,
-    ]
+    topics = topics_of(settings)
     await ensure_topics(kafka_bootstrap, topics, partitions=3)
 
     # The backlog: new bookings, each with its own trace; a redelivery of one of them; a

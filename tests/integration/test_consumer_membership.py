@@ -28,8 +28,8 @@ from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
-from payment.settings import Settings
 from support.net import free_port
+from support.service_settings import isolated_settings, topics_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -87,31 +87,18 @@ async def test_offsets_of_a_lost_membership_are_not_committed_to_a_restarted_bro
     try:
         bootstrap = broker.bootstrap_servers
         prefix = f"member{uuid.uuid4().hex[:8]}"
-        settings = Settings(
+        settings = isolated_settings(
+            prefix,
             database_url=database_url,
-            kafka_bootstrap_servers=bootstrap,
+            bootstrap=bootstrap,
             kafka_enable_idempotence=False,
             kafka_topic_partitions=1,  # one partition: the old offsets all lie ahead
             kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
             kafka_heartbeat_interval_ms=300,
             kafka_commit_interval_ms=3_600_000,  # only the commit on revocation
-            consumer_group=f"{prefix}-group",
-            topic_request=f"{prefix}.request",
-            topic_initiated=f"{prefix}.initiated",
-            topic_completed=f"{prefix}.completed",
-            topic_failed=f"{prefix}.failed",
-            topic_dead_letter=f"{prefix}.dead_letter",
             reconcile_after_s=600.0,  # the reconciler must not hide a skipped record
-            http_host="127.0.0.1",
-            http_port=0,
         )
-        topics = [
-            settings.topic_request,
-            settings.topic_initiated,
-            settings.topic_completed,
-            settings.topic_failed,
-            settings.topic_dead_letter,
-        ]
+        topics = topics_of(settings)
         await ensure_topics(bootstrap, topics, partitions=1)
         container = make_container(settings)
         container.processor.override(providers.Object(FakeProcessor()))

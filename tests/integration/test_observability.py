@@ -32,6 +32,7 @@ from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
 from payment.domain.processor import ChargeOutcome, ChargeRequest, OutcomeUnknown
 from payment.settings import Settings
+from support.service_settings import isolated_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,19 +162,12 @@ async def run_service(database_url: str, kafka_bootstrap: str) -> AsyncIterator[
 
     async def start(**overrides: Any) -> Running:
         prefix = f"obs{uuid.uuid4().hex[:10]}"
-        settings = Settings(
+        settings = isolated_settings(
+            prefix,
             database_url=database_url,
-            kafka_bootstrap_servers=kafka_bootstrap,
+            bootstrap=kafka_bootstrap,
             kafka_enable_idempotence=enable_idempotence(),
             kafka_topic_partitions=2,
-            consumer_group=f"{prefix}-group",
-            topic_request=f"{prefix}.request",
-            topic_initiated=f"{prefix}.initiated",
-            topic_completed=f"{prefix}.completed",
-            topic_failed=f"{prefix}.failed",
-            topic_dead_letter=f"{prefix}.dead_letter",
-            http_host="127.0.0.1",
-            http_port=0,
             **overrides,
         )
         exporter = InMemorySpanExporter()

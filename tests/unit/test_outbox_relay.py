@@ -37,10 +37,19 @@ class Sent:
 
 
 class FakeSender:
-    """Acknowledges every send unless `fails(key, sequence)` says the broker refused it."""
+    """Acknowledges every send unless `fails(key, sequence)` says the broker refused it.
 
-    def __init__(self, fails: Callable[[str, int], bool] = lambda key, seq: False) -> None:
+    `fails` may also name the error the acknowledgement fails with; `refuses(key, sequence)`
+    an error `send` raises before anything is queued.
+    """
+
+    def __init__(
+        self,
+        fails: Callable[[str, int], bool | Exception] = lambda key, seq: False,
+        refuses: Callable[[str, int], Exception | None] = lambda key, seq: None,
+    ) -> None:
         self.fails = fails
+        self.refuses = refuses
         self.sent: list[Sent] = []
         self.attempts = 0
 
@@ -57,7 +66,10 @@ class FakeSender:
         await asyncio.sleep(0)  # let concurrent chains interleave, as real acks do
         assert key is not None and headers is not None
         sent = Sent(topic, key, {n: v for n, v in headers if v is not None})
-        if self.fails(sent.key, sent.sequence):
+        failure = self.fails(sent.key, sent.sequence)
+        if isinstance(failure, Exception):
+            raise failure
+        if failure:
             raise KafkaConnectionError("broker away")
         self.sent.append(sent)
         return None
@@ -71,6 +83,10 @@ class FakeSender:
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes | None]] | None = None,
     ) -> asyncio.Future[object]:
+        assert key is not None and headers is not None
+        refused = self.refuses(key.decode(), int(dict(headers)["ce_sequence"] or b"0"))
+        if refused is not None:
+            raise refused
         # Queued now, acknowledged (or refused) a moment later, like the real producer.
         return asyncio.ensure_future(
             self.send_and_wait(topic, value, key, partition, timestamp_ms, headers)
@@ -161,35 +177,6 @@ async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
     assert r.published == 5
 
 
-class OddSender(FakeSender):
-    """Fails some rows with errors that are not the broker's: `raising` when queueing,
-    `failing` in the acknowledgement."""
-
-    def __init__(self, raising: set[tuple[str, int]], failing: set[tuple[str, int]]) -> None:
-        super().__init__()
-        self.raising = raising
-        self.failing = failing
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> asyncio.Future[object]:
-        assert key is not None and headers is not None
-        sequence = int(dict(headers)["ce_sequence"] or b"0")
-        if (key.decode(), sequence) in self.raising:
-            raise ValueError("cannot queue this record")
-        if (key.decode(), sequence) in self.failing:
-            ack: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            ack.set_exception(RuntimeError("a bug in the ack path"))
-            return ack
-        return await super().send(topic, value, key, partition, timestamp_ms, headers)
-
-
 async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -197,7 +184,14 @@ async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> Non
     uows = MemoryUnitOfWorkFactory()
     await add(uows, message("a", 1), message("b", 1), message("c", 1))
     await add(uows, message("a", 2), message("b", 2), message("c", 2))
-    sender = OddSender(raising={("a", 2)}, failing={("b", 1)})
+    raising = {("a", 2)}
+    failing = {("b", 1)}
+    sender = FakeSender(
+        fails=lambda key, seq: (
+            RuntimeError("a bug in the ack path") if (key, seq) in failing else False
+        ),
+        refuses=lambda key, seq: ValueError("cannot queue") if (key, seq) in raising else None,
+    )
     r = relay(sender, uows, tracer=provider.get_tracer("test"))
 
     # No exception escapes the pass: what was acknowledged is marked, not sent again later.
@@ -210,8 +204,8 @@ async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> Non
     assert len(spans) == 5
     assert sorted(s.status.status_code.name for s in spans) == ["ERROR", "ERROR"] + ["UNSET"] * 3
 
-    sender.raising.clear()
-    sender.failing.clear()
+    raising.clear()
+    failing.clear()
     assert await r.publish_pending() == (3, 0)
     assert unpublished(uows) == []
     for key in ("a", "b"):
