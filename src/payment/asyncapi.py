@@ -77,6 +77,9 @@ DLQ_HEADERS: Final = (
 )
 # Only on a record too large to park whole (its value, then its headers, left out).
 DLQ_DROPPED_HEADERS: Final = ("dlq_value_dropped", "dlq_headers_dropped", "dlq_key_dropped")
+# Only on a record whose card numbers were masked: the parts that were.
+DLQ_CARD_NUMBERS_MASKED: Final = "dlq_card_numbers_masked"
+DLQ_MASKED_PARTS: Final = ("value", "key", "headers")
 
 _UUID: Final[Schema] = {"format": "uuid"}
 _TIMESTAMP: Final[Schema] = {"format": "date-time", "description": "RFC 3339, UTC."}
@@ -320,7 +323,8 @@ What the orchestrator can rely on:
    with `reason` = `invalid_request`, and no processor call.
 5. A message that cannot be decoded (not JSON, missing CloudEvents headers, wrong types,
    missing `booking_id`, over 64 KiB) goes to `payment.dead_letter` with its original bytes
-   and headers plus `dlq_*` headers; the partition keeps moving.
+   and headers plus `dlq_*` headers; the partition keeps moving. A card number in them is
+   masked, never published (`dlq_card_numbers_masked` then says where).
 6. A gateway decline gives `payment.failed` with `reason` = `declined`. A gateway timeout or
    lost response is never reported as a failure: the payment is reconciled with the gateway
    until its real outcome is known.
@@ -409,11 +413,19 @@ def _dead_letter_message() -> Schema:
         "payload": {
             "type": "string",
             "format": "binary",
-            "description": "The original record value, byte for byte (it may not be JSON).",
+            "description": (
+                "The original record value, byte for byte (it may not be JSON), but for card "
+                "numbers: each is replaced by `[REDACTED CARD]` (see `dlq_card_numbers_masked`)."
+            ),
         },
         "bindings": {
             "kafka": {
-                "key": {"description": "The original record's key, unchanged (or none)."},
+                "key": {
+                    "description": (
+                        "The original record's key, unchanged (or none), but for card numbers, "
+                        "masked like the value."
+                    )
+                },
                 "bindingVersion": KAFKA_BINDING_VERSION,
             }
         },
@@ -552,7 +564,10 @@ def _dead_letter_headers() -> Schema:
             "type), plus these; `dlq_*` headers of an earlier dead-lettering are replaced. "
             "A record too large for the dead-letter topic is parked without its largest part "
             "(value, original headers or key), then the next largest, until it fits, each "
-            "named by a `dlq_*_dropped` header, so that the partition keeps moving."
+            "named by a `dlq_*_dropped` header, so that the partition keeps moving. "
+            "Card numbers (13-19 digit Luhn-valid runs, spaces and dashes allowed) in the "
+            "value, the key or an original header value are replaced by `[REDACTED CARD]`, "
+            "every other byte kept, and `dlq_card_numbers_masked` is added."
         ),
         "properties": {
             reason: {"type": "string", "description": "Why; short, never the payload."},
@@ -571,6 +586,16 @@ def _dead_letter_headers() -> Schema:
             DLQ_DROPPED_HEADERS[2]: {
                 **number,
                 "description": "Size in bytes of the key left out (the record has none).",
+            },
+            DLQ_CARD_NUMBERS_MASKED: {
+                "type": "string",
+                "pattern": "^(value(,key)?(,headers)?|key(,headers)?|headers)$",
+                "description": (
+                    "Present only when card numbers were masked: the parts whose card numbers "
+                    "were, comma-separated in this order (`value,key,headers` at most; a part "
+                    "left out for its size is not named). The record is then not the original "
+                    "one: it is never re-driven."
+                ),
             },
         },
         "required": list(DLQ_HEADERS),

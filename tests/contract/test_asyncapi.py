@@ -7,6 +7,7 @@ is not a dependency of the project (it pulls in a compiled extension).
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -189,6 +190,12 @@ def test_dead_letter_header_names_are_the_publishers() -> None:
         dead_letters.DLQ_HEADERS_DROPPED,
         dead_letters.DLQ_KEY_DROPPED,
     )
+    assert asyncapi.DLQ_CARD_NUMBERS_MASKED == dead_letters.DLQ_CARD_NUMBERS_MASKED
+    assert asyncapi.DLQ_MASKED_PARTS == (
+        dead_letters.MASKED_VALUE,
+        dead_letters.MASKED_KEY,
+        dead_letters.MASKED_HEADERS,
+    )
 
 
 def _request_samples() -> Iterator[Schema]:
@@ -353,6 +360,35 @@ async def test_dead_letters_conform(published: Schema) -> None:
     assert topic == _channel_of(published, "DeadLetter")["address"]
     assert key == poison.key
     assert _validate(published, spec["headers"], _header_map(headers)) == []
+
+
+async def test_dead_letters_with_card_numbers_masked_conform(published: Schema) -> None:
+    spec = _message(published, "DeadLetter")
+    card = b"4111 1111 1111 1111"
+    for n in range(1, 4):
+        for parts in itertools.combinations(asyncapi.DLQ_MASKED_PARTS, n):
+            sender = _Sender()
+            publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
+            poison = _Record(
+                topic="saga.request_payment",
+                partition=0,
+                offset=1,
+                key=card if "key" in parts else b"booking-1",
+                value=card if "value" in parts else b"not json",
+                headers=[
+                    ("ce_type", b"saga.request_payment"),
+                    ("x", card if "headers" in parts else b""),
+                ],
+            )
+            await publisher.publish(poison, "poison")
+            ((_, _, headers),) = sender.sent
+            masked = _header_map(headers)
+            assert masked[asyncapi.DLQ_CARD_NUMBERS_MASKED] == ",".join(parts)
+            assert _validate(published, spec["headers"], masked) == []
+    base = {"dlq_reason": "r", "dlq_original_topic": "t", "dlq_original_partition": "0"}
+    base |= {"dlq_original_offset": "1", "dlq_consumer_group": "g"}
+    for wrong in ("key,value", "value,value", "", "body"):
+        assert _validate(published, spec["headers"], {**base, "dlq_card_numbers_masked": wrong})
 
 
 # --- the strict-subset validator ----------------------------------------------------------

@@ -2,7 +2,8 @@
 
 After a fix, each parked message is processed exactly once: re-driving twice does nothing
 the second time (the ledger), and a second copy that slips through (a crash between the
-broker's acknowledgement and the ledger's commit) is absorbed by the inbox.
+broker's acknowledgement and the ledger's commit) is absorbed by the inbox. A dead letter
+whose card numbers were masked when it was parked is not the original: it is refused.
 """
 
 from __future__ import annotations
@@ -103,15 +104,26 @@ async def test_list_then_redrive_processes_each_parked_message_exactly_once(
     second = await orch.request(conflicting, amount=2000)
     parked_conflict = await orch.wait_dead_letter(second)
 
-    # 3. Poison that no fix will cure: not JSON, with a card number in it.
-    poison = await orch.send_raw(
-        f"not json {CARD_SPACED}".encode(), key=b"dl-poison", headers=orch.headers()
-    )
+    # 3. Poison that no fix will cure: not JSON.
+    poison = await orch.send_raw(b"not json", key=b"dl-poison", headers=orch.headers())
     parked_poison = await orch.wait_dead_letter(poison)
+
+    # 4. Poison with a card number in it: parked masked (contract section 3), never re-driven.
+    carded = await orch.send_raw(
+        f"not json {CARD_SPACED}".encode(), key=b"dl-card", headers=orch.headers()
+    )
+    parked_card = await orch.wait_dead_letter(carded)
+    assert parked_card.value == b"not json [REDACTED CARD]"
+    assert parked_card.header("dlq_card_numbers_masked") == "value"
 
     # -- list ------------------------------------------------------------------------------
     rows = await listed(stack)
-    assert set(rows) == {ref(parked_fixed), ref(parked_conflict), ref(parked_poison)}
+    assert set(rows) == {
+        ref(parked_fixed),
+        ref(parked_conflict),
+        ref(parked_poison),
+        ref(parked_card),
+    }
     row = rows[ref(parked_fixed)]
     assert row["reason"] == "handler error: SimulatedBug"
     assert (row["original_topic"], row["original_partition"], row["original_offset"]) == (
@@ -125,10 +137,11 @@ async def test_list_then_redrive_processes_each_parked_message_exactly_once(
     assert row["redriven"] == "parked"
     assert str(rows[ref(parked_conflict)]["reason"]).startswith("conflict:")
     assert rows[ref(parked_poison)]["original_offset"] == poison.offset
+    assert rows[ref(parked_card)]["card_numbers_masked"] == "value"
 
     text = await cli(stack, "list")
     assert text.returncode == 0, text.stderr
-    assert "3 dead letters, 0 re-driven" in text.stdout
+    assert "4 dead letters, 0 re-driven" in text.stdout
     assert "pm_token_only_in_the_payload" not in text.stdout, "payloads are never shown"
     assert "not json" not in text.stdout
     shown = await cli(stack, "list", "--show-payload")
@@ -156,7 +169,8 @@ async def test_list_then_redrive_processes_each_parked_message_exactly_once(
 
     # -- redrive all -----------------------------------------------------------------------
     everything = await cli(stack, "redrive", "--all")
-    assert everything.returncode == 0, everything.stderr + everything.stdout
+    assert everything.returncode == 1, everything.stderr + everything.stdout
+    assert f"{ref(parked_card)}: refused (card numbers masked in its value" in everything.stdout
     assert f"{ref(parked_fixed)}: already redriven" in everything.stdout
     assert f"{ref(parked_conflict)}: redriven" in everything.stdout
     assert f"{ref(parked_poison)}: redriven" in everything.stdout

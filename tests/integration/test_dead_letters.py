@@ -116,3 +116,51 @@ async def test_dead_letter_of_a_record_without_key_or_headers(
         "dlq_original_offset": b"0",
         "dlq_consumer_group": b"group-x",
     }
+
+
+async def test_a_poison_request_carrying_a_card_number_is_parked_masked(
+    kafka_bootstrap: str, producer: AIOKafkaProducer
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
+    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=1)
+    # Undecodable (the amount is a string), with a card number as payment method.
+    value = (
+        b'{"booking_id": "booking-8", "amount": "100", "currency": "EUR",'
+        b' "payment_method": "4242 4242 4242 4242", "junk": "\xff"}'
+    )
+    original_headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"req-8"),
+        ("ce_source", b"orchestrator"),
+        ("ce_type", b"saga.request_payment"),
+        ("x-pan", b"4242-4242-4242-4242"),
+    ]
+    await producer.send_and_wait(
+        source, value=value, key=b"card-4242424242424242", headers=original_headers
+    )
+    poisoned = await read_one(kafka_bootstrap, source)
+    try:
+        decode_request(decode_record(poisoned).data)
+    except PoisonMessage as exc:
+        reason = exc.reason
+    else:
+        raise AssertionError("the record should be poison")
+
+    await KafkaDeadLetterPublisher(producer, dead_letters, "group-card").publish(poisoned, reason)
+
+    parked = await read_one(kafka_bootstrap, dead_letters)
+    assert parked.key == b"card-[REDACTED CARD]"
+    assert parked.value == value.replace(b"4242 4242 4242 4242", b"[REDACTED CARD]")
+    assert list(parked.headers) == [
+        *original_headers[:4],
+        ("x-pan", b"[REDACTED CARD]"),
+        ("dlq_reason", reason.encode()),
+        ("dlq_original_topic", source.encode()),
+        ("dlq_original_partition", b"0"),
+        ("dlq_original_offset", b"0"),
+        ("dlq_consumer_group", b"group-card"),
+        ("dlq_card_numbers_masked", b"value,key,headers"),
+    ]
+    assert b"4242" not in (parked.value or b"") + (parked.key or b"")
+    assert reason == "saga.request_payment data: Expected `int | null`, got `str` - at `$.amount`"

@@ -46,7 +46,9 @@ class FakeProducer:
         return Meta(2, 100 + len(self.sent))
 
 
-def dead_letter(offset: int, *, topic: str = REQUESTS) -> DeadLetter:
+def dead_letter(
+    offset: int, *, topic: str = REQUESTS, extra: tuple[tuple[str, bytes | None], ...] = ()
+) -> DeadLetter:
     return DeadLetter(
         partition=0,
         offset=offset,
@@ -61,6 +63,7 @@ def dead_letter(offset: int, *, topic: str = REQUESTS) -> DeadLetter:
             ("dlq_original_partition", b"1"),
             ("dlq_original_offset", b"41"),
             ("DLQ_CONSUMER_GROUP", b"payment-service"),
+            *extra,
         ),
     )
 
@@ -177,3 +180,35 @@ async def test_dry_run_and_foreign_topics_publish_nothing(database_url: str) -> 
         assert await ledger.redriven(DLQ) == {}
     assert [r.outcome for r in results] == ["dry_run", "refused"]
     assert producer.sent == []
+
+
+async def test_a_dead_letter_with_card_numbers_masked_is_refused_not_redriven(
+    database_url: str,
+) -> None:
+    await migrate(database_url)
+    masked = dead_letter(11, extra=(("dlq_card_numbers_masked", b"value,headers"),))
+    assert masked.card_numbers_masked == "value,headers"
+    assert masked.summary()["card_numbers_masked"] == "value,headers"
+    producer = FakeProducer()
+    async with PostgresRedriveLedger.connect(database_url) as ledger:
+        for dry_run in (True, False):
+            results = await redrive(
+                [masked, dead_letter(12)],
+                None,
+                dlq_topic=DLQ,
+                allowed_topics=[REQUESTS],
+                ledger=ledger,
+                producer=producer,
+                dry_run=dry_run,
+            )
+            assert [(r.ref, r.outcome) for r in results] == [
+                ("0:11", "refused"),
+                ("0:12", "dry_run" if dry_run else "redriven"),
+            ]
+            assert results[0].detail == (
+                "card numbers masked in its value,headers when parked: the original record is"
+                " not here; the sender must send it again"
+            )
+        recorded = await ledger.redriven(DLQ)
+    assert [topic for topic, *_ in producer.sent] == [REQUESTS], "only the unmasked one"
+    assert set(recorded) == {(0, 12)}

@@ -12,8 +12,13 @@ Exactly once, after a fix:
   the dead letter unclaimed, so the next run publishes a second copy: it has the same
   `ce_source` and `ce_id`, and the inbox absorbs whichever copy comes second.
 
-A dead letter may carry card data (it is whatever the sender sent): nothing here prints a
-payload unless asked, and then with card numbers and secrets masked.
+A dead letter whose card numbers were masked when it was parked
+(`dlq_card_numbers_masked`) is not the original record: re-driving it would send another
+request under the original's `ce_id`, so it is refused; the sender must send it again.
+
+A dead letter may carry card data (one parked before masking, or a form the masking does
+not see): nothing here prints a payload unless asked, and then with card numbers and
+secrets masked.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from payment.adapters.kafka.cloudevents import H_ID, H_SOURCE, H_TYPE
 from payment.adapters.kafka.dead_letters import (
+    DLQ_CARD_NUMBERS_MASKED,
     DLQ_CONSUMER_GROUP,
     DLQ_HEADERS_DROPPED,
     DLQ_KEY_DROPPED,
@@ -99,6 +105,12 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
         return all(self.header(name) is None for name in dropped)
 
     @property
+    def card_numbers_masked(self) -> str | None:
+        """The parts (`value,key,headers`) whose card numbers were masked when parked, or
+        None if it holds the original bytes."""
+        return self.header(DLQ_CARD_NUMBERS_MASKED)
+
+    @property
     def size(self) -> int:
         """Bytes of the value (the payload)."""
         return 0 if self.value is None else len(self.value)
@@ -126,6 +138,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
             "key": shown(None if self.key is None else self.key.decode("utf-8", "replace")),
             "size": self.size,
             "value_dropped": _int(self.header(DLQ_VALUE_DROPPED)),
+            "card_numbers_masked": shown(self.card_numbers_masked),
             "redriven": redriven,
         }
 
@@ -271,9 +284,10 @@ async def redrive(
     refs; None: all of them), each at most once.
 
     A dead letter is only sent back to one of `allowed_topics` (the topics the service
-    consumes); one from elsewhere is refused. `already` lists dead letters known to be
-    re-driven (they are skipped without a claim; the claim still guards against a
-    concurrent run).
+    consumes); one from elsewhere is refused, and so is one that is not the original
+    record (parked too large to be whole, or with card numbers masked). `already` lists
+    dead letters known to be re-driven (they are skipped without a claim; the claim
+    still guards against a concurrent run).
     """
     by_ref = {dl.ref: dl for dl in dead_letters}
     refs = list(by_ref) if wanted is None else list(dict.fromkeys(wanted))
@@ -302,6 +316,18 @@ async def redrive(
                     ref=ref,
                     outcome="refused",
                     detail="too large to be parked whole: the original record is not here",
+                )
+            )
+            continue
+        if (masked := dl.card_numbers_masked) is not None:
+            results.append(
+                RedriveResult(
+                    ref=ref,
+                    outcome="refused",
+                    detail=(
+                        f"card numbers masked in its {shown(masked)} when parked: the original"
+                        " record is not here; the sender must send it again"
+                    ),
                 )
             )
             continue
