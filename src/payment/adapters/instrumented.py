@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
@@ -373,31 +374,42 @@ class InstrumentedUnitOfWork:
         span.end()
 
     def _observe_commit(self) -> None:
+        # Counters are added once per label set per commit (a batch commits hundreds of
+        # events), histograms once per outcome; ids are formatted only for a log line.
+        initiated = 0
+        outcomes: Counter[tuple[str, str | None]] = Counter()
         for event in self._events.appended:
-            ids = {"payment_id": str(event.payment_id)}
             if isinstance(event, PaymentInitiated):
-                self._metrics.payments_initiated.add(1)
+                initiated += 1
                 if self._budget.allow("payment initiated"):
                     log.info(
                         "payment initiated",
-                        extra={**ids, "booking_id": event.booking_id, "version": event.version},
+                        extra={
+                            "payment_id": str(event.payment_id),
+                            "booking_id": event.booking_id,
+                            "version": event.version,
+                        },
                     )
             elif isinstance(event, PaymentCompleted):
-                self._metrics.outcomes.add(1, {"outcome": "completed"})
+                outcomes["completed", None] += 1
                 self._observe_latency(event, "completed")
                 if self._budget.allow("payment completed"):
                     log.info(
                         "payment completed",
-                        extra={**ids, "processor": event.processor, "version": event.version},
+                        extra={
+                            "payment_id": str(event.payment_id),
+                            "processor": event.processor,
+                            "version": event.version,
+                        },
                     )
             elif isinstance(event, PaymentFailed):
-                self._metrics.outcomes.add(1, {"outcome": "failed", "reason": event.reason})
+                outcomes["failed", event.reason] += 1
                 self._observe_latency(event, "failed")
                 if self._budget.allow("payment failed"):
                     log.info(
                         "payment failed",
                         extra={
-                            **ids,
+                            "payment_id": str(event.payment_id),
                             "reason": event.reason,
                             "decline_code": event.decline_code,
                             "version": event.version,
@@ -405,7 +417,18 @@ class InstrumentedUnitOfWork:
                     )
             elif isinstance(event, PaymentFlaggedForReview):
                 self._metrics.payments_flagged.add(1)
-                log.warning("payment flagged for manual review: %s", event.detail, extra=ids)
+                log.warning(
+                    "payment flagged for manual review: %s",
+                    event.detail,
+                    extra={"payment_id": str(event.payment_id)},
+                )
+        if initiated:
+            self._metrics.payments_initiated.add(initiated)
+        for (outcome, reason), count in outcomes.items():
+            labels = (
+                {"outcome": outcome} if reason is None else {"outcome": outcome, "reason": reason}
+            )
+            self._metrics.outcomes.add(count, labels)
 
     def _observe_latency(self, event: PaymentCompleted | PaymentFailed, outcome: str) -> None:
         started = self._events.initiated_at.take(event.payment_id)
