@@ -34,3 +34,8 @@ lint: install
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+
+## The benchmarks of docs/performance.md (installs the dev extra: the eventsourcing peer, py-spy).
+bench: install
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python bench/run_all.py
