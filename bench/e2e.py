@@ -144,8 +144,9 @@ HEADER = [
 class Orchestrator:
     """Sends requests on a schedule and matches the outcome events to them."""
 
-    def __init__(self, bootstrap: str, topics: Topics, run_id: str) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, run_id: str, fetch_wait_ms: int) -> None:
         self._bootstrap = bootstrap
+        self._fetch_wait_ms = fetch_wait_ms
         self._topics = topics
         self._run_id = run_id
         self._source = f"bench-e2e-{run_id}"
@@ -170,7 +171,7 @@ class Orchestrator:
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             group_id=None,
-            fetch_max_wait_ms=5,
+            fetch_max_wait_ms=self._fetch_wait_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await self._consumer.start()
@@ -354,6 +355,9 @@ class Plan:
     bisect: bool = True
     profile: str | None = None  # py-spy raw (collapsed) stacks of the first measured step
     keep_log: bool = False
+    # The consumers' fetch wait (the service's and the orchestrator's): Tansu answers a
+    # fetch only when it expires, so it is both a latency per hop and a fixed CPU cost.
+    fetch_wait_ms: int = 5
 
 
 async def _run_steps(
@@ -361,7 +365,7 @@ async def _run_steps(
 ) -> list[StepResult]:
     results: list[StepResult] = []
     tag = f"lat{plan.latency_ms:g}" if plan.latency_ms else "zero"
-    async with Orchestrator(bootstrap, topics, run_id) as orchestrator:
+    async with Orchestrator(bootstrap, topics, run_id, plan.fetch_wait_ms) as orchestrator:
         await warm_up(orchestrator, min(plan.rates[0], 500), plan.warmup_s)
         rates = list(plan.rates)
         passed: float | None = None
@@ -437,7 +441,7 @@ def run(plan: Plan) -> list[StepResult]:
             "PAYMENT_DATABASE_URL": url,
             "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "PAYMENT_KAFKA_ENABLE_IDEMPOTENCE": "false",
-            "PAYMENT_KAFKA_FETCH_MAX_WAIT_MS": "5",
+            "PAYMENT_KAFKA_FETCH_MAX_WAIT_MS": str(plan.fetch_wait_ms),
             "PAYMENT_HTTP_PORT": str(free_port()),
             "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
             "PAYMENT_TOPIC_REQUEST": topics.request,
@@ -506,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the first step, to FILE")
     parser.add_argument("--keep-log", action="store_true", help="keep the service log")
+    parser.add_argument("--fetch-wait-ms", type=int, default=5, help="consumers' fetch wait")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.steps.split(",")] if args.saturation else [args.rate]
     plan = Plan(
@@ -518,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         env=_env_pairs(args.env),
         profile=args.profile,
         keep_log=args.keep_log,
+        fetch_wait_ms=args.fetch_wait_ms,
     )
     print(f"e2e: load before {load()} on {os.cpu_count()} CPUs", flush=True)
     try:
