@@ -116,3 +116,25 @@ async def test_a_status_change_takes_effect_only_on_commit(
         await uow.payments.set_status(payment_id, PaymentStatus.COMPLETED, at(2))
     async with uow_factory() as uow:
         assert await uow.payments.in_flight_since(at(100), 10) == [payment_id]
+
+
+async def test_requeue_sends_an_in_flight_payment_to_the_back_and_leaves_a_finished_one(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    first = await _claim(uow_factory, "booking-first", seconds=1)
+    second = await _claim(uow_factory, "booking-second", seconds=2)
+    done = await _claim(uow_factory, "booking-done", seconds=3)
+    async with uow_factory() as uow:
+        await uow.payments.set_status(done, PaymentStatus.COMPLETED, at(4))
+        await uow.commit()
+    async with uow_factory() as uow:
+        await uow.payments.requeue(first, at(10))
+    async with uow_factory() as uow:  # not committed: nothing moved
+        assert await uow.payments.in_flight_since(at(100), 10) == [first, second]
+    async with uow_factory() as uow:
+        await uow.payments.requeue(first, at(10))
+        await uow.payments.requeue(done, at(10))
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.in_flight_since(at(100), 10) == [second, first]
+        assert await uow.payments.in_flight_since(at(5), 10) == [second]

@@ -728,12 +728,15 @@ async def test_a_charge_still_in_progress_at_the_gateway_is_waited_for_not_charg
     gateway.lookup_in_progress = True
     reconcile = ReconcilePayment(payment_id=payment_id)
     before = stream(uow_factory, payment_id)
+    clock.advance(5)
 
     result = await reconcile_payment(reconcile, uow_factory, gateway, clock, POLICY)
 
     assert result is ExecuteResult.UNKNOWN
     assert gateway.charge_calls == 1  # no new charge while one is in progress
     assert stream(uow_factory, payment_id) == before  # and nothing recorded meanwhile
+    # ... but to the back of the reconciler's queue, so it cannot starve the others.
+    assert uow_factory.db.status[payment_id] == (PaymentStatus.INITIATED, clock.now())
     assert of_type(uow_factory, *TERMINAL) == []
 
     clock.advance(POLICY.review_after_s)

@@ -105,6 +105,7 @@ class MemoryPaymentIndex:
         self._db = db
         self.claims: dict[str, tuple[uuid.UUID, datetime]] = {}
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
+        self.requeued: dict[uuid.UUID, datetime] = {}
 
     async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
         if booking_id in self._db.bookings or booking_id in self.claims:
@@ -144,6 +145,9 @@ class MemoryPaymentIndex:
         ]
         return [pid for _, pid in sorted(rows)[:limit]]
 
+    async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
+        self.requeued[payment_id] = at
+
     def check(self) -> None:
         for booking_id in self.claims:
             if booking_id in self._db.bookings:
@@ -153,6 +157,10 @@ class MemoryPaymentIndex:
         for booking_id, (payment_id, _) in self.claims.items():
             self._db.bookings[booking_id] = payment_id
         self._db.status.update(self.status)
+        for payment_id, at in self.requeued.items():
+            current = self._db.status.get(payment_id)
+            if current is not None and current[0] is PaymentStatus.INITIATED:
+                self._db.status[payment_id] = (PaymentStatus.INITIATED, at)
 
 
 class MemoryOutbox:

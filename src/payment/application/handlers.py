@@ -214,6 +214,11 @@ async def reconcile_payment(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
     if in_progress:
+        # Nothing to record, but to the back of the reconciler's queue all the same (as an
+        # unknown attempt is), so that charges stuck at the gateway cannot starve others.
+        async with uow_factory() as uow:
+            await uow.payments.requeue(payment.id, clock.now())
+            await uow.commit()
         result = ExecuteResult.UNKNOWN
     else:
         result = await _charge_and_record(

@@ -95,6 +95,11 @@ class PaymentIndex(Protocol):
         """Payments still INITIATED whose last change is older than `before`, oldest first."""
         ...
 
+    async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
+        """Count `at` as the payment's last change if it is still INITIATED when this
+        commits (to the back of `in_flight_since`); a finished payment is left alone."""
+        ...
+
 
 class OutboxRecord(msgspec.Struct, frozen=True, kw_only=True):
     """A stored outbox row: its position and the message to publish."""

@@ -40,6 +40,11 @@ _SET_STATUSES = (
     "UPDATE payment_payments SET status = %s, updated_at = %s WHERE payment_id = ANY(%s)"
 )
 
+# Only while in flight: a payment finished meanwhile keeps its status and time.
+_REQUEUE = (
+    "UPDATE payment_payments SET updated_at = %s WHERE payment_id = %s AND status = 'INITIATED'"
+)
+
 # Served by the partial index payment_payments_in_flight_idx.
 _IN_FLIGHT = """
 SELECT payment_id FROM payment_payments
@@ -90,6 +95,9 @@ class PostgresPaymentIndex:
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
         cur = await self._tx.read(_IN_FLIGHT, (before, limit))
         return [_uuid(payment_id) for (payment_id,) in await cur.fetchall()]
+
+    async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
+        self._tx.defer(_REQUEUE, (at, payment_id))
 
 
 def _uuid(value: object) -> uuid.UUID:
