@@ -50,6 +50,15 @@ async def read_one(kafka_bootstrap: str, topic: str) -> ConsumerRecord[bytes, by
         await consumer.stop()
 
 
+def poison_reason(record: ConsumerRecord[bytes, bytes]) -> str:
+    """Why the consumer would dead-letter `record` (which must be poison)."""
+    try:
+        decode_request(decode_record(record).data)
+    except PoisonMessage as exc:
+        return exc.reason
+    raise AssertionError("the record should be poison")
+
+
 async def test_dead_letter_keeps_original_bytes_and_headers_and_adds_dlq_headers(
     kafka_bootstrap: str, producer: AIOKafkaProducer
 ) -> None:
@@ -69,12 +78,7 @@ async def test_dead_letter_keeps_original_bytes_and_headers_and_adds_dlq_headers
     ]
     await producer.send_and_wait(source, value=value, key=b"booking-7", headers=original_headers)
     poisoned = await read_one(kafka_bootstrap, source)
-    try:
-        decode_request(decode_record(poisoned).data)
-    except PoisonMessage as exc:
-        reason = exc.reason
-    else:
-        raise AssertionError("the record should be poison")
+    reason = poison_reason(poisoned)
 
     publisher = KafkaDeadLetterPublisher(producer, dead_letters, "payment-service-test")
     await publisher.publish(poisoned, reason)
@@ -140,12 +144,7 @@ async def test_a_poison_request_carrying_a_card_number_is_parked_masked(
         source, value=value, key=b"card-4242424242424242", headers=original_headers
     )
     poisoned = await read_one(kafka_bootstrap, source)
-    try:
-        decode_request(decode_record(poisoned).data)
-    except PoisonMessage as exc:
-        reason = exc.reason
-    else:
-        raise AssertionError("the record should be poison")
+    reason = poison_reason(poisoned)
 
     await KafkaDeadLetterPublisher(producer, dead_letters, "group-card").publish(poisoned, reason)
 
