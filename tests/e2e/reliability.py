@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 import uuid
@@ -27,9 +28,51 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from support.fake_stripe import DECLINING_METHODS
+from support.fake_stripe import DECLINING_METHODS, FakeStripe
 
-from .harness import TERMINAL_KINDS, Kind, Orchestrator, Sent, ServiceTopics
+from .harness import (
+    TERMINAL_KINDS,
+    Kind,
+    Orchestrator,
+    Sent,
+    ServiceExited,
+    ServiceProcess,
+    ServiceTopics,
+)
+
+# -- the set-up shared by the chaos and multi-instance tests ---------------------------
+
+# One seed for the load, the kills and the gateway's lost answers: CHAOS_SEED replays a run.
+SEED = int(os.environ.get("CHAOS_SEED", str(random.SystemRandom().randrange(10**6))))
+RECONCILE_AFTER_S = 2.0
+
+
+def chaos_env(*, db_pool_max: int) -> dict[str, str]:
+    """Test-friendly timings (issue 6): stale payments are reconciled after 2 s."""
+    return {
+        "PAYMENT_RECONCILE_AFTER_S": str(RECONCILE_AFTER_S),
+        "PAYMENT_RECONCILE_INTERVAL_S": "1",
+        "PAYMENT_PROCESSOR_TIMEOUT_MS": "5000",
+        "PAYMENT_DB_POOL_MAX": str(db_pool_max),
+        "PAYMENT_LOG_LEVEL": "WARNING",
+    }
+
+
+def flaky_gateway() -> FakeStripe:
+    """The Stripe-shaped gateway of the chaos tests: 2-30 ms per call, 3 % answers lost."""
+    return FakeStripe(latency_ms=(2, 30), lose_response_rate=0.03, seed=SEED)
+
+
+async def ready_or_exited(service: ServiceProcess, timeout_s: float = 60.0) -> bool:
+    """True once ready, False if the process ended first (a failpoint during start-up)."""
+    try:
+        await service.wait_ready(timeout_s)
+    except ServiceExited:
+        if service.running:
+            raise  # not ready in time: a real problem, not the failpoint
+        return False
+    return True
+
 
 APPROVING_METHOD = "pm_card_visa"
 DECLINING_METHOD = next(iter(DECLINING_METHODS))

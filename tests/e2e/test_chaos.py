@@ -36,14 +36,19 @@ from support.fake_stripe import FakeStripe
 from support.localstripe import API_KEY as LOCALSTRIPE_KEY
 from support.localstripe import LocalStripe, own_localstripe
 
-from .harness import ServiceExited, ServiceProcess, ServiceStack, StackFactory
+from .harness import ServiceProcess, ServiceStack, StackFactory
 from .reliability import (
+    RECONCILE_AFTER_S,
+    SEED,
     Audit,
     DatabaseState,
     Load,
+    chaos_env,
     explain,
+    flaky_gateway,
     format_summary,
     read_topics,
+    ready_or_exited,
     wait_until_quiet,
 )
 
@@ -57,34 +62,13 @@ pytestmark = [
 
 KILLS = int(os.environ.get("CHAOS_KILLS", "55"))
 LOCALSTRIPE_KILLS = int(os.environ.get("CHAOS_LOCALSTRIPE_KILLS", "20"))
-SEED = int(os.environ.get("CHAOS_SEED", str(random.SystemRandom().randrange(10**6))))
-RECONCILE_AFTER_S = 2.0
-# Test-friendly timings (see the brief in issue 6): a crashed member leaves the group
-# after 2 s, stale payments are reconciled after 2 s.
-CHAOS_ENV = {
-    "PAYMENT_RECONCILE_AFTER_S": str(RECONCILE_AFTER_S),
-    "PAYMENT_RECONCILE_INTERVAL_S": "1",
-    "PAYMENT_PROCESSOR_TIMEOUT_MS": "5000",
-    "PAYMENT_DB_POOL_MAX": "8",
-    "PAYMENT_LOG_LEVEL": "WARNING",
-}
+CHAOS_ENV = chaos_env(db_pool_max=8)
 
 
 @pytest.fixture
 def gateway() -> Iterator[FakeStripe]:
-    with FakeStripe(latency_ms=(2, 30), lose_response_rate=0.03, seed=SEED) as server:
+    with flaky_gateway() as server:
         yield server
-
-
-async def ready_or_exited(service: ServiceProcess, timeout_s: float = 60.0) -> bool:
-    """True once ready, False if the process ended first (a failpoint during start-up)."""
-    try:
-        await service.wait_ready(timeout_s)
-    except ServiceExited:
-        if service.running:
-            raise
-        return False
-    return True
 
 
 async def wait_exit_for(service: ServiceProcess, seconds: float) -> None:

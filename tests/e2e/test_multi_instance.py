@@ -25,34 +25,31 @@ import pytest
 from payment.application import failpoints
 from support.fake_stripe import FakeStripe
 
-from .harness import ServiceExited, ServiceProcess, StackFactory
+from .harness import ServiceProcess, StackFactory
 from .reliability import (
+    RECONCILE_AFTER_S,
+    SEED,
     Audit,
     DatabaseState,
     Load,
+    chaos_env,
     explain,
+    flaky_gateway,
     format_summary,
     read_topics,
+    ready_or_exited,
     wait_until_quiet,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 DURATION_S = float(os.environ.get("MULTI_INSTANCE_SECONDS", "90"))
-SEED = int(os.environ.get("CHAOS_SEED", str(random.SystemRandom().randrange(10**6))))
-RECONCILE_AFTER_S = 2.0
-ENV = {
-    "PAYMENT_RECONCILE_AFTER_S": str(RECONCILE_AFTER_S),
-    "PAYMENT_RECONCILE_INTERVAL_S": "1",
-    "PAYMENT_PROCESSOR_TIMEOUT_MS": "5000",
-    "PAYMENT_DB_POOL_MAX": "6",
-    "PAYMENT_LOG_LEVEL": "WARNING",
-}
+ENV = chaos_env(db_pool_max=6)
 
 
 @pytest.fixture
 def gateway() -> Iterator[FakeStripe]:
-    with FakeStripe(latency_ms=(2, 30), lose_response_rate=0.03, seed=SEED) as server:
+    with flaky_gateway() as server:
         yield server
 
 
@@ -63,11 +60,7 @@ async def restart(service: ServiceProcess, spec: str | None) -> None:
     else:
         service.env.pop(failpoints.ENV_VAR, None)
     service.start()
-    try:
-        await service.wait_ready(60)
-    except ServiceExited:
-        if service.running:
-            raise  # not ready in time: a real problem, not the failpoint
+    await ready_or_exited(service)
 
 
 async def test_three_instances_one_dying_every_few_seconds(

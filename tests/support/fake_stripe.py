@@ -30,20 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 API_KEY = "sk_test_fake_gateway"
@@ -283,13 +280,6 @@ def main(argv: list[str] | None = None) -> None:
 # -- the controller (test process) -------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class FakeStripe:
     """The gateway process on a free port; `ledger()` reads what it holds."""
 
@@ -300,12 +290,15 @@ class FakeStripe:
         lose_response_rate: float = 0.0,
         seed: int = 0,
     ) -> None:
-        self.port = _free_port()
+        # Imported here: this file also runs as the gateway's own script, outside the package.
+        from .net import free_port
+        from .server_process import ServerProcess
+
+        self.port = free_port()
         self.latency_ms = latency_ms
         self.lose_response_rate = lose_response_rate
         self.seed = seed
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._server = ServerProcess("fake gateway")
 
     @property
     def url(self) -> str:
@@ -314,9 +307,8 @@ class FakeStripe:
     def start(self, timeout_s: float = 20.0) -> FakeStripe:
         import httpx
 
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         low, high = self.latency_ms
-        self._process = subprocess.Popen(
+        self._server.start(
             [
                 sys.executable,
                 str(Path(__file__)),
@@ -329,37 +321,13 @@ class FakeStripe:
                 "--seed",
                 str(self.seed),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
+            probe=lambda: httpx.get(f"{self.url}/_ledger", timeout=1.0),
+            timeout_s=timeout_s,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._log.seek(0)
-                err = self._log.read().decode(errors="replace")
-                self.stop()
-                raise RuntimeError(f"fake gateway exited at start-up: {err[-2000:]}")
-            try:
-                httpx.get(f"{self.url}/_ledger", timeout=1.0)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"fake gateway did not answer on port {self.port}")
+        return self
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        log, self._log = self._log, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        if log is not None:
-            log.close()
+        self._server.stop()
 
     def __enter__(self) -> FakeStripe:
         return self.start()
@@ -369,11 +337,7 @@ class FakeStripe:
 
     def log_text(self) -> str:
         """One line per charge request: key, payment, what the gateway answered."""
-        if self._log is None:
-            return ""
-        # pread: the child writes through the same file offset, which a seek would move.
-        fd = self._log.fileno()
-        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        return self._server.log_text()
 
     def ledger(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Every PaymentIntent (oldest first) and the counters."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +19,7 @@ from payment.domain.processor import ChargeRequest
 
 from .net import free_port
 from .proxy import TcpProxy
+from .server_process import ServerProcess
 
 API_KEY = "sk_test_localstripe"  # localstripe accepts any sk_ key; sandbox needs sk_test_
 
@@ -42,50 +40,25 @@ class LocalStripe:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-        # A file, not a pipe: localstripe logs every request to stderr, and a pipe nobody
-        # reads fills up after some hundred requests and freezes the server mid-test.
-        self._log: IO[bytes] | None = None
+        self._server = ServerProcess("localstripe")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> LocalStripe:
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
-        self._process = subprocess.Popen(
+        self._server.start(
             [sys.executable, "-c", _BOOT, "--port", str(self.port), "--from-scratch"],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
+            probe=lambda: httpx.get(
+                f"{self.url}/v1/payment_intents", auth=(API_KEY, ""), timeout=1.0
+            ),
+            timeout_s=timeout_s,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._log.seek(0)
-                err = self._log.read().decode(errors="replace")
-                self.stop()
-                raise RuntimeError(f"localstripe exited at start-up: {err[-2000:]}")
-            try:
-                httpx.get(f"{self.url}/v1/payment_intents", auth=(API_KEY, ""), timeout=1.0)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"localstripe did not answer on port {self.port} in {timeout_s}s")
+        return self
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        log, self._log = self._log, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        if log is not None:
-            log.close()
+        self._server.stop()
 
     def __enter__(self) -> LocalStripe:
         return self.start()
