@@ -347,11 +347,11 @@ async def warm_up(orchestrator: Orchestrator, rate: float, seconds: float) -> No
 class Plan:
     rates: list[float]
     duration_s: float
-    latency_ms: float
-    saturation: bool
-    drain_s: float
-    warmup_s: float
-    env: dict[str, str]
+    latency_ms: float = 0.0
+    saturation: bool = False
+    drain_s: float = 30.0
+    warmup_s: float = 3.0
+    env: dict[str, str] = field(default_factory=dict)
     bisect: bool = True
     profile: str | None = None  # py-spy raw (collapsed) stacks of the first measured step
     keep_log: bool = False

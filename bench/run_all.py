@@ -63,10 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             e2e.Plan(
                 rates=[1000],
                 duration_s=measure_s,
-                latency_ms=0,
-                saturation=False,
-                drain_s=30,
-                warmup_s=3,
                 env=env,
             )
         )[0]
@@ -74,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             e2e.Plan(
                 rates=[float(r) for r in args.steps.split(",")],
                 duration_s=step_s,
-                latency_ms=0,
                 saturation=True,
-                drain_s=30,
-                warmup_s=3,
                 env=env,
             )
         )
@@ -88,10 +81,6 @@ def main(argv: list[str] | None = None) -> int:
                 e2e.Plan(
                     rates=[best.offered_rate],
                     duration_s=sustain_s,
-                    latency_ms=0,
-                    saturation=False,
-                    drain_s=30,
-                    warmup_s=3,
                     env=env,
                 )
             )[0]
@@ -101,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
                 rates=[1000],
                 duration_s=measure_s,
                 latency_ms=300,
-                saturation=False,
-                drain_s=30,
-                warmup_s=3,
                 env=env,
             )
         )[0]
