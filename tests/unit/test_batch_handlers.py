@@ -16,7 +16,7 @@ import pytest
 from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.batches import execute_payments, request_payments
-from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
+from payment.application.commands import ExecutePayment, InboundRef, RequestPayment
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
@@ -34,10 +34,8 @@ from payment.domain.processor import (
     OutcomeUnknown,
     ProcessorUnavailable,
 )
+from support.commands import SAGA, SELF, TRACE, request_cmd
 
-SAGA = "saga-orchestrator"
-SELF = "payment-service"
-TRACE = TraceHeaders(traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
 POLICY = ExecutionPolicy(
     call_timeout_s=0.5, max_attempts=2, backoff_initial_s=0.001, backoff_max_s=0.002
 )
@@ -52,25 +50,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.current += timedelta(seconds=seconds)
-
-
-_ids: Iterator[int] = iter(range(1, 10**9))
-
-
-def request(booking_id: str, *, message_id: str | None = None, **fields: Any) -> RequestPayment:
-    values: dict[str, Any] = {
-        "amount": 12_500,
-        "currency": "EUR",
-        "payment_method": "pm_card_visa",
-        "saga_id": "saga-7",
-        "trace": TRACE,
-    }
-    values.update(fields)
-    return RequestPayment(
-        inbound=InboundRef(source=SAGA, message_id=message_id or f"req-{next(_ids)}"),
-        booking_id=booking_id,
-        **values,
-    )
 
 
 def initiated_cmds(uows: MemoryUnitOfWorkFactory) -> list[ExecutePayment]:
@@ -106,7 +85,7 @@ def clock() -> FakeClock:
 async def test_a_batch_of_new_requests_initiates_each_payment_in_one_transaction(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    cmds = [request(f"BK-{n}") for n in range(20)]
+    cmds = [request_cmd(f"BK-{n}") for n in range(20)]
 
     results = await request_payments(cmds, uows, clock)
 
@@ -124,11 +103,13 @@ async def test_a_batch_of_new_requests_initiates_each_payment_in_one_transaction
 async def test_redelivered_and_repeated_messages_in_a_batch_change_nothing(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    first = request("BK-1", message_id="m-1")
+    first = request_cmd("BK-1", message_id="m-1")
     await request_payments([first], uows, clock)
     before = list(uows.db.outbox)
 
-    results = await request_payments([first, request("BK-2", message_id="m-2"), first], uows, clock)
+    results = await request_payments(
+        [first, request_cmd("BK-2", message_id="m-2"), first], uows, clock
+    )
 
     assert results == [RequestResult.DUPLICATE, RequestResult.ACCEPTED, RequestResult.DUPLICATE]
     assert uows.db.outbox[: len(before)] == before
@@ -139,7 +120,7 @@ async def test_two_requests_for_one_booking_in_a_batch_make_one_payment(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
     results = await request_payments(
-        [request("BK-1"), request("BK-2"), request("BK-1")], uows, clock
+        [request_cmd("BK-1"), request_cmd("BK-2"), request_cmd("BK-1")], uows, clock
     )
 
     assert results == [RequestResult.ACCEPTED, RequestResult.ACCEPTED, RequestResult.IN_FLIGHT]
@@ -152,13 +133,15 @@ async def test_re_requests_in_a_batch_replay_or_conflict_and_the_rest_still_goes
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
     processor = FakeProcessor()
-    await request_payments([request("BK-done"), request("BK-busy")], uows, clock)
+    await request_payments([request_cmd("BK-done"), request_cmd("BK-busy")], uows, clock)
     done = [c for c in initiated_cmds(uows) if c.payment_id == uows.db.bookings["BK-done"]]
     await execute_payments(done, uows, processor, clock)
-    other_money = request("BK-done", amount=1)
+    other_money = request_cmd("BK-done", amount=1)
 
     results = await request_payments(
-        [request("BK-new"), request("BK-done"), other_money, request("BK-busy")], uows, clock
+        [request_cmd("BK-new"), request_cmd("BK-done"), other_money, request_cmd("BK-busy")],
+        uows,
+        clock,
     )
 
     assert results[0] is RequestResult.ACCEPTED
@@ -178,7 +161,7 @@ async def test_an_invalid_request_in_a_batch_gets_one_invalid_request_failure(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
     results = await request_payments(
-        [request("BK-1"), request("BK-2", currency="XXX"), request("BK-3")], uows, clock
+        [request_cmd("BK-1"), request_cmd("BK-2", currency="XXX"), request_cmd("BK-3")], uows, clock
     )
 
     assert results == [RequestResult.ACCEPTED, RequestResult.REJECTED, RequestResult.ACCEPTED]
@@ -193,7 +176,7 @@ async def test_a_booking_claimed_concurrently_falls_back_and_makes_one_payment(
 ) -> None:
     # The single handler commits first while the batch is in its transaction: the memory
     # store refuses the batch's claim at commit, and the batch falls back one by one.
-    cmds = [request(f"BK-{n}") for n in range(5)]
+    cmds = [request_cmd(f"BK-{n}") for n in range(5)]
 
     class Racing(MemoryUnitOfWorkFactory):
         raced = False
@@ -205,7 +188,9 @@ async def test_a_booking_claimed_concurrently_falls_back_and_makes_one_payment(
                 inner_commit = uow.commit
 
                 async def commit() -> None:
-                    await request_payment(request("BK-3"), MemoryUnitOfWorkFactory(uow._db), clock)
+                    await request_payment(
+                        request_cmd("BK-3"), MemoryUnitOfWorkFactory(uow._db), clock
+                    )
                     await inner_commit()
 
                 uow.commit = commit  # type: ignore[method-assign]
@@ -226,7 +211,7 @@ async def test_a_booking_claimed_concurrently_falls_back_and_makes_one_payment(
 async def test_a_batch_of_executions_charges_each_once_and_records_in_one_transaction(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    await request_payments([request(f"BK-{n}") for n in range(10)], uows, clock)
+    await request_payments([request_cmd(f"BK-{n}") for n in range(10)], uows, clock)
     processor = FakeProcessor()
     commits = uows.db.commits
 
@@ -246,7 +231,7 @@ async def test_a_batch_of_executions_charges_each_once_and_records_in_one_transa
 async def test_unknown_finished_and_redelivered_executions_in_a_batch(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    await request_payments([request("BK-1"), request("BK-2")], uows, clock)
+    await request_payments([request_cmd("BK-1"), request_cmd("BK-2")], uows, clock)
     processor = FakeProcessor()
     first, second = initiated_cmds(uows)
     await execute_payments([first], uows, processor, clock)
@@ -275,7 +260,7 @@ async def test_unknown_finished_and_redelivered_executions_in_a_batch(
 async def test_an_outcome_written_meanwhile_wins_and_the_batch_falls_back(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    await request_payments([request("BK-1"), request("BK-2")], uows, clock)
+    await request_payments([request_cmd("BK-1"), request_cmd("BK-2")], uows, clock)
     cmds = initiated_cmds(uows)
     processor = FakeProcessor()
 
@@ -306,7 +291,7 @@ async def test_a_slow_charge_holds_back_only_its_own_outcome(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
     await request_payments(
-        [request("BK-fast-1"), request("BK-slow"), request("BK-fast-2")], uows, clock
+        [request_cmd("BK-fast-1"), request_cmd("BK-slow"), request_cmd("BK-fast-2")], uows, clock
     )
     release = asyncio.Event()
 
@@ -342,7 +327,9 @@ class Trouble(FakeProcessor):
 async def test_unavailable_and_unknown_outcomes_in_a_batch_are_as_one_by_one(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    await request_payments([request("BK-down"), request("BK-lost"), request("BK-ok")], uows, clock)
+    await request_payments(
+        [request_cmd("BK-down"), request_cmd("BK-lost"), request_cmd("BK-ok")], uows, clock
+    )
 
     results = await execute_payments(initiated_cmds(uows), uows, Trouble(), clock, POLICY)
 
@@ -357,7 +344,7 @@ async def test_unavailable_and_unknown_outcomes_in_a_batch_are_as_one_by_one(
 async def test_the_scope_is_entered_around_each_charge(
     uows: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    await request_payments([request("BK-1"), request("BK-2")], uows, clock)
+    await request_payments([request_cmd("BK-1"), request_cmd("BK-2")], uows, clock)
     cmds = initiated_cmds(uows)
     entered: list[uuid.UUID] = []
     inside: list[bool] = []
@@ -410,11 +397,13 @@ async def test_batches_leave_what_one_by_one_handling_leaves(seed: int) -> None:
         if kind < 0.15 and messages:
             messages.append(rng.choice(messages))  # a redelivery
         elif kind < 0.25:
-            messages.append(request(booking, message_id=f"m{seed}-{n}", amount=rng.choice([1, 2])))
+            messages.append(
+                request_cmd(booking, message_id=f"m{seed}-{n}", amount=rng.choice([1, 2]))
+            )
         elif kind < 0.3:
-            messages.append(request(booking, message_id=f"m{seed}-{n}", currency="XXX"))
+            messages.append(request_cmd(booking, message_id=f"m{seed}-{n}", currency="XXX"))
         else:
-            messages.append(request(booking, message_id=f"m{seed}-{n}"))
+            messages.append(request_cmd(booking, message_id=f"m{seed}-{n}"))
     chunks: list[list[RequestPayment]] = []
     rest = list(messages)
     while rest:

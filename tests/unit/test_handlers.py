@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,8 +16,6 @@ from payment.application.commands import (
     ExecutePayment,
     InboundRef,
     ReconcilePayment,
-    RequestPayment,
-    TraceHeaders,
 )
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
@@ -48,9 +45,8 @@ from payment.domain.processor import (
     OutcomeUnknown,
     ProcessorUnavailable,
 )
+from support.commands import SELF, TRACE, request_cmd
 
-SAGA = "saga-orchestrator"
-SELF = "payment-service"
 POLICY = ExecutionPolicy(
     call_timeout_s=0.05,
     max_attempts=3,
@@ -58,7 +54,6 @@ POLICY = ExecutionPolicy(
     backoff_max_s=0.002,
     review_after_s=600.0,
 )
-TRACE = TraceHeaders(traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
 TERMINAL = ("payment.completed", "payment.failed")
 
 
@@ -153,32 +148,6 @@ def uow_factory() -> MemoryUnitOfWorkFactory:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-_ids: Iterator[int] = iter(range(1, 10**9))
-
-
-def request_cmd(
-    booking_id: str = "BK-1001",
-    *,
-    message_id: str | None = None,
-    source: str = SAGA,
-    **fields: Any,
-) -> RequestPayment:
-    values: dict[str, Any] = {
-        "amount": 12_500,
-        "currency": "EUR",
-        "payment_method": "pm_card_visa",
-        "customer_id": "cus_42",
-        "saga_id": "saga-7",
-        "trace": TRACE,
-    }
-    values.update(fields)
-    return RequestPayment(
-        inbound=InboundRef(source=source, message_id=message_id or f"req-{next(_ids)}"),
-        booking_id=booking_id,
-        **values,
-    )
 
 
 def outbox(uow_factory: MemoryUnitOfWorkFactory) -> list[OutboundMessage]:
