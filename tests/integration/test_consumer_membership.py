@@ -26,6 +26,7 @@ from dependency_injector import providers
 from payment.adapters.embedded import EmbeddedBroker
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
+from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
 from support.net import free_port
@@ -100,6 +101,9 @@ async def test_offsets_of_a_lost_membership_are_not_committed_to_a_restarted_bro
         )
         topics = topics_of(settings)
         await ensure_topics(bootstrap, topics, partitions=1)
+        # The test reads payment_payments from the start: it must not race the service's
+        # own migration.
+        await migrate(database_url)
         container = make_container(settings)
         container.processor.override(providers.Object(FakeProcessor()))
         service = Service(settings, container)
