@@ -44,6 +44,9 @@ from .reliability import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 DURATION_S = float(os.environ.get("MULTI_INSTANCE_SECONDS", "90"))
+# The chaos phase lasts at least DURATION_S and until this many SIGKILLs: on a loaded
+# machine a restart can take longer than the pause between kills.
+MIN_KILLS = int(DURATION_S // 5)
 ENV = chaos_env(db_pool_max=6)
 
 
@@ -75,7 +78,7 @@ async def test_three_instances_one_dying_every_few_seconds(
 
     load.start()
     end = time.monotonic() + DURATION_S
-    while time.monotonic() < end:
+    while time.monotonic() < end or causes["SIGKILL"] < MIN_KILLS:
         await asyncio.sleep(rng.uniform(2.0, 4.0))
         # Whoever a failpoint took down meanwhile is restarted first.
         for service in stack.services:
@@ -141,4 +144,3 @@ async def test_three_instances_one_dying_every_few_seconds(
     problems = audit.violations()
     assert not problems, "\n".join(problems[:50])
     assert summary["lost requests"] == 0 and summary["double charges"] == 0
-    assert causes["SIGKILL"] >= DURATION_S // 5

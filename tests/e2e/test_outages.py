@@ -238,8 +238,9 @@ async def test_postgres_outage_of_30s_under_load(
         problems = audit.violations()
         assert not problems, "\n".join(problems[:50])
         assert set(outage_answers) <= {503}, outage_answers
-        # A readiness probe gives up after a second or so: answer within one check timeout.
-        assert slowest < 3.0
+        # The probe answers within its 2 s check timeout (plus a loaded machine's delays),
+        # not after a connection attempt's full timeout.
+        assert slowest < 5.0
         assert during > 0
 
 

@@ -101,8 +101,8 @@ async def stack(
 async def fail_stack(
     kafka_bootstrap: str, postgres_server_url: str, e2e_log_dir: Any
 ) -> AsyncIterator[ServiceStack]:
-    """A second service whose fake gateway declines every charge, taking half a second
-    (so a test can act while a charge is in flight)."""
+    """A second service whose fake gateway declines every charge, taking two seconds
+    (so a test can act while a charge is in flight, on a loaded machine too)."""
     with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
         async with open_stack(
             bootstrap=kafka_bootstrap,
@@ -110,7 +110,7 @@ async def fail_stack(
             log_dir=e2e_log_dir,
             topic_prefix="e2e-fail",
             PAYMENT_FAKE_MODE="fail",
-            PAYMENT_FAKE_LATENCY_MS="500",
+            PAYMENT_FAKE_LATENCY_MS="2000",
         ) as opened:
             yield opened
 
@@ -297,7 +297,7 @@ async def test_rerequest_while_charging_gives_the_one_outcome(fail_stack: Servic
     booking = new_booking("in-flight")
     await orch.request(booking)
     await orch.wait_for(lambda log: log.initiated(booking), what="payment.initiated")
-    again = await orch.request(booking)  # the charge takes 500 ms: still in flight
+    again = await orch.request(booking)  # the charge takes 2 s: still in flight
     outcome = await orch.wait_outcome(booking)
     await orch.sentinel(after=again)
     assert outcome.kind == "failed"
@@ -512,7 +512,9 @@ async def test_poison_messages_are_dead_lettered_and_the_partition_keeps_moving(
         if any(h == "ce_type" for h, _ in sent.headers):
             assert dead.header("ce_type") == "saga.request_payment", name
     await orch.sentinel(after=valid)
-    assert len(orch.events.dead_letters(booking)) == len(poison)
+    # Only the poison was parked (perhaps more than once: dead letters are at least once).
+    parked = {int(str(d.header("dlq_original_offset"))) for d in orch.events.dead_letters(booking)}
+    assert parked == {sent.offset for sent in poison.values()}
     assert len(orch.events.initiated(booking)) == 1
     assert len(orch.events.terminal(booking)) == 1
 
@@ -560,25 +562,30 @@ async def test_sigterm_drains_and_a_restart_loses_nothing(
 ) -> None:
     """SIGTERM with requests unread or charges in flight: exit 0; after a restart every
     request has exactly one payment.initiated and one terminal event (contract 4.1, 4.7)."""
-    stack = await make_stack(PAYMENT_FAKE_LATENCY_MS="1000")
+    stack = await make_stack(PAYMENT_FAKE_LATENCY_MS="3000")
     orch, service = stack.orch, stack.service
     await orch.settle()  # the service has joined its group and is consuming
     bookings = [new_booking(f"sigterm-{i}") for i in range(40)]
     await asyncio.gather(*(orch.request(b) for b in bookings))
     if moment == "while_charging":
-        # Each charge takes a second: once every payment.initiated is out, the service
-        # fetches them within a few fetch waits and is then charging all of them.
+        # Each charge takes three seconds: once every payment.initiated is out, the
+        # service fetches them within a few fetch waits and is then charging them.
         await orch.wait_for(
             lambda log: all(log.initiated(b) for b in bookings), what="every payment.initiated"
         )
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
     service.send_signal(signal.SIGTERM)
     code = await service.wait_exit(60)
     assert code == 0, service.log_tail()
-    drained = sum(1 for b in bookings if orch.events.terminal(b))
     if moment == "while_charging":
-        # The charges in flight at SIGTERM were finished and their outcomes published.
-        assert drained > 0, "nothing was in flight at SIGTERM, or the drain dropped it"
+        # The charges in flight at SIGTERM were finished and their outcomes published
+        # before the exit; the orchestrator may still be fetching them.
+        await orch.wait_for(
+            lambda log: any(log.terminal(b) for b in bookings),
+            timeout_s=15,
+            what="an outcome drained at SIGTERM (nothing was in flight, or the drain dropped it)",
+        )
+    drained = sum(1 for b in bookings if orch.events.terminal(b))
 
     await service.start_ready()
     await orch.wait_for(

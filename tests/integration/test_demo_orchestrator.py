@@ -35,6 +35,7 @@ from payment.application.messages import (
     PaymentInitiatedMessage,
 )
 from payment.demo import DemoReport, run_demo
+from support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,11 +227,15 @@ async def fake_service(
 
 
 async def _demo(
-    kafka_bootstrap: str, topics: Topics, count: int, timeout_s: float = 60
+    kafka_bootstrap: str,
+    topics: Topics,
+    count: int,
+    timeout_s: float = 60,
+    out: io.StringIO | None = None,
 ) -> tuple[DemoReport, str]:
-    out = io.StringIO()
+    out = out or io.StringIO()
     report = await run_demo(
-        kafka_bootstrap, count=count, topics=topics, timeout_s=timeout_s, out=out, settle_s=0.3
+        kafka_bootstrap, count=count, topics=topics, timeout_s=timeout_s, out=out, settle_s=1.0
     )
     return report, out.getvalue()
 
@@ -270,7 +275,7 @@ async def test_a_lost_request_fails_the_run(
 ) -> None:
     fake_service(FakeServiceBehaviour(drop_suffixes=("-7",)))
 
-    report, printed = await _demo(kafka_bootstrap, topics, count=10, timeout_s=3)
+    report, printed = await _demo(kafka_bootstrap, topics, count=10, timeout_s=8)
 
     assert not report.ok
     assert report.timed_out
@@ -314,14 +319,17 @@ async def test_topics_the_service_creates_after_the_demo_started_are_listened_to
     kafka_bootstrap: str, topic_names: Topics
 ) -> None:
     # As in `dev --demo`: the demo starts while the service is still creating its topics.
+    out = io.StringIO()
+
     async def late_service() -> None:
-        await asyncio.sleep(0.5)
+        # The topics appear once the demo waits for them.
+        await eventually(lambda: "waiting for the service to create" in out.getvalue(), 30)
         await ensure_topics(kafka_bootstrap, topic_names.names, partitions=3)
         await FakeService(kafka_bootstrap, topic_names, FakeServiceBehaviour()).run(asyncio.Event())
 
     service = asyncio.create_task(late_service())
     try:
-        report, printed = await _demo(kafka_bootstrap, topic_names, count=10, timeout_s=30)
+        report, printed = await _demo(kafka_bootstrap, topic_names, count=10, timeout_s=30, out=out)
     finally:
         service.cancel()
         await asyncio.gather(service, return_exceptions=True)

@@ -343,7 +343,8 @@ async def test_one_trace_from_request_to_outcome(run_service: RunService) -> Non
 async def test_a_reconciled_payment_stays_in_the_trace_of_its_request(
     run_service: RunService,
 ) -> None:
-    running = await run_service(reconcile_after_s=0.5, reconcile_interval_s=0.2)
+    # Long enough for the consumer's own charge to come first on a loaded machine.
+    running = await run_service(reconcile_after_s=3.0, reconcile_interval_s=0.2)
     traceparent, trace_id = new_traceparent()
     booking = f"lost-{uuid.uuid4().hex[:8]}"
     await running.send(request(booking), key=booking, traceparent=traceparent)
@@ -392,7 +393,7 @@ LISTED_SERIES = (
 
 
 async def test_metrics_list_every_series_and_move_with_traffic(run_service: RunService) -> None:
-    running = await run_service(reconcile_after_s=1.0, reconcile_interval_s=0.2, review_after_s=1.5)
+    running = await run_service(reconcile_after_s=2.0, reconcile_interval_s=0.2, review_after_s=3.0)
     s = running.settings
     before_response = await running.get("/metrics")
     assert before_response.status_code == 200

@@ -28,6 +28,7 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = []
         self.fail = fail
         self.gate = gate
+        self.entered = asyncio.Event()  # set once a send began: the claim is taken by then
 
     async def send_and_wait(
         self,
@@ -38,6 +39,7 @@ class FakeProducer:
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes | None]] | None = None,
     ) -> object:
+        self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
@@ -121,7 +123,8 @@ async def test_two_concurrent_runs_redrive_a_dead_letter_once(database_url: str)
                 producer=slow,
             )
         )
-        await asyncio.sleep(0.2)  # the first run holds the claim, its send is stalled
+        async with asyncio.timeout(10.0):  # the first run holds the claim, its send is stalled
+            await slow.entered.wait()
         second = asyncio.create_task(
             redrive(
                 [dead_letter(7)],

@@ -48,6 +48,7 @@ from support.localstripe import (
     stripe_proxy,
 )
 from support.proxy import TcpProxy
+from support.waiting import eventually
 
 # Fixtures imported from the support module, re-exported so pytest (and ruff) see them used.
 __all__ = ["localstripe", "proxied_processor", "stripe_processor", "stripe_proxy"]
@@ -210,10 +211,13 @@ async def test_no_answer_in_time_is_unknown(
     request = charge_request()
     stripe_proxy.mode, stripe_proxy.target = "hang", b"POST "
     async with sandbox_processor(
-        stripe_proxy.url, timeout_s=1.0, lookup_before_charge=False
+        stripe_proxy.url, timeout_s=2.0, lookup_before_charge=False
     ) as processor:
         with pytest.raises(OutcomeUnknown):
             await processor.charge(request)
+    # The client gave up; the server may still be working on the request (a loaded
+    # machine): its answer reaches the proxy, which keeps it.
+    await eventually(lambda: stripe_proxy.hung_responses > 0, 30, what="the answer held back")
     assert stripe_proxy.hung_responses == 1
     assert isinstance(await stripe_processor.lookup(request), Approved)
     assert len(localstripe.intents_for(request.payment_id)) == 1

@@ -19,6 +19,7 @@ from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
 from payment.application.messages import OutboundMessage, OutboundType
+from support.waiting import eventually
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -127,14 +128,6 @@ def relay(
         max_backoff=0.01,
         **options,  # type: ignore[arg-type]
     )
-
-
-async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
-    for _ in range(int(within / 0.005)):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"condition still false after {within}s")
 
 
 async def test_publishes_every_row_in_position_order_per_key_and_marks_it() -> None:

@@ -1,0 +1,20 @@
+"""Waiting for a condition instead of sleeping for a guessed time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+async def eventually(
+    condition: Callable[[], object], within: float = 5.0, *, every: float = 0.005, what: str = ""
+) -> None:
+    """Return once `condition()` is true; AssertionError after `within` seconds.
+
+    For state that offers no event to wait on (counters, lists, captured output).
+    """
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what or 'condition'} still false after {within}s")
+        await asyncio.sleep(every)
