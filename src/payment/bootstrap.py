@@ -40,7 +40,7 @@ from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
-from payment.adapters.processors.stripe import StripeProcessor
+from payment.adapters.processors.stripe import IDEMPOTENCY_KEY_LIFETIME_S, StripeProcessor
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
@@ -130,12 +130,17 @@ class Container(containers.DeclarativeContainer):
     )
 
     policy = providers.Singleton(
-        lambda timeout_ms, attempts, review_s: ExecutionPolicy(
-            call_timeout_s=timeout_ms / 1000.0, max_attempts=attempts, review_after_s=review_s
+        lambda timeout_ms, attempts, review_s, kind: ExecutionPolicy(
+            call_timeout_s=timeout_ms / 1000.0,
+            max_attempts=attempts,
+            review_after_s=review_s,
+            # The in-process fake keeps its keys for good; Stripe forgets them.
+            key_lifetime_s=None if kind == "fake" else IDEMPOTENCY_KEY_LIFETIME_S,
         ),
         config.processor_timeout_ms,
         config.processor_max_attempts,
         config.review_after_s,
+        config.processor,
     )
     handler_settings = providers.Singleton(HandlerSettings, max_amount=config.max_amount)
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from payment.adapters.memory import MemoryUnitOfWorkFactory
@@ -226,6 +227,31 @@ async def test_a_batch_of_executions_charges_each_once_and_records_in_one_transa
         assert uows.db.status[payment_id][0] is PaymentStatus.COMPLETED
     completed = [r.message for r in uows.db.outbox if r.message.type == "payment.completed"]
     assert len(completed) == 10 and all(m.trace == TRACE for m in completed)
+
+
+async def test_in_a_batch_only_payments_older_than_the_key_lifetime_are_looked_up_first(
+    uows: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # Gateways that forget idempotency keys (Stripe, after 24 h): an old payment's charge
+    # made before a crash is found by a lookup, not made again under a forgotten key.
+    looked_up: list[str] = []
+
+    class Counting(FakeProcessor):
+        async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
+            looked_up.append(request.booking_id)
+            return await super().lookup(request)
+
+    await request_payments([request_cmd("BK-old")], uows, clock)
+    clock.advance(2 * 3600)
+    await request_payments([request_cmd("BK-new")], uows, clock)
+    processor = Counting()
+    policy = msgspec.structs.replace(POLICY, key_lifetime_s=3600.0)
+
+    results = await execute_payments(initiated_cmds(uows), uows, processor, clock, policy)
+
+    assert results == [ExecuteResult.COMPLETED] * 2
+    assert looked_up == ["BK-old"]
+    assert processor.calls == 2
 
 
 async def test_unknown_finished_and_redelivered_executions_in_a_batch(

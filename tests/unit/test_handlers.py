@@ -96,13 +96,20 @@ class ScriptedGateway:
         self.lookup_unavailable = lookup_unavailable
         self.lookup_in_progress = False
         self.ledger: dict[uuid.UUID, ChargeOutcome] = {}
+        # Charges whose key the gateway no longer honours (Stripe's 24 h): a charge under
+        # that key makes a new one; a lookup (by payment) still finds them.
+        self.expired: dict[uuid.UUID, ChargeOutcome] = {}
         self.keys_seen: list[uuid.UUID] = []
         self.charge_calls = 0
         self.lookup_calls = 0
 
     @property
     def charges_made(self) -> int:
-        return len(self.ledger)
+        return len(self.ledger) + len(self.expired)
+
+    def forget_keys(self) -> None:
+        self.expired.update(self.ledger)
+        self.ledger.clear()
 
     def _book(self, request: ChargeRequest) -> ChargeOutcome:
         if request.idempotency_key not in self.ledger:
@@ -134,7 +141,8 @@ class ScriptedGateway:
             raise OutcomeUnknown("the charge is still processing")
         if not self.supports_lookup:
             return None
-        return self.ledger.get(request.idempotency_key)
+        key = request.idempotency_key
+        return self.ledger.get(key) or self.expired.get(key)
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
@@ -800,6 +808,111 @@ async def test_an_outage_after_an_unrecorded_charge_never_fails_the_payment(
     assert result is ExecuteResult.UNKNOWN
     assert of_type(uow_factory, *TERMINAL) == []
     assert payment_of(uow_factory, "BK-2002").status is PaymentStatus.INITIATED
+
+
+async def test_a_reconciler_that_cannot_ask_the_gateway_does_not_charge(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    gateway = ScriptedGateway("lost", lookup_unavailable=True)
+    payment_id = await _unknown_payment(uow_factory, clock, gateway)
+
+    result = await reconcile_payment(
+        ReconcilePayment(payment_id=payment_id), uow_factory, gateway, clock, POLICY
+    )
+
+    assert result is ExecuteResult.UNKNOWN
+    assert gateway.charge_calls == 1  # only the first execution's
+    assert payment_of(uow_factory, "BK-1001").status is PaymentStatus.INITIATED
+
+
+# Stripe forgets idempotency keys after 24 h; the policy looks up payments older than this.
+KEY_LIFETIME_S = 23 * 3600.0
+LATE_POLICY = msgspec.structs.replace(POLICY, key_lifetime_s=KEY_LIFETIME_S)
+
+
+async def test_a_day_later_the_reconciler_never_charges_under_a_forgotten_key(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # The first charge went through, its answer was lost; a day of outage later the
+    # gateway has forgotten the key and its lookup fails once.
+    gateway = ScriptedGateway("lost")
+    payment_id = await _unknown_payment(uow_factory, clock, gateway)
+    clock.advance(KEY_LIFETIME_S + 3600)
+    gateway.forget_keys()
+    gateway.lookup_unavailable = True
+
+    result = await reconcile_payment(
+        ReconcilePayment(payment_id=payment_id), uow_factory, gateway, clock, LATE_POLICY
+    )
+
+    assert result is ExecuteResult.FLAGGED  # unknown past the review window
+    assert gateway.charges_made == 1
+    assert of_type(uow_factory, *TERMINAL) == []
+
+    gateway.lookup_unavailable = False
+    resolved = await reconcile_payment(
+        ReconcilePayment(payment_id=payment_id), uow_factory, gateway, clock, LATE_POLICY
+    )
+    assert resolved is ExecuteResult.COMPLETED
+    assert gateway.charges_made == 1
+
+
+async def test_a_late_execution_finds_the_charge_made_before_a_crash(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # Charged, then the process died before recording anything; payment.initiated is
+    # redelivered a day later, when the gateway no longer knows the key.
+    gateway = ScriptedGateway()
+    payment_id = await initiate(uow_factory, clock, "BK-2002")
+    key = payment_of(uow_factory, "BK-2002").idempotency_key
+    assert key is not None
+    gateway.ledger[key] = Approved(provider_reference="pi_charged_before_the_crash")
+    clock.advance(KEY_LIFETIME_S + 60)
+    gateway.forget_keys()
+
+    result = await execute_payment(
+        execute_cmd(payment_id), uow_factory, gateway, clock, LATE_POLICY
+    )
+
+    assert result is ExecuteResult.COMPLETED
+    assert gateway.charges_made == 1
+    assert gateway.charge_calls == 0
+    [completed] = of_type(uow_factory, "payment.completed")
+    assert data(completed)["provider_reference"] == "pi_charged_before_the_crash"
+
+
+async def test_a_late_execution_the_gateway_cannot_vouch_for_is_not_charged(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    gateway = ScriptedGateway(lookup_unavailable=True)
+    payment_id = await initiate(uow_factory, clock, "BK-2003")
+    clock.advance(KEY_LIFETIME_S + 60)
+
+    result = await execute_payment(
+        execute_cmd(payment_id), uow_factory, gateway, clock, LATE_POLICY
+    )
+
+    assert result is ExecuteResult.UNKNOWN
+    assert gateway.charge_calls == 0
+    assert of_type(uow_factory, *TERMINAL) == []
+    assert payment_of(uow_factory, "BK-2003").status is PaymentStatus.INITIATED
+
+
+@pytest.mark.parametrize("age_s", [0.0, KEY_LIFETIME_S + 60])
+async def test_only_a_payment_older_than_the_key_lifetime_is_looked_up_before_its_charge(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock, age_s: float
+) -> None:
+    gateway = ScriptedGateway()
+    payment_id = await initiate(uow_factory, clock, "BK-2004")
+    clock.advance(age_s)
+
+    result = await execute_payment(
+        execute_cmd(payment_id), uow_factory, gateway, clock, LATE_POLICY
+    )
+
+    assert result is ExecuteResult.COMPLETED  # the gateway holds nothing: charged
+    assert gateway.charges_made == 1
+    assert gateway.lookup_calls == (1 if age_s else 0)
 
 
 async def test_concurrent_reconciliations_record_one_outcome(

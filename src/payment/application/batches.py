@@ -19,6 +19,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime
 
 from payment.application import failpoints
 from payment.application.commands import ExecutePayment, RequestPayment
@@ -216,7 +217,9 @@ async def execute_payments(
                 results[i] = ExecuteResult.ALREADY_TERMINAL
                 mark_only.append(i)
                 continue
-            task = asyncio.create_task(_charge_in(enter(cmds[i]), payment, processor, policy))
+            task = asyncio.create_task(
+                _charge_in(enter(cmds[i]), payment, processor, policy, clock.now())
+            )
             charges[task] = (i, payment)
         try:
             await _record_in_waves(cmds, charges, mark_only, uow_factory, processor, clock, results)
@@ -234,9 +237,10 @@ async def _charge_in(
     payment: Payment,
     processor: PaymentProcessor,
     policy: ExecutionPolicy,
+    now: datetime,
 ) -> tuple[AttemptLog, Final]:
     with scope:
-        return await charge_payment(payment, processor, policy)
+        return await charge_payment(payment, processor, policy, now)
 
 
 async def _record_in_waves(

@@ -75,6 +75,10 @@ class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
     review_after_s: float = 3600.0
+    # How long the gateway honours an idempotency key (None: for good). A payment older
+    # than this is looked up before it is charged: under an expired key a charge is a
+    # new charge, whatever an earlier attempt whose answer was lost did.
+    key_lifetime_s: float | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -186,11 +190,14 @@ async def reconcile_payment(
     clock: Clock,
     policy: ExecutionPolicy = ExecutionPolicy(),
 ) -> ExecuteResult:
-    """Resolve a payment left in flight: look it up at the gateway, else charge again (same key).
+    """Resolve a payment left in flight: look it up at the gateway; if the gateway holds
+    no charge for it, charge again (same key).
 
-    A charge the gateway reports as still in progress is waited for: not charged again
-    (once the gateway's idempotency window has passed, a new charge would take the money
-    twice) and nothing is recorded until it settles. A payment still unknown past
+    Only the gateway's "no such charge" leads to a charge. A charge it reports as still
+    in progress is waited for, and so is an answer it cannot give now (unreachable, no
+    answer in time): nothing is charged or recorded meanwhile (once the gateway's
+    idempotency window has passed, a new charge would take the money twice), and the
+    payment goes to the back of the queue. A payment still unknown past
     `policy.review_after_s` is flagged for review, once; it is never failed blindly.
     """
     async with uow_factory() as uow:
@@ -202,20 +209,19 @@ async def reconcile_payment(
         return ExecuteResult.ALREADY_TERMINAL
     request = _charge_request(payment)
     known: ChargeOutcome | None = None
-    in_progress = False
+    undecided = False
     try:
         known = await asyncio.wait_for(processor.lookup(request), policy.call_timeout_s)
-    except (ProcessorUnavailable, TimeoutError):
-        pass  # the gateway cannot be asked: charge again, with the same key
-    except OutcomeUnknown:
-        in_progress = True
+    except (ProcessorUnavailable, TimeoutError, OutcomeUnknown):
+        undecided = True  # cannot be asked now, or the charge is still in progress
     if known is not None:
         return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
-    if in_progress:
+    if undecided:
         # Nothing to record, but to the back of the reconciler's queue all the same (as an
-        # unknown attempt is), so that charges stuck at the gateway cannot starve others.
+        # unknown attempt is), so that payments the gateway cannot settle now do not
+        # starve others.
         async with uow_factory() as uow:
             await uow.payments.requeue(payment.id, clock.now())
             await uow.commit()
@@ -314,17 +320,25 @@ async def _charge_and_record(
     clock: Clock,
     policy: ExecutionPolicy,
 ) -> ExecuteResult:
-    attempts, outcome = await charge_payment(payment, processor, policy)
+    attempts, outcome = await charge_payment(payment, processor, policy, clock.now())
     return await record_outcome(
         payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment
     )
 
 
 async def charge_payment(
-    payment: Payment, processor: PaymentProcessor, policy: ExecutionPolicy
+    payment: Payment, processor: PaymentProcessor, policy: ExecutionPolicy, now: datetime
 ) -> tuple[AttemptLog, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]:
-    """Call the gateway until it answers (or `policy` gives up): the attempts and the last."""
+    """Call the gateway until it answers (or `policy` gives up): the attempts and the last.
+
+    A payment initiated longer ago than the gateway keeps idempotency keys is looked up
+    first (`_lookup_before_late_charge`).
+    """
     request = _charge_request(payment)
+    if _key_may_have_expired(payment, policy, now):
+        settled = await _lookup_before_late_charge(request, processor, policy)
+        if settled is not None:
+            return settled
     attempts: AttemptLog = []
     outcome: ChargeOutcome | ProcessorUnavailable | OutcomeUnknown
     for attempt in range(1, policy.max_attempts + 1):
@@ -346,6 +360,34 @@ async def charge_payment(
     if isinstance(outcome, ProcessorUnavailable):
         outcome = await _confirm_no_charge(request, processor, policy, attempts, outcome)
     return attempts, outcome
+
+
+def _key_may_have_expired(payment: Payment, policy: ExecutionPolicy, now: datetime) -> bool:
+    if policy.key_lifetime_s is None or payment.initiated_at is None:
+        return False
+    return (now - payment.initiated_at).total_seconds() >= policy.key_lifetime_s
+
+
+async def _lookup_before_late_charge(
+    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy
+) -> tuple[AttemptLog, ChargeOutcome | OutcomeUnknown] | None:
+    """The gateway may have forgotten this payment's idempotency key, so a charge now
+    would not find an earlier one (made before a crash, its answer lost): ask first.
+
+    Returns the charge the gateway holds, or OutcomeUnknown (nothing charged, the payment
+    stays in flight) if it cannot say; None when it holds no charge: charging is safe.
+    """
+    try:
+        async with asyncio.timeout(policy.call_timeout_s):
+            found = await processor.lookup(request)
+    except (ProcessorUnavailable, OutcomeUnknown, TimeoutError) as exc:
+        return [], OutcomeUnknown(
+            "the idempotency key may have expired and the gateway cannot rule out an"
+            f" earlier charge now ({type(exc).__name__}): not charged"
+        )
+    if found is not None:
+        return [("lookup", found)], found
+    return None
 
 
 async def _confirm_no_charge(

@@ -38,6 +38,11 @@ Dialect = Literal["stripe", "localstripe"]
 API_KEY_VARIABLE: Final = "PAYMENT_STRIPE_API_KEY"
 API_BASE_VARIABLE: Final = "PAYMENT_STRIPE_API_BASE"
 
+# Stripe may forget an idempotency key once it is 24 hours old; a create under a forgotten
+# key makes a new PaymentIntent. Payments older than this (an hour's margin for the calls
+# in progress) are looked up before they are charged (ExecutionPolicy.key_lifetime_s).
+IDEMPOTENCY_KEY_LIFETIME_S: Final = 23 * 3600.0
+
 # -- amounts ---------------------------------------------------------------------------
 
 # Stripe's zero-decimal currencies (docs.stripe.com/currencies#zero-decimal): the amount is
