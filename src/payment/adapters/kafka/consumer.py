@@ -332,6 +332,9 @@ class KafkaInboxConsumer:
             span.set_attribute("cloudevents.event_source", event.source)
             span.set_attribute("cloudevents.event_type", event.type)
             decoded.append((record, event, span))
+        # The batch handlers take records whose body does not decode out of `decoded` and
+        # return them for one by one handling: if the batch fails, they are among these.
+        batched = [record for record, _, _ in decoded]
         try:
             if counted:
                 alone += await self._request_batch(decoded)
@@ -345,14 +348,14 @@ class KafkaInboxConsumer:
         except Exception as exc:  # the batch's outermost handler: one by one instead
             log.warning(
                 "consumer: batch of %d on %s failed (%s); handling them one by one",
-                len(decoded),
+                len(batched),
                 topic,
                 type(exc).__name__,
             )
             for _, _, span in decoded:
                 span.set_attribute("payment.batch.fallback", type(exc).__name__)
                 span.end()
-            alone += [record for record, _, _ in decoded]
+            alone += batched
         else:
             for _, _, span in decoded:
                 span.end()
