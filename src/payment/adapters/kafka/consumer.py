@@ -188,8 +188,13 @@ class KafkaInboxConsumer:
                         if self._stopping.is_set():
                             break
                         chunk = group[start : start + self._max_batch]
-                        for _ in chunk:
-                            await self._slots.acquire()
+                        taken = 0
+                        while taken < len(chunk) and await self._slot_or_stop():
+                            taken += 1
+                        if taken < len(chunk):  # stopping: what is not dispatched is re-read
+                            for _ in range(taken):
+                                self._slots.release()
+                            break
                         # A rebalance may have revoked partitions while we waited for
                         # slots: their records now belong to another member.
                         kept = [(tp, r) for tp, r in chunk if tp in self.assigned]
@@ -212,6 +217,37 @@ class KafkaInboxConsumer:
     def stop(self) -> None:
         """Stop fetching; `run` then drains in-flight work and returns."""
         self._stopping.set()
+
+    async def _slot_or_stop(self) -> bool:
+        """Take a slot for one more message; False (no slot taken) once `stop()` is called.
+
+        Every slot may be held by work that cannot finish (an outage: handlers retry
+        until it ends): waiting for a slot alone would keep `run` from ever reaching its
+        drain, whose timeout bounds the shutdown.
+        """
+        if self._stopping.is_set():
+            return False
+        if not self._slots.locked():
+            await self._slots.acquire()  # free now: no wait
+            return True
+        acquiring = asyncio.ensure_future(self._slots.acquire())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            acquiring.cancel()  # a no-op if the slot was taken meanwhile
+        try:
+            await acquiring
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # `run` itself is being cancelled
+            return False
+        if self._stopping.is_set():
+            self._slots.release()
+            return False
+        return True
 
     # -- dispatch ----------------------------------------------------------------------
 

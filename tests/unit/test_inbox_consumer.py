@@ -1,15 +1,20 @@
-"""The consumer's batch path falling back to one by one: nothing in the batch is let go.
+"""KafkaInboxConsumer without a broker: its batch fallback and its shutdown.
 
 A batch whose handler raises (an outage, a bug) is handled again one message at a time.
 Records whose envelope decodes but whose body does not are taken out of the batch before
 the handler runs; they must be among those handled again, and so be dead-lettered,
 rather than have their offsets move with nothing done.
+
+A stop during an outage, with every slot held by handlers waiting for it to end, must
+still reach the drain, whose timeout bounds the shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from aiokafka import TopicPartition
@@ -21,6 +26,7 @@ from payment.adapters.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
+from support.waiting import eventually
 
 REQUESTS = "saga.request_payment"
 INITIATED = "payment.initiated"
@@ -82,12 +88,55 @@ class FirstCommitFails(MemoryUnitOfWorkFactory):
         return uow
 
 
-def consumer(uows: MemoryUnitOfWorkFactory, parked: ParkedRecords) -> KafkaInboxConsumer:
-    async def no_broker(_: object) -> object:
-        raise AssertionError("the batch path needs no broker")
+class DatabaseDown(MemoryUnitOfWorkFactory):
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+
+        async def lost() -> None:
+            raise psycopg.OperationalError("connection refused")
+
+        uow.commit = lost  # type: ignore[method-assign]
+        return uow
+
+
+class Broker:
+    """Stands in for AIOKafkaConsumer: one fetch of `records`, then nothing."""
+
+    def __init__(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        self.records = records
+        self.committed: list[dict[TopicPartition, int]] = []
+        self.stopped = False
+
+    async def getmany(
+        self, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        if self.records:
+            fetched, self.records = self.records, []
+            return {TP: fetched}
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.committed.append(dict(offsets))
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def consumer(
+    uows: MemoryUnitOfWorkFactory,
+    parked: ParkedRecords,
+    broker: Broker | None = None,
+    **options: float,
+) -> KafkaInboxConsumer:
+    async def connect(listener: Any) -> Broker:
+        if broker is None:
+            raise AssertionError("the batch path needs no broker")
+        await listener.on_partitions_assigned({TP})
+        return broker
 
     return KafkaInboxConsumer(
-        consumer_factory=no_broker,  # type: ignore[arg-type]
+        consumer_factory=connect,  # type: ignore[arg-type]
         request_topic=REQUESTS,
         initiated_topic=INITIATED,
         uow_factory=uows,
@@ -98,6 +147,7 @@ def consumer(uows: MemoryUnitOfWorkFactory, parked: ParkedRecords) -> KafkaInbox
         settings=HandlerSettings(),
         policy=ExecutionPolicy(),
         transient_errors=(psycopg.OperationalError,),
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -133,3 +183,20 @@ async def test_a_batch_that_succeeds_parks_the_same_record_once() -> None:
 
     assert [offset for offset, _ in parked.parked] == [21]
     assert sorted(uows.db.bookings) == ["BK-7", "BK-8"]
+
+
+async def test_a_stop_during_an_outage_drains_within_its_timeout() -> None:
+    # Two slots, four requests: two handlers retry against a database that is down, and
+    # the loop waits for a slot for the third.
+    broker = Broker([request_record(n, valid(f"BK-{n}")) for n in range(30, 34)])
+    inbox = consumer(DatabaseDown(), ParkedRecords(), broker, max_in_flight=2, drain_timeout_s=0.2)
+    running = asyncio.create_task(inbox.run())
+    await eventually(inbox._slots.locked, 5, what="every slot taken")
+
+    inbox.stop()
+    async with asyncio.timeout(5):  # the drain's 0.2 s, not the outage's end
+        await running
+
+    assert broker.stopped
+    # Nothing was handled, so nothing was committed: all four are read again.
+    assert all(o[TP] <= 30 for o in broker.committed)
