@@ -878,6 +878,15 @@ class Orchestrator:
             outcome, timeout_s=timeout_s, what=f"terminal event #{deliveries} of {booking_id}"
         )
 
+    async def wait_all_terminal(self, bookings: Iterable[str], *, timeout_s: float) -> None:
+        """Until every booking has a terminal event."""
+        wanted = list(bookings)
+        await self.wait_for(
+            lambda log: all(log.terminal(b) for b in wanted),
+            timeout_s=timeout_s,
+            what="an outcome for every booking",
+        )
+
     async def wait_dead_letter(self, sent: Sent, *, timeout_s: float = 30.0) -> Received:
         """The dead letter of a sent record."""
         return await self.wait_for(

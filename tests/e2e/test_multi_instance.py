@@ -104,11 +104,7 @@ async def test_three_instances_one_dying_every_few_seconds(
             await restart(service, None)
     bookings = list(load.bookings)
     try:
-        await stack.orch.wait_for(
-            lambda log: all(log.terminal(b) for b in bookings),
-            timeout_s=120,
-            what="an outcome for every booking",
-        )
+        await stack.orch.wait_all_terminal(bookings, timeout_s=120)
     except AssertionError:
         missing = [b for b in bookings if not stack.orch.events.terminal(b)]
         detail = await explain(stack.database_url, missing[:10], gateway.log_text())

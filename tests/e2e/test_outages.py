@@ -145,11 +145,7 @@ class Readiness:
 async def settle(stack: ServiceStack, load: Load, gateway: FakeStripe, timeout_s: float) -> None:
     bookings = list(load.bookings)
     try:
-        await stack.orch.wait_for(
-            lambda log: all(log.terminal(b) for b in bookings),
-            timeout_s=timeout_s,
-            what="an outcome for every booking",
-        )
+        await stack.orch.wait_all_terminal(bookings, timeout_s=timeout_s)
     except AssertionError:
         missing = [b for b in bookings if not stack.orch.events.terminal(b)]
         detail = await explain(stack.database_url, missing[:10], gateway.log_text())
@@ -283,11 +279,7 @@ async def test_sigterm_during_a_postgres_outage_exits_and_a_restart_loses_nothin
 
         await db_proxy.start()
         await service.start_ready()
-        await orch.wait_for(
-            lambda log: all(log.terminal(b) for b in bookings),
-            timeout_s=120,
-            what="an outcome for every request",
-        )
+        await orch.wait_all_terminal(bookings, timeout_s=120)
         await orch.settle()
         for booking in [first, *bookings]:
             assert len(EventLog.distinct(orch.events.initiated(booking))) == 1, booking

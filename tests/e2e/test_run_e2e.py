@@ -588,11 +588,7 @@ async def test_sigterm_drains_and_a_restart_loses_nothing(
     drained = sum(1 for b in bookings if orch.events.terminal(b))
 
     await service.start_ready()
-    await orch.wait_for(
-        lambda log: all(log.terminal(b) for b in bookings),
-        timeout_s=60,
-        what="an outcome for every request",
-    )
+    await orch.wait_all_terminal(bookings, timeout_s=60)
     await orch.settle()
     for booking in bookings:
         initiated = EventLog.distinct(orch.events.initiated(booking))
