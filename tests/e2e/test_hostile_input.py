@@ -791,7 +791,8 @@ async def big_producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
 
 
 def resolve(case: Case, log: EventLog) -> None:
-    """What became of the case: exactly one failed, one dead letter, nothing, or a mix."""
+    """What became of the case: exactly one failed, a dead letter (its copies counted once),
+    nothing, or a mix."""
     assert case.sent is not None
     # Dead letters are at least once: a poison record redelivered after a rebalance (these
     # stacks run a 2 s session timeout) is parked again, under the same origin.
