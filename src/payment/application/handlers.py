@@ -207,18 +207,12 @@ async def reconcile_payment(
     payment = Payment.replay(events)
     if payment.is_terminal:
         return ExecuteResult.ALREADY_TERMINAL
-    request = _charge_request(payment)
-    known: ChargeOutcome | None = None
-    undecided = False
-    try:
-        known = await asyncio.wait_for(processor.lookup(request), policy.call_timeout_s)
-    except (ProcessorUnavailable, TimeoutError, OutcomeUnknown):
-        undecided = True  # cannot be asked now, or the charge is still in progress
-    if known is not None:
+    known = await _lookup(_charge_request(payment), processor, policy)
+    if isinstance(known, Approved | Declined):
         return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
-    if undecided:
+    if isinstance(known, OutcomeUnknown):  # cannot be asked now, or still in progress
         # Nothing to record, but to the back of the reconciler's queue all the same (as an
         # unknown attempt is), so that payments the gateway cannot settle now do not
         # starve others.
@@ -377,14 +371,9 @@ async def _lookup_before_late_charge(
     Returns the charge the gateway holds, or OutcomeUnknown (nothing charged, the payment
     stays in flight) if it cannot say; None when it holds no charge: charging is safe.
     """
-    try:
-        async with asyncio.timeout(policy.call_timeout_s):
-            found = await processor.lookup(request)
-    except (ProcessorUnavailable, OutcomeUnknown, TimeoutError) as exc:
-        return [], OutcomeUnknown(
-            "the idempotency key may have expired and the gateway cannot rule out an"
-            f" earlier charge now ({type(exc).__name__}): not charged"
-        )
+    found = await _lookup(request, processor, policy)
+    if isinstance(found, OutcomeUnknown):
+        return [], OutcomeUnknown(f"the idempotency key may have expired and {found}: not charged")
     if found is not None:
         return [("lookup", found)], found
     return None
@@ -404,17 +393,28 @@ async def _confirm_no_charge(
     gateway's "no such charge" makes `processor_unavailable` safe. If it cannot be asked
     either, the payment stays in flight for the reconciler.
     """
-    try:
-        async with asyncio.timeout(policy.call_timeout_s):
-            found = await processor.lookup(request)
-    except (ProcessorUnavailable, OutcomeUnknown, TimeoutError):
-        return OutcomeUnknown(
-            "gateway unavailable; an unrecorded earlier charge cannot be ruled out"
-        )
+    found = await _lookup(request, processor, policy)
+    if isinstance(found, OutcomeUnknown):
+        return found
     if found is not None:
         attempts.append(("lookup", found))
         return found
     return unavailable
+
+
+async def _lookup(
+    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy
+) -> ChargeOutcome | OutcomeUnknown | None:
+    """What the gateway holds for this payment: its charge, None for "no charge", or
+    OutcomeUnknown when it cannot say now (unreachable, no answer in time, or a charge
+    still in progress) — then an earlier charge cannot be ruled out."""
+    try:
+        async with asyncio.timeout(policy.call_timeout_s):
+            return await processor.lookup(request)
+    except (ProcessorUnavailable, OutcomeUnknown, TimeoutError) as exc:
+        return OutcomeUnknown(
+            f"the gateway cannot rule out an unrecorded earlier charge now ({type(exc).__name__})"
+        )
 
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
