@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,31 +72,24 @@ class ParkedRecords:
         self.parked.append((record.offset, reason))
 
 
-class FirstCommitFails(MemoryUnitOfWorkFactory):
-    """The database drops the connection at the first commit (the batch's), then recovers."""
+class CommitsFail(MemoryUnitOfWorkFactory):
+    """The database drops the connection at the first `times` commits, then recovers."""
 
-    failed = False
+    def __init__(self, times: float = math.inf) -> None:
+        super().__init__()
+        self.left = times
+        self.failed = 0
 
     def __call__(self) -> MemoryUnitOfWork:
         uow = super().__call__()
-        if not self.failed:
-            self.failed = True
+        if self.left > 0:
+            self.left -= 1
 
             async def lost() -> None:
+                self.failed += 1
                 raise psycopg.OperationalError("server closed the connection unexpectedly")
 
             uow.commit = lost  # type: ignore[method-assign]
-        return uow
-
-
-class DatabaseDown(MemoryUnitOfWorkFactory):
-    def __call__(self) -> MemoryUnitOfWork:
-        uow = super().__call__()
-
-        async def lost() -> None:
-            raise psycopg.OperationalError("connection refused")
-
-        uow.commit = lost  # type: ignore[method-assign]
         return uow
 
 
@@ -152,7 +146,7 @@ def consumer(
 
 
 async def test_a_failed_batch_still_parks_its_records_with_an_undecodable_body() -> None:
-    uows = FirstCommitFails()
+    uows = CommitsFail(times=1)  # the batch's commit
     parked = ParkedRecords()
     wrong_type = json.dumps(
         {"booking_id": "BK-2", "amount": "1000", "currency": "EUR", "payment_method": "tok_visa"}
@@ -165,7 +159,7 @@ async def test_a_failed_batch_still_parks_its_records_with_an_undecodable_body()
 
     await consumer(uows, parked)._handle_batch(chunk)
 
-    assert uows.failed  # the batch's transaction did fail
+    assert uows.failed == 1  # the batch's transaction did fail
     assert [offset for offset, _ in parked.parked] == [11]
     assert sorted(uows.db.bookings) == ["BK-1", "BK-3"]
 
@@ -189,7 +183,7 @@ async def test_a_stop_during_an_outage_drains_within_its_timeout() -> None:
     # Two slots, four requests: two handlers retry against a database that is down, and
     # the loop waits for a slot for the third.
     broker = Broker([request_record(n, valid(f"BK-{n}")) for n in range(30, 34)])
-    inbox = consumer(DatabaseDown(), ParkedRecords(), broker, max_in_flight=2, drain_timeout_s=0.2)
+    inbox = consumer(CommitsFail(), ParkedRecords(), broker, max_in_flight=2, drain_timeout_s=0.2)
     running = asyncio.create_task(inbox.run())
     await eventually(inbox._slots.locked, 5, what="every slot taken")
 
