@@ -50,6 +50,7 @@ from payment.adapters.embedded import EmbeddedBroker
 from support.fake_stripe import FakeStripe
 from support.fixtures import DatabaseFactory
 from support.proxy import TcpProxy
+from support.waiting import eventually
 
 from .harness import (
     TERMINAL_KINDS,
@@ -270,12 +271,19 @@ async def test_sigterm_during_a_postgres_outage_exits_and_a_restart_loses_nothin
         await db_proxy.stop()
         bookings = [f"term-{uuid.uuid4().hex[:8]}-{n}" for n in range(20)]
         await asyncio.gather(*(orch.request(b) for b in bookings))
-        await asyncio.sleep(3)  # fetched; the four slots are held by handlers retrying
+        # Fetched: the first chunk holds all four slots while its handling retries.
+        await eventually(
+            lambda: "; retrying in" in service.log_text(current_start_only=True),
+            30,
+            every=0.2,
+            what="handlers retrying against the missing database",
+        )
         stopped = time.monotonic()
         service.send_signal(signal.SIGTERM)
         code = await service.wait_exit(90)
         took = time.monotonic() - stopped
         assert code == 0, service.log_tail(60)
+        assert took < 45, f"the stop took {took:.1f}s: more than the 30 s drain allows"
 
         await db_proxy.start()
         await service.start_ready()
