@@ -505,12 +505,18 @@ def main(argv: list[str] | None = None) -> int:
         help="rates of --saturation, ascending",
     )
     parser.add_argument("--latency-ms", type=float, default=0, help="fake processor latency")
-    parser.add_argument("--drain", type=float, default=30, help="seconds to wait for stragglers")
-    parser.add_argument("--warmup", type=float, default=3, help="unmeasured seconds first")
+    parser.add_argument(
+        "--drain", type=float, default=Plan.drain_s, help="seconds to wait for stragglers"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=Plan.warmup_s, help="unmeasured seconds first"
+    )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the first step, to FILE")
     parser.add_argument("--keep-log", action="store_true", help="keep the service log")
-    parser.add_argument("--fetch-wait-ms", type=int, default=5, help="consumers' fetch wait")
+    parser.add_argument(
+        "--fetch-wait-ms", type=int, default=Plan.fetch_wait_ms, help="consumers' fetch wait"
+    )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.steps.split(",")] if args.saturation else [args.rate]
     plan = Plan(

@@ -1,4 +1,5 @@
-"""CPU per span: the SDK's span against the propagating span the service uses by default.
+"""Time per span (wall clock on an idle loop, close to its CPU cost): the SDK's span against
+the propagating span the service uses by default.
 
 Each iteration starts a CONSUMER span as the current span under a remote parent (as the
 consumer does for every message), sets one attribute and ends it. The SDK provider has

@@ -53,8 +53,11 @@ class ServerProcess:
                 return
             except httpx.TransportError:
                 time.sleep(0.05)
+        err = self.log_text()
         self.stop()
-        raise RuntimeError(f"{self.name} did not answer in {timeout_s}s")
+        raise RuntimeError(
+            f"{self.name} did not answer in {timeout_s}s ({' '.join(argv)}): {err[-2000:]}"
+        )
 
     def stop(self) -> None:
         """Terminate the process (kill it if it lingers) and close its log; idempotent."""
