@@ -37,6 +37,7 @@ from .harness import (
     Sent,
     ServiceExited,
     ServiceProcess,
+    ServiceStack,
     ServiceTopics,
 )
 
@@ -537,3 +538,18 @@ def format_summary(title: str, rows: Iterable[tuple[str, object]]) -> str:
     lines = [f"== {title} =="]
     lines += [f"  {name:<40} {value}" for name, value in rows]
     return "\n".join(lines)
+
+
+async def settle(stack: ServiceStack, load: Load, gateway: FakeStripe, timeout_s: float) -> None:
+    """Until every booking of `load` has an outcome and nothing is left to publish or
+    resolve; else what the database and the gateway say of the missing ones."""
+    bookings = list(load.bookings)
+    try:
+        await stack.orch.wait_all_terminal(bookings, timeout_s=timeout_s)
+    except AssertionError:
+        missing = [b for b in bookings if not stack.orch.events.terminal(b)]
+        detail = await explain(stack.database_url, missing[:10], gateway.log_text())
+        raise AssertionError(
+            f"{len(missing)} bookings without an outcome:\n{detail}\n{stack.diagnostics()}"
+        ) from None
+    assert await wait_until_quiet(stack.database_url, timeout_s=60) == (0, 0)

@@ -44,12 +44,11 @@ from .reliability import (
     DatabaseState,
     Load,
     chaos_env,
-    explain,
     flaky_gateway,
     format_summary,
     read_topics,
     ready_or_exited,
-    wait_until_quiet,
+    settle,
 )
 
 pytestmark = [
@@ -179,14 +178,7 @@ async def run_chaos(
     # One clean life drains everything: the outcomes, the outbox, the reconciler's work.
     service.env.pop(failpoints.ENV_VAR, None)
     await service.start_ready()
-    bookings = list(load.bookings)
-    try:
-        await stack.orch.wait_all_terminal(bookings, timeout_s=120)
-    except AssertionError:
-        missing = [b for b in bookings if not stack.orch.events.terminal(b)]
-        detail = await explain(stack.database_url, missing[:10], gateway.log_text())
-        raise AssertionError(f"{len(missing)} bookings without an outcome:\n{detail}") from None
-    assert await wait_until_quiet(stack.database_url, timeout_s=60) == (0, 0)
+    await settle(stack, load, gateway, timeout_s=120)
     assert await service.terminate() == 0
     drain_s = time.monotonic() - started - chaos_s
 

@@ -33,12 +33,11 @@ from .reliability import (
     DatabaseState,
     Load,
     chaos_env,
-    explain,
     flaky_gateway,
     format_summary,
     read_topics,
     ready_or_exited,
-    wait_until_quiet,
+    settle,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -102,16 +101,7 @@ async def test_three_instances_one_dying_every_few_seconds(
         elif failpoints.ENV_VAR in service.env:
             await service.kill()  # armed: could still die while draining
             await restart(service, None)
-    bookings = list(load.bookings)
-    try:
-        await stack.orch.wait_all_terminal(bookings, timeout_s=120)
-    except AssertionError:
-        missing = [b for b in bookings if not stack.orch.events.terminal(b)]
-        detail = await explain(stack.database_url, missing[:10], gateway.log_text())
-        raise AssertionError(
-            f"{len(missing)} bookings without an outcome:\n{detail}\n{stack.diagnostics()}"
-        ) from None
-    assert await wait_until_quiet(stack.database_url, timeout_s=60) == (0, 0)
+    await settle(stack, load, gateway, timeout_s=120)
     codes = await asyncio.gather(*(s.terminate() for s in stack.services))
     assert codes == [0, 0, 0]
 

@@ -56,7 +56,6 @@ from .harness import (
     TERMINAL_KINDS,
     EventLog,
     ServiceProcess,
-    ServiceStack,
     create_topics,
     free_port,
     open_stack,
@@ -66,10 +65,9 @@ from .reliability import (
     DatabaseState,
     Load,
     Record,
-    explain,
     format_summary,
     read_topics,
-    wait_until_quiet,
+    settle,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -141,19 +139,6 @@ class Readiness:
             f"/health/ready never answered {status} within {timeout_s:g}s; answers since: "
             f"{self.statuses(since, time.monotonic())}\n{self.service.log_tail(40)}"
         )
-
-
-async def settle(stack: ServiceStack, load: Load, gateway: FakeStripe, timeout_s: float) -> None:
-    bookings = list(load.bookings)
-    try:
-        await stack.orch.wait_all_terminal(bookings, timeout_s=timeout_s)
-    except AssertionError:
-        missing = [b for b in bookings if not stack.orch.events.terminal(b)]
-        detail = await explain(stack.database_url, missing[:10], gateway.log_text())
-        raise AssertionError(
-            f"{len(missing)} bookings without an outcome:\n{detail}\n{stack.service.log_tail(60)}"
-        ) from None
-    assert await wait_until_quiet(stack.database_url, timeout_s=60) == (0, 0)
 
 
 def through(proxy: TcpProxy, url: str) -> str:
