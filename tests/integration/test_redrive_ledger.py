@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from payment.adapters.kafka.redrive import DeadLetter, redrive
+from payment.adapters.kafka.redrive import DeadLetter, RedriveResult, redrive
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.redrives import PostgresRedriveLedger
 
@@ -70,24 +70,40 @@ def dead_letter(
     )
 
 
+async def send_back(
+    letters: list[DeadLetter],
+    wanted: list[str] | None,
+    *,
+    ledger: PostgresRedriveLedger,
+    producer: FakeProducer,
+    dry_run: bool = False,
+) -> list[RedriveResult]:
+    """`redrive` from this module's dead-letter topic to the request topic."""
+    return await redrive(
+        letters,
+        wanted,
+        dlq_topic=DLQ,
+        allowed_topics=[REQUESTS],
+        ledger=ledger,
+        producer=producer,
+        dry_run=dry_run,
+    )
+
+
 async def test_original_record_without_dlq_headers_once(database_url: str) -> None:
     await migrate(database_url)
     producer = FakeProducer()
     async with PostgresRedriveLedger.connect(database_url) as ledger:
-        first = await redrive(
+        first = await send_back(
             [dead_letter(5)],
             None,
-            dlq_topic=DLQ,
-            allowed_topics=[REQUESTS],
             ledger=ledger,
             producer=producer,
         )
         # Without the `already` hint: the ledger's own claim says no.
-        second = await redrive(
+        second = await send_back(
             [dead_letter(5)],
             ["0:5"],
-            dlq_topic=DLQ,
-            allowed_topics=[REQUESTS],
             ledger=ledger,
             producer=producer,
         )
@@ -114,11 +130,9 @@ async def test_two_concurrent_runs_redrive_a_dead_letter_once(database_url: str)
         PostgresRedriveLedger.connect(database_url) as two,
     ):
         first = asyncio.create_task(
-            redrive(
+            send_back(
                 [dead_letter(7)],
                 None,
-                dlq_topic=DLQ,
-                allowed_topics=[REQUESTS],
                 ledger=one,
                 producer=slow,
             )
@@ -126,11 +140,9 @@ async def test_two_concurrent_runs_redrive_a_dead_letter_once(database_url: str)
         async with asyncio.timeout(10.0):  # the first run holds the claim, its send is stalled
             await slow.entered.wait()
         second = asyncio.create_task(
-            redrive(
+            send_back(
                 [dead_letter(7)],
                 None,
-                dlq_topic=DLQ,
-                allowed_topics=[REQUESTS],
                 ledger=two,
                 producer=fast,
             )
@@ -147,20 +159,16 @@ async def test_a_failed_publication_leaves_no_claim(database_url: str) -> None:
     await migrate(database_url)
     async with PostgresRedriveLedger.connect(database_url) as ledger:
         with pytest.raises(ConnectionError):
-            await redrive(
+            await send_back(
                 [dead_letter(9)],
                 None,
-                dlq_topic=DLQ,
-                allowed_topics=[REQUESTS],
                 ledger=ledger,
                 producer=FakeProducer(fail=True),
             )
         assert await ledger.redriven(DLQ) == {}
-        retried = await redrive(
+        retried = await send_back(
             [dead_letter(9)],
             None,
-            dlq_topic=DLQ,
-            allowed_topics=[REQUESTS],
             ledger=ledger,
             producer=FakeProducer(),
         )
@@ -171,11 +179,9 @@ async def test_dry_run_and_foreign_topics_publish_nothing(database_url: str) -> 
     await migrate(database_url)
     producer = FakeProducer()
     async with PostgresRedriveLedger.connect(database_url) as ledger:
-        results = await redrive(
+        results = await send_back(
             [dead_letter(1), dead_letter(2, topic="elsewhere")],
             None,
-            dlq_topic=DLQ,
-            allowed_topics=[REQUESTS],
             ledger=ledger,
             producer=producer,
             dry_run=True,
@@ -195,11 +201,9 @@ async def test_a_dead_letter_with_card_numbers_masked_is_refused_not_redriven(
     producer = FakeProducer()
     async with PostgresRedriveLedger.connect(database_url) as ledger:
         for dry_run in (True, False):
-            results = await redrive(
+            results = await send_back(
                 [masked, dead_letter(12)],
                 None,
-                dlq_topic=DLQ,
-                allowed_topics=[REQUESTS],
                 ledger=ledger,
                 producer=producer,
                 dry_run=dry_run,
