@@ -63,3 +63,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             "marked slow, so -m 'not slow' keeps only the in-memory one)"
         ),
     )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name the broker the suites run against (Apache Kafka unless told otherwise)."""
+    from support.broker import describe
+
+    return [describe()]

@@ -46,6 +46,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
 
+from support.broker import client_fetch_max_wait_ms, idempotent_producer, service_broker_env
 from support.net import free_port
 
 T = TypeVar("T")
@@ -54,8 +55,6 @@ REQUEST_TYPE = "saga.request_payment"
 ORCHESTRATOR_SOURCE = "e2e-orchestrator"
 SERVICE_SOURCE = "payment-service-e2e"
 DEFAULT_PARTITIONS = 3
-# Tansu answers a fetch only when the wait expires: keep the test clients' wait short.
-CLIENT_FETCH_MAX_WAIT_MS = 5
 # RFC 3339 date-time (section 5.6), the profile CloudEvents `time` uses.
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
@@ -115,9 +114,8 @@ class ServiceTopics:
 
 
 def broker_supports_idempotence() -> bool:
-    """Tansu (the default test broker) has no idempotent producer; a real Kafka may opt in."""
-    flag = os.environ.get("PAYMENT_KAFKA_ENABLE_IDEMPOTENCE", "false").strip().lower()
-    return flag in ("1", "true", "yes", "on")
+    """Apache Kafka has the idempotent producer; Tansu (the compatibility job) has not."""
+    return idempotent_producer()
 
 
 async def create_topics(
@@ -127,14 +125,30 @@ async def create_topics(
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
     await admin.start()
     try:
+        names = list(topics)
         response = await admin.create_topics(
-            [NewTopic(name, partitions, 1) for name in topics], timeout_ms=30_000
+            [NewTopic(name, partitions, 1) for name in names], timeout_ms=30_000
         )
+        for topic, code, *_ in response.topic_errors:
+            if code != 0 and for_code(code) is not TopicAlreadyExistsError:
+                raise RuntimeError(f"cannot create topic {topic}: {for_code(code).__name__}")
+        # Kafka gives the new partitions their leaders a moment after it answers.
+        deadline = time.monotonic() + 30
+        while not _all_led(await admin.describe_topics(names)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topics still without partition leaders: {names}")
+            await asyncio.sleep(0.05)
     finally:
         await admin.close()
-    for topic, code, *_ in response.topic_errors:
-        if code != 0 and for_code(code) is not TopicAlreadyExistsError:
-            raise RuntimeError(f"cannot create topic {topic}: {for_code(code).__name__}")
+
+
+def _all_led(described: list[Any]) -> bool:
+    return all(
+        t["error_code"] == 0
+        and t["partitions"]
+        and all(p["error_code"] == 0 and p["leader"] >= 0 for p in t["partitions"])
+        for t in described
+    )
 
 
 def service_env(
@@ -152,7 +166,7 @@ def service_env(
 
     Starts from this process's environment without any PAYMENT_* variable (a developer's
     settings must not leak in), then the contract's variables for this test, then the
-    broker timings that keep Tansu fast, then `overrides` (e.g.
+    test broker timings (plus what Tansu needs, on Tansu), then `overrides` (e.g.
     `PAYMENT_FAKE_MODE="fail"`); an override of "" removes the variable.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYMENT_")}
@@ -161,8 +175,7 @@ def service_env(
             "PYTHONUNBUFFERED": "1",
             "PAYMENT_DATABASE_URL": database_url,
             "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "PAYMENT_KAFKA_ENABLE_IDEMPOTENCE": str(broker_supports_idempotence()).lower(),
-            "PAYMENT_KAFKA_FETCH_MAX_WAIT_MS": "10",
+            **service_broker_env(),
             "PAYMENT_KAFKA_SESSION_TIMEOUT_MS": "2000",
             "PAYMENT_KAFKA_HEARTBEAT_INTERVAL_MS": "200",
             "PAYMENT_KAFKA_TOPIC_PARTITIONS": str(partitions),
@@ -684,7 +697,7 @@ class Orchestrator:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=CLIENT_FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=client_fetch_max_wait_ms(),
             client_id=f"{self.source}-consumer",
         )
         await self._consumer.start()

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from support.broker import client_fetch_max_wait_ms
 from support.fake_stripe import DECLINING_METHODS, FakeStripe
 
 from .harness import (
@@ -198,7 +199,7 @@ async def read_topics(
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=5,
+        fetch_max_wait_ms=client_fetch_max_wait_ms(),
     )
     await consumer.start()
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
@@ -28,15 +27,12 @@ from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
+from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.service_settings import isolated_settings, topics_of
 
 pytestmark = pytest.mark.timeout(180)
 
 BOOKINGS = 60
-
-
-def _idempotence() -> bool:
-    return os.environ.get("PAYMENT_KAFKA_ENABLE_IDEMPOTENCE", "false").lower() in ("1", "true")
 
 
 def _headers(ce_id: str, traceparent: str | None) -> list[tuple[str, bytes]]:
@@ -73,7 +69,7 @@ async def test_a_backlog_is_handled_in_batches_message_by_message(
         prefix,
         database_url=database_url,
         bootstrap=kafka_bootstrap,
-        kafka_enable_idempotence=_idempotence(),
+        kafka_enable_idempotence=idempotent_producer(),
         kafka_topic_partitions=3,
     )
     topics = topics_of(settings)
@@ -81,7 +77,7 @@ async def test_a_backlog_is_handled_in_batches_message_by_message(
 
     # The backlog: new bookings, each with its own trace; a redelivery of one of them; a
     # second request (new ce_id) for a booking; an invalid one; a poison message.
-    producer = create_producer(kafka_bootstrap, enable_idempotence=_idempotence())
+    producer = create_producer(kafka_bootstrap, enable_idempotence=idempotent_producer())
     await producer.start()
     traces: dict[str, str] = {}
     try:
@@ -145,7 +141,7 @@ async def test_a_backlog_is_handled_in_batches_message_by_message(
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        fetch_max_wait_ms=20,
+        fetch_max_wait_ms=client_fetch_max_wait_ms(),
     )
     await listener.start()
     received: list[ConsumerRecord[bytes, bytes]] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,16 +14,12 @@ from payment.adapters.kafka.cloudevents import PoisonMessage, decode_record, dec
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
-
-
-def enable_idempotence() -> bool:
-    # Tansu has no InitProducerId; a real Kafka may turn it on through the service's variable.
-    return os.environ.get("PAYMENT_KAFKA_ENABLE_IDEMPOTENCE", "false").lower() in ("1", "true")
+from support.broker import client_fetch_max_wait_ms, idempotent_producer
 
 
 @pytest_asyncio.fixture
 async def producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    p = create_producer(kafka_bootstrap, enable_idempotence=enable_idempotence())
+    p = create_producer(kafka_bootstrap, enable_idempotence=idempotent_producer())
     await p.start()
     try:
         yield p
@@ -39,7 +34,7 @@ async def read_one(kafka_bootstrap: str, topic: str) -> ConsumerRecord[bytes, by
         group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        fetch_max_wait_ms=20,  # Tansu answers a fetch only when this expires
+        fetch_max_wait_ms=client_fetch_max_wait_ms(),
     )
     await consumer.start()
     try:

@@ -35,6 +35,7 @@ from payment.application.messages import (
     PaymentInitiatedMessage,
 )
 from payment.demo import DemoReport, run_demo
+from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,16 +71,17 @@ class FakeService:
             bootstrap_servers=self.bootstrap,
             group_id=None,
             enable_auto_commit=False,
-            fetch_max_wait_ms=5,
+            fetch_max_wait_ms=client_fetch_max_wait_ms(),
         )
-        producer = create_producer(self.bootstrap, enable_idempotence=False)
+        producer = create_producer(self.bootstrap, enable_idempotence=idempotent_producer())
         await consumer.start()
         await producer.start()
         try:
-            await consumer.topics()
+            # The producer fetches a topic's metadata on demand; a consumer's cluster view
+            # holds only the topics it is assigned.
             partitions = [
                 TopicPartition(self.topics.request, p)
-                for p in sorted(consumer.partitions_for_topic(self.topics.request) or ())
+                for p in sorted(await producer.partitions_for(self.topics.request))
             ]
             consumer.assign(partitions)
             # The topics are this test's own: everything on them is for us.

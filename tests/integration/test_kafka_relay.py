@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType
 from payment.application.ports import OutboxRecord
+from support.broker import client_fetch_max_wait_ms, idempotent_producer
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -32,11 +32,6 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 class UtcClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
-
-
-def enable_idempotence() -> bool:
-    # Tansu has no InitProducerId; a real Kafka may turn it on through the service's variable.
-    return os.environ.get("PAYMENT_KAFKA_ENABLE_IDEMPOTENCE", "false").lower() in ("1", "true")
 
 
 def unique_topics() -> Topics:
@@ -52,7 +47,7 @@ def unique_topics() -> Topics:
 
 @pytest_asyncio.fixture
 async def producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    p = create_producer(kafka_bootstrap, enable_idempotence=enable_idempotence())
+    p = create_producer(kafka_bootstrap, enable_idempotence=idempotent_producer())
     await p.start()
     try:
         yield p
@@ -77,7 +72,7 @@ async def consume(
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         # Tansu answers a fetch only when this expires.
-        fetch_max_wait_ms=20,
+        fetch_max_wait_ms=client_fetch_max_wait_ms(),
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []

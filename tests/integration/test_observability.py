@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,16 +31,12 @@ from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
 from payment.domain.processor import ChargeOutcome, ChargeRequest, OutcomeUnknown
 from payment.settings import Settings
+from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.service_settings import isolated_settings
 
 pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "pm_card_visa_obs_secret_token"
-
-
-def enable_idempotence() -> bool:
-    # Tansu has no InitProducerId; a real Kafka may turn it on through the service's variable.
-    return os.environ.get("PAYMENT_KAFKA_ENABLE_IDEMPOTENCE", "false").lower() in ("1", "true")
 
 
 class ForgetfulProcessor:
@@ -166,7 +161,7 @@ async def run_service(database_url: str, kafka_bootstrap: str) -> AsyncIterator[
             prefix,
             database_url=database_url,
             bootstrap=kafka_bootstrap,
-            kafka_enable_idempotence=enable_idempotence(),
+            kafka_enable_idempotence=idempotent_producer(),
             kafka_topic_partitions=2,
             **overrides,
         )
@@ -184,7 +179,7 @@ async def run_service(database_url: str, kafka_bootstrap: str) -> AsyncIterator[
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.05)
-        producer = create_producer(kafka_bootstrap, enable_idempotence=enable_idempotence())
+        producer = create_producer(kafka_bootstrap, enable_idempotence=idempotent_producer())
         await producer.start()
         clients.append(producer)
         running.producer = producer
@@ -197,7 +192,7 @@ async def run_service(database_url: str, kafka_bootstrap: str) -> AsyncIterator[
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=client_fetch_max_wait_ms(),
         )
         await listener.start()
         clients.append(listener)
