@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -44,6 +45,27 @@ class TopicCreationFailed(Exception):
     """The broker refused to create a topic for a reason other than it existing already."""
 
 
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    """Return once every partition of `names` has a leader; raise after `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        described = await admin.describe_topics(names)
+        leaderless = [
+            str(topic["topic"])
+            for topic in described
+            if topic["error_code"] != 0
+            or not topic["partitions"]
+            or any(p["error_code"] != 0 or p["leader"] < 0 for p in topic["partitions"])
+        ]
+        if not leaderless:
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            raise TopicCreationFailed(
+                f"topics without a partition leader after {timeout_s:g} s: {', '.join(leaderless)}"
+            )
+        await asyncio.sleep(0.05)
+
+
 async def ensure_topics(
     bootstrap_servers: str | list[str],
     names: Iterable[str],
@@ -74,6 +96,9 @@ async def ensure_topics(
         response = await admin.create_topics(
             [NewTopic(name, partitions, replication) for name in missing], timeout_ms=timeout_ms
         )
+        # Apache Kafka answers CreateTopics once the controller has recorded them; their
+        # partitions get leaders a moment later, and until then clients are refused.
+        await _wait_for_leaders(admin, missing, timeout_ms / 1000)
     finally:
         await admin.close()
     created: list[str] = []
