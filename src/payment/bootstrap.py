@@ -45,7 +45,12 @@ from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.reconciler import Reconciler
-from payment.settings import ConfigError, Settings
+from payment.settings import (
+    DRAIN_TIMEOUT_S,
+    REVOKE_COMMIT_TIMEOUT_S,
+    ConfigError,
+    Settings,
+)
 
 log = logging.getLogger("payment")
 
@@ -266,6 +271,7 @@ class Service:
                     auto_offset_reset="earliest",
                     fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
                     session_timeout_ms=s.kafka_session_timeout_ms,
+                    rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                     max_poll_records=500,
                 )
@@ -289,6 +295,8 @@ class Service:
                 transient_errors=TRANSIENT_ERRORS,
                 max_in_flight=s.max_in_flight,
                 commit_interval_s=s.kafka_commit_interval_ms / 1000,
+                commit_timeout_s=REVOKE_COMMIT_TIMEOUT_S,
+                drain_timeout_s=DRAIN_TIMEOUT_S,
                 tracer=tracer,
                 consumer_group=s.consumer_group,
                 log_budget=budget,

@@ -12,6 +12,11 @@ from typing import Any, Literal
 import msgspec
 
 PREFIX = "PAYMENT_"
+# How long in-flight messages are waited for on shutdown and when partitions are revoked,
+# and how long the commit that follows may take.
+DRAIN_TIMEOUT_S = 30.0
+REVOKE_COMMIT_TIMEOUT_S = 5.0
+MIN_REBALANCE_TIMEOUT_MS = int((DRAIN_TIMEOUT_S + REVOKE_COMMIT_TIMEOUT_S) * 1000)
 
 ProcessorKind = Literal["fake", "sandbox", "stripe"]
 
@@ -34,12 +39,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stripe_api_base: str | None = None
     consumer_group: str = "payment-service"
     kafka_enable_idempotence: bool = True
-    # Tansu answers a fetch only when this expires; a real Kafka answers as data arrives.
-    kafka_fetch_max_wait_ms: int = 10
+    # Apache Kafka answers a fetch as soon as data arrives; this only bounds an idle poll.
+    # (`dev` sets 10 ms for its embedded Tansu, which answers only when the wait expires.)
+    kafka_fetch_max_wait_ms: int = 500
     kafka_topic_partitions: int = 6
     # Group membership: how fast a dead instance's partitions move to the others.
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 1_000
+    # How long the group waits for a member to rejoin a rebalance: it must outlast the
+    # member's drain of revoked partitions (DRAIN_TIMEOUT_S plus the revocation commit),
+    # or the member is dropped and its in-flight messages are handled again elsewhere.
+    kafka_rebalance_timeout_ms: int = 60_000
     # How often handled offsets are committed (and once more when partitions are revoked).
     kafka_commit_interval_ms: int = 200
     event_source: str = "payment-service"
@@ -227,6 +237,12 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, field) < 0:
             raise ConfigError(f"{_env_name(field)}: must not be negative (0 turns it off)")
+    if s.kafka_rebalance_timeout_ms < MIN_REBALANCE_TIMEOUT_MS:
+        raise ConfigError(
+            f"PAYMENT_KAFKA_REBALANCE_TIMEOUT_MS: must be at least {MIN_REBALANCE_TIMEOUT_MS}"
+            f" (a revoked partition's drain, {DRAIN_TIMEOUT_S:g} s, plus its commit,"
+            f" {REVOKE_COMMIT_TIMEOUT_S:g} s)"
+        )
     if s.retention_interval_s <= 0:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
     if s.db_pool_min > s.db_pool_max:
