@@ -29,7 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     dev = sub.add_parser(
         "dev", help="run with zero configuration: embedded PostgreSQL and broker when unset"
     )
-    dev.add_argument("--fresh", action="store_true", help="wipe the embedded database first")
+    dev.add_argument(
+        "--fresh", action="store_true", help="wipe the embedded database (and Kafka log) first"
+    )
+    dev.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help=(
+            "the embedded broker when PAYMENT_KAFKA_BOOTSTRAP_SERVERS is unset: tansu (default,"
+            " no Java needed) or kafka (a local Apache Kafka; needs java and mvn)"
+        ),
+    )
     dev.add_argument(
         "--demo", type=int, metavar="N", default=0, help="also play N booking requests"
     )
@@ -83,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dev":
             from payment.devmode import run_dev
 
-            return run_dev(settings, fresh=args.fresh, demo=args.demo)
+            return run_dev(settings, fresh=args.fresh, demo=args.demo, broker=args.broker)
         if args.command == "demo":
             return asyncio.run(_demo(settings, args.count, args.timeout))
         if args.command == "show":

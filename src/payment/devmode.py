@@ -7,7 +7,7 @@ import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 import platformdirs
@@ -18,18 +18,40 @@ if TYPE_CHECKING:
     from payment.bootstrap import Service
 
 
+# Tansu answers a fetch only when its wait expires: a short wait keeps each hop fast.
+TANSU_FETCH_MAX_WAIT_MS = 10
+EmbeddedBrokerKind = Literal["tansu", "kafka"]
+
+
 def data_dir() -> Path:
     """Where the embedded PostgreSQL keeps its cluster between runs."""
     return Path(platformdirs.user_data_dir("payment-service")) / "postgres"
 
 
-def run_dev(settings: Settings, *, fresh: bool = False, demo: int = 0) -> int:
+def kafka_data_dir() -> Path:
+    """Where `dev --broker kafka` keeps its Kafka log between runs."""
+    return Path(platformdirs.user_data_dir("payment-service")) / "kafka"
+
+
+def run_dev(
+    settings: Settings, *, fresh: bool = False, demo: int = 0, broker: EmbeddedBrokerKind = "tansu"
+) -> int:
     """Start what is missing, then run the service (the `run` code path) until stopped.
 
     With `demo` > 0, the demo orchestrator plays that many requests once the service is
     ready; the service stops when it is done and the exit code says whether every
     request reached a terminal event.
     """
+    from payment.adapters.embedded import EmbeddedError
+
+    try:
+        return _run_dev(settings, fresh=fresh, demo=demo, broker=broker)
+    except EmbeddedError as exc:
+        print(f"payment-service dev: {exc}", file=sys.stderr)
+        return 3
+
+
+def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrokerKind) -> int:
     from payment.adapters.embedded import EmbeddedBroker, EmbeddedPostgres
     from payment.adapters.postgres.migrations import migrate
     from payment.bootstrap import Service, configure_logging
@@ -49,17 +71,21 @@ def run_dev(settings: Settings, *, fresh: bool = False, demo: int = 0) -> int:
                 flush=True,
             )
             changes["database_url"] = pg.url
-        if not settings.kafka_bootstrap_servers:
-            broker = EmbeddedBroker()
-            stack.callback(broker.stop)
-            broker.start()
+        if not settings.kafka_bootstrap_servers and broker == "kafka":
+            changes["kafka_bootstrap_servers"] = _start_apache_kafka(stack, fresh=fresh)
+        elif not settings.kafka_bootstrap_servers:
+            tansu = EmbeddedBroker()
+            stack.callback(tansu.stop)
+            tansu.start()
             print(
-                f"dev: embedded Kafka-compatible broker listening on {broker.bootstrap_servers}",
+                f"dev: embedded Kafka-compatible broker listening on {tansu.bootstrap_servers}",
                 flush=True,
             )
-            changes["kafka_bootstrap_servers"] = broker.bootstrap_servers
-            # The embedded broker has no idempotent producer.
+            changes["kafka_bootstrap_servers"] = tansu.bootstrap_servers
+            # Tansu has no idempotent producer, and answers a fetch only when its wait
+            # expires: a short wait keeps the latency per hop low.
             changes["kafka_enable_idempotence"] = False
+            changes["kafka_fetch_max_wait_ms"] = TANSU_FETCH_MAX_WAIT_MS
         settings = msgspec.structs.replace(settings, **changes)
         # Restore the default handler inside asyncio.run: the service installs its own.
         signal.signal(signal.SIGTERM, previous)
@@ -69,6 +95,27 @@ def run_dev(settings: Settings, *, fresh: bool = False, demo: int = 0) -> int:
             return asyncio.run(_serve(service, settings, demo))
         except KeyboardInterrupt:
             return 130
+
+
+def _start_apache_kafka(stack: ExitStack, *, fresh: bool) -> str:
+    """A local Apache Kafka with its log kept between runs; the service's defaults hold."""
+    import shutil
+
+    from payment.adapters.apache_kafka import ApacheKafkaBroker
+
+    directory = kafka_data_dir()
+    if fresh:
+        shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    kafka = ApacheKafkaBroker(data_dir=directory)
+    stack.callback(kafka.close)
+    kafka.start()
+    print(
+        f"dev: Apache Kafka {kafka.version} listening on {kafka.bootstrap_servers} "
+        f"(log in {directory}, ready in {kafka.started_in_s or 0:.1f} s)",
+        flush=True,
+    )
+    return kafka.bootstrap_servers
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
