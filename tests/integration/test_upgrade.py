@@ -47,7 +47,7 @@ from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import Approved
 
 RELEASES = sorted(
-    p for p in (Path(__file__).parents[1] / "fixtures" / "releases").iterdir() if p.is_dir()
+    p.parent for p in (Path(__file__).parents[1] / "fixtures" / "releases").glob("*/paths.json")
 )
 IDENTITY_TABLES = ("payment_events", "payment_outbox")
 
@@ -156,6 +156,10 @@ async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
     made = unique_topics()
     await ensure_topics(kafka_bootstrap, made.names, partitions=1)
     yield made
+
+
+def test_there_are_releases_to_check() -> None:
+    assert RELEASES, "tests/fixtures/releases/ lost its golden fixtures: none may be deleted"
 
 
 @pytest.mark.parametrize("migrate_first", [False, True], ids=["then-migrated", "into-migrated"])
