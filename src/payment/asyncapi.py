@@ -16,6 +16,7 @@ import yaml
 from payment.adapters.kafka.cloudevents import (
     CONTENT_TYPE,
     H_CONTENT_TYPE,
+    H_DATASCHEMA,
     H_ID,
     H_SEQUENCE,
     H_SOURCE,
@@ -31,6 +32,7 @@ from payment.adapters.kafka.cloudevents import (
 )
 from payment.adapters.kafka.topics import Topics
 from payment.application.messages import (
+    MESSAGE_VERSIONS,
     PAYMENT_COMPLETED,
     PAYMENT_FAILED,
     PAYMENT_INITIATED,
@@ -39,6 +41,7 @@ from payment.application.messages import (
     PaymentFailedMessage,
     PaymentInitiatedMessage,
     RequestPaymentMessage,
+    dataschema_uri,
 )
 from payment.domain.events import FailureReason
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
@@ -242,7 +245,13 @@ def _merge(target: Schema, rules: Schema, name: str) -> None:
 
 
 class MessageSpec(NamedTuple):
-    """One message of the contract and where it travels."""
+    """One message of the contract, at one schema version, and where it travels.
+
+    Outbound messages are listed once per schema version (`version`; None for the inbound
+    request, whose shape the orchestrator owns): a row queued by an earlier release is
+    still published under its own version, so a version's entry stays when a newer one is
+    added (its struct kept, renamed `…MessageV<N>`).
+    """
 
     name: str
     channel: str
@@ -251,6 +260,12 @@ class MessageSpec(NamedTuple):
     struct: type[msgspec.Struct]
     summary: str
     key: Schema
+    version: int | None = None
+
+    @property
+    def id(self) -> str:
+        """The message's key in the document: its name, with `V<version>` when versioned."""
+        return self.name if self.version is None else f"{self.name}V{self.version}"
 
 
 MESSAGES: Final = (
@@ -271,6 +286,7 @@ MESSAGES: Final = (
         struct=PaymentInitiatedMessage,
         summary="A payment was accepted for a booking; its outcome follows.",
         key={"type": "string", "format": "uuid", "description": "The payment id."},
+        version=MESSAGE_VERSIONS[PAYMENT_INITIATED],
     ),
     MessageSpec(
         name="PaymentCompleted",
@@ -280,6 +296,7 @@ MESSAGES: Final = (
         struct=PaymentCompletedMessage,
         summary="The payment was charged (terminal).",
         key={"type": "string", "format": "uuid", "description": "The payment id."},
+        version=MESSAGE_VERSIONS[PAYMENT_COMPLETED],
     ),
     MessageSpec(
         name="PaymentFailed",
@@ -294,6 +311,7 @@ MESSAGES: Final = (
                 "The payment id; the booking id for a rejected request that created no payment."
             ),
         },
+        version=MESSAGE_VERSIONS[PAYMENT_FAILED],
     ),
 )
 
@@ -331,6 +349,14 @@ What the orchestrator can rely on:
 7. No request is lost and no booking is charged twice across crashes, restarts,
    redeliveries, rebalances and several instances in one consumer group.
 
+Schema versions: every outbound event says which version of its `data` shape it carries
+in `ce_dataschema` (`urn:payment-service:<ce_type>:<version>`). Each channel lists every
+version the service has ever published, as one message per version (`…V1`, `…V2`); an
+event queued before an upgrade is published under the version it was written in. A field
+added with a default keeps the version (readers ignore unknown fields); any other change
+adds a version. Events published by releases before versions existed carry no
+`ce_dataschema`: they are version 1.
+
 Topic names are the defaults; each is configurable (`PAYMENT_TOPIC_*`).
 """
 
@@ -349,18 +375,18 @@ def build_document() -> Schema:
             cleaned["description"] = inspect.cleandoc(cleaned["description"])
         schemas[name] = apply_overlay(cleaned, overlays.get(name, Overlay()))
     for spec in MESSAGES:
-        schemas[f"{spec.name}Headers"] = _cloudevents_headers(spec)
+        schemas[f"{spec.id}Headers"] = _cloudevents_headers(spec)
     schemas[f"{DEAD_LETTER}Headers"] = _dead_letter_headers()
 
     messages: Schema = {}
     channels: Schema = {}
     for spec, ref in zip(MESSAGES, refs, strict=True):
-        messages[spec.name] = _message(spec, ref)
+        messages[spec.id] = _message(spec, ref)
         channels[spec.channel] = _channel(
-            getattr(topics, spec.topic_field), spec.topic_field, spec.name
+            getattr(topics, spec.topic_field), spec.topic_field, _ids_on(spec.channel)
         )
     messages[DEAD_LETTER] = _dead_letter_message()
-    channels[DEAD_LETTER_CHANNEL] = _channel(topics.dead_letter, "dead_letter", DEAD_LETTER)
+    channels[DEAD_LETTER_CHANNEL] = _channel(topics.dead_letter, "dead_letter", [DEAD_LETTER])
 
     return {
         "asyncapi": ASYNCAPI_VERSION,
@@ -377,23 +403,28 @@ def build_document() -> Schema:
     }
 
 
-def _channel(address: str, topic_field: str, message: str) -> Schema:
+def _ids_on(channel: str) -> list[str]:
+    """The messages of a channel: every version of its message type."""
+    return [spec.id for spec in MESSAGES if spec.channel == channel]
+
+
+def _channel(address: str, topic_field: str, messages: Sequence[str]) -> Schema:
     return {
         "address": address,
         "description": (
             f"Default topic name; configurable with `PAYMENT_TOPIC_{topic_field.upper()}`."
         ),
-        "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+        "messages": {m: {"$ref": f"#/components/messages/{m}"} for m in messages},
     }
 
 
 def _message(spec: MessageSpec, payload_ref: Schema) -> Schema:
     return {
-        "name": spec.name,
-        "title": spec.ce_type,
+        "name": spec.id,
+        "title": spec.ce_type if spec.version is None else f"{spec.ce_type} v{spec.version}",
         "summary": spec.summary,
         "contentType": CONTENT_TYPE,
-        "headers": {"$ref": f"#/components/schemas/{spec.name}Headers"},
+        "headers": {"$ref": f"#/components/schemas/{spec.id}Headers"},
         "payload": payload_ref,
         "correlationId": {
             "description": "The orchestrator correlates by booking id.",
@@ -434,11 +465,12 @@ def _dead_letter_message() -> Schema:
 
 def _operations() -> Schema:
     def operation(action: str, channel: str, message: str, summary: str) -> Schema:
+        ids = _ids_on(channel) or [message]
         result: Schema = {
             "action": action,
             "channel": {"$ref": f"#/channels/{channel}"},
             "summary": summary,
-            "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{m}"} for m in ids],
         }
         if action == "receive":
             result["bindings"] = {
@@ -523,6 +555,15 @@ def _cloudevents_headers(spec: MessageSpec) -> Schema:
             "type": "string",
             "pattern": "^[1-9][0-9]*$",
             "description": f"The event's version in its payment stream, decimal{absent}.",
+        }
+    if spec.version is not None:
+        properties[H_DATASCHEMA] = {
+            "type": "string",
+            "const": dataschema_uri(spec.ce_type, spec.version),
+            "description": (
+                f"Schema version {spec.version} of `{spec.ce_type}` data. Absent on events"
+                " published by releases before schema versions: those are version 1."
+            ),
         }
     properties[H_TRACEPARENT] = {
         "type": "string",

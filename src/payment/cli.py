@@ -24,7 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="TOML settings (environment wins)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("migrate", help="create or upgrade the database schema (safe to run again)")
+    migrate = sub.add_parser(
+        "migrate", help="create or upgrade the database schema (safe to run again)"
+    )
+    migrate.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 0 if this code and the schema agree, 1 (and why) if not",
+    )
     sub.add_parser("run", help="run the service: consumers, executor, relay, reconciler, HTTP")
     dev = sub.add_parser(
         "dev", help="run with zero configuration: embedded PostgreSQL and broker when unset"
@@ -88,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(config_file=args.config)
         if args.command == "migrate":
-            return asyncio.run(_migrate(settings))
+            return asyncio.run(_check_schema(settings) if args.check else _migrate(settings))
         if args.command == "run":
             return _run(settings)
         if args.command == "dev":
@@ -150,6 +157,21 @@ async def _migrate(settings: Settings) -> int:
     else:
         print("migrate: schema is up to date")
     return 0
+
+
+async def _check_schema(settings: Settings) -> int:
+    import psycopg
+
+    from payment.adapters.postgres.migrations import check_schema
+
+    try:
+        result = await check_schema(_require_database(settings))
+    except psycopg.OperationalError as exc:
+        # The type only: a connection error's text may quote the URL.
+        print(f"migrate --check: cannot reach the database ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    print(f"migrate --check: {result.line}", file=sys.stdout if result.agrees else sys.stderr)
+    return 0 if result.agrees else 1
 
 
 def _run(settings: Settings) -> int:

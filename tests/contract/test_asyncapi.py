@@ -26,7 +26,9 @@ from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.topics import Topics
 from payment.application.commands import InboundRef, RequestPayment, TraceHeaders
 from payment.application.messages import (
+    MESSAGE_VERSIONS,
     OutboundMessage,
+    dataschema_uri,
     initiated_message,
     outcome_message,
     rejection_message,
@@ -127,11 +129,11 @@ def test_operation_messages_belong_to_their_channel(published: Schema) -> None:
 # --- payload schemas against the msgspec types --------------------------------------------
 
 
-@pytest.mark.parametrize("spec", asyncapi.MESSAGES, ids=lambda spec: spec.name)
+@pytest.mark.parametrize("spec", asyncapi.MESSAGES, ids=lambda spec: spec.id)
 def test_payload_fields_and_required_match_the_msgspec_type(
     published: Schema, spec: asyncapi.MessageSpec
 ) -> None:
-    schema = _payload_schema(published, spec.name)
+    schema = _payload_schema(published, spec.id)
     fields = msgspec.structs.fields(spec.struct)
     assert list(schema["properties"]) == [field.encode_name for field in fields]
     decoder_required = {
@@ -142,7 +144,7 @@ def test_payload_fields_and_required_match_the_msgspec_type(
     assert set(schema["required"]) == decoder_required | set(overlay.required)
 
 
-@pytest.mark.parametrize("spec", asyncapi.MESSAGES, ids=lambda spec: spec.name)
+@pytest.mark.parametrize("spec", asyncapi.MESSAGES, ids=lambda spec: spec.id)
 def test_payload_is_msgspec_schema_plus_only_the_overlay(
     published: Schema, spec: asyncapi.MessageSpec
 ) -> None:
@@ -150,9 +152,9 @@ def test_payload_is_msgspec_schema_plus_only_the_overlay(
     (ref,), components = msgspec.json.schema_components(
         [spec.struct], ref_template="#/components/schemas/{name}"
     )
-    assert _payload_ref(published, spec.name) == ref
+    assert _payload_ref(published, spec.id) == ref
     generated = components[spec.struct.__name__]
-    schema = _payload_schema(published, spec.name)
+    schema = _payload_schema(published, spec.id)
     overlay = asyncapi.OVERLAYS.get(spec.struct, asyncapi.Overlay())
     for name, field in generated["properties"].items():
         rules = overlay.fields.get(name, {})
@@ -170,9 +172,9 @@ def test_overlay_rules_are_the_services_own() -> None:
     assert request["currency"]["enum"] == sorted(CURRENCY_EXPONENTS)
     assert all(re.fullmatch("[A-Z]{3}", code) for code in request["currency"]["enum"])
     assert get_args(FailureReason) == asyncapi.FAILURE_REASONS
-    failed = _payload_schema(asyncapi.build_document(), "PaymentFailed")["properties"]
+    failed = _payload_schema(asyncapi.build_document(), "PaymentFailedV1")["properties"]
     assert failed["reason"]["enum"] == list(get_args(FailureReason))
-    for name in ("PaymentInitiated", "PaymentCompleted"):
+    for name in ("PaymentInitiatedV1", "PaymentCompletedV1"):
         props = _payload_schema(asyncapi.build_document(), name)["properties"]
         assert props["currency"]["enum"] == sorted(CURRENCY_EXPONENTS)
 
@@ -263,15 +265,15 @@ def _payment() -> Payment:
 
 def _outbound_samples() -> Iterator[tuple[str, OutboundMessage]]:
     payment = _payment()
-    yield "PaymentInitiated", initiated_message(payment, TRACE)
+    yield "PaymentInitiatedV1", initiated_message(payment, TRACE)
     completed = _payment()
     completed.complete(processor="fake", provider_reference="fake_ch_1", at=T0)
-    yield "PaymentCompleted", outcome_message(completed, TRACE)
+    yield "PaymentCompletedV1", outcome_message(completed, TRACE)
     declined = _payment()
     declined.fail(reason="declined", detail="card declined", at=T0, decline_code="do_not_honor")
-    yield "PaymentFailed", outcome_message(declined, TraceHeaders())
+    yield "PaymentFailedV1", outcome_message(declined, TraceHeaders())
     yield (
-        "PaymentFailed",
+        "PaymentFailedV1",
         rejection_message(
             booking_id="not a valid booking id!",
             saga_id="s" * 100,
@@ -295,6 +297,33 @@ def test_outbound_records_conform(published: Schema, name: str, message: Outboun
     assert _validate(published, spec["headers"], _header_map(record.headers)) == []
     key = spec["bindings"]["kafka"]["key"]
     assert _validate(published, key, record.key.decode()) == []
+
+
+@pytest.mark.parametrize("kind", sorted(MESSAGE_VERSIONS))
+def test_every_schema_version_of_an_outbound_type_is_listed(published: Schema, kind: str) -> None:
+    """Version 1 to the current one, each a message of the type's channel, told apart by
+    its `ce_dataschema`; a record queued before an upgrade may still carry any of them."""
+    channels = [
+        channel
+        for channel in published["channels"].values()
+        if channel["address"] == Topics().outbound[kind]
+    ]
+    (channel,) = channels
+    listed = {
+        _resolve(published, _resolve(published, ref["$ref"])["headers"]["$ref"])["properties"][
+            "ce_dataschema"
+        ]["const"]
+        for ref in channel["messages"].values()
+    }
+    assert listed == {dataschema_uri(kind, n) for n in range(1, MESSAGE_VERSIONS[kind] + 1)}
+
+
+def test_outbound_records_carry_the_current_schema_version() -> None:
+    for _, message in _outbound_samples():
+        record = encode_outbound(message, source="payment-service", topic_for=Topics().outbound)
+        assert _header_map(record.headers)["ce_dataschema"] == dataschema_uri(
+            message.type, MESSAGE_VERSIONS[message.type]
+        )
 
 
 def test_a_valid_request_record_conforms_and_decodes(published: Schema) -> None:

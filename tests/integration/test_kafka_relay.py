@@ -172,6 +172,7 @@ async def test_relay_publishes_rows_in_order_with_cloudevents_headers(
         "ce_type": b"payment.initiated",
         "ce_time": b"2026-03-04T05:06:07.890123Z",
         "content-type": b"application/json",
+        "ce_dataschema": b"urn:payment-service:payment.initiated:1",
         "ce_subject": payment.encode(),
         "ce_sequence": b"1",
         "traceparent": TRACEPARENT.encode(),

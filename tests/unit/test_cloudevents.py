@@ -365,6 +365,7 @@ def test_encode_outbound_gives_topic_key_value_and_headers() -> None:
         ("ce_type", b"payment.completed"),
         ("ce_time", b"2026-01-02T03:04:05.678000Z"),
         ("content-type", b"application/json"),
+        ("ce_dataschema", b"urn:payment-service:payment.completed:1"),
         ("ce_subject", b"pay-1"),
         ("ce_sequence", b"2"),
         ("traceparent", TRACEPARENT.encode()),
@@ -386,7 +387,17 @@ def test_encode_outbound_omits_absent_optional_headers() -> None:
         "ce_type",
         "ce_time",
         "content-type",
+        "ce_dataschema",
     ]
+
+
+def test_dataschema_names_the_version_the_row_was_written_in() -> None:
+    # A row queued by an earlier release is published under the version it holds, not
+    # under today's: its data has that version's shape.
+    headers = dict(
+        encode_outbound(outbound(schema_version=3), source="s", topic_for=Topics().outbound).headers
+    )
+    assert headers["ce_dataschema"] == b"urn:payment-service:payment.completed:3"
 
 
 def test_encoded_record_decodes_back() -> None:

@@ -20,6 +20,23 @@ PAYMENT_FAILED: Final = "payment.failed"
 
 OutboundType = Literal["payment.initiated", "payment.completed", "payment.failed"]
 
+# The version of each outbound message's `data` shape written now. Published as the
+# CloudEvents `dataschema` (`dataschema_uri`); an outbox row keeps the version it was
+# written in, so a row queued by an earlier release is published under its own. A field
+# added with a default keeps the version (consumers ignore unknown fields, contract 3);
+# any other change bumps it, and docs/asyncapi.yaml keeps every version it ever had.
+MESSAGE_VERSIONS: Final[dict[OutboundType, int]] = {
+    PAYMENT_INITIATED: 1,
+    PAYMENT_COMPLETED: 1,
+    PAYMENT_FAILED: 1,
+}
+DATASCHEMA_PREFIX: Final = "urn:payment-service:"
+
+
+def dataschema_uri(kind: str, version: int) -> str:
+    """The CloudEvents `dataschema` of a message type at a schema version."""
+    return f"{DATASCHEMA_PREFIX}{kind}:{version}"
+
 
 class RequestPaymentMessage(msgspec.Struct, frozen=True, kw_only=True):
     """`saga.request_payment` data.
@@ -80,7 +97,8 @@ class OutboundMessage(msgspec.Struct, frozen=True, kw_only=True):
     """One message for the outbox: transport-neutral, fully determined when written.
 
     `event_id` becomes `ce_id` on every (re-)publication; `key` is the payment id (or the
-    booking id when no payment exists); `sequence` is the event's stream version.
+    booking id when no payment exists); `sequence` is the event's stream version;
+    `schema_version` the version of the shape `data` was written in (`ce_dataschema`).
     """
 
     event_id: uuid.UUID
@@ -91,6 +109,7 @@ class OutboundMessage(msgspec.Struct, frozen=True, kw_only=True):
     time: datetime
     data: bytes
     trace: TraceHeaders = TraceHeaders()
+    schema_version: int = 1
 
 
 _encoder = msgspec.json.Encoder()
@@ -119,6 +138,7 @@ def initiated_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
         time=event.occurred_at,
         data=_encoder.encode(data),
         trace=trace,
+        schema_version=MESSAGE_VERSIONS[PAYMENT_INITIATED],
     )
 
 
@@ -165,6 +185,7 @@ def outcome_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
         time=outcome.occurred_at,
         data=_encoder.encode(data),
         trace=trace,
+        schema_version=MESSAGE_VERSIONS[kind],
     )
 
 
@@ -200,4 +221,5 @@ def rejection_message(
         time=at,
         data=_encoder.encode(data),
         trace=trace,
+        schema_version=MESSAGE_VERSIONS[PAYMENT_FAILED],
     )

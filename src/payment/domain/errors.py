@@ -17,3 +17,13 @@ class IllegalTransition(DomainError):
 
 class StreamMismatch(DomainError):
     """An event applied to the wrong stream or out of version order."""
+
+
+class UnknownEventVersion(DomainError):
+    """A stored event whose schema version this code cannot read (written by a later
+    release, or by none), or an older version without the upcasters to the current one."""
+
+    def __init__(self, event_type: str, version: int, detail: str) -> None:
+        super().__init__(f"stored {event_type} of schema version {version}: {detail}")
+        self.event_type = event_type
+        self.version = version

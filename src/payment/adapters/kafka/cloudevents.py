@@ -14,6 +14,7 @@ from payment.application.messages import (
     OutboundMessage,
     PaymentInitiatedMessage,
     RequestPaymentMessage,
+    dataschema_uri,
 )
 
 SPECVERSION: Final = "1.0"
@@ -31,6 +32,7 @@ H_TYPE: Final = "ce_type"
 H_TIME: Final = "ce_time"
 H_SUBJECT: Final = "ce_subject"
 H_SEQUENCE: Final = "ce_sequence"
+H_DATASCHEMA: Final = "ce_dataschema"
 H_CONTENT_TYPE: Final = "content-type"
 H_TRACEPARENT: Final = "traceparent"
 H_TRACESTATE: Final = "tracestate"
@@ -291,6 +293,7 @@ def encode_outbound(
         (H_TYPE, msg.type.encode()),
         (H_TIME, format_time(msg.time).encode()),
         (H_CONTENT_TYPE, CONTENT_TYPE.encode()),
+        (H_DATASCHEMA, dataschema_uri(msg.type, msg.schema_version).encode()),
     ]
     if msg.subject is not None:
         headers.append((H_SUBJECT, msg.subject.encode()))

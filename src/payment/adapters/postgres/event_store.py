@@ -1,4 +1,8 @@
-"""PostgresEventStore: payment streams in `payment_events`, optimistic lock on (stream, version)."""
+"""PostgresEventStore: payment streams in `payment_events`, optimistic lock on (stream, version).
+
+Each row holds its event's schema version; rows are read through the upcasters
+(domain/upcasting.py), so a stream written by an earlier release replays in today's shapes.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +19,18 @@ from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.errors import ConcurrencyConflict
 from payment.application.ports import StreamAppend
-from payment.domain.events import AnyPaymentEvent, decode_event, encode_event, event_type
+from payment.domain.events import AnyPaymentEvent, encode_event, event_type
+from payment.domain.upcasting import current_version, decode_stored
 
 STREAM_VERSION_CONSTRAINT = "payment_events_stream_version_key"
 
-_LOAD = "SELECT data::text FROM payment_events WHERE stream_id = %s ORDER BY version"
+_LOAD = """
+SELECT event_type, schema_version, data::text FROM payment_events
+WHERE stream_id = %s ORDER BY version
+"""
 
 _LOAD_MANY = """
-SELECT stream_id, data::text FROM payment_events
+SELECT stream_id, event_type, schema_version, data::text FROM payment_events
 WHERE stream_id = ANY(%s::uuid[])
 ORDER BY stream_id, version
 """
@@ -34,11 +42,12 @@ ORDER BY stream_id, version
 # `OR EXISTS (…)`, or as a LATERAL PostgreSQL may flatten into a join, it was planned as a
 # hash over a sequential scan of the whole table (seen with auto_explain under load).
 _APPEND_MANY = b"""
-INSERT INTO payment_events (stream_id, version, event_id, event_type, data, occurred_at)
-SELECT r.stream_id, r.version, r.event_id, r.event_type, r.data, r.occurred_at
+INSERT INTO payment_events
+    (stream_id, version, event_id, event_type, schema_version, data, occurred_at)
+SELECT r.stream_id, r.version, r.event_id, r.event_type, r.schema_version, r.data, r.occurred_at
 FROM json_to_recordset(%s::json) AS r(
     stream_id uuid, version integer, expected integer, event_id uuid, event_type text,
-    data jsonb, occurred_at timestamptz
+    schema_version integer, data jsonb, occurred_at timestamptz
 )
 LEFT JOIN LATERAL (
     SELECT true AS found FROM payment_events e
@@ -55,16 +64,17 @@ ORDER BY r.stream_id, r.version
 # would collide there); a stream that is ahead of it collides on (stream_id, version), and
 # a concurrent uncommitted append of the same version makes this statement wait for that
 # transaction, then collide or go ahead.
-_EVENT_ROW = "(%s::integer, %s::uuid, %s::text, %s::jsonb, %s::timestamptz)"
+_EVENT_ROW = "(%s::integer, %s::uuid, %s::text, %s::integer, %s::jsonb, %s::timestamptz)"
 
 
 @functools.cache
 def _append_sql(rows: int) -> bytes:
     values = ", ".join([_EVENT_ROW] * rows)
     return f"""
-INSERT INTO payment_events (stream_id, version, event_id, event_type, data, occurred_at)
-SELECT %s::uuid, e.version, e.event_id, e.event_type, e.data, e.occurred_at
-FROM (VALUES {values}) AS e(version, event_id, event_type, data, occurred_at)
+INSERT INTO payment_events
+    (stream_id, version, event_id, event_type, schema_version, data, occurred_at)
+SELECT %s::uuid, e.version, e.event_id, e.event_type, e.schema_version, e.data, e.occurred_at
+FROM (VALUES {values}) AS e(version, event_id, event_type, schema_version, data, occurred_at)
 WHERE %s::integer = 0
    OR EXISTS (
         SELECT FROM payment_events WHERE stream_id = %s::uuid AND version = %s::integer
@@ -81,7 +91,7 @@ class PostgresEventStore:
 
     async def load(self, stream_id: uuid.UUID) -> list[AnyPaymentEvent]:
         cur = await self._tx.read(_LOAD, (stream_id,))
-        return [decode_event(data) for (data,) in await cur.fetchall()]
+        return [decode_stored(*row) for row in await cur.fetchall()]
 
     async def load_many(
         self, stream_ids: Sequence[uuid.UUID]
@@ -90,8 +100,8 @@ class PostgresEventStore:
             return {}
         cur = await self._tx.read(_LOAD_MANY, (list(stream_ids),))
         found: dict[uuid.UUID, list[AnyPaymentEvent]] = {}
-        for stream_id, data in await cur.fetchall():
-            found.setdefault(stream_id, []).append(decode_event(data))
+        for stream_id, kind, schema_version, data in await cur.fetchall():
+            found.setdefault(stream_id, []).append(decode_stored(kind, schema_version, data))
         return found
 
     async def append(
@@ -102,10 +112,12 @@ class PostgresEventStore:
             return
         params: list[object] = [stream_id]
         for e in events:
+            kind = event_type(e)
             params += (
                 e.version,
                 e.event_id,
-                event_type(e),
+                kind,
+                current_version(kind),
                 encode_event(e).decode(),
                 e.occurred_at,
             )
@@ -135,6 +147,7 @@ class PostgresEventStore:
                     "expected": a.expected_version,
                     "event_id": e.event_id,
                     "event_type": event_type(e),
+                    "schema_version": current_version(event_type(e)),
                     "data": msgspec.Raw(encode_event(e)),
                     "occurred_at": e.occurred_at,
                 }

@@ -1,4 +1,12 @@
-"""Versioned SQL migrations shipped with the package, applied once each under a lock."""
+"""Versioned SQL migrations shipped with the package, applied once each under a lock.
+
+Each migration is either an *expand* step, which the previous release keeps running on
+(new tables, new columns with defaults, new indexes), or a *contract* step, named
+`NNNN_contract_*.sql`, which removes what the previous release still uses; a contract step
+ships at least one release after the expand step that made it possible
+(docs/operations.md, *Upgrading*). `check_schema` tells whether this code and a
+database's schema agree.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,8 @@ from payment.adapters.postgres.pool import Connection
 
 # Arbitrary but fixed: every instance of the service must serialise on the same key.
 MIGRATION_LOCK_KEY = int.from_bytes(b"pay-migr", "big")
+
+CONTRACT_PREFIX = "contract_"
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 
@@ -109,3 +119,77 @@ async def apply_migrations(
             )
             applied_now.append(migration.version)
     return applied_now
+
+
+class SchemaCheck(NamedTuple):
+    """Whether the running code and the schema agree, in one line for an operator."""
+
+    agrees: bool
+    line: str
+
+
+def compare_schema(
+    applied: dict[int, tuple[str, str]] | None, code: Sequence[Migration]
+) -> SchemaCheck:
+    """Compare the applied migrations (version -> (name, checksum); None: no table) with
+    the code's.
+
+    They agree when every migration of the code is applied unchanged and whatever a later
+    release applied beyond them is expand-only (no `contract_` step), so this code still
+    runs on it.
+    """
+    latest = code[-1].version if code else 0
+
+    def label(version: int, name: str) -> str:
+        return f"{version:04d}_{name}"
+
+    if not applied:
+        return SchemaCheck(
+            False,
+            f"the database has no schema; this code needs {latest:04d}:"
+            " run `payment-service migrate`",
+        )
+    for m in code:
+        if m.version in applied and applied[m.version][1] != m.checksum:
+            return SchemaCheck(
+                False,
+                f"migration {label(m.version, m.name)} was applied from another file than"
+                " this code's: the schema is not what the code expects",
+            )
+    missing = [m for m in code if m.version not in applied]
+    if missing:
+        return SchemaCheck(
+            False,
+            f"the schema lacks {', '.join(label(m.version, m.name) for m in missing)}"
+            " that this code needs: run `payment-service migrate`",
+        )
+    later = sorted(v for v in applied if v > latest)
+    contracts = [v for v in later if applied[v][0].startswith(CONTRACT_PREFIX)]
+    if contracts:
+        return SchemaCheck(
+            False,
+            f"the schema has {label(contracts[0], applied[contracts[0]][0])}, a contract"
+            f" step of a later release that this code (at {latest:04d}) cannot run on:"
+            " upgrade the code",
+        )
+    if later:
+        return SchemaCheck(
+            True,
+            f"schema at {later[-1]:04d}, ahead of this code ({latest:04d}) by expand-only"
+            " migrations of a later release: compatible",
+        )
+    return SchemaCheck(True, f"schema at {latest:04d}, as this code expects")
+
+
+async def check_schema(url: str) -> SchemaCheck:
+    """`compare_schema` of the database at `url` and the packaged migrations (read only)."""
+    async with await AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute("SELECT to_regclass('payment_schema_migrations') IS NOT NULL")
+        row = await cur.fetchone()
+        applied: dict[int, tuple[str, str]] | None = None
+        if row is not None and row[0]:
+            cur = await conn.execute(
+                "SELECT version, name, checksum FROM payment_schema_migrations"
+            )
+            applied = {int(v): (str(n), str(c)) for v, n, c in await cur.fetchall()}
+    return compare_schema(applied, available_migrations())

@@ -66,7 +66,7 @@ RELAY_LOCK_KEY: Final = int.from_bytes(b"pay-rlay", "big")
 # positions follow the order given.
 _MESSAGE_ROW = (
     "({ord}, %s::uuid, %s::text, %s::text, %s::text, %s::integer, %s::timestamptz, %s::bytea,"
-    " %s::text, %s::text)"
+    " %s::text, %s::text, %s::integer)"
 )
 
 
@@ -75,11 +75,12 @@ def _add_sql(rows: int) -> bytes:
     values = ", ".join(_MESSAGE_ROW.format(ord=n) for n in range(rows))
     return f"""
 INSERT INTO payment_outbox
-    (event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
+    (event_id, type, key, subject, sequence, time, data, traceparent, tracestate, schema_version)
 SELECT m.event_id, m.type, m.key, m.subject, m.sequence, m.time, m.data,
-       m.traceparent, m.tracestate
+       m.traceparent, m.tracestate, m.schema_version
 FROM (VALUES {values})
-    AS m(ord, event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
+    AS m(ord, event_id, type, key, subject, sequence, time, data, traceparent, tracestate,
+         schema_version)
 ORDER BY m.ord
 """.encode()
 
@@ -89,19 +90,20 @@ _VALUES_MAX = 4
 
 _ADD_MANY = b"""
 INSERT INTO payment_outbox
-    (event_id, type, key, subject, sequence, time, data, traceparent, tracestate)
+    (event_id, type, key, subject, sequence, time, data, traceparent, tracestate, schema_version)
 SELECT m.event_id, m.type, m.key, m.subject, m.sequence, m.time, convert_to(m.data, 'UTF8'),
-       m.traceparent, m.tracestate
+       m.traceparent, m.tracestate, m.schema_version
 FROM json_to_recordset(%s::json) AS m(
     ord integer, event_id uuid, type text, key text, subject text, sequence integer,
-    time timestamptz, data text, traceparent text, tracestate text
+    time timestamptz, data text, traceparent text, tracestate text, schema_version integer
 )
 ORDER BY m.ord
 """
 
 # Served by the partial index payment_outbox_unpublished_idx.
 _PENDING = """
-SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate
+SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate,
+       schema_version
 FROM payment_outbox
 WHERE published_at IS NULL
 ORDER BY position
@@ -143,6 +145,7 @@ class PostgresOutbox:
                 m.data,
                 m.trace.traceparent,
                 m.trace.tracestate,
+                m.schema_version,
             )
         self._tx.defer(_add_sql(len(messages)), params)
 
@@ -160,6 +163,7 @@ class PostgresOutbox:
                     time=time.astimezone(UTC),
                     data=data,
                     trace=TraceHeaders(traceparent=traceparent, tracestate=tracestate),
+                    schema_version=schema_version,
                 ),
             )
             for (
@@ -173,6 +177,7 @@ class PostgresOutbox:
                 data,
                 traceparent,
                 tracestate,
+                schema_version,
             ) in await cur.fetchall()
         ]
 
@@ -201,6 +206,7 @@ def _json_rows(messages: Sequence[OutboundMessage]) -> str:
                 "data": m.data.decode("utf-8"),
                 "traceparent": m.trace.traceparent,
                 "tracestate": m.trace.tracestate,
+                "schema_version": m.schema_version,
             }
             for n, m in enumerate(messages)
         ]

@@ -9,7 +9,8 @@ import msgspec
 from psycopg import AsyncConnection, IsolationLevel
 
 from payment.adapters.postgres.pool import Connection
-from payment.domain.events import AnyPaymentEvent, decode_event, event_type
+from payment.domain.events import AnyPaymentEvent, event_type
+from payment.domain.upcasting import decode_stored
 
 # Envelope fields are printed in the line's prefix; the payment method is a gateway token
 # and stays out of terminals and pasted tickets.
@@ -70,13 +71,17 @@ async def load_payment_history(conn: Connection, payment_id: uuid.UUID) -> Payme
     )
     index_row = await cur.fetchone()
     cur = await conn.execute(
-        "SELECT position, recorded_at, data::text FROM payment_events"
+        "SELECT position, recorded_at, event_type, schema_version, data::text FROM payment_events"
         " WHERE stream_id = %s ORDER BY version",
         (payment_id,),
     )
     events = [
-        StoredEvent(position=position, recorded_at=_utc(recorded_at), event=decode_event(data))
-        for position, recorded_at, data in await cur.fetchall()
+        StoredEvent(
+            position=position,
+            recorded_at=_utc(recorded_at),
+            event=decode_stored(kind, schema_version, data),
+        )
+        for position, recorded_at, kind, schema_version, data in await cur.fetchall()
     ]
     cur = await conn.execute(
         "SELECT position, event_id, type, sequence, created_at, published_at"
