@@ -6,7 +6,10 @@
   accepted once it is empty, and `commit_as_member` never sends one;
 - a committed offset deleted from the log (`delete_records`): the service goes on from
   the log's start, loudly (ERROR line, metrics), and handles everything after it;
-- a second instance joining while requests arrive: none is missed or handled twice.
+- a second instance joining while requests arrive: none is missed or handled twice;
+- a rebalance while the handlers of the member giving up partitions are busy for longer
+  than the session timeout: the group waits for their drain (the rebalance timeout), so
+  nothing is handled twice.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -32,6 +36,7 @@ from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
 from payment.bootstrap import Service, make_container
+from payment.domain.processor import ChargeOutcome, ChargeRequest
 from payment.settings import Settings
 from support.broker import client_fetch_max_wait_ms, is_tansu
 from support.service_settings import isolated_settings, topics_of
@@ -101,12 +106,28 @@ async def _charges_per_booking(database_url: str, prefix: str) -> dict[str, int]
     return {booking: count for booking, count in rows}
 
 
+class _CountingGateway:
+    """The fake processor, shared by every instance of a test, counting charge calls."""
+
+    def __init__(self, latency_ms: float = 0.0) -> None:
+        self._inner = FakeProcessor(latency_ms=latency_ms)
+        self.name = self._inner.name
+        self.charges: Counter[uuid.UUID] = Counter()
+
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        self.charges[request.payment_id] += 1
+        return await self._inner.charge(request)
+
+    async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
+        return await self._inner.lookup(request)
+
+
 class _Running:
     """A composed service running as a task of this event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gateway: object | None = None) -> None:
         container = make_container(settings)
-        container.processor.override(providers.Object(FakeProcessor()))
+        container.processor.override(providers.Object(gateway or FakeProcessor()))
         self.service = Service(settings, container)
         self.task = asyncio.create_task(self.service.run())
 
@@ -118,13 +139,15 @@ class _Running:
 @pytest.fixture
 def settings_for(database_url: str, kafka_bootstrap: str) -> Iterator[object]:
     def make(prefix: str, **overrides: object) -> Settings:
+        timings: dict[str, object] = {
+            "kafka_session_timeout_ms": 6_000,
+            "kafka_heartbeat_interval_ms": 500,
+        }
         return isolated_settings(
             prefix,
             database_url=database_url,
             bootstrap=kafka_bootstrap,
-            kafka_session_timeout_ms=6_000,
-            kafka_heartbeat_interval_ms=500,
-            **overrides,
+            **{**timings, **overrides},
         )
 
     yield make
@@ -320,3 +343,47 @@ async def test_an_instance_joining_while_requests_arrive_misses_none_and_doubles
     charges = await _charges_per_booking(database_url, prefix)
     assert set(charges) == set(bookings)
     assert set(charges.values()) == {1}
+
+
+# -- a rebalance that waits for busy handlers -----------------------------------------------
+
+
+async def test_a_rebalance_waits_for_handlers_busy_longer_than_the_session_timeout(
+    settings_for: object, database_url: str, kafka_bootstrap: str
+) -> None:
+    prefix = f"drain{uuid.uuid4().hex[:8]}"
+    session_timeout_ms = 3_000
+    settings: Settings = settings_for(  # type: ignore[operator]
+        prefix,
+        kafka_topic_partitions=2,
+        kafka_session_timeout_ms=session_timeout_ms,
+        kafka_heartbeat_interval_ms=300,
+        reconcile_after_s=600.0,  # only the consumers execute payments here
+    )
+    await migrate(database_url)
+    await ensure_topics(kafka_bootstrap, topics_of(settings), partitions=2)
+    # Each charge takes three session timeouts: the first member's drain outlasts them.
+    gateway = _CountingGateway(latency_ms=3 * session_timeout_ms)
+    bookings = [f"{prefix}-{n}" for n in range(20)]
+    first = _Running(settings, gateway)
+    second: _Running | None = None
+    try:
+        await asyncio.wait_for(first.service.joined.wait(), 60)
+        await _send_requests(kafka_bootstrap, settings.topic_request, bookings)
+        await eventually(
+            lambda: sum(gateway.charges.values()) == len(bookings), 60, what="charges started"
+        )
+        second = _Running(settings, gateway)  # the rebalance starts while all are charging
+        await eventually(
+            lambda: _all_completed(database_url, prefix, bookings),
+            120,
+            every=0.1,
+            what="every payment",
+        )
+        await asyncio.wait_for(second.service.joined.wait(), 60)
+    finally:
+        for running in (first, second):
+            if running is not None:
+                await running.stop()
+    assert len(gateway.charges) == len(bookings)
+    assert set(gateway.charges.values()) == {1}, "a payment was executed again elsewhere"
