@@ -9,7 +9,9 @@
 - a second instance joining while requests arrive: none is missed or handled twice;
 - a rebalance while the handlers of the member giving up partitions are busy for longer
   than the session timeout: the group waits for their drain (the rebalance timeout), so
-  nothing is handled twice.
+  nothing is handled twice;
+- an outbox row larger than the topic accepts: the other keys' rows are published, its
+  own key waits, and the relay says why at ERROR.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.errors import CommitFailedError
 from dependency_injector import providers
 
 from payment.adapters.apache_kafka import ApacheKafkaBroker
 from payment.adapters.kafka.consumer import commit_as_member
 from payment.adapters.kafka.producer import create_producer
-from payment.adapters.kafka.topics import ensure_topics
+from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.kafka.topics import Topics, ensure_topics
+from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
+from payment.application.messages import OutboundMessage
 from payment.bootstrap import Service, make_container
 from payment.domain.processor import ChargeOutcome, ChargeRequest
 from payment.settings import Settings
@@ -387,3 +392,72 @@ async def test_a_rebalance_waits_for_handlers_busy_longer_than_the_session_timeo
                 await running.stop()
     assert len(gateway.charges) == len(bookings)
     assert set(gateway.charges.values()) == {1}, "a payment was executed again elsewhere"
+
+
+# -- an outbox row the broker refuses as too large ------------------------------------------
+
+
+def _completed(key: str, sequence: int, data: bytes) -> OutboundMessage:
+    return OutboundMessage(
+        event_id=uuid.uuid4(),
+        type="payment.completed",
+        key=key,
+        subject=key,
+        sequence=sequence,
+        time=datetime.now(UTC),
+        data=data,
+    )
+
+
+async def test_an_outbox_row_too_large_for_its_topic_holds_back_only_its_key(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = f"big{uuid.uuid4().hex[:8]}"
+    topics = Topics(
+        request=f"{prefix}.request",
+        initiated=f"{prefix}.initiated",
+        completed=f"{prefix}.completed",
+        failed=f"{prefix}.failed",
+        dead_letter=f"{prefix}.dead_letter",
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:  # an operator's limit on the topic, well below the producer's own 1 MiB
+        await admin.create_topics(
+            [NewTopic(topics.completed, 3, 1, topic_configs={"max.message.bytes": "4096"})]
+        )
+    finally:
+        await admin.close()
+    await ensure_topics(kafka_bootstrap, topics.names, partitions=3)
+    uows = MemoryUnitOfWorkFactory()
+    big = _completed(f"{prefix}-big", 2, b'{"padding":"' + b"x" * 16_384 + b'"}')
+    after_big = _completed(f"{prefix}-big", 3, b"{}")
+    others = [_completed(f"{prefix}-{n}", 2, b"{}") for n in range(5)]
+    async with uows() as uow:
+        await uow.outbox.add([big, after_big, *others])
+        await uow.commit()
+    producer = create_producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        relay = KafkaOutboxRelay(producer, uows, topics, _UtcClock(), source="payment-service-test")
+        caplog.set_level(logging.WARNING, logger="payment.adapters.kafka.relay")
+        # A few passes, as the relay makes them: a fresh topic's leader may still be moving.
+        for _ in range(20):
+            await relay.publish_pending()
+            pending = [r.message.event_id for r in uows.db.outbox if r.published_at is None]
+            if len(pending) <= 2:
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await producer.stop()
+    assert pending == [big.event_id, after_big.event_id]  # its key waits, in order
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors, "the refused row was not reported"
+    for error in errors:
+        assert "larger than the producer or the topic accepts" in error
+        assert f"key {prefix}-big" in error
+
+
+class _UtcClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
