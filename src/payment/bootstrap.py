@@ -12,8 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-import psycopg
-import psycopg_pool
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from dependency_injector import containers, providers
@@ -33,6 +31,7 @@ from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
+from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
@@ -50,14 +49,14 @@ from payment.settings import ConfigError, Settings
 log = logging.getLogger("payment")
 
 # Errors that mean "the database or the broker is unreachable right now": the consumer
-# retries these for as long as they last and never dead-letters because of them.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-    KafkaError,
-    ConnectionError,
-    TimeoutError,
-)
+# retries these for as long as they last and never dead-letters because of them. Database
+# errors are judged by SQLSTATE class (adapters/postgres/errors.py), not by Python type.
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (KafkaError, ConnectionError, TimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an outage of the database or the broker: wait and retry, never park."""
+    return isinstance(exc, _TRANSIENT_TYPES) or is_transient_database_error(exc)
 
 
 async def _pool_resource(url: str, min_size: int, max_size: int) -> AsyncIterator[Any]:
@@ -286,7 +285,7 @@ class Service:
                 metrics=metrics,
                 settings=c.handler_settings(),
                 policy=c.policy(),
-                transient_errors=TRANSIENT_ERRORS,
+                is_transient=is_transient,
                 max_in_flight=s.max_in_flight,
                 commit_interval_s=s.kafka_commit_interval_ms / 1000,
                 tracer=tracer,

@@ -27,6 +27,7 @@ from payment.adapters.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
+from payment.bootstrap import is_transient
 from support.waiting import eventually
 
 REQUESTS = "saga.request_payment"
@@ -140,7 +141,7 @@ def consumer(
         metrics=Metrics(),
         settings=HandlerSettings(),
         policy=ExecutionPolicy(),
-        transient_errors=(psycopg.OperationalError,),
+        is_transient=is_transient,
         **options,  # type: ignore[arg-type]
     )
 
@@ -194,3 +195,40 @@ async def test_a_stop_during_an_outage_drains_within_its_timeout() -> None:
     assert broker.stopped
     # Nothing was handled, so nothing was committed: all four are read again.
     assert all(o[TP] <= 30 for o in broker.committed)
+
+
+class ReadOnlyCommits(MemoryUnitOfWorkFactory):
+    """The database is read-only (a failover, a maintenance switch) for `times` commits."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.left = times
+        self.refused = 0
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        if self.left > 0:
+            self.left -= 1
+
+            async def read_only() -> None:
+                self.refused += 1
+                raise psycopg.errors.ReadOnlySqlTransaction(
+                    "cannot execute INSERT in a read-only transaction"
+                )
+
+            uow.commit = read_only  # type: ignore[method-assign]
+        return uow
+
+
+async def test_a_read_only_database_is_waited_out_and_never_dead_letters() -> None:
+    # 25006 is an InternalError to psycopg, but an outage by its SQLSTATE: more refusals
+    # than a handler error is allowed must still end in the payment, not a dead letter.
+    uows = ReadOnlyCommits(times=12)
+    parked = ParkedRecords()
+    inbox = consumer(uows, parked, retry_initial_s=0.001, retry_max_s=0.005)
+
+    await inbox._handle(request_record(40, valid("BK-40")))
+
+    assert uows.refused == 12
+    assert parked.parked == []
+    assert list(uows.db.bookings) == ["BK-40"]

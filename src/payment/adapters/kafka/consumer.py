@@ -42,6 +42,7 @@ from payment.application.handlers import (
 )
 from payment.application.messages import PAYMENT_INITIATED, REQUEST_PAYMENT
 from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.application.retry import Backoff
 from payment.domain.processor import PaymentProcessor
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,10 @@ class KafkaInboxConsumer:
         metrics: Metrics,
         settings: Settings,
         policy: ExecutionPolicy,
-        transient_errors: tuple[type[BaseException], ...],
+        is_transient: Callable[[BaseException], bool],
         max_in_flight: int = 256,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
         max_batch: int = MAX_BATCH,
         commit_interval_s: float = 0.2,
         commit_timeout_s: float = 5.0,
@@ -149,7 +152,9 @@ class KafkaInboxConsumer:
         self._metrics = metrics
         self._settings = settings
         self._policy = policy
-        self._transient = transient_errors
+        self._is_transient = is_transient
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
         self._slots = asyncio.Semaphore(max_in_flight)
         # A batch holds a slot per record: never more than there are slots.
         self._max_batch = max(1, min(max_batch, max_in_flight))
@@ -548,7 +553,7 @@ class KafkaInboxConsumer:
             # Once per delivery, before decoding: retries do not count again, poison does.
             self._metrics.requests_received.add(1)
         errors = 0
-        delay = 0.1
+        backoff = self._backoff()
         while True:
             try:
                 await self._process(record)
@@ -559,49 +564,56 @@ class KafkaInboxConsumer:
             except asyncio.CancelledError:
                 span.set_attribute("error.type", "cancelled")
                 raise
-            except self._transient as exc:
-                # An outage (database, broker): wait and retry for as long as it lasts.
-                self._metrics.handler_retries.add(1, {"kind": "transient"})
-                span.add_event("retry", {"error.type": type(exc).__name__, "kind": "transient"})
-                log.warning(
-                    "consumer: %s at %s[%d]@%d; retrying in %.1fs",
-                    type(exc).__name__,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    delay,
-                )
             except Exception as exc:  # the outermost loop: log, count, keep going
-                errors += 1
-                self._metrics.handler_retries.add(1, {"kind": "error"})
-                span.add_event("retry", {"error.type": type(exc).__name__, "kind": "error"})
-                log.exception(
-                    "consumer: handler error %d/%d at %s[%d]@%d",
-                    errors,
-                    MAX_HANDLER_ERRORS,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                )
-                if errors >= MAX_HANDLER_ERRORS:
-                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                    await self._park(
-                        record, f"handler error: {type(exc).__name__}", cause="handler_error"
+                delay = backoff.next()
+                if self._is_transient(exc):
+                    # An outage (database, broker): wait and retry for as long as it
+                    # lasts; never a dead letter, however long.
+                    self._metrics.handler_retries.add(1, {"kind": "transient"})
+                    span.add_event("retry", {"error.type": type(exc).__name__, "kind": "transient"})
+                    log.warning(
+                        "consumer: %s at %s[%d]@%d; retrying in %.1fs",
+                        _error_name(exc),
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        delay,
                     )
-                    return
+                else:
+                    errors += 1
+                    self._metrics.handler_retries.add(1, {"kind": "error"})
+                    span.add_event("retry", {"error.type": type(exc).__name__, "kind": "error"})
+                    log.exception(
+                        "consumer: handler error %d/%d at %s[%d]@%d",
+                        errors,
+                        MAX_HANDLER_ERRORS,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                    )
+                    if errors >= MAX_HANDLER_ERRORS:
+                        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                        await self._park(
+                            record, f"handler error: {type(exc).__name__}", cause="handler_error"
+                        )
+                        return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(initial=self._retry_initial_s, maximum=self._retry_max_s)
 
     async def _park(self, record: ConsumerRecord[bytes, bytes], reason: str, *, cause: str) -> None:
-        delay = 0.1
+        backoff = self._backoff()
         while True:
             try:
                 await self._dead_letters.publish(record, reason)
                 break
-            except (KafkaError, *self._transient):
+            except Exception as exc:
+                if not (isinstance(exc, KafkaError) or self._is_transient(exc)):
+                    raise
+                delay = backoff.next()
                 log.warning("consumer: dead-letter publish failed; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
         self._metrics.messages_dead_lettered.add(1, {"topic": record.topic, "cause": cause})
         span = trace.get_current_span()
         span.set_attribute("payment.dead_lettered", cause)
@@ -825,6 +837,12 @@ def _trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
                 traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
             )
     return TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate)
+
+
+def _error_name(exc: BaseException) -> str:
+    """The error's type, with its SQLSTATE when it has one (`ReadOnlySqlTransaction/25006`)."""
+    state = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}/{state}" if isinstance(state, str) else type(exc).__name__
 
 
 def _names(tps: set[TopicPartition]) -> str:
