@@ -77,6 +77,11 @@ def mask_card_numbers(text: str) -> str:
     return "".join(pieces)
 
 
+def well_formed_booking_id(booking_id: str) -> bool:
+    """True if `booking_id` follows contract section 3 (only such a booking has a payment)."""
+    return _BOOKING_ID.fullmatch(booking_id) is not None
+
+
 class Valid:
     """A request that passed every rule, with its money."""
 
@@ -89,7 +94,7 @@ class Valid:
 
 def validate_request(cmd: RequestPayment, *, max_amount: int) -> Valid | str:
     """The validated request, or a human-readable reason (never echoing secrets) it breaks."""
-    if not _BOOKING_ID.fullmatch(cmd.booking_id):
+    if not well_formed_booking_id(cmd.booking_id):
         return "booking_id must be 1-64 characters of A-Z a-z 0-9 . _ : -"
     if cmd.amount is None:
         return "amount is required"
