@@ -9,8 +9,9 @@ those of the other messages of the batch, all or nothing).
 Whatever the fast path does not cover goes through the single-message handlers instead:
 a second message of the same booking, payment or (source, id) in one batch; a booking
 that already has a payment (a re-request: it must be compared, replayed or refused); a
-request that breaks a rule (its booking may have a payment: contract 4.3); a lost race with a concurrent writer. The batch transaction is then abandoned, not
-committed, so nothing of it counts twice.
+request that breaks a rule (its booking may have a payment: contract 4.3); a lost race
+with a concurrent writer. The batch transaction is then abandoned, not committed, so
+nothing of it counts twice.
 """
 
 from __future__ import annotations
