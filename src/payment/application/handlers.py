@@ -265,8 +265,8 @@ def initiate_for(
         booking_id=cmd.booking_id,
         money=checked.money,
         payment_method=checked.payment_method,
-        saga_id=cmd.saga_id,
-        customer_id=cmd.customer_id,
+        saga_id=checked.saga_id,
+        customer_id=checked.customer_id,
         at=at,
     )
 

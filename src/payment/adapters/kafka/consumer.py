@@ -27,6 +27,7 @@ from payment.adapters.kafka.cloudevents import (
 )
 from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.metrics import Metrics
+from payment.adapters.span_values import untrusted_attribute
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
 from payment.application import failpoints
 from payment.application.batches import execute_payments, request_payments
@@ -368,10 +369,7 @@ class KafkaInboxConsumer:
                 alone.append(record)
                 continue
             span = self._span(record)
-            span.set_attribute("messaging.message.id", event.id)
-            span.set_attribute("cloudevents.event_id", event.id)
-            span.set_attribute("cloudevents.event_source", event.source)
-            span.set_attribute("cloudevents.event_type", event.type)
+            _tag_event(span, event)
             decoded.append((record, event, span))
         # The batch handlers take records whose body does not decode out of `decoded` and
         # return them for one by one handling: if the batch fails, they are among these.
@@ -417,7 +415,7 @@ class KafkaInboxConsumer:
                 span.end()
                 alone.append(record)
                 continue
-            span.set_attribute("payment.booking_id", data.booking_id)
+            span.set_attribute("payment.booking_id", untrusted_attribute(data.booking_id))
             cmds.append(
                 RequestPayment(
                     inbound=InboundRef(source=event.source, message_id=event.id),
@@ -628,11 +626,7 @@ class KafkaInboxConsumer:
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         event = decode_record(record)
-        span = trace.get_current_span()
-        span.set_attribute("messaging.message.id", event.id)
-        span.set_attribute("cloudevents.event_id", event.id)
-        span.set_attribute("cloudevents.event_source", event.source)
-        span.set_attribute("cloudevents.event_type", event.type)
+        _tag_event(trace.get_current_span(), event)
         if record.topic == self._request_topic:
             await self._on_request(record, event)
         elif record.topic == self._initiated_topic:
@@ -656,7 +650,7 @@ class KafkaInboxConsumer:
             trace=TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate),
         )
         span = trace.get_current_span()
-        span.set_attribute("payment.booking_id", data.booking_id)
+        span.set_attribute("payment.booking_id", untrusted_attribute(data.booking_id))
         try:
             result = await request_payment(cmd, self._uow_factory, self._clock, self._settings)
         except PaymentConflict as exc:
@@ -820,6 +814,15 @@ async def commit_as_member(
                 return False
         await consumer.commit(offsets)
     return True
+
+
+def _tag_event(span: Span, event: InboundEvent) -> None:
+    """The message's CloudEvents attributes on its span: the sender's, so bounded and masked."""
+    event_id = untrusted_attribute(event.id)
+    span.set_attribute("messaging.message.id", event_id)
+    span.set_attribute("cloudevents.event_id", event_id)
+    span.set_attribute("cloudevents.event_source", untrusted_attribute(event.source))
+    span.set_attribute("cloudevents.event_type", untrusted_attribute(event.type))
 
 
 def _trace_of(span: Span, event: InboundEvent) -> TraceHeaders:

@@ -18,6 +18,7 @@ from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.log_budget import UNLIMITED, LogBudget
+from payment.adapters.span_values import untrusted_attribute
 from payment.adapters.telemetry import context_from_trace
 from payment.application import failpoints
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
@@ -215,7 +216,12 @@ class KafkaOutboxRelay:
                 log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
                 sending.append(None)
                 continue
-            key_attribute = "payment.id" if message.subject is not None else "payment.booking_id"
+            # A rejection's key is the sender's booking id, unvalidated: bounded and masked.
+            key_attribute, key_value = (
+                ("payment.id", message.key)
+                if message.subject is not None
+                else ("payment.booking_id", untrusted_attribute(message.key))
+            )
             span = self._tracer.start_span(
                 f"publish {record.topic}",
                 context=context_from_trace(message.trace),
@@ -227,7 +233,7 @@ class KafkaOutboxRelay:
                     "messaging.message.id": str(message.event_id),
                     "cloudevents.event_id": str(message.event_id),
                     "cloudevents.event_type": message.type,
-                    key_attribute: message.key,
+                    key_attribute: key_value,
                     "payment.outbox.position": row.position,
                 },
                 record_exception=False,
