@@ -438,9 +438,9 @@ async def test_a_row_that_keeps_failing_slows_only_its_own_key() -> None:
     sender = FakeSender(fails=lambda key, seq: key == "bad")
     work = asyncio.Event()
 
-    async def wait_for_work(timeout: float) -> None:
+    async def wait_for_work(seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 await work.wait()
         work.clear()
 
@@ -453,10 +453,10 @@ async def test_a_row_that_keeps_failing_slows_only_its_own_key() -> None:
         for sequence in (1, 2, 3):
             await add(uows, message(f"good-{sequence}", 1), message("good", sequence))
             work.set()
+            expected = list(range(1, sequence + 1))
             await eventually(
-                lambda: (
-                    [s.sequence for s in sender.sent if s.key == "good"]
-                    == list(range(1, sequence + 1))
+                lambda expected=expected: (
+                    [s.sequence for s in sender.sent if s.key == "good"] == expected
                 ),
                 1.0,
                 what=f"good {sequence} published while bad backs off",
