@@ -23,6 +23,7 @@ from payment.adapters.span_values import untrusted_attribute
 from payment.adapters.telemetry import context_from_trace
 from payment.application import failpoints
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
+from payment.application.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class KafkaOutboxRelay:
         return max(min(_FIRST_BACKOFF, self._max_backoff), min(due, longest))
 
     async def _run_body(self) -> None:
-        delay = _FIRST_BACKOFF
+        backoff = Backoff(initial=min(_FIRST_BACKOFF, self._max_backoff), maximum=self._max_backoff)
         renewing = False
         while not self._stopping:
             try:
@@ -352,14 +353,14 @@ class KafkaOutboxRelay:
                         await self._serve()
                     finally:
                         self._leading = False
-                delay = _FIRST_BACKOFF
+                backoff.reset()
                 renewing = True
             except Exception:  # the relay's outermost loop: log, count, keep going
                 self.errors += 1
                 renewing = False
+                delay = backoff.next()
                 log.exception("outbox relay: error; retrying in %.1fs", delay)
                 await self._interruptibly(asyncio.sleep(delay))
-                delay = min(delay * 2, self._max_backoff)
 
     async def _serve(self) -> None:
         """Publish while leading: until stopped, or the leadership term ends."""
