@@ -31,6 +31,7 @@ from payment.application.messages import (
     rejection_message,
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
+from payment.application.retry import full_jitter
 from payment.application.validation import Valid, validate_request, well_formed_booking_id
 from payment.domain.events import AnyPaymentEvent, AttemptResult
 from payment.domain.money import DEFAULT_MAX_AMOUNT
@@ -433,8 +434,9 @@ async def _lookup(
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
     # Full jitter: spreads retries of many payments hitting one outage.
-    ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
-    return random.uniform(0, ceiling)
+    return full_jitter(
+        attempt, initial=policy.backoff_initial_s, maximum=policy.backoff_max_s, rng=random.random
+    )
 
 
 async def record_outcome(
