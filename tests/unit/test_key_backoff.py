@@ -39,3 +39,16 @@ def test_a_success_forgets_the_key() -> None:
     keys.succeeded("bad")
     assert len(keys) == 0 and keys.waiting() == set()
     assert keys.failed("bad") == 1.0
+
+
+def test_a_due_key_without_rows_is_forgotten_and_a_waiting_one_kept() -> None:
+    clock = Clock()
+    keys = KeyBackoff(initial=1.0, maximum=8.0, clock=clock, rng=lambda: 1.0)
+    keys.failed("gone")
+    keys.failed("still")
+    keys.failed("waiting")
+    keys.failed("waiting")  # due in 2 s
+    clock.now += 1.0
+    keys.forget_due(keep={"still"})
+    assert keys.waiting() == {"waiting"}
+    assert len(keys) == 2

@@ -467,3 +467,18 @@ async def test_a_row_that_keeps_failing_slows_only_its_own_key() -> None:
     finally:
         r.stop()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_failing_key_whose_rows_are_gone_is_forgotten() -> None:
+    # Another instance published the rows meanwhile: nothing of the key is left to wait for.
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1))
+    r = relay(FakeSender(fails=lambda key, seq: key == "a"), uows)
+    assert await r.publish_pending() == (2, 1)
+    async with uows() as uow:
+        await uow.outbox.mark_published([1], NOW)
+        await uow.commit()
+    await asyncio.sleep(0.02)
+    assert await r.publish_pending() == (0, 0)
+    assert len(r._keys) == 0
+    await r.flush(grace_period=1.0)  # returns at once: nothing pending, nothing failing

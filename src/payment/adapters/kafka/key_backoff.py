@@ -48,6 +48,13 @@ class KeyBackoff:
         """`key` went through: its next failure waits the shortest again."""
         self._failing.pop(key, None)
 
+    def forget_due(self, keep: set[str]) -> None:
+        """Forget the keys that are due but for those in `keep`: a pass that read every
+        pending row found none of theirs (another instance published them, say)."""
+        now = self._clock()
+        for key in [k for k, (_, due) in self._failing.items() if due <= now and k not in keep]:
+            del self._failing[key]
+
     def waiting(self) -> set[str]:
         """The keys not to be tried now."""
         now = self._clock()

@@ -177,11 +177,15 @@ class KafkaOutboxRelay:
         async with self._pass_lock:
             async with self._uow_factory() as uow:
                 rows = await uow.outbox.pending(self._batch_size, self._keys.waiting())
-            if not rows:
-                return 0, 0
             by_key: dict[str, list[OutboxRecord]] = {}
             for row in sorted(rows, key=lambda r: r.position):
                 by_key.setdefault(row.message.key, []).append(row)
+            if len(rows) < self._batch_size:
+                # Every pending row was read: a failing key due now without one has
+                # nothing left to send.
+                self._keys.forget_due(set(by_key))
+            if not rows:
+                return 0, 0
             # Rounds: the first row of every key, then the second of every key whose first
             # was acknowledged, and so on. A key stops at its first failure and backs off.
             acked: list[int] = []
