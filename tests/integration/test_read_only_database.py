@@ -72,6 +72,7 @@ class Feed:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[ConsumerRecord[bytes, bytes]] = asyncio.Queue()
+        self.paused_now: set[TopicPartition] = set()
 
     async def getmany(
         self, timeout_ms: int = 0, max_records: int | None = None
@@ -91,6 +92,15 @@ class Feed:
 
     async def stop(self) -> None:
         pass
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_now |= set(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_now -= set(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_now)
 
 
 class Parked:

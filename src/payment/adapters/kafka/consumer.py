@@ -157,6 +157,13 @@ class KafkaInboxConsumer:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._slots = asyncio.Semaphore(max_in_flight)
+        # Requests may hold at most this many slots; the rest stay for payment.initiated,
+        # so a burst of requests cannot starve the executor (see `_admit_requests`).
+        self._request_room = max(1, max_in_flight - max_in_flight // 4)
+        self._requests_in_flight = 0
+        # Requests fetched but not yet admitted; their partitions are paused meanwhile.
+        self._held: list[Fetched] = []
+        self._paused = False
         # A batch holds a slot per record: never more than there are slots.
         self._max_batch = max(1, min(max_batch, max_in_flight))
         self._batches: dict[asyncio.Task[None], list[Fetched]] = {}
@@ -185,10 +192,15 @@ class KafkaInboxConsumer:
         committer = asyncio.create_task(self._commit_periodically(), name="offset-committer")
         try:
             while not self._stopping.is_set():
+                await self._admit_requests()
                 fetched = await self._consumer.getmany(timeout_ms=200, max_records=500)
                 by_topic: dict[str, list[Fetched]] = {}
                 for tp, records in fetched.items():
                     by_topic.setdefault(tp.topic, []).extend((tp, r) for r in records)
+                # Requests wait for room of their own without holding up the loop; the
+                # executor's payment.initiated (and anything unexpected) go as before.
+                self._held += by_topic.pop(self._request_topic, [])
+                await self._admit_requests()
                 for group in by_topic.values():
                     for start in range(0, len(group), self._max_batch):
                         if self._stopping.is_set():
@@ -223,6 +235,54 @@ class KafkaInboxConsumer:
     def stop(self) -> None:
         """Stop fetching; `run` then drains in-flight work and returns."""
         self._stopping.set()
+
+    @property
+    def backlog(self) -> int:
+        """Requests fetched and waiting for room (their partitions paused meanwhile)."""
+        return len(self._held)
+
+    async def _admit_requests(self) -> None:
+        """Dispatch held requests while requests hold fewer than their share of the slots
+        and slots are free; never waits. While some are left, the request partitions are
+        paused: the broker keeps the burst, not this process, and the loop goes on
+        fetching payment.initiated, whose handling frees the way.
+        """
+        while self._held and not self._stopping.is_set():
+            # Semaphore._value: the slots free now (typeshed declares it).
+            room = min(self._request_room - self._requests_in_flight, self._slots._value)
+            if room <= 0:
+                break
+            chunk = self._held[: min(room, self._max_batch)]
+            del self._held[: len(chunk)]
+            # Partitions revoked since they were fetched belong to another member now.
+            chunk = [(tp, r) for tp, r in chunk if tp in self.assigned]
+            if not chunk:
+                continue
+            for _ in chunk:
+                await self._slots.acquire()  # free now: no wait
+            if len(chunk) == 1:
+                self._dispatch(*chunk[0])
+            else:
+                self._dispatch_batch(chunk)
+        self._pause_requests(bool(self._held))
+
+    def _pause_requests(self, pause: bool) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        if pause:
+            # Again each time: partitions assigned since are not paused yet.
+            mine = [tp for tp in self.assigned if tp.topic == self._request_topic]
+            if mine:
+                consumer.pause(*mine)
+            if not self._paused:
+                log.info(
+                    "consumer: %d requests waiting for room; pausing requests", len(self._held)
+                )
+            self._paused = True
+        elif self._paused:
+            consumer.resume(*[tp for tp in consumer.paused() if tp.topic == self._request_topic])
+            self._paused = False
 
     async def _slot_or_stop(self) -> bool:
         """Take a slot for one more message; False (no slot taken) once `stop()` is called.
@@ -263,10 +323,13 @@ class KafkaInboxConsumer:
         task = asyncio.create_task(self._handle(record))
         tasks = self._tasks.setdefault(tp, set())
         tasks.add(task)
+        requests = int(tp.topic == self._request_topic)
+        self._requests_in_flight += requests
 
         def done(t: asyncio.Task[None]) -> None:
             tasks.discard(t)
             self._slots.release()
+            self._requests_in_flight -= requests
             # A cancelled or crashed task did not finish its message: its offset must
             # not move (a restart or the next owner redelivers it).
             if not t.cancelled() and t.exception() is None:
@@ -286,6 +349,8 @@ class KafkaInboxConsumer:
         sets = {tp: self._tasks.setdefault(tp, set()) for tp, _ in chunk}
         for tasks in sets.values():
             tasks.add(task)
+        requests = sum(tp.topic == self._request_topic for tp, _ in chunk)
+        self._requests_in_flight += requests
 
         def done(t: asyncio.Task[None]) -> None:
             self._batches.pop(t, None)
@@ -293,6 +358,7 @@ class KafkaInboxConsumer:
                 tasks.discard(t)
             for _ in chunk:
                 self._slots.release()
+            self._requests_in_flight -= requests
             if not t.cancelled() and t.exception() is None:
                 for progress, offset in progresses:
                     progress.finish(offset)
@@ -770,6 +836,10 @@ class KafkaInboxConsumer:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         # First, so that the run loop dispatches nothing more from these partitions.
         self.assigned -= revoked
+        # Held requests of these partitions are the next owner's (it re-reads them from
+        # the last commit): dispatched here later, they could move a re-assigned
+        # partition's offset past records not read again yet.
+        self._held = [(tp, r) for tp, r in self._held if tp not in revoked]
         await self._drain(list(revoked))
         await self._commit(list(revoked))
         for tp in revoked:
