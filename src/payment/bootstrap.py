@@ -185,6 +185,16 @@ def readiness_limits(stats: DatabaseStats, settings: Settings) -> dict[str, str]
     return checks
 
 
+def backlog_check(waiting: int, limit: int) -> dict[str, str]:
+    """The backlog check of /health/ready: messages waiting (consumer lag and requests
+    held at the door) against `limit` (0 turns it off)."""
+    if limit <= 0:
+        return {}
+    if waiting <= limit:
+        return {"backlog": "ok"}
+    return {"backlog": f"{waiting} messages waiting (limit {limit})"}
+
+
 class Service:
     """The composed `payment-service run`: consumer, executor, relay, reconciler, HTTP."""
 
@@ -374,9 +384,21 @@ class Service:
                 except Exception as exc:  # any failure means "not ready"
                     return {"broker": f"unavailable ({type(exc).__name__})"}
 
+            async def backlog_checks() -> dict[str, str]:
+                if s.ready_max_backlog <= 0:
+                    return {}
+                try:
+                    async with asyncio.timeout(2.0):
+                        lags = await consumer.lag()
+                except Exception as exc:  # any failure means "not ready"
+                    return {"backlog": f"unknown ({type(exc).__name__})"}
+                return backlog_check(sum(lags.values()) + consumer.backlog, s.ready_max_backlog)
+
             async def readiness() -> dict[str, str]:
-                database, broker = await asyncio.gather(database_checks(), broker_checks())
-                return {"database": database.pop("database"), **broker, **database}
+                database, broker, backlog = await asyncio.gather(
+                    database_checks(), broker_checks(), backlog_checks()
+                )
+                return {"database": database.pop("database"), **broker, **database, **backlog}
 
             self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)
             await self.http.start()
