@@ -186,13 +186,13 @@ def readiness_limits(stats: DatabaseStats, settings: Settings) -> dict[str, str]
 
 
 def backlog_check(waiting: int, limit: int) -> dict[str, str]:
-    """The backlog check of /health/ready: messages waiting (consumer lag and requests
-    held at the door) against `limit` (0 turns it off)."""
+    """The backlog check of /health/ready: work waiting (consumer lag, requests held at
+    the door, payments accepted and not yet charged) against `limit` (0 turns it off)."""
     if limit <= 0:
         return {}
     if waiting <= limit:
         return {"backlog": "ok"}
-    return {"backlog": f"{waiting} messages waiting (limit {limit})"}
+    return {"backlog": f"{waiting} messages or payments waiting (limit {limit})"}
 
 
 class Service:
@@ -358,7 +358,8 @@ class Service:
             # The database and broker checks run side by side, and the backlog query only
             # when the database answered: during an outage the answer (503) comes within
             # one 2 s timeout, not after three of them in a row.
-            async def database_checks() -> dict[str, str]:
+            async def database_checks() -> tuple[dict[str, str], int]:
+                """The database's checks, and how many payments are in flight (0 if unread)."""
                 checks: dict[str, str] = {}
                 try:
                     async with asyncio.timeout(2.0), control.connection() as conn:
@@ -366,15 +367,20 @@ class Service:
                     checks["database"] = "ok"
                 except Exception as exc:  # any failure means "not ready"
                     checks["database"] = f"unavailable ({type(exc).__name__})"
-                    return checks
-                if s.ready_max_outbox_age_s > 0 or s.ready_max_in_flight_age_s > 0:
+                    return checks, 0
+                if (
+                    s.ready_max_outbox_age_s > 0
+                    or s.ready_max_in_flight_age_s > 0
+                    or s.ready_max_backlog > 0
+                ):
                     try:
                         async with asyncio.timeout(2.0):
                             stats = await read_stats(control)
                         checks.update(readiness_limits(stats, s))
+                        return checks, stats.in_flight
                     except Exception as exc:  # any failure means "not ready"
                         checks["backlog"] = f"unknown ({type(exc).__name__})"
-                return checks
+                return checks, 0
 
             async def broker_checks() -> dict[str, str]:
                 try:
@@ -384,20 +390,27 @@ class Service:
                 except Exception as exc:  # any failure means "not ready"
                     return {"broker": f"unavailable ({type(exc).__name__})"}
 
-            async def backlog_checks() -> dict[str, str]:
-                if s.ready_max_backlog <= 0:
-                    return {}
+            async def consumer_backlog() -> int | None:
+                """Messages fetched or waiting on the broker, not handled yet (None: unknown)."""
                 try:
                     async with asyncio.timeout(2.0):
                         lags = await consumer.lag()
-                except Exception as exc:  # any failure means "not ready"
-                    return {"backlog": f"unknown ({type(exc).__name__})"}
-                return backlog_check(sum(lags.values()) + consumer.backlog, s.ready_max_backlog)
+                except Exception:  # any failure means "not ready"
+                    return None
+                return sum(lags.values()) + consumer.backlog
 
             async def readiness() -> dict[str, str]:
-                database, broker, backlog = await asyncio.gather(
-                    database_checks(), broker_checks(), backlog_checks()
+                (database, in_flight), broker, waiting = await asyncio.gather(
+                    database_checks(), broker_checks(), consumer_backlog()
                 )
+                backlog: dict[str, str] = {}
+                if s.ready_max_backlog > 0 and "backlog" not in database:
+                    backlog = (
+                        {"backlog": "unknown (consumer lag)"}
+                        if waiting is None
+                        # Accepted and not yet charged counts too: the executor's queue.
+                        else backlog_check(waiting + in_flight, s.ready_max_backlog)
+                    )
                 return {"database": database.pop("database"), **broker, **database, **backlog}
 
             self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)
