@@ -114,6 +114,10 @@ class KafkaInboxConsumer:
     Each record becomes a task (bounded by `max_in_flight`); its inbox mark and effects
     commit in one database transaction inside the handler; its Kafka offset is committed
     only after that, in partition order.
+
+    Requests may hold at most three quarters of the slots, and wait for room without
+    holding up the fetch loop (their partitions paused): a burst of requests stays on the
+    broker and leaves room for payment.initiated (`_admit_requests`).
     """
 
     def __init__(
