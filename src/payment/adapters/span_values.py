@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from payment.application.validation import mask_card_numbers
+from payment.application.validation import CARD_MASK, mask_card_numbers
 
 MAX_ATTRIBUTE_CHARS: Final = 128
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_TAIL_DIGITS: Final = re.compile(r"[0-9][0-9 -]*$")
 
 
 def untrusted_attribute(text: str, limit: int = MAX_ATTRIBUTE_CHARS) -> str:
@@ -38,7 +39,7 @@ def untrusted_attribute(text: str, limit: int = MAX_ATTRIBUTE_CHARS) -> str:
 def _mask_tail(text: str) -> str:
     """Digits (and separators) at the very end of a cut text, masked whatever their count:
     they may be the first part of a card number that continued past the cut."""
-    match = re.search(r"[0-9][0-9 -]*$", text)
+    match = _TAIL_DIGITS.search(text)
     if match is None or len(match.group()) < 4:
         return text
-    return text[: match.start()] + "[REDACTED]"
+    return text[: match.start()] + CARD_MASK
