@@ -537,7 +537,7 @@ class KafkaInboxConsumer:
                 "request %s: %s",
                 event.id[:80],
                 result.value,
-                extra={"booking_id": booking_id, "result": result.value},
+                extra={"booking_id": untrusted_attribute(booking_id), "result": result.value},
             )
 
     def _count_requests(self, result: RequestResult, count: int) -> None:
