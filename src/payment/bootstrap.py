@@ -12,8 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-import psycopg
-import psycopg_pool
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from dependency_injector import containers, providers
@@ -33,6 +31,7 @@ from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
+from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
@@ -55,14 +54,14 @@ from payment.settings import (
 log = logging.getLogger("payment")
 
 # Errors that mean "the database or the broker is unreachable right now": the consumer
-# retries these for as long as they last and never dead-letters because of them.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-    KafkaError,
-    ConnectionError,
-    TimeoutError,
-)
+# retries these for as long as they last and never dead-letters because of them. Database
+# errors are judged by SQLSTATE class (adapters/postgres/errors.py), not by Python type.
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (KafkaError, ConnectionError, TimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an outage of the database or the broker: wait and retry, never park."""
+    return isinstance(exc, _TRANSIENT_TYPES) or is_transient_database_error(exc)
 
 
 async def _pool_resource(url: str, min_size: int, max_size: int) -> AsyncIterator[Any]:
@@ -191,6 +190,16 @@ def readiness_limits(stats: DatabaseStats, settings: Settings) -> dict[str, str]
     return checks
 
 
+def backlog_check(waiting: int, limit: int) -> dict[str, str]:
+    """The backlog check of /health/ready: work waiting (consumer lag, requests held at
+    the door, payments accepted and not yet charged) against `limit` (0 turns it off)."""
+    if limit <= 0:
+        return {}
+    if waiting <= limit:
+        return {"backlog": "ok"}
+    return {"backlog": f"{waiting} messages or payments waiting (limit {limit})"}
+
+
 class Service:
     """The composed `payment-service run`: consumer, executor, relay, reconciler, HTTP."""
 
@@ -294,7 +303,7 @@ class Service:
                 metrics=metrics,
                 settings=c.handler_settings(),
                 policy=c.policy(),
-                transient_errors=TRANSIENT_ERRORS,
+                is_transient=is_transient,
                 max_in_flight=s.max_in_flight,
                 commit_interval_s=s.kafka_commit_interval_ms / 1000,
                 commit_timeout_s=REVOKE_COMMIT_TIMEOUT_S,
@@ -359,7 +368,8 @@ class Service:
             # The database and broker checks run side by side, and the backlog query only
             # when the database answered: during an outage the answer (503) comes within
             # one 2 s timeout, not after three of them in a row.
-            async def database_checks() -> dict[str, str]:
+            async def database_checks() -> tuple[dict[str, str], int]:
+                """The database's checks, and how many payments are in flight (0 if unread)."""
                 checks: dict[str, str] = {}
                 try:
                     async with asyncio.timeout(2.0), control.connection() as conn:
@@ -367,15 +377,20 @@ class Service:
                     checks["database"] = "ok"
                 except Exception as exc:  # any failure means "not ready"
                     checks["database"] = f"unavailable ({type(exc).__name__})"
-                    return checks
-                if s.ready_max_outbox_age_s > 0 or s.ready_max_in_flight_age_s > 0:
+                    return checks, 0
+                if (
+                    s.ready_max_outbox_age_s > 0
+                    or s.ready_max_in_flight_age_s > 0
+                    or s.ready_max_backlog > 0
+                ):
                     try:
                         async with asyncio.timeout(2.0):
                             stats = await read_stats(control)
                         checks.update(readiness_limits(stats, s))
+                        return checks, stats.in_flight
                     except Exception as exc:  # any failure means "not ready"
                         checks["backlog"] = f"unknown ({type(exc).__name__})"
-                return checks
+                return checks, 0
 
             async def broker_checks() -> dict[str, str]:
                 try:
@@ -385,9 +400,28 @@ class Service:
                 except Exception as exc:  # any failure means "not ready"
                     return {"broker": f"unavailable ({type(exc).__name__})"}
 
+            async def consumer_backlog() -> int | None:
+                """Messages fetched or waiting on the broker, not handled yet (None: unknown)."""
+                try:
+                    async with asyncio.timeout(2.0):
+                        lags = await consumer.lag()
+                except Exception:  # any failure means "not ready"
+                    return None
+                return sum(lags.values()) + consumer.backlog
+
             async def readiness() -> dict[str, str]:
-                database, broker = await asyncio.gather(database_checks(), broker_checks())
-                return {"database": database.pop("database"), **broker, **database}
+                (database, in_flight), broker, waiting = await asyncio.gather(
+                    database_checks(), broker_checks(), consumer_backlog()
+                )
+                backlog: dict[str, str] = {}
+                if s.ready_max_backlog > 0 and "backlog" not in database:
+                    backlog = (
+                        {"backlog": "unknown (consumer lag)"}
+                        if waiting is None
+                        # Accepted and not yet charged counts too: the executor's queue.
+                        else backlog_check(waiting + in_flight, s.ready_max_backlog)
+                    )
+                return {"database": database.pop("database"), **broker, **database, **backlog}
 
             self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)
             await self.http.start()

@@ -75,6 +75,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # /health/ready turns 503 past these ages (seconds; 0 turns the check off).
     ready_max_outbox_age_s: float = 60.0
     ready_max_in_flight_age_s: float = 900.0
+    # /health/ready turns 503 while more messages than this wait to be handled (consumer
+    # lag plus requests held back at the door); 0 turns the check off.
+    ready_max_backlog: int = 10_000
     # Retention (adapters/postgres/retention.py): published outbox rows and inbox marks
     # older than this many days are purged; 0 keeps them forever. The inbox window must
     # outlast every redelivery (README, "Retention").
@@ -232,6 +235,7 @@ def _validate(s: Settings) -> None:
         "lifecycle_log_per_s",
         "ready_max_outbox_age_s",
         "ready_max_in_flight_age_s",
+        "ready_max_backlog",
         "retention_outbox_days",
         "retention_inbox_days",
     ):

@@ -169,7 +169,28 @@ async def test_an_invalid_request_in_a_batch_gets_one_invalid_request_failure(
     failed = [r.message for r in uows.db.outbox if r.message.type == "payment.failed"]
     assert [(m.key, m.subject) for m in failed] == [("BK-2", None)]
     assert "BK-2" not in uows.db.bookings
-    assert uows.db.commits == 1
+    # The batch, then the refusal on its own (its booking looked up first: contract 4.3).
+    assert uows.db.commits == 2
+
+
+async def test_an_invalid_re_request_in_a_batch_is_a_conflict_never_a_failure(
+    uows: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    await request_payments([request_cmd("BK-paid")], uows, clock)
+    await execute_payments(initiated_cmds(uows), uows, FakeProcessor(), clock)
+    invalid = request_cmd("BK-paid", payment_method="")
+
+    results = await request_payments(
+        [request_cmd("BK-new"), invalid, request_cmd("BK-bad", amount=0)], uows, clock
+    )
+
+    assert results[0] is RequestResult.ACCEPTED
+    assert isinstance(results[1], PaymentConflict)
+    assert results[1].payment_id == uows.db.bookings["BK-paid"]
+    assert "breaks a rule" in results[1].detail
+    assert results[2] is RequestResult.REJECTED
+    failed = [r.message.key for r in uows.db.outbox if r.message.type == "payment.failed"]
+    assert failed == ["BK-bad"]
 
 
 async def test_a_booking_claimed_concurrently_falls_back_and_makes_one_payment(

@@ -384,6 +384,65 @@ async def test_an_invalid_request_gets_one_invalid_request_failure_and_no_paymen
     assert len(outbox(uow_factory)) == 1
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"amount": 0},
+        {"amount": None},
+        {"currency": "XXX"},
+        {"payment_method": "4242 4242 4242 4242"},
+        {"payment_method": ""},
+        {"saga_id": "s" * 65},
+    ],
+)
+@pytest.mark.parametrize("finished", [False, True], ids=["in-flight", "finished"])
+async def test_an_invalid_re_request_is_a_conflict_and_never_fails_the_booking(
+    uow_factory: MemoryUnitOfWorkFactory,
+    clock: FakeClock,
+    fields: dict[str, Any],
+    finished: bool,
+) -> None:
+    # Contract 4.3: a booking that has a payment never gets a payment.failed it did not
+    # earn; the broken request is dead-lettered, saying why.
+    payment_id = await initiate(uow_factory, clock)
+    if finished:
+        await execute_payment(execute_cmd(payment_id), uow_factory, FakeProcessor(), clock, POLICY)
+    rows, commits = outbox(uow_factory), uow_factory.db.commits
+    cmd = request_cmd("BK-1001", **fields)
+
+    with pytest.raises(PaymentConflict) as caught:
+        await request_payment(cmd, uow_factory, clock)
+
+    assert caught.value.payment_id == payment_id
+    assert caught.value.detail.startswith(
+        "re-request for a booking that has a payment breaks a rule: "
+    )
+    assert "4242" not in caught.value.detail
+    assert outbox(uow_factory) == rows
+    assert uow_factory.db.commits == commits
+    assert (cmd.inbound.source, cmd.inbound.message_id) not in uow_factory.db.inbox
+
+
+async def test_card_numbers_in_the_ids_of_an_accepted_request_are_masked_on_every_event(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # customer_id and saga_id are echoed on every outcome: a card number in them is
+    # masked before it is stored (contract 3), as a rejection masks it.
+    cmd = request_cmd(
+        "BK-1001", customer_id="cus 4242 4242 4242 4242", saga_id="saga-4111-1111-1111-1111"
+    )
+    assert await request_payment(cmd, uow_factory, clock) is RequestResult.ACCEPTED
+    payment_id = uow_factory.db.bookings["BK-1001"]
+    await execute_payment(execute_cmd(payment_id), uow_factory, FakeProcessor(), clock, POLICY)
+
+    initiated, completed = outbox(uow_factory)
+    assert data(initiated)["customer_id"] == "cus [REDACTED CARD]"
+    assert data(initiated)["saga_id"] == data(completed)["saga_id"] == "saga-[REDACTED CARD]"
+    stored = msgspec.json.encode(stream(uow_factory, payment_id))
+    for raw in (initiated.data, completed.data, stored):
+        assert b"4242" not in raw and b"1111" not in raw
+
+
 async def test_the_configured_max_amount_applies(
     uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:

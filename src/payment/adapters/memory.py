@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
@@ -174,11 +174,13 @@ class MemoryOutbox:
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         self.pending_rows.extend(messages)
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
         return [
             r
             for r in self._db.outbox
-            if r.published_at is None and r.position not in self.published
+            if r.published_at is None
+            and r.position not in self.published
+            and r.message.key not in skip_keys
         ][:limit]
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:

@@ -9,8 +9,9 @@ those of the other messages of the batch, all or nothing).
 Whatever the fast path does not cover goes through the single-message handlers instead:
 a second message of the same booking, payment or (source, id) in one batch; a booking
 that already has a payment (a re-request: it must be compared, replayed or refused); a
-lost race with a concurrent writer. The batch transaction is then abandoned, not
-committed, so nothing of it counts twice.
+request that breaks a rule (its booking may have a payment: contract 4.3); a lost race
+with a concurrent writer. The batch transaction is then abandoned, not committed, so
+nothing of it counts twice.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from payment.application.handlers import (
 )
 from payment.application.messages import OutboundMessage, initiated_message
 from payment.application.ports import Clock, StreamAppend, UnitOfWorkFactory
-from payment.application.validation import Valid, validate_request
+from payment.application.validation import Valid, validate_request, well_formed_booking_id
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import (
@@ -95,6 +96,16 @@ async def request_payments(
         [(("m", c.inbound.source, c.inbound.message_id), ("b", c.booking_id)) for c in cmds]
     )
     checked = {i: validate_request(cmds[i], max_amount=settings.max_amount) for i in batch}
+    # A request that breaks a rule may be a re-request for a booking that has a payment
+    # (then dead-lettered, not refused): rare enough to go one by one, where it is looked
+    # up. One whose booking id itself breaks the rules can have no payment.
+    lookup = {
+        i
+        for i in batch
+        if isinstance(checked[i], str) and well_formed_booking_id(cmds[i].booking_id)
+    }
+    single += sorted(lookup)
+    batch = [i for i in batch if i not in lookup]
     for _ in range(2):
         if not batch:
             break

@@ -31,7 +31,8 @@ from payment.application.messages import (
     rejection_message,
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
-from payment.application.validation import Valid, validate_request
+from payment.application.retry import full_jitter
+from payment.application.validation import Valid, validate_request, well_formed_booking_id
 from payment.domain.events import AnyPaymentEvent, AttemptResult
 from payment.domain.money import DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment, PaymentStatus
@@ -94,7 +95,7 @@ async def request_payment(
     """Handle `saga.request_payment` (contract sections 3-4).
 
     Raises `PaymentConflict` for a re-request whose amount or currency differs from the
-    booking's payment: the caller dead-letters it.
+    booking's payment, or that breaks a rule of section 3: the caller dead-letters it.
     """
     checked = validate_request(cmd, max_amount=settings.max_amount)
     for _ in range(MAX_CONFLICT_RETRIES):
@@ -121,6 +122,7 @@ async def _request_in(
 ) -> RequestResult:
     now = clock.now()
     if isinstance(checked, str):
+        await refuse_if_booking_has_payment(uow, cmd, checked)
         await uow.outbox.add([rejection_for(cmd, checked, now)])
         return RequestResult.REJECTED
 
@@ -138,6 +140,19 @@ async def _request_in(
     await uow.events.append(payment.id, 0, events)
     await uow.outbox.add([initiated_message(payment, cmd.trace)])
     return RequestResult.ACCEPTED
+
+
+async def refuse_if_booking_has_payment(uow: UnitOfWork, cmd: RequestPayment, broken: str) -> None:
+    """Raise `PaymentConflict` if the booking of a request that breaks rule `broken`
+    already has a payment (contract 4.3): the caller dead-letters the request, and the
+    booking gets no `payment.failed` it did not earn."""
+    if not well_formed_booking_id(cmd.booking_id):
+        return  # no payment was ever made for a booking id that breaks the rules
+    existing_id = await uow.payments.payment_for_booking(cmd.booking_id)
+    if existing_id is not None:
+        raise PaymentConflict(
+            existing_id, f"re-request for a booking that has a payment breaks a rule: {broken}"
+        )
 
 
 async def _existing_payment(
@@ -251,8 +266,8 @@ def initiate_for(
         booking_id=cmd.booking_id,
         money=checked.money,
         payment_method=checked.payment_method,
-        saga_id=cmd.saga_id,
-        customer_id=cmd.customer_id,
+        saga_id=checked.saga_id,
+        customer_id=checked.customer_id,
         at=at,
     )
 
@@ -419,8 +434,9 @@ async def _lookup(
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
     # Full jitter: spreads retries of many payments hitting one outage.
-    ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
-    return random.uniform(0, ceiling)
+    return full_jitter(
+        attempt, initial=policy.backoff_initial_s, maximum=policy.backoff_max_s, rng=random.random
+    )
 
 
 async def record_outcome(

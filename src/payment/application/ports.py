@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self
@@ -116,11 +116,12 @@ class Outbox(Protocol):
         """Queue messages for publication; they become visible when the unit of work commits."""
         ...
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
-        """Unpublished rows, oldest first.
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+        """Unpublished rows, oldest first, but for those whose key is in `skip_keys`.
 
-        Never skips a row: a row committed later by a slower transaction is returned by a
-        later call. Rows of one stream come back in the order they were written.
+        Never skips a row otherwise: a row committed later by a slower transaction is
+        returned by a later call. Rows of one stream come back in the order they were
+        written. (`skip_keys`: keys backing off, so that their rows cannot fill `limit`.)
         """
         ...
 

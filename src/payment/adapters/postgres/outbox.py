@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Final, cast
@@ -110,6 +110,14 @@ ORDER BY position
 LIMIT %s
 """
 
+_PENDING_SKIPPING = """
+SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate
+FROM payment_outbox
+WHERE published_at IS NULL AND key <> ALL(%s::text[])
+ORDER BY position
+LIMIT %s
+"""
+
 _MARK_PUBLISHED = """
 UPDATE payment_outbox SET published_at = %s
 WHERE position = ANY(%s::bigint[]) AND published_at IS NULL
@@ -149,8 +157,11 @@ class PostgresOutbox:
             )
         self._tx.defer(_add_sql(len(messages)), params)
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
-        cur = await self._tx.read(_PENDING, (limit,))
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+        if skip_keys:
+            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit))
+        else:
+            cur = await self._tx.read(_PENDING, (limit,))
         return [
             OutboxRecord(
                 position=position,
