@@ -242,12 +242,20 @@ async def wait_for_outbox(conn: Connection, seconds: float) -> bool:
     Consumes every notification already received, so a burst of commits wakes the caller
     once. Raises psycopg.OperationalError if the connection is lost.
     """
-    woken = False
+    woken = await _one_notification(conn, seconds)
+    # psycopg hands over one queued notification per call: take the rest without waiting,
+    # or each commit of a burst would wake the relay for a pass of its own.
+    while woken and await _one_notification(conn, 0.0):
+        pass
+    return woken
+
+
+async def _one_notification(conn: Connection, seconds: float) -> bool:
     # aclosing: leaving the generator suspended would keep the connection's lock held.
     async with aclosing(conn.notifies(timeout=seconds, stop_after=1)) as notifications:
         async for _ in notifications:
-            woken = True
-    return woken
+            return True
+    return False
 
 
 async def try_acquire_relay_lock(conn: Connection) -> bool:
