@@ -40,6 +40,7 @@ from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
+from payment.adapters.processors.limits import LimitedProcessor, limits_for
 from payment.adapters.processors.stripe import IDEMPOTENCY_KEY_LIFETIME_S, StripeProcessor
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
@@ -91,6 +92,14 @@ class Container(containers.DeclarativeContainer):
     )
     control_uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, control_pool)
 
+    # The gateway's limits (contract 4.9), shared by every caller of the processor.
+    limits = providers.Singleton(
+        limits_for,
+        config.processor,
+        config.processor_max_concurrency,
+        config.processor_max_rate,
+    )
+
     processor = providers.Selector(
         config.processor,
         fake=providers.Singleton(
@@ -105,12 +114,14 @@ class Container(containers.DeclarativeContainer):
             api_key=config.stripe_api_key,
             api_base=config.stripe_api_base,
             name="sandbox",
+            max_connections=limits.provided.max_concurrency,
         ),
         stripe=providers.Singleton(
             StripeProcessor,
             api_key=config.stripe_api_key,
             api_base=config.stripe_api_base,
             name="stripe",
+            max_connections=limits.provided.max_concurrency,
         ),
     )
 
@@ -130,14 +141,14 @@ class Container(containers.DeclarativeContainer):
     )
 
     policy = providers.Singleton(
-        lambda timeout_ms, attempts, review_s, kind: ExecutionPolicy(
-            call_timeout_s=timeout_ms / 1000.0,
+        lambda attempts, review_s, kind: ExecutionPolicy(
+            # The LimitedProcessor bounds each call (not the wait for a slot) with it.
+            call_timeout_s=None,
             max_attempts=attempts,
             review_after_s=review_s,
             # The in-process fake keeps its keys for good; Stripe forgets them.
             key_lifetime_s=None if kind == "fake" else IDEMPOTENCY_KEY_LIFETIME_S,
         ),
-        config.processor_timeout_ms,
         config.processor_max_attempts,
         config.review_after_s,
         config.processor,
@@ -238,7 +249,13 @@ class Service:
             if closer is not None:
                 # The Stripe adapter's HTTP client; the fake has nothing to close.
                 stack.push_async_callback(closer)
-            processor = InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget)
+            # Limits outside, instruments inside: call durations and timeouts are the
+            # gateway's own, without the wait for a slot.
+            processor = LimitedProcessor(
+                InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget),
+                c.limits(),
+                call_timeout_s=s.processor_timeout_ms / 1000.0,
+            )
             log.info("run: database pool open, producer started, processor %s", processor.name)
 
             waiter = wait_for_outbox_notification(str(s.database_url))

@@ -52,6 +52,17 @@ class ProcessorUnavailable(ProcessorError):
     """The charge was not attempted (or the gateway guarantees it had no effect): safe to retry."""
 
 
+class ProcessorRateLimited(ProcessorUnavailable):
+    """The gateway refused the call for its rate limit (HTTP 429) before executing it.
+
+    Nothing was charged. `retry_after_s` is the gateway's `Retry-After`, when it sent one.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class OutcomeUnknown(ProcessorError):
     """The request may have reached the gateway: the charge may have happened.
 
