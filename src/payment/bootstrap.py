@@ -318,6 +318,8 @@ class Service:
                 c.policy(),
                 threshold_s=s.reconcile_after_s,
                 interval_s=s.reconcile_interval_s,
+                # Half the bulkhead: new payments keep getting slots while a backlog drains.
+                parallelism=max(1, processor.limits.max_concurrency // 2),
                 scope=reconcile_scope(tracer, lambda payment_id: stored_trace(control, payment_id)),
             )
 
