@@ -45,7 +45,9 @@ from payment.application.validation import Valid, validate_request
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import (
+    Approved,
     ChargeOutcome,
+    Declined,
     OutcomeUnknown,
     PaymentProcessor,
     ProcessorUnavailable,
@@ -294,7 +296,10 @@ async def _record_wave(
         messages: list[OutboundMessage] = []
         for i, payment, attempts, final in wave:
             cmd = cmds[i]
-            if (cmd.inbound.source, cmd.inbound.message_id) not in fresh:
+            if (cmd.inbound.source, cmd.inbound.message_id) not in fresh and not isinstance(
+                final, Approved | Declined
+            ):
+                # A known outcome is recorded even for a redelivery (see record_outcome).
                 outcomes[i] = ExecuteResult.DUPLICATE
                 continue
             expected = payment.version

@@ -446,9 +446,15 @@ async def record_outcome(
         try:
             async with uow_factory() as uow:
                 now = clock.now()
-                if inbound is not None and not await uow.inbox.mark(
-                    inbound.source, inbound.message_id, now
+                if (
+                    inbound is not None
+                    and not await uow.inbox.mark(inbound.source, inbound.message_id, now)
+                    and not isinstance(final, Approved | Declined)
                 ):
+                    # A redelivery handled before: nothing new to add. A known outcome,
+                    # though, is recorded whoever brings it (it is the gateway's answer
+                    # under the payment's one key): the payment would wait for the
+                    # reconciler otherwise.
                     return ExecuteResult.DUPLICATE
                 if known is not None:
                     # Used once: its state changes below, and a retry must read afresh.
