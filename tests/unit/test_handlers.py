@@ -302,7 +302,7 @@ async def test_a_re_request_for_a_finished_payment_republishes_its_outcome_uncha
         original.time,
     )
     assert processor.calls == 1
-    assert len(stream(uow_factory, payment_id)) == 3
+    assert len(stream(uow_factory, payment_id)) == 4
 
 
 async def test_a_re_request_while_in_flight_publishes_nothing(
@@ -424,13 +424,18 @@ async def test_an_approved_charge_completes_the_payment(
 
     assert result is ExecuteResult.COMPLETED
     events = stream(uow_factory, payment_id)
-    assert kinds(events) == ["PaymentInitiated", "ChargeAttempted", "PaymentCompleted"]
-    attempt, done = events[1], events[2]
+    assert kinds(events) == [
+        "PaymentInitiated",
+        "ChargeStarted",
+        "ChargeAttempted",
+        "PaymentCompleted",
+    ]
+    attempt, done = events[2], events[3]
     assert isinstance(attempt, ChargeAttempted) and attempt.result == "approved"
     assert isinstance(done, PaymentCompleted)
     [message] = of_type(uow_factory, *TERMINAL)
     assert message.type == "payment.completed"
-    assert message.event_id == done.event_id and message.sequence == 3
+    assert message.event_id == done.event_id and message.sequence == 4
     assert data(message) == {
         "payment_id": str(payment_id),
         "booking_id": "BK-1001",
@@ -440,7 +445,7 @@ async def test_an_approved_charge_completes_the_payment(
         "processor": "fake",
         "provider_reference": done.provider_reference,
         "completed_at": "2026-03-01T12:00:02Z",
-        "version": 3,
+        "version": 4,
     }
     assert done.provider_reference.startswith("fake_")
     assert uow_factory.db.status[payment_id][0] is PaymentStatus.COMPLETED
@@ -466,7 +471,7 @@ async def test_a_declined_charge_fails_the_payment_as_declined_with_the_code(
     assert message.type == "payment.failed"
     assert body["reason"] == "declined"
     assert outcome.decline_code in body["detail"]
-    assert (body["payment_id"], body["version"], body["saga_id"]) == (str(payment_id), 3, "saga-7")
+    assert (body["payment_id"], body["version"], body["saga_id"]) == (str(payment_id), 4, "saga-7")
     assert uow_factory.db.status[payment_id][0] is PaymentStatus.FAILED
 
 
@@ -517,8 +522,8 @@ async def test_an_unknown_outcome_leaves_the_payment_in_flight_without_an_outcom
     assert result is ExecuteResult.UNKNOWN
     assert gateway.charge_calls == 1, "an unknown outcome is not retried blindly"
     events = stream(uow_factory, payment_id)
-    assert kinds(events) == ["PaymentInitiated", "ChargeAttempted"]
-    assert isinstance(events[1], ChargeAttempted) and events[1].result == "unknown"
+    assert kinds(events) == ["PaymentInitiated", "ChargeStarted", "ChargeAttempted"]
+    assert isinstance(events[2], ChargeAttempted) and events[2].result == "unknown"
     assert of_type(uow_factory, *TERMINAL) == []
     assert payment_of(uow_factory, "BK-1001").status is PaymentStatus.INITIATED
     async with uow_factory() as uow:
@@ -545,7 +550,7 @@ async def test_executing_a_finished_payment_charges_nothing(
     assert redelivered is ExecuteResult.ALREADY_TERMINAL
     assert processor.calls == 1
     assert outbox(uow_factory) == rows
-    assert len(stream(uow_factory, payment_id)) == 3
+    assert len(stream(uow_factory, payment_id)) == 4
 
 
 async def test_executing_an_unknown_payment_is_not_found_and_charges_nothing(
@@ -585,6 +590,7 @@ async def test_concurrent_executions_record_one_outcome_and_charge_once(
         ExecuteResult.COMPLETED,
         ExecuteResult.DUPLICATE,
         ExecuteResult.ALREADY_TERMINAL,
+        ExecuteResult.BUSY,  # found another execution's charge under way
     }
     assert len(of_type(uow_factory, *TERMINAL)) == 1
     events = stream(uow_factory, payment_id)
@@ -627,8 +633,9 @@ async def test_reconcile_resolves_an_unknown_outcome_by_lookup_without_charging_
     events = stream(uow_factory, payment_id)
     assert kinds(events) == [
         "PaymentInitiated",
+        "ChargeStarted",
         "ChargeAttempted",
-        "ChargeAttempted",
+        "ChargeAttempted",  # the lookup's: no new charge was started
         "PaymentFailed" if decline else "PaymentCompleted",
     ]
 

@@ -32,6 +32,7 @@ from payment.application.messages import (
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from payment.application.validation import Valid, validate_request
+from payment.domain.errors import ChargeInProgress
 from payment.domain.events import AnyPaymentEvent, AttemptResult
 from payment.domain.money import DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment, PaymentStatus
@@ -64,6 +65,7 @@ class ExecuteResult(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     UNKNOWN = "unknown"  # outcome unknown: left in flight for the reconciler
+    BUSY = "busy"  # another executor or reconciler is charging it and records the outcome
     FLAGGED = "flagged"  # unknown past the review window: flagged for a human
 
 
@@ -81,6 +83,10 @@ class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # than this is looked up before it is charged: under an expired key a charge is a
     # new charge, whatever an earlier attempt whose answer was lost did.
     key_lifetime_s: float | None = None
+    # How long a ChargeStarted keeps other callers from charging the payment: longer than
+    # one charge_payment (its attempts, backoffs and the lookup), so that a live charger
+    # is never overtaken; a dead one's payment is charged again once it has passed.
+    charge_lease_s: float = 60.0
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -180,8 +186,15 @@ async def execute_payment(
     if payment.is_terminal:
         await mark_handled(uow_factory, cmd.inbound, clock)
         return ExecuteResult.ALREADY_TERMINAL
+    started = await start_charge(payment, uow_factory, clock, policy)
+    if isinstance(started, ExecuteResult):
+        # Finished meanwhile, or another executor or reconciler is charging it: that
+        # one records the outcome.
+        await mark_handled(uow_factory, cmd.inbound, clock)
+        return started
+    payment, charger = started
     return await _charge_and_record(
-        payment, cmd.inbound, cmd.trace, uow_factory, processor, clock, policy
+        payment, charger, cmd.inbound, cmd.trace, uow_factory, processor, clock, policy
     )
 
 
@@ -214,17 +227,27 @@ async def reconcile_payment(
         return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
-    if isinstance(known, OutcomeUnknown):  # cannot be asked now, or still in progress
-        # Nothing to record, but to the back of the reconciler's queue all the same (as an
-        # unknown attempt is), so that payments the gateway cannot settle now do not
-        # starve others.
+    started = (
+        await start_charge(payment, uow_factory, clock, policy)
+        if not isinstance(known, OutcomeUnknown)
+        else ExecuteResult.UNKNOWN
+    )
+    if started is ExecuteResult.ALREADY_TERMINAL:
+        return started
+    result: ExecuteResult
+    if isinstance(started, ExecuteResult):
+        # The gateway cannot say now (or the charge is still in progress), or another
+        # caller is charging: nothing to record, but to the back of the reconciler's
+        # queue all the same (as an unknown attempt is), so that payments the gateway
+        # cannot settle now do not starve others.
         async with uow_factory() as uow:
             await uow.payments.requeue(payment.id, clock.now())
             await uow.commit()
-        result = ExecuteResult.UNKNOWN
+        result = started
     else:
+        payment, charger = started
         result = await _charge_and_record(
-            payment, None, cmd.trace, uow_factory, processor, clock, policy
+            payment, charger, None, cmd.trace, uow_factory, processor, clock, policy
         )
     if result is ExecuteResult.UNKNOWN:
         assert payment.initiated_at is not None
@@ -232,6 +255,38 @@ async def reconcile_payment(
         if age >= policy.review_after_s and not payment.flagged_for_review:
             return await _flag(payment.id, uow_factory, clock, age)
     return result
+
+
+async def start_charge(
+    payment: Payment, uow_factory: UnitOfWorkFactory, clock: Clock, policy: ExecutionPolicy
+) -> tuple[Payment, uuid.UUID] | ExecuteResult:
+    """Write ahead that a new charger is about to call the gateway (`ChargeStarted`).
+
+    Returns the payment as it now is and the charger's id; or ALREADY_TERMINAL, or
+    BUSY when another charger's lease runs (that one records the outcome). Committed
+    before the call, so executors and reconcilers of every instance see it: see
+    docs/adr/0002-charge-started.md.
+    """
+    charger = uuid.uuid4()
+    for _ in range(MAX_CONFLICT_RETRIES):
+        try:
+            async with uow_factory() as uow:
+                if payment.is_terminal:
+                    return ExecuteResult.ALREADY_TERMINAL
+                expected = payment.version
+                try:
+                    events = payment.start_charge(
+                        charger=charger, at=clock.now(), lease_s=policy.charge_lease_s
+                    )
+                except ChargeInProgress:
+                    return ExecuteResult.BUSY
+                await uow.events.append(payment.id, expected, events)
+                await uow.commit()
+                return payment, charger
+        except RETRYABLE_CONFLICTS:
+            async with uow_factory() as uow:
+                payment = Payment.replay(await uow.events.load(payment.id))
+    raise RuntimeError("start_charge: too many conflicting writers for one payment")
 
 
 # -- steps shared with the batch handlers (batches.py) ----------------------------------
@@ -266,8 +321,9 @@ def apply_outcome(
     processor_name: str,
     now: datetime,
     trace: TraceHeaders,
+    charger: uuid.UUID | None = None,
 ) -> tuple[ExecuteResult, list[AnyPaymentEvent], PaymentStatus, OutboundMessage | None]:
-    """Apply a charge's attempts and `final` outcome to `payment` (not stored yet).
+    """Apply `charger`'s attempts and `final` outcome to `payment` (not stored yet).
 
     Returns the result, the new events, the payment's status for the index and its
     outcome message (None while the outcome is still unknown).
@@ -280,7 +336,7 @@ def apply_outcome(
             detail=_detail_of(kind, item),
             at=now,
         )
-    result = _decide(payment, final, processor_name, now, new)
+    result = _decide(payment, final, processor_name, now, new, charger)
     if payment.is_terminal:
         # The trace of the message that caused this outcome (the request's, carried on
         # payment.initiated): contract section 2.
@@ -309,6 +365,7 @@ def _charge_request(payment: Payment) -> ChargeRequest:
 
 async def _charge_and_record(
     payment: Payment,
+    charger: uuid.UUID,
     inbound: InboundRef | None,
     trace: TraceHeaders,
     uow_factory: UnitOfWorkFactory,
@@ -318,8 +375,9 @@ async def _charge_and_record(
 ) -> ExecuteResult:
     attempts, outcome = await charge_payment(payment, processor, policy, clock.now())
     return await record_outcome(
-        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment
-    )
+        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment,
+        charger=charger,
+    )  # fmt: skip
 
 
 async def charge_payment(
@@ -435,8 +493,10 @@ async def record_outcome(
     processor: PaymentProcessor,
     clock: Clock,
     known: Payment | None = None,
+    *,
+    charger: uuid.UUID | None = None,
 ) -> ExecuteResult:
-    """Record a charge's attempts and outcome; `known`: the payment as loaded before it.
+    """Record `charger`'s attempts and outcome; `known`: the payment as loaded before it.
 
     The first try appends after `known` without loading the stream again: the optimistic
     lock on its version still refuses the append if anyone wrote meanwhile, and the retry
@@ -468,7 +528,7 @@ async def record_outcome(
                     return ExecuteResult.ALREADY_TERMINAL
                 expected = payment.version
                 result, new, status, message = apply_outcome(
-                    payment, attempts, final, processor.name, now, trace
+                    payment, attempts, final, processor.name, now, trace, charger
                 )
                 await uow.events.append(payment_id, expected, new)
                 await uow.payments.set_status(payment_id, status, now)
@@ -492,6 +552,7 @@ def _decide(
     processor_name: str,
     now: datetime,
     new: list[AnyPaymentEvent],
+    charger: uuid.UUID | None,
 ) -> ExecuteResult:
     match final:
         case Approved():
@@ -504,15 +565,17 @@ def _decide(
                 reason="declined", detail=_decline_detail(final), at=now, decline_code=final.code
             )
             return ExecuteResult.FAILED
-        case ProcessorUnavailable() if payment.charge_may_have_happened:
-            # An earlier attempt's outcome is unknown: "unavailable" now says nothing
-            # about that charge, so the payment stays in flight for the reconciler.
+        case ProcessorUnavailable() if not payment.may_fail_unavailable(charger):
+            # An earlier attempt's outcome is unknown, or another caller started a charge
+            # that may still reach the gateway: "unavailable" now says nothing about
+            # those, so the payment stays in flight for the reconciler.
             return ExecuteResult.UNKNOWN
         case ProcessorUnavailable():
             new += payment.fail(
                 reason="processor_unavailable",
                 detail="the payment processor could not be reached; no charge was made",
                 at=now,
+                charger=charger,
             )
             return ExecuteResult.FAILED
         case _:
