@@ -41,7 +41,11 @@ from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.adapters.processors.limits import LimitedProcessor, limits_for
-from payment.adapters.processors.stripe import IDEMPOTENCY_KEY_LIFETIME_S, StripeProcessor
+from payment.adapters.processors.stripe import (
+    IDEMPOTENCY_KEY_LIFETIME_S,
+    SEARCH_LAG_S,
+    StripeProcessor,
+)
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
@@ -141,14 +145,19 @@ class Container(containers.DeclarativeContainer):
     )
 
     policy = providers.Singleton(
-        lambda attempts, review_s, kind: ExecutionPolicy(
+        lambda timeout_ms, attempts, review_s, kind: ExecutionPolicy(
             # The LimitedProcessor bounds each call (not the wait for a slot) with it.
             call_timeout_s=None,
             max_attempts=attempts,
             review_after_s=review_s,
             # The in-process fake keeps its keys for good; Stripe forgets them.
             key_lifetime_s=None if kind == "fake" else IDEMPOTENCY_KEY_LIFETIME_S,
+            # One execution's calls (attempts and a lookup, each up to the timeout) and
+            # backoffs, with a margin: a live charger is not overtaken.
+            charge_lease_s=timeout_ms / 1000.0 * (attempts + 1) + 5.0 * attempts + 10.0,
+            lookup_settle_s=0.0 if kind == "fake" else SEARCH_LAG_S,
         ),
+        config.processor_timeout_ms,
         config.processor_max_attempts,
         config.review_after_s,
         config.processor,

@@ -802,14 +802,20 @@ async def test_another_execution_during_an_outage_never_fails_an_unknown_payment
 async def test_an_outage_after_an_unrecorded_charge_never_fails_the_payment(
     uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    # The first execution charged and died before recording anything (no ChargeAttempted):
-    # the redelivered execution finds the gateway refusing calls and lookups alike.
+    # The first execution wrote its ChargeStarted, charged and died before recording
+    # anything (no ChargeAttempted); its lease has run out. The redelivered execution
+    # finds the gateway refusing calls and lookups alike.
     gateway = ScriptedGateway(*["unavailable"] * 10)
     payment_id = await initiate(uow_factory, clock, "BK-2002")
-    gateway.ledger[payment_of(uow_factory, "BK-2002").idempotency_key] = Approved(
+    crashed = payment_of(uow_factory, "BK-2002")
+    uow_factory.db.streams[payment_id] += crashed.start_charge(
+        charger=uuid.uuid4(), at=clock.now(), lease_s=POLICY.charge_lease_s
+    )
+    gateway.ledger[crashed.idempotency_key] = Approved(
         provider_reference="pi_charged_before_the_crash"
     )
     gateway.lookup_unavailable = True
+    clock.advance(POLICY.charge_lease_s)
 
     result = await execute_payment(execute_cmd(payment_id), uow_factory, gateway, clock, POLICY)
 

@@ -234,7 +234,7 @@ async def execute_payments(
         for i, charger in chargers.items():
             payment = to_charge[i]
             task = asyncio.create_task(
-                _charge_in(enter(cmds[i]), payment, processor, policy, clock.now())
+                _charge_in(enter(cmds[i]), payment, charger, processor, policy, clock.now())
             )
             charges[task] = (i, payment, charger)
         try:
@@ -282,12 +282,13 @@ async def _start_charges(
 async def _charge_in(
     scope: AbstractContextManager[object],
     payment: Payment,
+    charger: uuid.UUID,
     processor: PaymentProcessor,
     policy: ExecutionPolicy,
     now: datetime,
 ) -> tuple[AttemptLog, Final]:
     with scope:
-        return await charge_payment(payment, processor, policy, now)
+        return await charge_payment(payment, processor, policy, now, charger)
 
 
 async def _record_in_waves(

@@ -87,6 +87,9 @@ class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # one charge_payment (its attempts, backoffs and the lookup), so that a live charger
     # is never overtaken; a dead one's payment is charged again once it has passed.
     charge_lease_s: float = 60.0
+    # How far the gateway's lookup lags behind its charges (Stripe's search: about a
+    # minute). A miss on a younger payment proves nothing: it counts as unknown.
+    lookup_settle_s: float = 0.0
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -222,7 +225,7 @@ async def reconcile_payment(
     payment = Payment.replay(events)
     if payment.is_terminal:
         return ExecuteResult.ALREADY_TERMINAL
-    known = await _lookup(_charge_request(payment), processor, policy)
+    known = await _lookup(_charge_request(payment), processor, policy, _age(payment, clock.now()))
     if isinstance(known, Approved | Declined):
         return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
@@ -373,7 +376,7 @@ async def _charge_and_record(
     clock: Clock,
     policy: ExecutionPolicy,
 ) -> ExecuteResult:
-    attempts, outcome = await charge_payment(payment, processor, policy, clock.now())
+    attempts, outcome = await charge_payment(payment, processor, policy, clock.now(), charger)
     return await record_outcome(
         payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment,
         charger=charger,
@@ -381,16 +384,21 @@ async def _charge_and_record(
 
 
 async def charge_payment(
-    payment: Payment, processor: PaymentProcessor, policy: ExecutionPolicy, now: datetime
+    payment: Payment,
+    processor: PaymentProcessor,
+    policy: ExecutionPolicy,
+    now: datetime,
+    charger: uuid.UUID | None = None,
 ) -> tuple[AttemptLog, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]:
     """Call the gateway until it answers (or `policy` gives up): the attempts and the last.
 
     A payment initiated longer ago than the gateway keeps idempotency keys is looked up
-    first (`_lookup_before_late_charge`).
+    first (`_lookup_before_late_charge`). `charger`: the caller's ChargeStarted.
     """
     request = _charge_request(payment)
+    age = _age(payment, now)
     if _key_may_have_expired(payment, policy, now):
-        settled = await _lookup_before_late_charge(request, processor, policy)
+        settled = await _lookup_before_late_charge(request, processor, policy, age)
         if settled is not None:
             return settled
     attempts: AttemptLog = []
@@ -411,9 +419,14 @@ async def charge_payment(
         if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
             break
         await asyncio.sleep(_backoff(attempt, policy))
-    if isinstance(outcome, ProcessorUnavailable):
-        outcome = await _confirm_no_charge(request, processor, policy, attempts, outcome)
+    if isinstance(outcome, ProcessorUnavailable) and not payment.only_charger(charger):
+        outcome = await _confirm_no_charge(request, processor, policy, attempts, outcome, age)
     return attempts, outcome
+
+
+def _age(payment: Payment, now: datetime) -> float:
+    assert payment.initiated_at is not None
+    return (now - payment.initiated_at).total_seconds()
 
 
 def _key_may_have_expired(payment: Payment, policy: ExecutionPolicy, now: datetime) -> bool:
@@ -423,7 +436,7 @@ def _key_may_have_expired(payment: Payment, policy: ExecutionPolicy, now: dateti
 
 
 async def _lookup_before_late_charge(
-    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy
+    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy, age_s: float
 ) -> tuple[AttemptLog, ChargeOutcome | OutcomeUnknown] | None:
     """The gateway may have forgotten this payment's idempotency key, so a charge now
     would not find an earlier one (made before a crash, its answer lost): ask first.
@@ -431,7 +444,7 @@ async def _lookup_before_late_charge(
     Returns the charge the gateway holds, or OutcomeUnknown (nothing charged, the payment
     stays in flight) if it cannot say; None when it holds no charge: charging is safe.
     """
-    found = await _lookup(request, processor, policy)
+    found = await _lookup(request, processor, policy, age_s)
     if isinstance(found, OutcomeUnknown):
         return [], OutcomeUnknown(f"the idempotency key may have expired and {found}: not charged")
     if found is not None:
@@ -445,15 +458,18 @@ async def _confirm_no_charge(
     policy: ExecutionPolicy,
     attempts: AttemptLog,
     unavailable: ProcessorUnavailable,
+    age_s: float,
 ) -> ChargeOutcome | ProcessorUnavailable | OutcomeUnknown:
     """Before failing as unavailable, ask the gateway whether it holds a charge anyway.
 
     Our own refused calls charged nothing, but an earlier call whose answer was never
-    recorded (a crash after the charge, a concurrent execution) may have: only the
-    gateway's "no such charge" makes `processor_unavailable` safe. If it cannot be asked
-    either, the payment stays in flight for the reconciler.
+    recorded (a crash after the charge in a version without ChargeStarted, say) may
+    have: only the gateway's "no such charge" makes `processor_unavailable` safe. If it
+    cannot be asked either, or its answer may lag (`lookup_settle_s`), the payment stays
+    in flight for the reconciler. (Where the stream proves the caller the only charger,
+    `charge_payment` does not ask: see `Payment.only_charger`.)
     """
-    found = await _lookup(request, processor, policy)
+    found = await _lookup(request, processor, policy, age_s)
     if isinstance(found, OutcomeUnknown):
         return found
     if found is not None:
@@ -463,18 +479,24 @@ async def _confirm_no_charge(
 
 
 async def _lookup(
-    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy
+    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy, age_s: float
 ) -> ChargeOutcome | OutcomeUnknown | None:
-    """What the gateway holds for this payment: its charge, None for "no charge", or
-    OutcomeUnknown when it cannot say now (unreachable, no answer in time, or a charge
-    still in progress) — then an earlier charge cannot be ruled out."""
+    """What the gateway holds for this payment (`age_s` old): its charge, None for "no
+    charge", or OutcomeUnknown when it cannot say now (unreachable, no answer in time, a
+    charge still in progress, or a miss younger than the lookup's lag) — then an earlier
+    charge cannot be ruled out."""
     try:
         async with asyncio.timeout(policy.call_timeout_s):
-            return await processor.lookup(request)
+            found = await processor.lookup(request)
     except (ProcessorUnavailable, OutcomeUnknown, TimeoutError) as exc:
         return OutcomeUnknown(
             f"the gateway cannot rule out an unrecorded earlier charge now ({type(exc).__name__})"
         )
+    if found is None and age_s < policy.lookup_settle_s:
+        return OutcomeUnknown(
+            f"no charge found, but the gateway's lookup may lag {policy.lookup_settle_s:g}s"
+        )
+    return found
 
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:

@@ -61,6 +61,7 @@ class Payment:
         # Every caller that ever started a charge, and the latest one's lease.
         self.chargers: set[uuid.UUID] = set()
         self.charge_lease: tuple[uuid.UUID, datetime] | None = None
+        self.unguarded_attempts = False
         self.initiated: PaymentInitiated | None = None
         self.outcome: PaymentCompleted | PaymentFailed | None = None
 
@@ -144,6 +145,20 @@ class Payment:
         if self.charge_may_have_happened:
             return False
         return self.chargers <= ({charger} if charger is not None else set())
+
+    def only_charger(self, charger: uuid.UUID | None) -> bool:
+        """Whether the stream proves `charger` the only caller that ever charged it.
+
+        True when every charge call was written ahead (no attempt before the first
+        ChargeStarted), all by `charger`, and none may have charged: nobody else's
+        charge can be at the gateway, so no lookup is needed to rule one out.
+        """
+        return (
+            charger is not None
+            and self.chargers == {charger}
+            and not self.unguarded_attempts
+            and not self.charge_may_have_happened
+        )
 
     def complete(
         self, *, processor: str, provider_reference: str, at: datetime
@@ -230,6 +245,8 @@ class Payment:
                 # The charger recorded what its calls gave: its lease ends. (Only the
                 # lease holder charges while it runs; `chargers` keeps the safety rule.)
                 self.charge_lease = None
+                if not self.chargers:
+                    self.unguarded_attempts = True  # recorded before any write-ahead
                 self.attempts = event.attempt
                 if event.result in ("unknown", "approved"):
                     self.charge_may_have_happened = True

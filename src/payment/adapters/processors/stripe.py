@@ -45,6 +45,10 @@ API_BASE_VARIABLE: Final = "PAYMENT_STRIPE_API_BASE"
 # in progress) are looked up before they are charged (ExecutionPolicy.key_lifetime_s).
 IDEMPOTENCY_KEY_LIFETIME_S: Final = 23 * 3600.0
 
+# Stripe's search is eventually consistent: a PaymentIntent usually appears in it within a
+# minute. A miss on a younger payment is not "no charge" (ExecutionPolicy.lookup_settle_s).
+SEARCH_LAG_S: Final = 60.0
+
 # -- amounts ---------------------------------------------------------------------------
 
 # Stripe's zero-decimal currencies (docs.stripe.com/currencies#zero-decimal): the amount is
@@ -618,6 +622,8 @@ def _describe(exc: stripe.StripeError) -> str:
 __all__: Sequence[str] = [
     "API_BASE_VARIABLE",
     "API_KEY_VARIABLE",
+    "IDEMPOTENCY_KEY_LIFETIME_S",
+    "SEARCH_LAG_S",
     "STRIPE_THREE_DECIMAL",
     "STRIPE_TWO_DECIMAL_WHOLE_UNITS",
     "STRIPE_ZERO_DECIMAL",
