@@ -359,6 +359,15 @@ class Service:
                     "payment.reconciler.actions",
                     [(count, {"action": action}) for action, count in actions.items()],
                 )
+                gateway_labels = {"processor": processor.name}
+                for name, value in (
+                    ("payment.processor.in_flight", processor.in_flight),
+                    ("payment.processor.in_flight_max", processor.most_in_flight),
+                    ("payment.processor.waiting", processor.waiting),
+                    ("payment.processor.rate_limit", processor.rate.rate()),
+                    ("payment.processor.throttled", processor.throttles),
+                ):
+                    metrics.observe(name, [(value, gateway_labels)])
                 metrics.observe("payment.outbox.published", [(relay.published, {})])
                 metrics.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
                 lags = await consumer.lag()

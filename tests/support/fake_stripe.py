@@ -181,7 +181,7 @@ class Handler(BaseHTTPRequestHandler):
         with ledger.lock:
             ledger.stats["stalled"] += 1
         while ledger.stalled.is_set():
-            readable, _, _ = select.select([self.connection], [], [], 0.1)
+            readable, _, _ = select.select([self.connection], [], [], 0.02)
             if readable and not self.connection.recv(1, socket.MSG_PEEK):
                 break  # the caller gave up
         self.close_connection = True

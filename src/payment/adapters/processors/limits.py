@@ -155,6 +155,7 @@ class LimitedProcessor:
         self._throttle_retries = throttle_retries
         self._sleep = sleep
         self.in_flight = 0
+        self.most_in_flight = 0
         self.waiting = 0
         self.throttles = 0
 
@@ -201,6 +202,7 @@ class LimitedProcessor:
                 if delay > 0:
                     await self._sleep(delay)
             self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
             try:
                 async with asyncio.timeout(self._timeout_s):
                     return await call(request)
