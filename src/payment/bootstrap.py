@@ -327,8 +327,9 @@ class Service:
                 c.policy(),
                 threshold_s=s.reconcile_after_s,
                 interval_s=s.reconcile_interval_s,
-                # Half the bulkhead: new payments keep getting slots while a backlog drains.
-                parallelism=max(1, processor.limits.max_concurrency // 2),
+                # The bulkhead's worth: a backlog drains at the gateway's rate. New
+                # payments still get slots (one FIFO queue for executor and reconciler).
+                parallelism=processor.limits.max_concurrency,
                 scope=reconcile_scope(tracer, lambda payment_id: stored_trace(control, payment_id)),
             )
 

@@ -394,6 +394,8 @@ class Handler(BaseHTTPRequestHandler):
 class GatewayServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # A burst of new connections (a bulkhead's worth, or a bench's) must not be reset.
+    request_queue_size = 256
 
     def __init__(self, port: int, ledger: Ledger) -> None:
         super().__init__(("127.0.0.1", port), Handler)

@@ -176,7 +176,7 @@ class Metrics:
         )  # fmt: skip
         self._observable_gauge(
             meter, "payment.processor.in_flight", "{call}",
-            "gateway calls in flight now (this instance; at most PAYMENT_PROCESSOR_MAX_CONCURRENCY)",
+            "gateway calls in flight now (at most PAYMENT_PROCESSOR_MAX_CONCURRENCY)",
         )  # fmt: skip
         self._observable_gauge(
             meter, "payment.processor.in_flight_max", "{call}",
