@@ -41,6 +41,7 @@ from payment.domain.processor import (
     ChargeOutcome,
     ChargeRequest,
     Declined,
+    GatewayErrorReplayed,
     OutcomeUnknown,
     PaymentProcessor,
     ProcessorUnavailable,
@@ -48,6 +49,11 @@ from payment.domain.processor import (
 
 # Optimistic conflicts are retried with fresh state; this bounds a pathological storm.
 MAX_CONFLICT_RETRIES = 10
+
+REPLAYED_ERROR_DETAIL = (
+    "the gateway replays a stored error for this payment's idempotency key: nothing can be"
+    " charged under it until the key expires (Stripe: 24 h); see docs/operations.md"
+)
 
 
 class RequestResult(enum.StrEnum):
@@ -340,6 +346,11 @@ def apply_outcome(
             at=now,
         )
     result = _decide(payment, final, processor_name, now, new, charger)
+    replayed = isinstance(final, GatewayErrorReplayed)
+    if replayed and not payment.is_terminal and not payment.flagged_for_review:
+        # Stuck for a day otherwise (until the key expires): a human is told at once.
+        new += payment.flag_for_review(detail=REPLAYED_ERROR_DETAIL, at=now)
+        result = ExecuteResult.FLAGGED
     if payment.is_terminal:
         # The trace of the message that caused this outcome (the request's, carried on
         # payment.initiated): contract section 2.

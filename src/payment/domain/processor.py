@@ -70,6 +70,15 @@ class OutcomeUnknown(ProcessorError):
     """
 
 
+class GatewayErrorReplayed(OutcomeUnknown):
+    """The gateway answered with the stored error of an earlier request under this
+    idempotency key (Stripe replays a 5xx for 24 h): whether that request charged is
+    unknown, and no charge under this key can be made until the gateway forgets it.
+
+    A human should look (the payment is flagged at once): docs/operations.md.
+    """
+
+
 class PaymentProcessor(Protocol):
     """A payment gateway.
 

@@ -22,6 +22,7 @@ from payment.domain.processor import (
     ChargeOutcome,
     ChargeRequest,
     Declined,
+    GatewayErrorReplayed,
     OutcomeUnknown,
     ProcessorRateLimited,
     ProcessorUnavailable,
@@ -462,6 +463,11 @@ class StripeProcessor:
             raise OutcomeUnknown(
                 f"stripe: connection lost after sending the request ({where})"
             ) from None
+        if _replayed(exc) and (exc.http_status or 0) >= 500:
+            # Stripe stores a key's first answer, a 500 included, and replays it for 24 h.
+            raise GatewayErrorReplayed(
+                f"stripe: replays the stored error of this idempotency key ({where})"
+            ) from None
         # 409 (a request with the same key in flight), 5xx, unreadable bodies: the request
         # reached Stripe or something in front of it, and may have been executed.
         raise OutcomeUnknown(f"stripe: no usable answer ({where})") from None
@@ -532,6 +538,11 @@ class StripeProcessor:
         if any(o is None for o in outcomes):
             return None
         return outcomes[0]
+
+
+def _replayed(exc: stripe.StripeError) -> bool:
+    headers = exc.headers or {}
+    return any(k.lower() == "idempotent-replayed" and v == "true" for k, v in headers.items())
 
 
 def _rate_limited(exc: stripe.RateLimitError) -> ProcessorRateLimited:
