@@ -17,7 +17,12 @@ import pytest_asyncio
 from payment.adapters.processors.limits import GatewayLimits, LimitedProcessor
 from payment.adapters.processors.stripe import StripeProcessor
 from payment.domain.money import Money
-from payment.domain.processor import Approved, ChargeRequest
+from payment.domain.processor import (
+    Approved,
+    ChargeRequest,
+    GatewayErrorReplayed,
+    OutcomeUnknown,
+)
 from support.fake_stripe import API_KEY, FakeStripe
 
 
@@ -106,3 +111,19 @@ async def test_a_stalled_gateway_holds_no_more_calls_than_the_bulkhead_and_recov
     assert all(isinstance(e, TimeoutError) for e in stalled)
     assert isinstance(after, Approved)
     assert _high_water(gateway) == 4
+
+
+async def test_a_500_stored_under_the_key_is_told_apart_when_it_is_replayed(
+    gateway: FakeStripe, stripe: StripeProcessor
+) -> None:
+    request = _request()
+    gateway.control(fail_with_500=True)
+    with pytest.raises(OutcomeUnknown) as first:
+        await stripe.charge(request)
+    gateway.control(fail_with_500=False)  # the gateway is well again, the key is not
+
+    with pytest.raises(GatewayErrorReplayed):
+        await stripe.charge(request)
+
+    assert type(first.value) is OutcomeUnknown  # a fresh 500 may have charged: unknown
+    assert isinstance(await stripe.charge(_request()), Approved)  # other keys are fine

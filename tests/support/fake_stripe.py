@@ -27,7 +27,9 @@ Brownouts (issue 13), switched at run time with `POST /_control` (`FakeStripe.co
 `stall` accepts every API request and answers none until switched off (a charge is
 executed first, for one request in two: the caller cannot know which), then drops the
 connections; `rate_limit` (requests per second, 0: none) answers 429 `rate_limit` with
-`Retry-After: retry_after_s` beyond it, as Stripe does. The counters include
+`Retry-After: retry_after_s` beyond it, as Stripe does; `fail_with_500` answers new
+charges 500 without charging and, like Stripe, replays that 500 to every later request
+with the same key (`Idempotent-Replayed: true`). The counters include
 `in_flight_max`, the most API requests the gateway held at once (a request whose caller
 hung up no longer counts), and `rate_limited`.
 
@@ -82,6 +84,8 @@ class Ledger:
         self.stalled = threading.Event()
         self.rate_limit = 0.0
         self.retry_after_s = 1.0
+        # New charges answered 500 (stored under their key and replayed, as Stripe does).
+        self.fail_with_500 = False
         self.tokens = 0.0
         self.refilled_at = time.monotonic()
         self.in_flight = 0
@@ -200,6 +204,8 @@ class Handler(BaseHTTPRequestHandler):
                 ledger.refilled_at = time.monotonic()
             if "retry_after_s" in change:
                 ledger.retry_after_s = float(change["retry_after_s"])
+            if "fail_with_500" in change:
+                ledger.fail_with_500 = bool(change["fail_with_500"])
         self._json(200, {"stalled": ledger.stalled.is_set(), "rate_limit": ledger.rate_limit})
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -345,6 +351,16 @@ class Handler(BaseHTTPRequestHandler):
                     "There is currently another in-progress request using this Idempotent Key.",
                     code="idempotency_key_in_use",
                 )
+                return
+            if ledger.fail_with_500:
+                ledger.stats["errors_500"] += 1
+                answer = json.dumps(
+                    {"error": {"type": "api_error", "message": "Something went wrong."}}
+                ).encode()
+                if key is not None:
+                    ledger.answers[key] = (pairs, 500, answer)
+                self.note(key, pairs, "500 (stored under the key)")
+                self._send(500, answer)
                 return
             if key is not None:
                 ledger.executing.add(key)
@@ -496,7 +512,7 @@ class FakeStripe:
 
     def control(self, **change: object) -> dict[str, Any]:
         """Switch brownouts: `stall=True|False`, `rate_limit=N` (per second, 0: none),
-        `retry_after_s=S` (the 429s' Retry-After)."""
+        `retry_after_s=S` (the 429s' Retry-After), `fail_with_500=True|False`."""
         import httpx
 
         answer = httpx.post(f"{self.url}/_control", json=change, timeout=10.0)
