@@ -46,3 +46,16 @@ def test_each_processor_kind_has_limits_within_its_gateway_and_settings_override
         Settings(processor=kind, processor_max_concurrency=3, processor_max_rate=7.5)
     ).limits()
     assert (limits.max_concurrency, limits.max_rate) == (3, 7.5)
+
+
+def test_the_limits_are_read_from_the_environment_and_checked() -> None:
+    from payment.settings import ConfigError, load_settings
+
+    settings = load_settings(
+        {"PAYMENT_PROCESSOR_MAX_CONCURRENCY": "12", "PAYMENT_PROCESSOR_MAX_RATE": "7.5"}
+    )
+    assert (settings.processor_max_concurrency, settings.processor_max_rate) == (12, 7.5)
+    with pytest.raises(ConfigError, match="PAYMENT_PROCESSOR_MAX_RATE"):
+        load_settings({"PAYMENT_PROCESSOR_MAX_RATE": "0"})
+    with pytest.raises(ConfigError, match="PAYMENT_PROCESSOR_MAX_CONCURRENCY"):
+        load_settings({"PAYMENT_PROCESSOR_MAX_CONCURRENCY": "0"})
