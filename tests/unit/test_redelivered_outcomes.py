@@ -16,6 +16,7 @@ from test_handlers import (
 from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.application.batches import execute_payments
 from payment.application.handlers import ExecuteResult, execute_payment
+from payment.domain.payment import Payment
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -46,6 +47,8 @@ async def test_a_redelivery_that_learns_nothing_new_still_changes_nothing() -> N
     published = list(uows.db.outbox)
 
     assert await execute_payment(cmd, uows, gateway, clock, POLICY) is ExecuteResult.DUPLICATE
-    # Only its write-ahead ChargeStarted: no attempt, no outcome, nothing published.
-    assert kinds(stream(uows, payment_id))[-2:] == ["ChargeAttempted", "ChargeStarted"]
+    # Its write-ahead and its attempt (which ends the write-ahead's lease): no outcome,
+    # nothing published.
+    assert kinds(stream(uows, payment_id))[-2:] == ["ChargeStarted", "ChargeAttempted"]
+    assert Payment.replay(stream(uows, payment_id)).charge_lease is None
     assert uows.db.outbox == published

@@ -46,9 +46,7 @@ from payment.domain.errors import ChargeInProgress
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import (
-    Approved,
     ChargeOutcome,
-    Declined,
     OutcomeUnknown,
     PaymentProcessor,
     ProcessorUnavailable,
@@ -342,16 +340,14 @@ async def _record_wave(
         messages: list[OutboundMessage] = []
         for i, payment, charger, attempts, final in wave:
             cmd = cmds[i]
-            if (cmd.inbound.source, cmd.inbound.message_id) not in fresh and not isinstance(
-                final, Approved | Declined
-            ):
-                # A known outcome is recorded even for a redelivery (see record_outcome).
-                outcomes[i] = ExecuteResult.DUPLICATE
-                continue
+            # A redelivery still records what its calls gave (see record_outcome).
+            duplicate = (cmd.inbound.source, cmd.inbound.message_id) not in fresh
             expected = payment.version
             outcomes[i], new, status, message = apply_outcome(
                 payment, attempts, final, processor.name, now, cmd.trace, charger
             )
+            if duplicate and message is None:
+                outcomes[i] = ExecuteResult.DUPLICATE
             appends.append(StreamAppend(payment.id, expected, new))
             statuses.append((payment.id, status))
             if message is not None:

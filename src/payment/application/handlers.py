@@ -539,16 +539,13 @@ async def record_outcome(
         try:
             async with uow_factory() as uow:
                 now = clock.now()
-                if (
-                    inbound is not None
-                    and not await uow.inbox.mark(inbound.source, inbound.message_id, now)
-                    and not isinstance(final, Approved | Declined)
-                ):
-                    # A redelivery handled before: nothing new to add. A known outcome,
-                    # though, is recorded whoever brings it (it is the gateway's answer
-                    # under the payment's one key): the payment would wait for the
-                    # reconciler otherwise.
-                    return ExecuteResult.DUPLICATE
+                # A redelivery handled before still records what its calls gave: a known
+                # outcome is the gateway's answer under the payment's one key (the payment
+                # would wait for the reconciler otherwise), and its attempts end its
+                # ChargeStarted's lease.
+                duplicate = inbound is not None and not await uow.inbox.mark(
+                    inbound.source, inbound.message_id, now
+                )
                 if known is not None:
                     # Used once: its state changes below, and a retry must read afresh.
                     payment, known = known, None
@@ -573,7 +570,7 @@ async def record_outcome(
                 await uow.commit()
                 if terminal:
                     failpoints.hit("after_terminal_commit")
-                return result
+                return ExecuteResult.DUPLICATE if duplicate and not terminal else result
         except RETRYABLE_CONFLICTS:
             continue
     raise RuntimeError("execute_payment: too many conflicting writers for one payment")
