@@ -39,7 +39,12 @@ from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
-from payment.adapters.processors.stripe import IDEMPOTENCY_KEY_LIFETIME_S, StripeProcessor
+from payment.adapters.processors.limits import LimitedProcessor, limits_for
+from payment.adapters.processors.stripe import (
+    IDEMPOTENCY_KEY_LIFETIME_S,
+    SEARCH_LAG_S,
+    StripeProcessor,
+)
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
@@ -95,6 +100,14 @@ class Container(containers.DeclarativeContainer):
     )
     control_uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, control_pool)
 
+    # The gateway's limits (contract 4.9), shared by every caller of the processor.
+    limits = providers.Singleton(
+        limits_for,
+        config.processor,
+        config.processor_max_concurrency,
+        config.processor_max_rate,
+    )
+
     processor = providers.Selector(
         config.processor,
         fake=providers.Singleton(
@@ -109,12 +122,14 @@ class Container(containers.DeclarativeContainer):
             api_key=config.stripe_api_key,
             api_base=config.stripe_api_base,
             name="sandbox",
+            max_connections=limits.provided.max_concurrency,
         ),
         stripe=providers.Singleton(
             StripeProcessor,
             api_key=config.stripe_api_key,
             api_base=config.stripe_api_base,
             name="stripe",
+            max_connections=limits.provided.max_concurrency,
         ),
     )
 
@@ -135,11 +150,16 @@ class Container(containers.DeclarativeContainer):
 
     policy = providers.Singleton(
         lambda timeout_ms, attempts, review_s, kind: ExecutionPolicy(
-            call_timeout_s=timeout_ms / 1000.0,
+            # The LimitedProcessor bounds each call (not the wait for a slot) with it.
+            call_timeout_s=None,
             max_attempts=attempts,
             review_after_s=review_s,
             # The in-process fake keeps its keys for good; Stripe forgets them.
             key_lifetime_s=None if kind == "fake" else IDEMPOTENCY_KEY_LIFETIME_S,
+            # One execution's calls (attempts and a lookup, each up to the timeout) and
+            # backoffs, with a margin: a live charger is not overtaken.
+            charge_lease_s=timeout_ms / 1000.0 * (attempts + 1) + 5.0 * attempts + 10.0,
+            lookup_settle_s=0.0 if kind == "fake" else SEARCH_LAG_S,
         ),
         config.processor_timeout_ms,
         config.processor_max_attempts,
@@ -252,7 +272,13 @@ class Service:
             if closer is not None:
                 # The Stripe adapter's HTTP client; the fake has nothing to close.
                 stack.push_async_callback(closer)
-            processor = InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget)
+            # Limits outside, instruments inside: call durations and timeouts are the
+            # gateway's own, without the wait for a slot.
+            processor = LimitedProcessor(
+                InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget),
+                c.limits(),
+                call_timeout_s=s.processor_timeout_ms / 1000.0,
+            )
             log.info("run: database pool open, producer started, processor %s", processor.name)
 
             waiter = wait_for_outbox_notification(str(s.database_url))
@@ -320,6 +346,9 @@ class Service:
                 c.policy(),
                 threshold_s=s.reconcile_after_s,
                 interval_s=s.reconcile_interval_s,
+                # The bulkhead's worth: a backlog drains at the gateway's rate. New
+                # payments still get slots (one FIFO queue for executor and reconciler).
+                parallelism=processor.limits.max_concurrency,
                 scope=reconcile_scope(tracer, lambda payment_id: stored_trace(control, payment_id)),
             )
 
@@ -350,6 +379,15 @@ class Service:
                     "payment.reconciler.actions",
                     [(count, {"action": action}) for action, count in actions.items()],
                 )
+                gateway_labels = {"processor": processor.name}
+                for name, value in (
+                    ("payment.processor.in_flight", processor.in_flight),
+                    ("payment.processor.in_flight_max", processor.most_in_flight),
+                    ("payment.processor.waiting", processor.waiting),
+                    ("payment.processor.rate_limit", processor.rate.rate()),
+                    ("payment.processor.throttled", processor.throttles),
+                ):
+                    metrics.observe(name, [(value, gateway_labels)])
                 metrics.observe("payment.outbox.published", [(relay.published, {})])
                 metrics.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
                 lags = await consumer.lag()

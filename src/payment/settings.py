@@ -68,6 +68,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_in_flight: int = 1024
     processor_timeout_ms: int = 10_000
     processor_max_attempts: int = 4
+    # Calls in flight to the gateway and calls per second, per instance; unset: the
+    # processor kind's defaults (adapters/processors/limits.py, README).
+    processor_max_concurrency: int | None = None
+    processor_max_rate: float | None = None
     reconcile_after_s: float = 60.0
     reconcile_interval_s: float = 10.0
     review_after_s: float = 3600.0
@@ -247,6 +251,10 @@ def _validate(s: Settings) -> None:
             f" (a revoked partition's drain, {DRAIN_TIMEOUT_S:g} s, plus its commit,"
             f" {REVOKE_COMMIT_TIMEOUT_S:g} s)"
         )
+    if s.processor_max_concurrency is not None and s.processor_max_concurrency < 1:
+        raise ConfigError("PAYMENT_PROCESSOR_MAX_CONCURRENCY: must be at least 1")
+    if s.processor_max_rate is not None and s.processor_max_rate <= 0:
+        raise ConfigError("PAYMENT_PROCESSOR_MAX_RATE: must be positive")
     if s.retention_interval_s <= 0:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
     if s.db_pool_min > s.db_pool_max:

@@ -35,6 +35,8 @@ class MemoryDatabase:
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
         self.outbox: list[OutboxRecord] = []
         self.inbox: dict[tuple[str, str], datetime] = {}
+        # Payments claimed by an open unit of work (PostgreSQL's row locks).
+        self.claimed: set[uuid.UUID] = set()
         self.commits = 0
 
 
@@ -106,6 +108,7 @@ class MemoryPaymentIndex:
         self.claims: dict[str, tuple[uuid.UUID, datetime]] = {}
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
         self.requeued: dict[uuid.UUID, datetime] = {}
+        self.held: set[uuid.UUID] = set()
 
     async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
         if booking_id in self._db.bookings or booking_id in self.claims:
@@ -144,6 +147,24 @@ class MemoryPaymentIndex:
             if status is PaymentStatus.INITIATED and at < before
         ]
         return [pid for _, pid in sorted(rows)[:limit]]
+
+    async def claim_stale(self, before: datetime, limit: int, at: datetime) -> list[uuid.UUID]:
+        free = [
+            p
+            for p in await self.in_flight_since(before, len(self._db.status))
+            if p not in self._db.claimed
+        ]
+        picked = free[:limit]
+        self._db.claimed.update(picked)
+        self.held.update(picked)
+        for payment_id in picked:
+            self.requeued[payment_id] = at
+        return picked
+
+    def release(self) -> None:
+        """The unit of work ended: its claims' locks go."""
+        self._db.claimed.difference_update(self.held)
+        self.held.clear()
 
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         self.requeued[payment_id] = at
@@ -249,6 +270,7 @@ class MemoryUnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         self._done = True
+        self.payments.release()
 
     async def commit(self) -> None:
         if self._done:
@@ -265,6 +287,7 @@ class MemoryUnitOfWork:
         self.payments.apply()
         self.outbox.apply()
         self.inbox.apply()
+        self.payments.release()
         self._db.commits += 1
 
 

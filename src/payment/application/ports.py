@@ -95,6 +95,16 @@ class PaymentIndex(Protocol):
         """Payments still INITIATED whose last change is older than `before`, oldest first."""
         ...
 
+    async def claim_stale(self, before: datetime, limit: int, at: datetime) -> list[uuid.UUID]:
+        """Claim up to `limit` of `in_flight_since(before)`, oldest first, for reconciling.
+
+        Payments another open unit of work has claimed are skipped, so concurrent
+        claimers (in this process or another) get disjoint sets. A claimed payment counts
+        `at` as its last change when this commits: a lease, as nobody claims it again
+        until it is older than the cutoff once more.
+        """
+        ...
+
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         """Count `at` as the payment's last change if it is still INITIATED when this
         commits (to the back of `in_flight_since`); a finished payment is left alone."""

@@ -15,6 +15,10 @@ class IllegalTransition(DomainError):
     """A command that the payment's current state does not allow; nothing is recorded."""
 
 
+class ChargeInProgress(IllegalTransition):
+    """Another caller started a charge of this payment and its lease is still running."""
+
+
 class StreamMismatch(DomainError):
     """An event applied to the wrong stream or out of version order."""
 

@@ -111,7 +111,8 @@ LIMIT %s
 """
 
 _PENDING_SKIPPING = """
-SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate
+SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate,
+       schema_version
 FROM payment_outbox
 WHERE published_at IS NULL AND key <> ALL(%s::text[])
 ORDER BY position
