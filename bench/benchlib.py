@@ -79,8 +79,14 @@ class Broker:
         return f"Apache Kafka {KAFKA_VERSION}" if self.kind == "kafka" else "Tansu"
 
     def service_env(self, fetch_wait_ms: int | None = None) -> dict[str, str]:
-        """What `payment-service run` needs beyond its defaults here (nothing on Kafka)."""
-        env: dict[str, str] = {}
+        """What `payment-service run` needs beyond its defaults here: the fake processor,
+        topics created on this single broker; on Tansu what it lacks."""
+        env: dict[str, str] = {
+            "PAYMENT_PROCESSOR": "fake",
+            "PAYMENT_KAFKA_CREATE_TOPICS": "true",
+            "PAYMENT_KAFKA_REPLICATION_FACTOR": "1",
+            "PAYMENT_KAFKA_MIN_INSYNC_REPLICAS": "1",
+        }
         if self.kind == "tansu":
             # No idempotent producer; a fetch is answered only when its wait expires.
             env["PAYMENT_KAFKA_ENABLE_IDEMPOTENCE"] = "false"

@@ -6,12 +6,14 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
 
 import msgspec
+import psycopg
+import psycopg_pool
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from dependency_injector import containers, providers
@@ -26,13 +28,18 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
-from payment.adapters.kafka.topics import Topics, ensure_topics
+from payment.adapters.kafka.topics import (
+    TopicCreationFailed,
+    Topics,
+    check_topics,
+    ensure_topics,
+)
 from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
-from payment.adapters.postgres.migrations import migrate
+from payment.adapters.postgres.migrations import check_schema, migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
 from payment.adapters.postgres.pool import open_pool
@@ -45,6 +52,7 @@ from payment.adapters.processors.stripe import (
     SEARCH_LAG_S,
     StripeProcessor,
 )
+from payment.adapters.startup import broker_failure, database_failure
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
@@ -53,10 +61,16 @@ from payment.settings import (
     DRAIN_TIMEOUT_S,
     REVOKE_COMMIT_TIMEOUT_S,
     ConfigError,
+    DependencyUnavailable,
     Settings,
+    run_defaults,
 )
 
 log = logging.getLogger("payment")
+
+# How long one start-up step (schema check, topic check, pool, producer) may take before
+# the service gives up with one line instead of hanging.
+STARTUP_STEP_TIMEOUT_S = 30.0
 
 # Errors that mean "the database or the broker is unreachable right now": the consumer
 # retries these for as long as they last and never dead-letters because of them. Database
@@ -230,6 +244,8 @@ class Service:
             raise ConfigError(
                 "PAYMENT_KAFKA_BOOTSTRAP_SERVERS: required by run (dev starts an embedded one)"
             )
+        # What `run` decides for settings left unset; PAYMENT_PROCESSOR must be chosen.
+        settings = run_defaults(settings)
         self.settings = settings
         self.container = container or make_container(settings)
         self._stop = asyncio.Event()
@@ -237,6 +253,70 @@ class Service:
         self.consumer: KafkaInboxConsumer | None = None
         # Set when the consumer first joined its group and got partitions.
         self.joined = asyncio.Event()
+        # What /health/ready answers: "starting" until every component is up.
+        self._starting = "starting: opening HTTP"
+        self._ready_check: Callable[[], Awaitable[dict[str, str]]] | None = None
+
+    async def _readiness(self) -> dict[str, str]:
+        if self._ready_check is None:
+            return {"startup": self._starting}
+        return await self._ready_check()
+
+    async def _prepare_schema(self) -> None:
+        """Migrate (PAYMENT_MIGRATE_ON_START) or check that the schema is this code's."""
+        s = self.settings
+        url = str(s.database_url)
+        try:
+            async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+                if s.migrate_on_start:
+                    self._starting = "starting: applying migrations"
+                    applied = await migrate(url)
+                    log.info(
+                        "run: migrations %s",
+                        f"applied: {', '.join(f'{v:04d}' for v in applied)}"
+                        if applied
+                        else "up to date",
+                    )
+                    return
+                self._starting = "starting: checking the schema"
+                result = await check_schema(url)
+        except (OSError, TimeoutError, psycopg.Error) as exc:
+            raise DependencyUnavailable(database_failure(exc, url)) from exc
+        if not result.agrees:
+            raise DependencyUnavailable(f"database schema: {result.line}")
+        log.info("run: %s", result.line)
+
+    async def _prepare_topics(self, topics: Topics) -> None:
+        """Create the topics (PAYMENT_KAFKA_CREATE_TOPICS) or check that they are usable."""
+        s = self.settings
+        servers = str(s.kafka_bootstrap_servers)
+        try:
+            async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+                if s.kafka_create_topics:
+                    self._starting = "starting: creating topics"
+                    created = await ensure_topics(
+                        servers,
+                        topics.names,
+                        partitions=s.kafka_topic_partitions,
+                        replication=int(s.kafka_replication_factor or 1),
+                        min_insync_replicas=s.kafka_min_insync_replicas,
+                    )
+                    if created:
+                        log.info(
+                            "run: created topics %s (%d partitions, replication factor %s)",
+                            ", ".join(created),
+                            s.kafka_topic_partitions,
+                            s.kafka_replication_factor,
+                        )
+                self._starting = "starting: checking topics"
+                problem = await check_topics(servers, topics.names)
+        except TopicCreationFailed as exc:
+            raise DependencyUnavailable(f"Kafka {servers}: {exc}") from exc
+        except (OSError, TimeoutError, KafkaError) as exc:
+            raise DependencyUnavailable(broker_failure(exc, servers)) from exc
+        if problem is not None:
+            raise DependencyUnavailable(f"Kafka {servers}: {problem}")
+        log.info("run: topics ready: %s", ", ".join(topics.names))
 
     def stop(self) -> None:
         self._stop.set()
@@ -244,21 +324,45 @@ class Service:
     async def run(self) -> None:
         s = self.settings
         c = self.container
-        log.info("run: applying migrations")
-        await migrate(str(s.database_url))
         topics: Topics = c.topics()
-        created = await ensure_topics(
-            str(s.kafka_bootstrap_servers), topics.names, partitions=s.kafka_topic_partitions
-        )
-        log.info("run: topics ready%s", f" (created {', '.join(created)})" if created else "")
+        metrics: Metrics = c.metrics()
+        metrics.set_build_info(processor=str(s.processor))
+        if s.processor == "fake":
+            log.warning(
+                "run: PAYMENT_PROCESSOR=fake: nothing is charged, every payment is simulated"
+                " (set PAYMENT_PROCESSOR=stripe in production)"
+            )
         async with AsyncExitStack() as stack:
             stack.push_async_callback(_shutdown_resources, c)
-            control = await c.control_pool()
-            producer = await c.producer()
-            # Its provider depends on the async pool Resource, so it resolves to an awaitable.
-            store_uow_factory = await _resolved(c.uow_factory())
+            # Liveness answers from the first second; readiness says "starting" until
+            # the schema, the topics, the pools and the producer are up.
+            self.http = HealthServer(s.http_host, s.http_port, self._readiness, metrics.render)
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise DependencyUnavailable(
+                    f"HTTP {s.http_host}:{s.http_port}: cannot listen ({exc.strerror}): check"
+                    " PAYMENT_HTTP_HOST and PAYMENT_HTTP_PORT"
+                ) from exc
+            stack.push_async_callback(self.http.stop)
+            await self._prepare_schema()
+            await self._prepare_topics(topics)
+            self._starting = "starting: opening the database pools and the producer"
+            try:
+                async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+                    control = await c.control_pool()
+                    # Its provider depends on the async pool Resource: an awaitable.
+                    store_uow_factory = await _resolved(c.uow_factory())
+            except (OSError, TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                raise DependencyUnavailable(database_failure(exc, str(s.database_url))) from exc
+            try:
+                async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+                    producer = await c.producer()
+            except (OSError, TimeoutError, KafkaError) as exc:
+                raise DependencyUnavailable(
+                    broker_failure(exc, str(s.kafka_bootstrap_servers))
+                ) from exc
             clock = c.clock()
-            metrics: Metrics = c.metrics()
             tracer = c.tracer()
             # Handlers see instrumented adapters: spans, trace stamping on outbox rows,
             # metrics and lifecycle log lines (adapters/instrumented.py).
@@ -461,9 +565,7 @@ class Service:
                     )
                 return {"database": database.pop("database"), **broker, **database, **backlog}
 
-            self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)
-            await self.http.start()
-            stack.push_async_callback(self.http.stop)
+            self._ready_check = readiness
 
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             reconciler_task = asyncio.create_task(reconciler.run(), name="reconciler")

@@ -11,30 +11,65 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from payment.settings import ConfigError, Settings, load_settings
+from payment.settings import (
+    EXIT_CONFIGURATION,
+    EXIT_UNAVAILABLE,
+    ConfigError,
+    DependencyUnavailable,
+    Settings,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from payment.adapters.kafka.redrive import DeadLetter
 
 
+_CONFIG_HELP = "TOML settings file, keys as in the README without PAYMENT_ (environment wins)"
+
+
+def _config_option() -> argparse.ArgumentParser:
+    """`--config` for every subcommand too, so it works before or after the command name."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
+    from payment.adapters.metrics import package_version
+
+    common = _config_option()
     parser = argparse.ArgumentParser(
         prog="payment-service",
-        description="Event-sourced payment service of a booking SAGA (contract v1).",
+        description=(
+            "Event-sourced payment service of a booking SAGA (contract v2). Exit codes:"
+            " 0 ok, 1 the command's own failure, 2 configuration error,"
+            " 3 a dependency (database, broker, topics, schema) is unavailable."
+        ),
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML settings (environment wins)")
+    parser.add_argument("--config", metavar="FILE", default=None, help=_CONFIG_HELP)
+    parser.add_argument(
+        "--version", action="version", version=f"payment-service {package_version()}"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     migrate = sub.add_parser(
-        "migrate", help="create or upgrade the database schema (safe to run again)"
+        "migrate",
+        parents=[common],
+        help="create or upgrade the database schema (safe to run again)",
     )
     migrate.add_argument(
         "--check",
         action="store_true",
         help="change nothing; exit 0 if this code and the schema agree, 1 (and why) if not",
     )
-    sub.add_parser("run", help="run the service: consumers, executor, relay, reconciler, HTTP")
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the service: consumers, executor, relay, reconciler, HTTP",
+    )
     dev = sub.add_parser(
-        "dev", help="run with zero configuration: embedded PostgreSQL and broker when unset"
+        "dev",
+        parents=[common],
+        help="run with zero configuration: embedded PostgreSQL and broker when unset",
     )
     dev.add_argument(
         "--fresh", action="store_true", help="wipe the embedded database (and Kafka log) first"
@@ -49,26 +84,47 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     dev.add_argument(
-        "--demo", type=int, metavar="N", default=0, help="also play N booking requests"
+        "--demo",
+        type=int,
+        metavar="N",
+        default=0,
+        help="also play N booking requests (a count; default 0: none)",
     )
-    demo = sub.add_parser("demo", help="play the booking saga against a running service over Kafka")
-    demo.add_argument("--count", type=int, default=200, metavar="N", help="booking requests")
-    demo.add_argument("--timeout", type=float, default=120.0, metavar="S")
-    show = sub.add_parser("show", help="print a payment's event stream and its outbox state")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="play the booking saga against a running service over Kafka",
+    )
+    demo.add_argument(
+        "--count", type=int, default=200, metavar="N", help="booking requests (default 200)"
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for every outcome (default 120)",
+    )
+    show = sub.add_parser(
+        "show", parents=[common], help="print a payment's event stream and its outbox state"
+    )
     target = show.add_mutually_exclusive_group(required=True)
     target.add_argument("payment_id", nargs="?", help="the payment id")
     target.add_argument("--booking", metavar="BOOKING_ID", help="find the payment by booking")
-    _dead_letters_parser(sub)
+    _dead_letters_parser(sub, common)
     return parser
 
 
-def _dead_letters_parser(sub: Any) -> None:
+def _dead_letters_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     dead = sub.add_parser(
-        "dead-letters", help="inspect the dead-letter topic and re-drive parked messages"
+        "dead-letters",
+        parents=[common],
+        help="inspect the dead-letter topic and re-drive parked messages",
     )
     actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser(
         "list",
+        parents=[common],
         help="every dead letter: where it came from, why, its size (never its payload)",
     )
     listing.add_argument(
@@ -77,9 +133,10 @@ def _dead_letters_parser(sub: Any) -> None:
         help="also print each payload (card numbers and secrets masked)",
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    listing.add_argument("--timeout", type=float, default=60.0, metavar="S", help=_READ_TIMEOUT)
     again = actions.add_parser(
         "redrive",
+        parents=[common],
         help="re-publish parked records to their original topic, each at most once",
     )
     again.add_argument(
@@ -87,33 +144,99 @@ def _dead_letters_parser(sub: Any) -> None:
     )
     again.add_argument("--all", action="store_true", help="every dead letter not yet re-driven")
     again.add_argument("--dry-run", action="store_true", help="say what would be re-driven")
-    again.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    again.add_argument("--timeout", type=float, default=60.0, metavar="S", help=_READ_TIMEOUT)
+
+
+_READ_TIMEOUT = "seconds to read the dead-letter topic to its end (default 60)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = load_settings(config_file=args.config)
-        if args.command == "migrate":
-            return asyncio.run(_check_schema(settings) if args.check else _migrate(settings))
-        if args.command == "run":
-            return _run(settings)
-        if args.command == "dev":
-            from payment.devmode import run_dev
-
-            return run_dev(settings, fresh=args.fresh, demo=args.demo, broker=args.broker)
-        if args.command == "demo":
-            return asyncio.run(_demo(settings, args.count, args.timeout))
-        if args.command == "show":
-            return asyncio.run(_show(settings, args.payment_id, args.booking))
-        if args.command == "dead-letters":
-            return asyncio.run(_dead_letters(settings, args))
+        return _dispatch(args, settings)
     except ConfigError as exc:
-        print(f"payment-service: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _fail("configuration error", str(exc), EXIT_CONFIGURATION, exc, settings)
+    except DependencyUnavailable as exc:
+        return _fail("unavailable", str(exc), EXIT_UNAVAILABLE, exc, settings)
     except KeyboardInterrupt:
         return 130
-    return 2
+    except Exception as exc:  # the outermost loop: a dependency's error becomes one line
+        line = _dependency_failure(exc, settings)
+        if line is None:
+            raise
+        return _fail("unavailable", line, EXIT_UNAVAILABLE, exc, settings)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "migrate":
+        return asyncio.run(_check_schema(settings) if args.check else _migrate(settings))
+    if args.command == "run":
+        return _run(settings)
+    if args.command == "dev":
+        from payment.devmode import run_dev
+
+        return run_dev(settings, fresh=args.fresh, demo=args.demo, broker=args.broker)
+    if args.command == "demo":
+        return asyncio.run(_demo(settings, args.count, args.timeout))
+    if args.command == "show":
+        return asyncio.run(_show(settings, args.payment_id, args.booking))
+    if args.command == "dead-letters":
+        return asyncio.run(_dead_letters(settings, args))
+    return EXIT_CONFIGURATION
+
+
+def _dependency_failure(exc: BaseException, settings: Settings | None) -> str | None:
+    """One line for an error of the database or the broker (None: not theirs, a bug)."""
+    import psycopg
+    import psycopg_pool
+    from aiokafka.errors import KafkaError
+
+    from payment.adapters.startup import broker_failure, database_failure
+
+    if settings is None:
+        return None
+    if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
+        return database_failure(exc, str(settings.database_url))
+    if isinstance(exc, KafkaError):
+        return broker_failure(exc, str(settings.kafka_bootstrap_servers))
+    return None
+
+
+def _fail(kind: str, line: str, code: int, exc: BaseException, settings: Settings | None) -> int:
+    """Write one line (text, or JSON with PAYMENT_LOG_FORMAT=json) and return `code`.
+
+    The traceback follows only with PAYMENT_LOG_LEVEL=DEBUG.
+    """
+    import json
+    import os
+    import traceback
+    from datetime import UTC, datetime
+
+    from payment.adapters.logs import redact
+
+    level = (settings.log_level if settings else os.environ.get("PAYMENT_LOG_LEVEL", "")).upper()
+    fmt = settings.log_format if settings else os.environ.get("PAYMENT_LOG_FORMAT", "text")
+    trace = "".join(traceback.format_exception(exc)) if level == "DEBUG" else None
+    line = redact(line)
+    if fmt == "json":
+        record: dict[str, object] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "ERROR",
+            "logger": "payment.cli",
+            "message": f"{kind}: {line}",
+            "failure": "configuration" if code == EXIT_CONFIGURATION else "unavailable",
+            "exit_code": code,
+        }
+        if trace is not None:
+            record["exception"] = redact(trace)
+        print(json.dumps(record, ensure_ascii=False), file=sys.stderr)
+    else:
+        print(f"payment-service: {kind}: {line}", file=sys.stderr)
+        if trace is not None:
+            print(redact(trace), file=sys.stderr, end="")
+    return code
 
 
 async def _demo(settings: Settings, count: int, timeout_s: float) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 import platformdirs
 
-from payment.settings import Settings
+from payment.settings import Settings, dev_defaults
 
 if TYPE_CHECKING:
     from payment.bootstrap import Service
@@ -53,9 +53,10 @@ def run_dev(
 
 def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrokerKind) -> int:
     from payment.adapters.embedded import EmbeddedBroker, EmbeddedPostgres
-    from payment.adapters.postgres.migrations import migrate
     from payment.bootstrap import Service, configure_logging
 
+    # The fake, migrations on start and topic creation on a single node, unless set.
+    settings = dev_defaults(settings)
     configure_logging(settings)
     with ExitStack() as stack:
         # SIGTERM must unwind this stack (stopping the children) like Ctrl-C does.
@@ -90,7 +91,6 @@ def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrok
         # Restore the default handler inside asyncio.run: the service installs its own.
         signal.signal(signal.SIGTERM, previous)
         try:
-            asyncio.run(migrate(str(settings.database_url)))
             service = Service(settings)
             return asyncio.run(_serve(service, settings, demo))
         except KeyboardInterrupt:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import msgspec
 
@@ -21,8 +22,26 @@ MIN_REBALANCE_TIMEOUT_MS = int((DRAIN_TIMEOUT_S + REVOKE_COMMIT_TIMEOUT_S) * 100
 ProcessorKind = Literal["fake", "sandbox", "stripe"]
 
 
+# Exit codes of every command (README, "Exit codes"): what an operator or a supervisor
+# tells apart without reading the line.
+EXIT_CONFIGURATION = 2
+EXIT_UNAVAILABLE = 3
+
+# PAYMENT_* variables that are not settings: read by tools, tests and benchmarks, never by
+# the service's configuration. Any other unknown PAYMENT_* variable is a configuration error.
+NON_SETTING_VARIABLES = frozenset({"PAYMENT_FAILPOINTS", "PAYMENT_KAFKA_CACHE_DIR"})
+NON_SETTING_PREFIXES = ("PAYMENT_TEST_", "PAYMENT_BENCH_")
+
+
 class ConfigError(Exception):
     """A bad setting; the message is one line naming the variable, never echoing a secret."""
+
+
+class DependencyUnavailable(Exception):
+    """A dependency (database, broker, topics, schema) is missing or refuses us at start-up.
+
+    The message is one line naming what failed and what to check, never a secret.
+    """
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,7 +49,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     database_url: str | None = None
     kafka_bootstrap_servers: str | None = None
-    processor: ProcessorKind = "fake"
+    # No default for `run`: charging with the fake by accident must be impossible
+    # (`dev` and the tests choose `fake`; see `run_defaults` and `dev_defaults`).
+    processor: ProcessorKind | None = None
     fake_mode: Literal["success", "fail", "random"] = "success"
     fake_success_rate: float = 0.8
     fake_seed: int | None = None
@@ -43,6 +64,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (`dev` sets 10 ms for its embedded Tansu, which answers only when the wait expires.)
     kafka_fetch_max_wait_ms: int = 500
     kafka_topic_partitions: int = 6
+    # Unset (None) means "as the command decides": `run` migrates and creates topics only
+    # when told to; `dev` does both on a single-node broker (run_defaults, dev_defaults).
+    migrate_on_start: bool | None = None
+    kafka_create_topics: bool | None = None
+    kafka_replication_factor: int | None = None
+    kafka_min_insync_replicas: int | None = None
     # Group membership: how fast a dead instance's partitions move to the others.
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 1_000
@@ -111,6 +138,80 @@ def redact_url(url: str | None) -> str | None:
     return None if url is None else _SECRET_IN_URL.sub(r"\1***@", url)
 
 
+# What `run` and `dev` choose for the settings left unset (None) above.
+RUN_DEFAULTS: dict[str, Any] = {
+    "migrate_on_start": False,
+    "kafka_create_topics": False,
+    "kafka_replication_factor": 3,
+    "kafka_min_insync_replicas": 2,
+}
+DEV_DEFAULTS: dict[str, Any] = {
+    "processor": "fake",
+    "migrate_on_start": True,
+    "kafka_create_topics": True,
+    "kafka_replication_factor": 1,
+    "kafka_min_insync_replicas": 1,
+}
+
+
+def _fill(settings: Settings, defaults: Mapping[str, Any]) -> Settings:
+    unset = {k: v for k, v in defaults.items() if getattr(settings, k) is None}
+    return msgspec.structs.replace(settings, **unset) if unset else settings
+
+
+def run_defaults(settings: Settings) -> Settings:
+    """`settings` with what `run` decides for unset ones; PAYMENT_PROCESSOR must be set."""
+    if settings.processor is None:
+        raise ConfigError(
+            "PAYMENT_PROCESSOR: required by run (fake, sandbox or stripe); it has no default"
+            " so that nothing is charged with the fake by accident"
+        )
+    filled = _fill(settings, RUN_DEFAULTS)
+    _validate_replication(filled)
+    return filled
+
+
+def dev_defaults(settings: Settings) -> Settings:
+    """`settings` with what `dev` decides for unset ones (the fake, migrations, topics)."""
+    filled = _fill(settings, DEV_DEFAULTS)
+    _validate_replication(filled)
+    return filled
+
+
+def _validate_replication(s: Settings) -> None:
+    rf, isr = s.kafka_replication_factor, s.kafka_min_insync_replicas
+    if rf is not None and rf < 1:
+        raise ConfigError("PAYMENT_KAFKA_REPLICATION_FACTOR: must be at least 1")
+    if isr is not None and isr < 1:
+        raise ConfigError("PAYMENT_KAFKA_MIN_INSYNC_REPLICAS: must be at least 1")
+    if rf is not None and isr is not None and isr > rf:
+        raise ConfigError(
+            f"PAYMENT_KAFKA_MIN_INSYNC_REPLICAS: {isr} exceeds"
+            f" PAYMENT_KAFKA_REPLICATION_FACTOR ({rf}); no write could ever succeed"
+        )
+
+
+def known_variables() -> frozenset[str]:
+    """Every PAYMENT_* variable that names a setting."""
+    return frozenset(_env_name(f) for f in Settings.__struct_fields__)
+
+
+def check_unknown_variables(environ: Mapping[str, str]) -> None:
+    """Fail on a PAYMENT_* variable that is no setting (a typo), naming the closest one."""
+    known = known_variables()
+    for name in sorted(environ):
+        if (
+            not name.startswith(PREFIX)
+            or name in known
+            or name in NON_SETTING_VARIABLES
+            or name.startswith(NON_SETTING_PREFIXES)
+        ):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (see the README for every setting)"
+        raise ConfigError(f"{name}: unknown setting{hint}")
+
+
 def _env_name(field: str) -> str:
     return PREFIX + field.upper()
 
@@ -123,8 +224,20 @@ def _coerce(field: str, raw: Any, annotation: Any) -> Any:
             return msgspec.convert(_parse_scalar(raw, annotation), annotation, strict=False)
         return msgspec.convert(raw, annotation, strict=False)
     except (msgspec.ValidationError, ValueError):
-        expected = getattr(annotation, "__args__", None)
-        hint = f"one of {', '.join(map(str, expected))}" if expected else _type_name(annotation)
+        expected: list[Any] = []
+        for arg in getattr(annotation, "__args__", ()):
+            if get_origin(arg) is Literal:
+                expected.extend(get_args(arg))
+            elif arg is not type(None):
+                expected.append(arg)
+        if annotation in (bool, bool | None):
+            hint = "true or false"
+        elif expected and all(isinstance(a, str) for a in expected):
+            hint = f"one of {', '.join(expected)}"
+        elif expected:
+            hint = " or ".join(_type_name(a) for a in expected)
+        else:
+            hint = _type_name(annotation)
         shown = "" if "key" in field else f" {str(raw)[:60]!r}"
         raise ConfigError(f"{name}: invalid value{shown} (expected {hint})") from None
 
@@ -135,7 +248,9 @@ def _type_name(annotation: Any) -> str:
 
 def _parse_scalar(raw: str, annotation: Any) -> Any:
     text = raw.strip()
-    if annotation in (bool,):
+    if text == "" and "None" in str(annotation):
+        return None
+    if annotation in (bool, bool | None):
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
@@ -152,6 +267,7 @@ def load_settings(
 ) -> Settings:
     """Settings from an optional TOML file, overridden by PAYMENT_* variables; validated."""
     environ = os.environ if environ is None else environ
+    check_unknown_variables(environ)
     values: dict[str, Any] = {}
     hints = Settings.__annotations__
     types = {f: _resolve(hints[f]) for f in Settings.__struct_fields__}
@@ -165,7 +281,9 @@ def load_settings(
             raise ConfigError(f"--config: {config_file} is not valid TOML: {exc}") from None
         for key, raw in data.items():
             if key not in types:
-                raise ConfigError(f"--config: unknown setting {key!r} in {config_file}")
+                close = difflib.get_close_matches(key, sorted(types), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"--config: unknown setting {key!r} in {config_file}{hint}")
             values[key] = _coerce(key, raw, types[key])
     for field, annotation in types.items():
         raw = environ.get(_env_name(field))
@@ -259,5 +377,6 @@ def _validate(s: Settings) -> None:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
     if s.db_pool_min > s.db_pool_max:
         raise ConfigError("PAYMENT_DB_POOL_MIN: must not exceed PAYMENT_DB_POOL_MAX")
+    _validate_replication(s)
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("PAYMENT_LOG_LEVEL: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")

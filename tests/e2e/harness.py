@@ -213,6 +213,8 @@ def service_env(
             "PAYMENT_HTTP_PORT": str(http_port if http_port is not None else free_port()),
             "PAYMENT_PROCESSOR": "fake",
             "PAYMENT_FAKE_MODE": "success",
+            # `run` migrates only when told to; the topics are created by `create_topics`.
+            "PAYMENT_MIGRATE_ON_START": "true",
             **topics.env(),
         }
     )

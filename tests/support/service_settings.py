@@ -11,7 +11,16 @@ def isolated_settings(
     prefix: str, *, database_url: str, bootstrap: str, **overrides: Any
 ) -> Settings:
     """Settings whose topics and consumer group are named after `prefix` (unique per test),
-    with HTTP on a free loopback port; `overrides` sets anything else."""
+    with HTTP on a free loopback port, the fake processor, migrations and topics created
+    at start on the single test broker; `overrides` sets anything else."""
+    chosen: dict[str, Any] = {
+        "processor": "fake",
+        "migrate_on_start": True,
+        "kafka_create_topics": True,
+        "kafka_replication_factor": 1,
+        "kafka_min_insync_replicas": 1,
+        **overrides,
+    }
     return Settings(
         database_url=database_url,
         kafka_bootstrap_servers=bootstrap,
@@ -23,7 +32,7 @@ def isolated_settings(
         topic_dead_letter=f"{prefix}.dead_letter",
         http_host="127.0.0.1",
         http_port=0,
-        **overrides,
+        **chosen,
     )
 
 

@@ -87,6 +87,8 @@ class Metrics:
         self._declared: dict[str, _Declared] = {}
         self._collectors: list[Collector] = []
         self._observed: dict[str, list[tuple[float, Attributes]]] = {}
+        # Values set once (build info) that every scrape shows, whatever the collectors do.
+        self._static: dict[str, list[tuple[float, Attributes]]] = {}
         self._scrape_lock = asyncio.Lock()
 
         # -- inbound -------------------------------------------------------------------
@@ -215,6 +217,11 @@ class Metrics:
             "outbox sends the broker did not acknowledge (retried)",
         )  # fmt: skip
 
+        self._observable_gauge(
+            meter, "payment.build.info", "",
+            "always 1: the running version and the processor in use (a label each)",
+        )  # fmt: skip
+
         # Series that should read 0 rather than be absent before the first event, so
         # rate() and alerts work from the start.
         for counter in (
@@ -276,6 +283,12 @@ class Metrics:
         if collect in self._collectors:
             self._collectors.remove(collect)
 
+    def set_build_info(self, *, processor: str, version: str | None = None) -> None:
+        """`payment_build_info{version, processor} 1` from now on, on every scrape."""
+        self._static["payment.build.info"] = [
+            (1, {"version": version or package_version(), "processor": processor})
+        ]
+
     def observe(self, name: str, values: Iterable[tuple[float, Attributes]]) -> None:
         """Set the current values of an observable instrument (a collector calls this)."""
         if name not in self._declared:
@@ -284,7 +297,7 @@ class Metrics:
 
     async def collect(self) -> None:
         """Run every collector once (each bounded by a timeout); failures are left out."""
-        self._observed = {}
+        self._observed = dict(self._static)
         for collect in self._collectors:
             try:
                 async with asyncio.timeout(COLLECT_TIMEOUT_S):
@@ -306,6 +319,16 @@ class Metrics:
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+
+def package_version() -> str:
+    """The installed version of payment-service ("unknown" when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("payment-service")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # -- Prometheus text format ---------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -15,6 +16,9 @@ from payment.application.messages import PAYMENT_COMPLETED, PAYMENT_FAILED, PAYM
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 6
+# Kafka error codes in a DescribeTopics answer.
+_UNKNOWN_TOPIC = 3
+_TOPIC_AUTHORIZATION_FAILED = 29
 
 
 class Topics(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,10 +96,12 @@ async def ensure_topics(
     replication: int = 1,
     *,
     timeout_ms: int = 30_000,
+    min_insync_replicas: int | None = None,
 ) -> list[str]:
     """Create whichever of `names` do not exist; returns the ones this call created.
 
-    Existing topics are left as they are (partition count included). Safe to run from
+    `min_insync_replicas` sets the new topics' `min.insync.replicas` (unset: the broker's
+    default). Existing topics are left as they are (partition count included). Safe to run from
     several instances at once: losing the race to create a topic is not an error.
     Raises `TopicCreationFailed` for any other refusal, or aiokafka's `KafkaError` if the
     broker cannot be reached.
@@ -112,8 +118,15 @@ async def ensure_topics(
         missing = [name for name in wanted if name not in existing]
         if not missing:
             return []
+        configs = (
+            {} if min_insync_replicas is None else {"min.insync.replicas": str(min_insync_replicas)}
+        )
         response = await admin.create_topics(
-            [NewTopic(name, partitions, replication) for name in missing], timeout_ms=timeout_ms
+            [
+                NewTopic(name, partitions, replication, topic_configs=dict(configs))
+                for name in missing
+            ],
+            timeout_ms=timeout_ms,
         )
         # Apache Kafka answers CreateTopics once the controller has recorded them; their
         # partitions get leaders a moment later, and until then clients are refused.
@@ -129,7 +142,77 @@ async def ensure_topics(
         error = for_code(code)
         if error is TopicAlreadyExistsError:
             continue  # another instance created it between our listing and our request
-        raise TopicCreationFailed(f"cannot create topic {topic}: {error.__name__}")
+        raise TopicCreationFailed(
+            f"cannot create topic {topic}: {error.__name__}"
+            + (
+                " (the principal needs CREATE on the topic or the cluster)"
+                if "Authorization" in error.__name__
+                else ""
+            )
+            + (
+                f" (the cluster has fewer brokers than replication factor {replication})"
+                if error.__name__ == "InvalidReplicationFactorError"
+                else ""
+            )
+        )
     if created:
         log.info("created topics %s (%d partitions)", ", ".join(created), partitions)
     return created
+
+
+async def check_topics(
+    bootstrap_servers: str | list[str], names: Iterable[str], *, timeout_ms: int = 30_000
+) -> str | None:
+    """Why the existing topics cannot serve the service, in one line; None when they can.
+
+    Every topic of `names` must exist with a leader for each partition, and all must have
+    the same partition count: outbound events of a payment and the `payment.initiated` it
+    consumes are keyed by payment id, and the executor relies on one partitioning.
+    Raises aiokafka's `KafkaError` if the broker cannot be reached.
+    """
+    wanted = list(dict.fromkeys(names))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        request_timeout_ms=timeout_ms,
+        client_id="payment-service-admin",
+    )
+    await admin.start()
+    try:
+        described = await admin.describe_topics(wanted)
+    finally:
+        await admin.close()
+    return topic_problem(wanted, described)
+
+
+def topic_problem(wanted: list[str], described: Iterable[Mapping[str, Any]]) -> str | None:
+    """`check_topics`'s judgement of a DescribeTopics answer (pure, for the unit tests)."""
+    by_name = {str(t["topic"]): t for t in described}
+    missing: list[str] = []
+    denied: list[str] = []
+    counts: dict[str, int] = {}
+    for name in wanted:
+        topic = by_name.get(name)
+        code = int(topic["error_code"]) if topic is not None else _UNKNOWN_TOPIC
+        if code == _TOPIC_AUTHORIZATION_FAILED:
+            denied.append(name)
+        elif code != 0 or topic is None:
+            missing.append(name)
+        else:
+            counts[name] = len(topic["partitions"])
+    if denied:
+        return (
+            f"not allowed to describe topics {', '.join(denied)}: grant the service's principal"
+            " DESCRIBE, READ and WRITE on them (docs/operations.md, Kafka ACLs)"
+        )
+    if missing:
+        return (
+            f"topics missing: {', '.join(missing)}: create them (docs/operations.md, Topics)"
+            " or set PAYMENT_KAFKA_CREATE_TOPICS=true"
+        )
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name} {count}" for name, count in counts.items())
+        return (
+            f"topics have different partition counts ({shown}): give them all the same"
+            " number of partitions"
+        )
+    return None
