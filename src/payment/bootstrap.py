@@ -68,10 +68,6 @@ from payment.settings import (
 
 log = logging.getLogger("payment")
 
-# How long one start-up step (schema check, topic check, pool, producer) may take before
-# the service gives up with one line instead of hanging.
-STARTUP_STEP_TIMEOUT_S = 30.0
-
 # Errors that mean "the database or the broker is unreachable right now": the consumer
 # retries these for as long as they last and never dead-letters because of them. Database
 # errors are judged by SQLSTATE class (adapters/postgres/errors.py), not by Python type.
@@ -267,7 +263,7 @@ class Service:
         s = self.settings
         url = str(s.database_url)
         try:
-            async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+            async with asyncio.timeout(s.startup_timeout_s):
                 if s.migrate_on_start:
                     self._starting = "starting: applying migrations"
                     applied = await migrate(url)
@@ -291,7 +287,7 @@ class Service:
         s = self.settings
         servers = str(s.kafka_bootstrap_servers)
         try:
-            async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+            async with asyncio.timeout(s.startup_timeout_s):
                 if s.kafka_create_topics:
                     self._starting = "starting: creating topics"
                     created = await ensure_topics(
@@ -349,14 +345,14 @@ class Service:
             await self._prepare_topics(topics)
             self._starting = "starting: opening the database pools and the producer"
             try:
-                async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+                async with asyncio.timeout(s.startup_timeout_s):
                     control = await c.control_pool()
                     # Its provider depends on the async pool Resource: an awaitable.
                     store_uow_factory = await _resolved(c.uow_factory())
             except (OSError, TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 raise DependencyUnavailable(database_failure(exc, str(s.database_url))) from exc
             try:
-                async with asyncio.timeout(STARTUP_STEP_TIMEOUT_S):
+                async with asyncio.timeout(s.startup_timeout_s):
                     producer = await c.producer()
             except (OSError, TimeoutError, KafkaError) as exc:
                 raise DependencyUnavailable(

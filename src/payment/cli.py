@@ -170,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command not in ("run", "dev") and settings.log_level.upper() != "DEBUG":
+        # The operator tools answer in their own words; the Kafka client's retries and
+        # connection errors would only repeat the one line a failure ends with.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     if args.command == "migrate":
         return asyncio.run(_check_schema(settings) if args.check else _migrate(settings))
     if args.command == "run":

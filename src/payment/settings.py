@@ -70,6 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     kafka_create_topics: bool | None = None
     kafka_replication_factor: int | None = None
     kafka_min_insync_replicas: int | None = None
+    # How long each start-up step (schema, topics, database pool, producer) may take
+    # before `run` gives up with one line and exit code 3, instead of hanging.
+    startup_timeout_s: float = 30.0
     # Group membership: how fast a dead instance's partitions move to the others.
     kafka_session_timeout_ms: int = 10_000
     kafka_heartbeat_interval_ms: int = 1_000
@@ -373,6 +376,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("PAYMENT_PROCESSOR_MAX_CONCURRENCY: must be at least 1")
     if s.processor_max_rate is not None and s.processor_max_rate <= 0:
         raise ConfigError("PAYMENT_PROCESSOR_MAX_RATE: must be positive")
+    if s.startup_timeout_s <= 0:
+        raise ConfigError("PAYMENT_STARTUP_TIMEOUT_S: must be positive")
     if s.retention_interval_s <= 0:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
     if s.db_pool_min > s.db_pool_max:

@@ -187,7 +187,11 @@ async def read_dead_letters(
         fetch_max_wait_ms=fetch_max_wait_ms,
         client_id="payment-service-dead-letters",
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # a consumer that failed to start is still open
+        raise
     try:
         async with asyncio.timeout(timeout_s):
             partitions = await partitions_of(bootstrap_servers, topic)
