@@ -8,20 +8,19 @@ import json
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from .harness import (
+    ServiceProcess,
     ServiceTopics,
     create_topics,
-    free_port,
     led_partitions,
     run_cli,
-    service_command,
     service_env,
 )
 
@@ -172,9 +171,8 @@ async def test_topics_with_different_partition_counts_stop_run(
 
 
 async def test_run_migrates_and_creates_topics_when_told(
-    database_url: str, kafka_bootstrap: str
+    database_url: str, kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    port = free_port()
     env = env_for(
         database_url,
         kafka_bootstrap,
@@ -183,31 +181,19 @@ async def test_run_migrates_and_creates_topics_when_told(
         PAYMENT_KAFKA_REPLICATION_FACTOR="1",
         PAYMENT_KAFKA_MIN_INSYNC_REPLICAS="1",
         PAYMENT_KAFKA_TOPIC_PARTITIONS="2",
-        PAYMENT_HTTP_PORT=str(port),
     )
     names = [v for k, v in env.items() if k.startswith("PAYMENT_TOPIC_")]
-    with subprocess.Popen(
-        service_command() + ["run"], env=env, stderr=subprocess.PIPE, text=True
-    ) as process:
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                for _ in range(1200):
-                    assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                    try:
-                        if (await client.get("/health/ready")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.05)
-                metrics = (await client.get("/metrics")).text
-            led = await led_partitions(kafka_bootstrap, names, 10.0)
-            assert {name: len(parts) for name, parts in led.items()} == dict.fromkeys(names, 2)
-            assert 'payment_build_info{processor="fake",version="' in metrics
-        finally:
-            process.terminate()
-            _, err = process.communicate(timeout=60)
-    assert process.returncode == 0, err
-    assert "PAYMENT_PROCESSOR=fake: nothing is charged" in err
+    service = ServiceProcess(env, tmp_path / "service.log")
+    try:
+        await service.start_ready()
+        metrics = (await service.get("/metrics")).text
+        led = await led_partitions(kafka_bootstrap, names, 10.0)
+        assert {name: len(parts) for name, parts in led.items()} == dict.fromkeys(names, 2)
+        assert 'payment_build_info{processor="fake",version="' in metrics
+        assert await service.terminate() == 0
+    finally:
+        service.close()
+    assert "PAYMENT_PROCESSOR=fake: nothing is charged" in service.log_text()
 
 
 # -- liveness from the first second ---------------------------------------------------------
@@ -241,30 +227,24 @@ def silent_database() -> Iterator[str]:
 
 
 async def test_liveness_answers_while_start_up_waits_and_readiness_says_why(
-    silent_database: str,
+    silent_database: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    env = env_for(silent_database, PAYMENT_HTTP_PORT=str(port), PAYMENT_STARTUP_TIMEOUT_S="8")
-    with subprocess.Popen(
-        service_command() + ["run"], env=env, stderr=subprocess.PIPE, text=True
-    ) as process:
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                live = ready = None
-                for _ in range(400):
-                    try:
-                        live = await client.get("/health/live")
-                        ready = await client.get("/health/ready")
-                        break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.02)
-            assert live is not None and ready is not None
-            assert live.status_code == 200
-            assert ready.status_code == 503
-            assert ready.text == "startup: starting: checking the schema\n"
-        finally:
-            started = time.monotonic()
-            _, err = process.communicate(timeout=60)
-    assert time.monotonic() - started < 60
-    assert process.returncode == 3
-    assert "no answer in time" in err.strip().splitlines()[-1]
+    env = env_for(silent_database, PAYMENT_STARTUP_TIMEOUT_S="8")
+    service = ServiceProcess(env, tmp_path / "service.log").start()
+    try:
+        live = ready = None
+        for _ in range(400):
+            try:
+                live = await service.get("/health/live")
+                ready = await service.get("/health/ready")
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.02)
+        assert live is not None and ready is not None
+        assert live.status_code == 200
+        assert ready.status_code == 503
+        assert ready.text == "startup: starting: checking the schema\n"
+        assert await service.wait_exit(60) == 3
+    finally:
+        service.close()
+    assert "no answer in time" in service.log_text().strip().splitlines()[-1]
