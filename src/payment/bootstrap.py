@@ -39,7 +39,7 @@ from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
-from payment.adapters.postgres.migrations import check_schema, migrate
+from payment.adapters.postgres.migrations import MigrationError, check_schema, migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
 from payment.adapters.postgres.pool import open_pool
@@ -276,6 +276,8 @@ class Service:
                     return
                 self._starting = "starting: checking the schema"
                 result = await check_schema(url)
+        except MigrationError as exc:
+            raise DependencyUnavailable(f"database schema: {exc}") from exc
         except (OSError, TimeoutError, psycopg.Error) as exc:
             raise DependencyUnavailable(database_failure(exc, url)) from exc
         if not result.agrees:

@@ -276,9 +276,12 @@ def _require_database(settings: Settings) -> str:
 
 
 async def _migrate(settings: Settings) -> int:
-    from payment.adapters.postgres.migrations import migrate
+    from payment.adapters.postgres.migrations import MigrationError, migrate
 
-    applied = await migrate(_require_database(settings))
+    try:
+        applied = await migrate(_require_database(settings))
+    except MigrationError as exc:
+        raise DependencyUnavailable(f"database schema: {exc}") from exc
     if applied:
         print(f"migrate: applied {', '.join(f'{v:04d}' for v in applied)}")
     else:
@@ -422,12 +425,15 @@ async def _redrive(
 ) -> int:
     from payment.adapters.kafka.producer import create_producer
     from payment.adapters.kafka.redrive import redrive
-    from payment.adapters.postgres.migrations import migrate
+    from payment.adapters.postgres.migrations import check_schema
     from payment.adapters.postgres.redrives import PostgresRedriveLedger
 
     assert settings.kafka_bootstrap_servers is not None
     topic = settings.topic_dead_letter
-    await migrate(url)  # the ledger table (0003)
+    # The ledger table (0003) must exist; the runtime role may not create it.
+    schema = await check_schema(url)
+    if not schema.agrees:
+        raise DependencyUnavailable(f"database schema: {schema.line}")
     producer = create_producer(
         settings.kafka_bootstrap_servers,
         enable_idempotence=settings.kafka_enable_idempotence,

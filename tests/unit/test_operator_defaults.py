@@ -219,3 +219,26 @@ def test_build_info_names_the_version_and_the_processor() -> None:
     metrics.set_build_info(processor="fake", version="9.9.9")
     text = asyncio.run(metrics.render())
     assert 'payment_build_info{processor="fake",version="9.9.9"} 1' in text
+
+
+# -- the README -------------------------------------------------------------------------------
+
+
+def test_the_readme_documents_every_setting_and_command() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    undocumented = [
+        name
+        for name in sorted(Settings.__struct_fields__)
+        if f"PAYMENT_{name.upper()}" not in readme
+        # The topic names share one row: `PAYMENT_TOPIC_REQUEST`, `_INITIATED`, …
+        and not (name.startswith("topic_") and f"`_{name[6:].upper()}`" in readme)
+    ]
+    assert undocumented == []
+    import argparse
+
+    commands = next(
+        a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    assert [c for c in commands if f"payment-service {c}" not in readme] == []
