@@ -54,9 +54,12 @@ from payment.adapters.processors.stripe import (
 )
 from payment.adapters.startup import broker_failure, database_failure
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
+from payment.application.commands import ResolveReview
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.reconciler import Reconciler
+from payment.application.review import ReviewLookup, resolve_review
+from payment.domain.events import PaymentReviewResolved
 from payment.settings import (
     DRAIN_TIMEOUT_S,
     REVOKE_COMMIT_TIMEOUT_S,
@@ -194,6 +197,29 @@ def make_container(settings: Settings) -> Container:
     container = Container()
     container.config.from_dict(msgspec.structs.asdict(settings))
     return container
+
+
+async def resolve_review_now(
+    settings: Settings, cmd: ResolveReview
+) -> tuple[PaymentReviewResolved, ReviewLookup]:
+    """`review resolve`: the handler on the configured database and gateway (which must be
+    chosen, as for `run`: the gateway is asked before anything is recorded)."""
+    container = make_container(run_defaults(settings))
+    try:
+        try:
+            await container.pool()
+            uow_factory = await _resolved(container.uow_factory())
+        except (OSError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise DependencyUnavailable(database_failure(exc, str(settings.database_url))) from exc
+        gateway = container.processor()
+        try:
+            return await resolve_review(cmd, uow_factory, gateway, container.clock())
+        finally:
+            closer = getattr(gateway, "aclose", None)
+            if closer is not None:
+                await closer()
+    finally:
+        await _shutdown_resources(container)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -1,4 +1,4 @@
-"""The `payment-service` command: migrate, run, dev, demo, show, dead-letters."""
+"""The `payment-service` command: migrate, run, dev, demo, show, dead-letters, review."""
 
 from __future__ import annotations
 
@@ -112,7 +112,45 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("payment_id", nargs="?", help="the payment id")
     target.add_argument("--booking", metavar="BOOKING_ID", help="find the payment by booking")
     _dead_letters_parser(sub, common)
+    _review_parser(sub, common)
     return parser
+
+
+def _review_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    review = sub.add_parser(
+        "review",
+        parents=[common],
+        help="payments flagged for manual review: list them, resolve one without SQL",
+    )
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list", parents=[common], help="every payment flagged for review and not resolved yet"
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    resolve = actions.add_parser(
+        "resolve",
+        parents=[common],
+        help=(
+            "look the payment up at the gateway, then record its outcome (who, why) and"
+            " publish it; refused when the gateway's answer does not back the outcome"
+        ),
+    )
+    resolve.add_argument("payment_id", metavar="PAYMENT_ID", help="the payment id (a UUID)")
+    resolve.add_argument(
+        "--outcome",
+        choices=("completed", "failed"),
+        required=True,
+        help="what the gateway shows: completed (charged) or failed (declined or no charge)",
+    )
+    resolve.add_argument("--reason", required=True, metavar="TEXT", help="why (stored)")
+    resolve.add_argument(
+        "--by", required=True, metavar="NAME", help="who resolves it (stored with the outcome)"
+    )
+    resolve.add_argument(
+        "--force",
+        action="store_true",
+        help="record the outcome even when the gateway disagrees (the override is stored)",
+    )
 
 
 def _dead_letters_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -188,6 +226,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_show(settings, args.payment_id, args.booking))
     if args.command == "dead-letters":
         return asyncio.run(_dead_letters(settings, args))
+    if args.command == "review":
+        return asyncio.run(_review(settings, args))
     return EXIT_CONFIGURATION
 
 
@@ -337,6 +377,80 @@ async def _show(settings: Settings, payment_id: str | None, booking: str | None)
         print("show: no such payment", file=sys.stderr)
         return 1
     print("\n".join(lines))
+    return 0
+
+
+async def _review(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    url = _require_database(settings)
+    if args.action == "list":
+        from payment.adapters.postgres.review_queries import open_reviews
+
+        reviews = await open_reviews(url)
+        if not args.json:
+            print(f"{len(reviews)} payments flagged for review")
+        for r in reviews:
+            flagged = r.flagged_at.isoformat(timespec="seconds")
+            if args.json:
+                facts = {
+                    "payment_id": str(r.payment_id),
+                    "booking_id": r.booking_id,
+                    "amount": r.amount,
+                    "currency": r.currency,
+                    "flagged_at": flagged,
+                    "detail": r.detail,
+                }
+                print(json.dumps(facts, ensure_ascii=False))
+            else:
+                print(
+                    f"{r.payment_id}  booking={r.booking_id}  {r.amount} {r.currency}"
+                    f"  flagged {flagged}: {r.detail}"
+                )
+        return 0
+    return await _resolve_review(settings, args)
+
+
+async def _resolve_review(settings: Settings, args: argparse.Namespace) -> int:
+    from payment.application.commands import ResolveReview
+    from payment.application.review import NoSuchPayment
+    from payment.bootstrap import resolve_review_now
+    from payment.domain.errors import IllegalTransition, ReviewDisagreesWithGateway
+
+    try:
+        payment_id = uuid.UUID(args.payment_id)
+    except ValueError:
+        print(f"review resolve: not a payment id (UUID): {args.payment_id[:64]!r}", file=sys.stderr)
+        return EXIT_CONFIGURATION
+    cmd = ResolveReview(
+        payment_id=payment_id,
+        outcome=args.outcome,
+        reason=args.reason,
+        resolved_by=args.by,
+        force=args.force,
+    )
+    try:
+        resolution, found = await resolve_review_now(settings, cmd)
+    except NoSuchPayment:
+        print("review resolve: no such payment", file=sys.stderr)
+        return 1
+    except ReviewDisagreesWithGateway as exc:
+        print(
+            f"review resolve: refused: {exc}; nothing recorded (check the gateway, or"
+            " --force to record it anyway)",
+            file=sys.stderr,
+        )
+        return 1
+    except IllegalTransition as exc:
+        print(f"review resolve: refused: {exc}", file=sys.stderr)
+        return 1
+    forced = " (forced against the gateway)" if resolution.forced else ""
+    print(
+        f"review resolve: {payment_id} {resolution.outcome}{forced}; the gateway answered"
+        f" {found.answer}{f' ({found.reference})' if found.reference else ''};"
+        f" recorded by {resolution.resolved_by}; payment.{resolution.outcome} queued for"
+        " publication"
+    )
     return 0
 
 

@@ -54,3 +54,13 @@ class ReconcilePayment(msgspec.Struct, frozen=True, kw_only=True):
 
     payment_id: uuid.UUID
     trace: TraceHeaders = TraceHeaders()
+
+
+class ResolveReview(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator ends a payment flagged for review with the outcome the gateway shows."""
+
+    payment_id: uuid.UUID
+    outcome: str  # "completed" or "failed"
+    reason: str
+    resolved_by: str
+    force: bool = False

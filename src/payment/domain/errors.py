@@ -19,6 +19,10 @@ class ChargeInProgress(IllegalTransition):
     """Another caller started a charge of this payment and its lease is still running."""
 
 
+class ReviewDisagreesWithGateway(IllegalTransition):
+    """A review resolution that contradicts what the gateway says (allowed only if forced)."""
+
+
 class StreamMismatch(DomainError):
     """An event applied to the wrong stream or out of version order."""
 

@@ -77,6 +77,23 @@ class PaymentFlaggedForReview(
     detail: str
 
 
+ReviewOutcome = Literal["completed", "failed"]
+# What the gateway said when the resolution looked the payment up.
+GatewayAnswer = Literal["approved", "declined", "not_found", "unknown"]
+
+
+class PaymentReviewResolved(PaymentEvent, frozen=True, kw_only=True, tag="PaymentReviewResolved"):
+    """A human resolved a payment flagged for review: who, why, what the gateway said when
+    it was asked, and whether the human overrode it (`forced`). The terminal event follows."""
+
+    outcome: ReviewOutcome
+    resolved_by: str
+    reason: str
+    gateway_answer: GatewayAnswer
+    gateway_reference: str | None = None
+    forced: bool = False
+
+
 AnyPaymentEvent = (
     PaymentInitiated
     | ChargeAttempted
@@ -84,6 +101,7 @@ AnyPaymentEvent = (
     | PaymentCompleted
     | PaymentFailed
     | PaymentFlaggedForReview
+    | PaymentReviewResolved
 )
 
 _encoder = msgspec.json.Encoder()

@@ -8,19 +8,35 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TypedDict
 
-from payment.domain.errors import ChargeInProgress, IllegalTransition, StreamMismatch
+from payment.domain.errors import (
+    ChargeInProgress,
+    IllegalTransition,
+    ReviewDisagreesWithGateway,
+    StreamMismatch,
+)
 from payment.domain.events import (
     AnyPaymentEvent,
     AttemptResult,
     ChargeAttempted,
     ChargeStarted,
     FailureReason,
+    GatewayAnswer,
     PaymentCompleted,
     PaymentFailed,
     PaymentFlaggedForReview,
     PaymentInitiated,
+    PaymentReviewResolved,
+    ReviewOutcome,
 )
 from payment.domain.money import Money
+
+# The provider reference of a payment completed by a forced review without one from the
+# gateway: the orchestrator sees that no gateway reference backs it.
+MANUAL_REFERENCE = "manual-review"
+_REVIEW_FAILURE_DETAIL = {
+    "declined": "resolved by manual review: declined at the gateway",
+    "not_found": "resolved by manual review: no charge at the gateway",
+}
 
 
 class _Stamp(TypedDict):
@@ -34,6 +50,14 @@ class PaymentStatus(enum.StrEnum):
     INITIATED = "INITIATED"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
+
+
+def gateway_backs(outcome: ReviewOutcome, answer: GatewayAnswer) -> bool:
+    """Whether the gateway's answer backs a review's outcome: approved for completed, a
+    decline or no charge at all for failed; an unknown answer backs nothing."""
+    if outcome == "completed":
+        return answer == "approved"
+    return answer in ("declined", "not_found")
 
 
 class Payment:
@@ -64,6 +88,7 @@ class Payment:
         self.unguarded_attempts = False
         self.initiated: PaymentInitiated | None = None
         self.outcome: PaymentCompleted | PaymentFailed | None = None
+        self.review_resolution: PaymentReviewResolved | None = None
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -204,6 +229,64 @@ class Payment:
             raise IllegalTransition("payment is already flagged for review")
         return self._emit(PaymentFlaggedForReview(**self._stamp(at), detail=detail))
 
+    def resolve_review(
+        self,
+        *,
+        outcome: ReviewOutcome,
+        resolved_by: str,
+        reason: str,
+        gateway_answer: GatewayAnswer,
+        gateway_reference: str | None,
+        processor: str,
+        forced: bool,
+        at: datetime,
+    ) -> list[AnyPaymentEvent]:
+        """A human ends a payment flagged for review: `PaymentReviewResolved`, then
+        `PaymentCompleted` or `PaymentFailed`.
+
+        The gateway's answer must back the outcome (approved for completed; declined or no
+        charge for failed); otherwise `ReviewDisagreesWithGateway`, unless `forced`, which
+        the event records.
+        """
+        self._require_in_flight("resolve the review of")
+        if not self.flagged_for_review:
+            raise IllegalTransition("payment is not flagged for review")
+        if not resolved_by.strip() or not reason.strip():
+            raise IllegalTransition("a review resolution names who resolved it and why")
+        if not gateway_backs(outcome, gateway_answer) and not forced:
+            raise ReviewDisagreesWithGateway(
+                f"the gateway answers {gateway_answer}, which does not back {outcome}"
+            )
+        events = self._emit(
+            PaymentReviewResolved(
+                **self._stamp(at),
+                outcome=outcome,
+                resolved_by=resolved_by,
+                reason=reason,
+                gateway_answer=gateway_answer,
+                gateway_reference=gateway_reference,
+                forced=forced,
+            )
+        )
+        if outcome == "completed":
+            return events + self._emit(
+                PaymentCompleted(
+                    **self._stamp(at),
+                    processor=processor,
+                    provider_reference=gateway_reference or MANUAL_REFERENCE,
+                )
+            )
+        return events + self._emit(
+            PaymentFailed(
+                **self._stamp(at),
+                reason="declined" if gateway_answer == "declined" else "processor_unavailable",
+                detail=_REVIEW_FAILURE_DETAIL.get(
+                    gateway_answer,
+                    f"resolved by manual review against the gateway's answer ({gateway_answer})",
+                ),
+            )
+        )
+
     # -- state -------------------------------------------------------------------------
 
     @property
@@ -261,6 +344,8 @@ class Payment:
                 self.outcome = event
             case PaymentFlaggedForReview():
                 self.flagged_for_review = True
+            case PaymentReviewResolved():
+                self.review_resolution = event
         self.version = event.version
 
     # -- helpers -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ CURRENT_VERSIONS: Final[Mapping[str, int]] = {
     "PaymentCompleted": 1,
     "PaymentFailed": 1,
     "PaymentFlaggedForReview": 1,
+    "PaymentReviewResolved": 1,
 }
 
 # (event type, version n) -> the upcaster from n to n + 1. None yet: every shape is still
