@@ -37,7 +37,8 @@ async def flag_a_payment(database_url: str, booking_id: str) -> uuid.UUID:
         detail="outcome unknown for 3600s: needs manual review", at=now
     )
     async with open_pool(database_url, min_size=1, max_size=1) as pool:
-        async with PostgresUnitOfWorkFactory(pool)() as uow:
+        uow_factory = PostgresUnitOfWorkFactory(pool)
+        async with uow_factory() as uow:
             await uow.payments.claim_booking(booking_id, payment.id, now)
             await uow.events.append(payment.id, 0, events)
             await uow.commit()
