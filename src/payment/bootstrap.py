@@ -37,7 +37,7 @@ from payment.adapters.kafka.topics import (
 from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
-from payment.adapters.metrics import Metrics
+from payment.adapters.metrics import Metrics, observe_pools
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import MigrationError, check_schema, migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
@@ -45,6 +45,7 @@ from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_no
 from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from payment.adapters.process_stats import process_stats
 from payment.adapters.processors.fake import FakeProcessor
 from payment.adapters.processors.limits import LimitedProcessor, limits_for
 from payment.adapters.processors.stripe import (
@@ -375,6 +376,7 @@ class Service:
             try:
                 async with asyncio.timeout(s.startup_timeout_s):
                     control = await c.control_pool()
+                    store_pool = await c.pool()
                     # Its provider depends on the async pool Resource: an awaitable.
                     store_uow_factory = await _resolved(c.uow_factory())
             except (OSError, TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
@@ -527,7 +529,30 @@ class Service:
                     ],
                 )
 
-            for collector in (collect_process, collect_database):
+            async def collect_instance() -> None:
+                stats = process_stats()
+                for name, key in (
+                    ("process.cpu", "cpu_s"),
+                    ("process.resident_memory", "rss_bytes"),
+                    ("process.open_fds", "open_fds"),
+                    ("process.max_fds", "max_fds"),
+                    ("process.start_time", "start_time_s"),
+                ):
+                    if key in stats:
+                        metrics.observe(name, [(stats[key], {})])
+                pools = {"main": store_pool, "control": control}
+                observe_pools(metrics, {name: pool.get_stats() for name, pool in pools.items()})
+                metrics.observe("payment.outbox.relay_leader", [(int(relay.leading), {})])
+                metrics.observe(
+                    "payment.retention.purged",
+                    [
+                        (retention.purged_outbox, {"table": "outbox"}),
+                        (retention.purged_inbox, {"table": "inbox"}),
+                    ],
+                )
+                metrics.observe("payment.retention.failed_rounds", [(retention.failed_rounds, {})])
+
+            for collector in (collect_instance, collect_process, collect_database):
                 metrics.add_collector(collector)
                 stack.callback(metrics.remove_collector, collector)
 

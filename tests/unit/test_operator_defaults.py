@@ -242,3 +242,38 @@ def test_the_readme_documents_every_setting_and_command() -> None:
         a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)
     ).choices
     assert [c for c in commands if f"payment-service {c}" not in readme] == []
+
+
+# -- instance metrics ------------------------------------------------------------------------
+
+
+def test_process_pool_relay_and_failing_collector_series() -> None:
+    from payment.adapters.metrics import observe_pools
+    from payment.adapters.process_stats import process_stats
+
+    metrics = Metrics()
+    stats = process_stats()
+    assert stats["cpu_s"] >= 0 and stats["rss_bytes"] > 0 and stats["open_fds"] >= 3
+
+    async def collect_instance() -> None:
+        metrics.observe("process.resident_memory", [(stats["rss_bytes"], {})])
+        observe_pools(
+            metrics,
+            {"main": {"pool_size": 5, "pool_available": 2, "pool_max": 16, "requests_queued": 7}},
+        )
+        metrics.observe("payment.outbox.relay_leader", [(1, {})])
+
+    async def collect_broken() -> None:
+        raise ConnectionError("database down")
+
+    metrics.add_collector(collect_instance)
+    metrics.add_collector(collect_broken)
+    text = asyncio.run(metrics.render())
+    assert "# TYPE process_resident_memory_bytes gauge" in text
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    assert 'payment_db_pool_connections{pool="main",state="used"} 3' in text
+    assert 'payment_db_pool_connections{pool="main",state="idle"} 2' in text
+    assert 'payment_db_pool_waits_total{pool="main"} 7' in text
+    assert "payment_outbox_relay_leader 1" in text
+    assert 'payment_metrics_collector_failures_total{collector="collect_broken"} 1' in text
+    assert 'payment_metrics_collector_failures_total{collector="collect_instance"} 0' in text

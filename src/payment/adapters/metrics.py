@@ -221,6 +221,61 @@ class Metrics:
             meter, "payment.build.info", "",
             "always 1: the running version and the processor in use (a label each)",
         )  # fmt: skip
+        # -- the instance: process, pools, relay, retention, the scrape itself -----------
+        self._observable_counter(
+            meter, "process.cpu", "s", "CPU time of this process, user and system"
+        )
+        self._observable_gauge(
+            meter, "process.resident_memory", "By", "resident memory of this process"
+        )
+        self._observable_gauge(
+            meter, "process.open_fds", "{fd}", "file descriptors this process has open"
+        )
+        self._observable_gauge(
+            meter, "process.max_fds", "{fd}", "the process's limit of open file descriptors"
+        )
+        self._observable_gauge(
+            meter, "process.start_time", "s", "when the process started (seconds since the epoch)"
+        )
+        self._observable_gauge(
+            meter, "payment.db.pool.connections", "{connection}",
+            "connections of a database pool (main: handlers; control: relay, health, metrics,"
+            " retention), by state: used or idle",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.db.pool.max", "{connection}", "the most connections a pool may open"
+        )
+        self._observable_gauge(
+            meter, "payment.db.pool.waiting", "{request}",
+            "requests waiting for a connection of the pool now",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.db.pool.waits", "{request}",
+            "requests that had to wait for a connection (none was free)",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.db.pool.wait", "s", "time requests spent waiting for a connection"
+        )
+        self._observable_counter(
+            meter, "payment.db.pool.errors", "{request}",
+            "requests that got no connection (timed out waiting, or the pool failed)",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.outbox.relay_leader", "{instance}",
+            "1 while this instance's relay holds the leadership and publishes, else 0",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.retention.purged", "{row}",
+            "rows purged by retention, by table: outbox (published rows) or inbox (marks)",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.retention.failed_rounds", "{round}",
+            "retention rounds that failed (the database refused or was unreachable)",
+        )  # fmt: skip
+        self.collector_failures = self._counter(
+            meter, "payment.metrics.collector_failures", "{scrape}",
+            "scrapes in which a collector failed or timed out (its series were left out)",
+        )  # fmt: skip
 
         # Series that should read 0 rather than be absent before the first event, so
         # rate() and alerts work from the start.
@@ -277,6 +332,8 @@ class Metrics:
     def add_collector(self, collect: Collector) -> None:
         """An async callback run before each scrape; it reports values through `observe`."""
         self._collectors.append(collect)
+        # Its failure counter reads 0 from the start, so an alert on its increase works.
+        self.collector_failures.add(0, {"collector": getattr(collect, "__name__", "collector")})
 
     def remove_collector(self, collect: Collector) -> None:
         """Stop running a collector (its service stopped); unknown ones are ignored."""
@@ -303,7 +360,9 @@ class Metrics:
                 async with asyncio.timeout(COLLECT_TIMEOUT_S):
                     await collect()
             except Exception as exc:  # a failed collector must not break the scrape
-                log.debug("metrics: collector %s failed: %s", collect, type(exc).__name__)
+                name = getattr(collect, "__name__", "collector")
+                self.collector_failures.add(1, {"collector": name})
+                log.debug("metrics: collector %s failed: %s", name, type(exc).__name__)
 
     async def render(self) -> str:
         """The Prometheus text exposition (format 0.0.4) of every series."""
@@ -319,6 +378,30 @@ class Metrics:
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+
+def observe_pools(metrics: Metrics, stats: Mapping[str, Mapping[str, int]]) -> None:
+    """The pool series from psycopg_pool's `get_stats()` of each named pool."""
+    used: list[tuple[float, Attributes]] = []
+    gauges: dict[str, list[tuple[float, Attributes]]] = {
+        "payment.db.pool.max": [],
+        "payment.db.pool.waiting": [],
+        "payment.db.pool.waits": [],
+        "payment.db.pool.wait": [],
+        "payment.db.pool.errors": [],
+    }
+    for name, pool in stats.items():
+        label = {"pool": name}
+        size, idle = pool.get("pool_size", 0), pool.get("pool_available", 0)
+        used += [(size - idle, {**label, "state": "used"}), (idle, {**label, "state": "idle"})]
+        gauges["payment.db.pool.max"].append((pool.get("pool_max", 0), label))
+        gauges["payment.db.pool.waiting"].append((pool.get("requests_waiting", 0), label))
+        gauges["payment.db.pool.waits"].append((pool.get("requests_queued", 0), label))
+        gauges["payment.db.pool.wait"].append((pool.get("requests_wait_ms", 0) / 1000.0, label))
+        gauges["payment.db.pool.errors"].append((pool.get("requests_errors", 0), label))
+    metrics.observe("payment.db.pool.connections", used)
+    for series, values in gauges.items():
+        metrics.observe(series, values)
 
 
 def package_version() -> str:
