@@ -619,6 +619,8 @@ class Service:
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             reconciler_task = asyncio.create_task(reconciler.run(), name="reconciler")
             retention_task = asyncio.create_task(retention.run(), name="retention")
+            # The lifecycle summary is written each second even when no line follows.
+            summary_task = asyncio.create_task(budget.run(), name="log-budget")
             consumer_task = asyncio.create_task(consumer.run(), name="consumer")
             log.info(
                 "run: consuming %s and %s as group %s",
@@ -630,7 +632,7 @@ class Service:
             done, _ = await asyncio.wait(
                 {stopper, consumer_task, relay_task}, return_when=asyncio.FIRST_COMPLETED
             )
-            background = (reconciler_task, retention_task)
+            background = (reconciler_task, retention_task, summary_task)
             if stopper not in done:
                 # A component ended on its own: that is a crash. Stop the rest before the
                 # pool and producer close under them, then surface it.

@@ -64,3 +64,35 @@ def test_zero_means_no_limit() -> None:
     assert budget.skipped_total == 0
     with pytest.raises(ValueError):
         LogBudget(-1)
+
+
+def test_the_summary_is_written_by_the_timer_when_no_line_follows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    budget = LogBudget(1, clock=clock)
+    with caplog.at_level(logging.INFO, logger="payment.lifecycle"):
+        assert [budget.allow("published") for _ in range(3)] == [True, False, False]
+        budget.flush()  # the second is not over yet: nothing to say
+        assert caplog.records == []
+        clock.now += 1.0
+        budget.flush()  # the traffic stopped; the timer writes the summary
+        budget.flush()  # once
+    [summary] = caplog.records
+    assert summary.getMessage().startswith("2 lifecycle lines left out in the last 1.0 s")
+
+
+async def test_run_flushes_on_its_interval(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    clock = Clock()
+    budget = LogBudget(1, clock=clock)
+    budget.allow("published")
+    budget.allow("published")
+    clock.now += 2.0
+    with caplog.at_level(logging.INFO, logger="payment.lifecycle"):
+        task = asyncio.create_task(budget.run(interval_s=0))
+        for _ in range(10):  # a few turns of the loop: the first one flushes
+            await asyncio.sleep(0)
+        task.cancel()
+    assert caplog.records[0].getMessage().startswith("1 lifecycle lines left out")

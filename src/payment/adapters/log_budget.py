@@ -4,9 +4,11 @@ A lifecycle line (payment initiated, processor charge, payment completed, publis
 costs tens of microseconds of CPU once formatted, redacted and written: at a few hundred
 payments a second that is a sizeable share of the service, and nobody reads thousands of
 lines a second. Call sites ask `allow()` before logging such a line. Within each second
-the first `per_second` are allowed; the rest are only counted, and the first call of a
-later second writes one INFO line saying how many lines of which kind were left out, so
-the log still shows that the traffic happened and how much of it. Warnings and errors
+the first `per_second` are allowed; the rest are only counted, and one INFO line says how
+many lines of which kind were left out, so the log still shows that the traffic happened
+and how much of it. That summary is written by the first call of a later second, or by
+`flush()`, which `run()` calls every second: when traffic stops, the last second's count
+still reaches the log within a second. Warnings and errors
 never go through a budget. `per_second=0` allows everything.
 
 Traces and metrics are not affected: every payment still has its spans and its counts.
@@ -14,6 +16,7 @@ Traces and metrics are not affected: every payment still has its spans and its c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -58,6 +61,17 @@ class LogBudget:
         self._skipped[kind] += 1
         self.skipped_total += 1
         return False
+
+    def flush(self) -> None:
+        """Write the summary of a finished second now, if lines were left out in it."""
+        if self._skipped and self._clock() - self._window >= 1.0:
+            self._roll(self._clock())
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        """`flush()` every `interval_s` until cancelled (the service runs it as a task)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.flush()
 
     def _roll(self, now: float) -> None:
         skipped, self._skipped = self._skipped, Counter()
