@@ -276,6 +276,8 @@ class Service:
         self.consumer: KafkaInboxConsumer | None = None
         # Set when the consumer first joined its group and got partitions.
         self.joined = asyncio.Event()
+        # Set once every component is up (readiness then runs its real checks).
+        self.started = asyncio.Event()
         # What /health/ready answers: "starting" until every component is up.
         self._starting = "starting: opening HTTP"
         self._ready_check: Callable[[], Awaitable[dict[str, str]]] | None = None
@@ -615,6 +617,7 @@ class Service:
                 return {"database": database.pop("database"), **broker, **database, **backlog}
 
             self._ready_check = readiness
+            self.started.set()
 
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             reconciler_task = asyncio.create_task(reconciler.run(), name="reconciler")

@@ -175,7 +175,7 @@ async def run_service(database_url: str, kafka_bootstrap: str) -> AsyncIterator[
         task = asyncio.create_task(service.run())
         running = Running(service, settings, exporter)
         async with asyncio.timeout(30):
-            while service.http is None or service.http._server is None:
+            while not service.started.is_set():
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.05)
