@@ -178,7 +178,11 @@ async def check_topics(
     )
     await admin.start()
     try:
-        described = await admin.describe_topics(wanted)
+        # Listing first: a metadata request naming a missing topic would let a broker
+        # with auto.create.topics.enable create it, with the broker's defaults.
+        existing = set(await admin.list_topics())
+        present = [name for name in wanted if name in existing]
+        described = await admin.describe_topics(present) if present else []
     finally:
         await admin.close()
     return topic_problem(wanted, described)
@@ -206,8 +210,9 @@ def topic_problem(wanted: list[str], described: Iterable[Mapping[str, Any]]) -> 
         )
     if missing:
         return (
-            f"topics missing: {', '.join(missing)}: create them (docs/operations.md, Topics)"
-            " or set PAYMENT_KAFKA_CREATE_TOPICS=true"
+            f"topics missing: {', '.join(missing)}: create them (docs/operations.md, Kafka"
+            " topics and ACLs) or set PAYMENT_KAFKA_CREATE_TOPICS=true; if they exist, the"
+            " service's principal lacks DESCRIBE on them"
         )
     if len(set(counts.values())) > 1:
         shown = ", ".join(f"{name} {count}" for name, count in counts.items())
