@@ -6,8 +6,8 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -373,7 +373,10 @@ class Service:
                 ) from exc
             stack.push_async_callback(self.http.stop)
             await self._prepare_schema()
-            await self._prepare_topics(topics)
+            # The Kafka client logs each failed connection at ERROR; a failed start-up
+            # ends with one line naming the cause, so those stay quiet unless DEBUG.
+            with _quiet_kafka_client(s.log_level.upper() != "DEBUG"):
+                await self._prepare_topics(topics)
             self._starting = "starting: opening the database pools and the producer"
             try:
                 async with asyncio.timeout(s.startup_timeout_s):
@@ -384,8 +387,9 @@ class Service:
             except (OSError, TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout) as exc:
                 raise DependencyUnavailable(database_failure(exc, str(s.database_url))) from exc
             try:
-                async with asyncio.timeout(s.startup_timeout_s):
-                    producer = await c.producer()
+                with _quiet_kafka_client(s.log_level.upper() != "DEBUG"):
+                    async with asyncio.timeout(s.startup_timeout_s):
+                        producer = await c.producer()
             except (OSError, TimeoutError, KafkaError) as exc:
                 raise DependencyUnavailable(
                     broker_failure(exc, str(s.kafka_bootstrap_servers))
@@ -661,6 +665,19 @@ class Service:
             relay.stop()
             await relay_task
             log.info("run: stopped cleanly")
+
+
+@contextmanager
+def _quiet_kafka_client(quiet: bool) -> Iterator[None]:
+    """aiokafka's log lines only above ERROR while the block runs (when `quiet`)."""
+    client = logging.getLogger("aiokafka")
+    previous = client.level
+    if quiet:
+        client.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        client.setLevel(previous)
 
 
 def _days(days: float) -> timedelta | None:

@@ -266,7 +266,7 @@ def _fail(kind: str, line: str, code: int, exc: BaseException, settings: Setting
     line = redact(line)
     if fmt == "json":
         record: dict[str, object] = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": "ERROR",
             "logger": "payment.cli",
             "message": f"{kind}: {line}",
