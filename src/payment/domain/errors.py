@@ -15,6 +15,24 @@ class IllegalTransition(DomainError):
     """A command that the payment's current state does not allow; nothing is recorded."""
 
 
+class RefundRefused(DomainError):
+    """A refund the payment cannot take; nothing is recorded. `reason` is the contract's."""
+
+    reason: str = "invalid_request"
+
+
+class NotCharged(RefundRefused):
+    """A refund of a payment that ended without a charge."""
+
+    reason = "not_charged"
+
+
+class OverRefund(RefundRefused):
+    """A refund that would take the refunded total past the amount charged."""
+
+    reason = "over_refund"
+
+
 class StreamMismatch(DomainError):
     """An event applied to the wrong stream or out of version order."""
 

@@ -30,6 +30,9 @@ CURRENT_VERSIONS: Final[Mapping[str, int]] = {
     "PaymentCompleted": 1,
     "PaymentFailed": 1,
     "PaymentFlaggedForReview": 1,
+    "RefundRequested": 1,
+    "PaymentRefunded": 1,
+    "RefundFailed": 1,
 }
 
 # (event type, version n) -> the upcaster from n to n + 1. None yet: every shape is still
