@@ -63,11 +63,16 @@ from payment.domain.processor import (
     OutcomeUnknown,
     PaymentProcessor,
     ProcessorUnavailable,
+    RefundDeclined,
+    Refunded,
+    RefundOutcome,
+    RefundRequest,
 )
 
 log = logging.getLogger("payment.lifecycle")
 
 _T = TypeVar("_T")
+_Req = TypeVar("_Req", ChargeRequest, RefundRequest)
 
 # Span attributes of this service (no token, key or card data is ever one of them).
 ATTR_PAYMENT_ID: Final = "payment.id"
@@ -104,7 +109,7 @@ class InstrumentedProcessor:
         self._tracer = tracer
         self._metrics = metrics
         self._budget = log_budget
-        for operation in ("charge", "lookup"):
+        for operation in ("charge", "lookup", "refund", "lookup_refund"):
             for kind in _ERROR_KINDS:
                 metrics.processor_errors.add(
                     0, {"processor": self.name, "operation": operation, "kind": kind}
@@ -116,13 +121,21 @@ class InstrumentedProcessor:
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         return await self._call("lookup", request, self.inner.lookup)
 
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        return await self._call("refund", request, self.inner.refund)
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        return await self._call("lookup_refund", request, self.inner.lookup_refund)
+
     async def _call(
         self,
         operation: str,
-        request: ChargeRequest,
-        call: Callable[[ChargeRequest], Awaitable[_T]],
+        request: _Req,
+        call: Callable[[_Req], Awaitable[_T]],
     ) -> _T:
         ids = {"payment_id": str(request.payment_id), "booking_id": request.booking_id}
+        if isinstance(request, RefundRequest):
+            ids["refund_id"] = str(request.refund_id)
         started = time.perf_counter()
         result = "error"
         with self._tracer.start_as_current_span(
@@ -133,6 +146,7 @@ class InstrumentedProcessor:
                 ATTR_BOOKING_ID: request.booking_id,
                 ATTR_PROCESSOR: self.name,
                 "payment.operation": operation,
+                **({"payment.refund_id": ids["refund_id"]} if "refund_id" in ids else {}),
             },
             record_exception=False,
             set_status_on_exception=False,
@@ -153,7 +167,7 @@ class InstrumentedProcessor:
                 raise
             else:
                 result = _result_of(outcome)
-                if isinstance(outcome, Declined):
+                if isinstance(outcome, Declined | RefundDeclined):
                     span.set_attribute("payment.decline_code", outcome.code)
                 return outcome
             finally:
@@ -185,8 +199,10 @@ class InstrumentedProcessor:
 def _result_of(outcome: object) -> str:
     if isinstance(outcome, Approved):
         return "approved"
-    if isinstance(outcome, Declined):
+    if isinstance(outcome, Declined | RefundDeclined):
         return "declined"
+    if isinstance(outcome, Refunded):
+        return "refunded"
     return "not_found" if outcome is None else type(outcome).__name__.lower()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class DomainError(Exception):
     """Base class of every rule the domain refuses to break."""
@@ -18,7 +20,7 @@ class IllegalTransition(DomainError):
 class RefundRefused(DomainError):
     """A refund the payment cannot take; nothing is recorded. `reason` is the contract's."""
 
-    reason: str = "invalid_request"
+    reason: Literal["not_charged", "over_refund", "invalid_request"] = "invalid_request"
 
 
 class NotCharged(RefundRefused):
