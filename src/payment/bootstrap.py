@@ -45,6 +45,8 @@ from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.reconciler import Reconciler
+from payment.application.refund_worker import RefundWorker
+from payment.application.refunds import Refunds
 from payment.settings import (
     DRAIN_TIMEOUT_S,
     REVOKE_COMMIT_TIMEOUT_S,
@@ -132,6 +134,9 @@ class Container(containers.DeclarativeContainer):
         completed=config.topic_completed,
         failed=config.topic_failed,
         dead_letter=config.topic_dead_letter,
+        refund=config.topic_refund,
+        refunded=config.topic_refunded,
+        refund_failed=config.topic_refund_failed,
     )
 
     policy = providers.Singleton(
@@ -275,10 +280,17 @@ class Service:
                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                     max_poll_records=500,
                 )
-                consumer.subscribe([topics.request, topics.initiated], listener=listener)
+                consumer.subscribe(
+                    [topics.request, topics.initiated, topics.refund], listener=listener
+                )
                 await consumer.start()
                 return consumer
 
+            # Refund calls go through the same `processor` as charges (one wrapper covers both).
+            refunds = Refunds(uow_factory, processor, clock, c.policy(), c.handler_settings())
+            refund_worker = RefundWorker(
+                refunds, threshold_s=s.refund_retry_after_s, interval_s=s.refund_interval_s
+            )
             consumer = self.consumer = KafkaInboxConsumer(
                 consumer_factory=make_consumer,
                 request_topic=topics.request,
@@ -301,6 +313,8 @@ class Service:
                 consumer_group=s.consumer_group,
                 log_budget=budget,
                 joined=self.joined,
+                refund_topic=topics.refund,
+                refunds=refunds,
             )
             reconciler = Reconciler(
                 uow_factory,
@@ -394,18 +408,20 @@ class Service:
             relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
             reconciler_task = asyncio.create_task(reconciler.run(), name="reconciler")
             retention_task = asyncio.create_task(retention.run(), name="retention")
+            refund_task = asyncio.create_task(refund_worker.run(), name="refund-worker")
             consumer_task = asyncio.create_task(consumer.run(), name="consumer")
             log.info(
-                "run: consuming %s and %s as group %s",
+                "run: consuming %s, %s and %s as group %s",
                 topics.request,
                 topics.initiated,
+                topics.refund,
                 s.consumer_group,
             )
             stopper = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait(
                 {stopper, consumer_task, relay_task}, return_when=asyncio.FIRST_COMPLETED
             )
-            background = (reconciler_task, retention_task)
+            background = (reconciler_task, retention_task, refund_task)
             if stopper not in done:
                 # A component ended on its own: that is a crash. Stop the rest before the
                 # pool and producer close under them, then surface it.

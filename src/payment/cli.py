@@ -131,6 +131,9 @@ async def _demo(settings: Settings, count: int, timeout_s: float) -> int:
         completed=settings.topic_completed,
         failed=settings.topic_failed,
         dead_letter=settings.topic_dead_letter,
+        refund=settings.topic_refund,
+        refunded=settings.topic_refunded,
+        refund_failed=settings.topic_refund_failed,
     )
     report = await run_demo(
         settings.kafka_bootstrap_servers,

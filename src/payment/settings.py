@@ -58,6 +58,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     topic_completed: str = "payment.completed"
     topic_failed: str = "payment.failed"
     topic_dead_letter: str = "payment.dead_letter"
+    topic_refund: str = "saga.refund_payment"
+    topic_refunded: str = "payment.refunded"
+    topic_refund_failed: str = "payment.refund_failed"
+    # Refunds left pending (a charge settled after them, or no answer from the gateway):
+    # how often the refund worker looks, and how long an unanswered refund waits.
+    refund_interval_s: float = 1.0
+    refund_retry_after_s: float = 30.0
     http_port: int = 8080
     http_host: str = "0.0.0.0"
     max_amount: int = 100_000_000
@@ -245,6 +252,10 @@ def _validate(s: Settings) -> None:
         )
     if s.retention_interval_s <= 0:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
+    if s.refund_interval_s <= 0:
+        raise ConfigError("PAYMENT_REFUND_INTERVAL_S: must be positive")
+    if s.refund_retry_after_s < 0:
+        raise ConfigError("PAYMENT_REFUND_RETRY_AFTER_S: must not be negative")
     if s.db_pool_min > s.db_pool_max:
         raise ConfigError("PAYMENT_DB_POOL_MIN: must not exceed PAYMENT_DB_POOL_MAX")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -54,6 +54,9 @@ from payment.domain.events import (
     PaymentFailed,
     PaymentFlaggedForReview,
     PaymentInitiated,
+    PaymentRefunded,
+    RefundFailed,
+    RefundRequested,
 )
 from payment.domain.processor import (
     Approved,
@@ -431,6 +434,8 @@ class InstrumentedUnitOfWork:
                             "version": event.version,
                         },
                     )
+            elif isinstance(event, RefundRequested | PaymentRefunded | RefundFailed):
+                self._observe_refund(event)
             elif isinstance(event, PaymentFlaggedForReview):
                 self._metrics.payments_flagged.add(1)
                 log.warning(
@@ -445,6 +450,21 @@ class InstrumentedUnitOfWork:
                 {"outcome": outcome} if reason is None else {"outcome": outcome, "reason": reason}
             )
             self._metrics.outcomes.add(count, labels)
+
+    def _observe_refund(self, event: RefundRequested | PaymentRefunded | RefundFailed) -> None:
+        ids = {"payment_id": str(event.payment_id), "refund_id": str(event.refund_id)}
+        if isinstance(event, RefundRequested):
+            self._metrics.refunds.add(1, {"result": "requested"})
+            if self._budget.allow("refund requested"):
+                log.info("refund requested", extra={**ids, "amount": event.amount})
+        elif isinstance(event, PaymentRefunded):
+            self._metrics.refunds.add(1, {"result": "refunded"})
+            if self._budget.allow("payment refunded"):
+                log.info("payment refunded", extra={**ids, "amount": event.amount})
+        else:
+            self._metrics.refunds.add(1, {"result": "failed", "reason": event.reason})
+            if self._budget.allow("refund failed"):
+                log.info("refund failed", extra={**ids, "reason": event.reason})
 
     def _observe_latency(self, event: PaymentCompleted | PaymentFailed, outcome: str) -> None:
         started = self._events.initiated_at.take(event.payment_id)

@@ -140,6 +140,14 @@ class Metrics:
             meter, "payment.payments.flagged", "{payment}",
             "payments flagged for manual review (outcome unknown past the review window)",
         )  # fmt: skip
+        self.refunds = self._counter(
+            meter, "payment.refunds", "{refund}",
+            "refund events committed, by result (requested, refunded, failed) and failure reason",
+        )  # fmt: skip
+        self.refund_requests_handled = self._counter(
+            meter, "payment.refund_requests.handled", "{request}",
+            "refund requests by result: accepted, duplicate, rejected, refused, closed",
+        )  # fmt: skip
         # -- processor -------------------------------------------------------------------
         self.processor_call_duration = self._histogram(
             meter, "payment.processor.call.duration", "s",

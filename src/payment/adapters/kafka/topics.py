@@ -10,7 +10,13 @@ import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from payment.application.messages import PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_INITIATED
+from payment.application.messages import (
+    PAYMENT_COMPLETED,
+    PAYMENT_FAILED,
+    PAYMENT_INITIATED,
+    PAYMENT_REFUND_FAILED,
+    PAYMENT_REFUNDED,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,9 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
     completed: str = "payment.completed"
     failed: str = "payment.failed"
     dead_letter: str = "payment.dead_letter"
+    refund: str = "saga.refund_payment"
+    refunded: str = "payment.refunded"
+    refund_failed: str = "payment.refund_failed"
 
     @property
     def outbound(self) -> Mapping[str, str]:
@@ -33,12 +42,23 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
             PAYMENT_INITIATED: self.initiated,
             PAYMENT_COMPLETED: self.completed,
             PAYMENT_FAILED: self.failed,
+            PAYMENT_REFUNDED: self.refunded,
+            PAYMENT_REFUND_FAILED: self.refund_failed,
         }
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every topic the service reads or writes."""
-        return (self.request, self.initiated, self.completed, self.failed, self.dead_letter)
+        return (
+            self.request,
+            self.initiated,
+            self.completed,
+            self.failed,
+            self.dead_letter,
+            self.refund,
+            self.refunded,
+            self.refund_failed,
+        )
 
 
 class TopicCreationFailed(Exception):
