@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import msgspec
 
@@ -36,8 +36,14 @@ OutboundType = Literal[
 ]
 # `payment.failed` reasons: the payment's own, or `cancelled` when a refund for the booking
 # came first and closed it (contract 4.8; no payment exists then).
-PublishedFailureReason = FailureReason | Literal["cancelled"]
+# (One Literal, not a union of two: the published schema is then one enum.)
+PublishedFailureReason = Literal[
+    "declined", "invalid_request", "processor_unavailable", "cancelled"
+]
 RefundFailedReason = Literal["not_charged", "over_refund", "declined", "invalid_request"]
+PUBLISHED_FAILURE_REASONS: Final = get_args(PublishedFailureReason)
+assert set(get_args(FailureReason)) < set(PUBLISHED_FAILURE_REASONS)
+REFUND_FAILED_REASONS: Final = get_args(RefundFailedReason)
 
 # The version of each outbound message's `data` shape written now. Published as the
 # CloudEvents `dataschema` (`dataschema_uri`); an outbox row keeps the version it was
