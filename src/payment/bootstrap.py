@@ -273,7 +273,9 @@ class Service:
                     bootstrap_servers=s.kafka_bootstrap_servers,
                     group_id=s.consumer_group,
                     enable_auto_commit=False,
-                    auto_offset_reset="earliest",
+                    # Neither a missing nor a vanished offset is reset silently:
+                    # adapters/kafka/offset_reset.py decides, and says so.
+                    auto_offset_reset="none",
                     fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
                     session_timeout_ms=s.kafka_session_timeout_ms,
                     rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,

@@ -146,15 +146,23 @@ def broker_supports_idempotence() -> bool:
 
 
 async def create_topics(
-    bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS
+    bootstrap: str,
+    topics: Iterable[str],
+    partitions: int = DEFAULT_PARTITIONS,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
-    """Create the topics (all with `partitions` partitions); existing ones are left alone."""
+    """Create the topics (all with `partitions` partitions, each with its `configs`, e.g.
+    `max.message.bytes`); existing ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
     await admin.start()
     try:
         names = list(topics)
         response = await admin.create_topics(
-            [NewTopic(name, partitions, 1) for name in names], timeout_ms=30_000
+            [
+                NewTopic(name, partitions, 1, topic_configs=dict((configs or {}).get(name, {})))
+                for name in names
+            ],
+            timeout_ms=30_000,
         )
         for topic, code, *_ in response.topic_errors:
             if code != 0 and for_code(code) is not TopicAlreadyExistsError:
@@ -165,6 +173,26 @@ async def create_topics(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"topics still without partition leaders: {names}")
             await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+
+
+async def led_partitions(
+    bootstrap: str, topics: Sequence[str], timeout_s: float
+) -> dict[str, set[int]]:
+    """Each topic's partitions, once all exist with a leader (the service may create them)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            described = await admin.describe_topics(list(topics))
+            if _all_led(described):
+                return {t["topic"]: {p["partition"] for p in t["partitions"]} for t in described}
+            if time.monotonic() >= deadline:
+                missing = [t["topic"] for t in described if not _all_led([t])]
+                raise TimeoutError(f"topics {missing} do not exist after {timeout_s:g}s")
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
 
@@ -728,21 +756,10 @@ class Orchestrator:
             client_id=f"{self.source}-consumer",
         )
         await self._consumer.start()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            await self._consumer.topics()  # refreshes the metadata
-            found = {t: self._consumer.partitions_for_topic(t) for t in self.topics.all}
-            if all(found.values()):
-                break
-            if time.monotonic() >= deadline:
-                missing = [t for t, p in found.items() if not p]
-                raise TimeoutError(f"topics {missing} do not exist after {timeout_s:g}s")
-            await asyncio.sleep(0.1)
-        self.partitions = {t: len(p or ()) for t, p in found.items()}
+        found = await led_partitions(self.bootstrap, self.topics.all, timeout_s)
+        self.partitions = {t: len(p) for t, p in found.items()}
         assigned = [
-            TopicPartition(topic, p)
-            for topic in self.topics.outbound
-            for p in sorted(found[topic] or ())
+            TopicPartition(topic, p) for topic in self.topics.outbound for p in sorted(found[topic])
         ]
         self._consumer.assign(assigned)
         for tp, offset in (await self._consumer.end_offsets(assigned)).items():
@@ -1068,9 +1085,13 @@ async def open_stack(
     instances: int = 1,
     partitions: int = DEFAULT_PARTITIONS,
     topic_prefix: str = "e2e",
+    inbound_max_message_bytes: int | None = None,
     **overrides: str,
 ) -> AsyncIterator[ServiceStack]:
     """Topics created, the orchestrator listening, `instances` services started and ready.
+
+    `inbound_max_message_bytes` raises the two inbound topics' `max.message.bytes` (Kafka
+    refuses a record over about 1 MiB by default), for tests of very large records.
 
     Yields a `ServiceStack`; on exit the orchestrator stops and every instance still
     running gets SIGTERM (SIGKILL if it hangs). `overrides` are PAYMENT_* variables for
@@ -1086,7 +1107,11 @@ async def open_stack(
         partitions=partitions,
         overrides={"PAYMENT_EVENT_SOURCE": SERVICE_SOURCE, **overrides},
     )
-    await create_topics(bootstrap, topics.all, partitions)
+    configs = {}
+    if inbound_max_message_bytes is not None:
+        limit = {"max.message.bytes": str(inbound_max_message_bytes)}
+        configs = {topics.request: limit, topics.initiated: limit}
+    await create_topics(bootstrap, topics.all, partitions, configs)
     try:
         stack.orchestrator = Orchestrator(bootstrap, topics, diagnostics=stack.diagnostics)
         await stack.orchestrator.start()

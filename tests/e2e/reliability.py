@@ -40,6 +40,7 @@ from .harness import (
     ServiceProcess,
     ServiceStack,
     ServiceTopics,
+    led_partitions,
 )
 
 # -- the set-up shared by the chaos and multi-instance tests ---------------------------
@@ -203,10 +204,9 @@ async def read_topics(
     )
     await consumer.start()
     try:
+        led = await led_partitions(bootstrap, list(topics.outbound), 10.0)
         partitions = [
-            TopicPartition(topic, p)
-            for topic in topics.outbound
-            for p in sorted(await _partitions(consumer, topic))
+            TopicPartition(topic, p) for topic in topics.outbound for p in sorted(led[topic])
         ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
@@ -241,16 +241,6 @@ async def read_topics(
         return records
     finally:
         await consumer.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(50):
-        await consumer.topics()
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return set(found)
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"topic {topic} has no partitions")
 
 
 @dataclass

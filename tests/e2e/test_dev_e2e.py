@@ -53,12 +53,15 @@ def _ports(output: str) -> list[int]:
     return [int(p) for p in re.findall(r"listening on \S*?127\.0\.0\.1:(\d+)", output)]
 
 
+@pytest.mark.parametrize(
+    "broker", [[], ["--broker", "kafka"]], ids=["tansu-default", "apache-kafka"]
+)
 def test_dev_demo_runs_every_request_to_a_terminal_event_and_leaves_nothing(
-    tmp_path: Path,
+    tmp_path: Path, broker: list[str]
 ) -> None:
     env = _bare_env(tmp_path)
     done = subprocess.run(
-        [SERVICE, "dev", "--fresh", "--demo", "20"],
+        [SERVICE, "dev", "--fresh", *broker, "--demo", "20"],
         env=env,
         capture_output=True,
         text=True,
@@ -105,3 +108,19 @@ def test_dev_stops_everything_it_started_on_sigterm(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert _children_of_data_dir(tmp_path / "data") == []
     assert [p for p in ports if _listening(p)] == []
+
+
+def test_dev_on_kafka_without_java_says_so_in_one_line(tmp_path: Path) -> None:
+    env = _bare_env(tmp_path)
+    env["PATH"] = str(tmp_path / "empty-bin")  # no java, no mvn
+    (tmp_path / "empty-bin").mkdir()
+    env["PAYMENT_KAFKA_CACHE_DIR"] = str(tmp_path / "cache")  # nothing resolved yet
+    done = subprocess.run(
+        [SERVICE, "dev", "--broker", "kafka"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1 and "`java`" in errors[0], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    time.sleep(0.5)
+    assert _children_of_data_dir(tmp_path / "data") == []

@@ -777,6 +777,8 @@ async def hostile_stack(
         database_url=url,
         log_dir=e2e_log_dir,
         topic_prefix="e2e-hostile",
+        # Kafka refuses records over ~1 MiB unless the topic allows more; these do.
+        inbound_max_message_bytes=9 * ONE_MIB,
         PAYMENT_LOG_LEVEL="DEBUG",
         PAYMENT_STRIPE_API_KEY=STRIPE_KEY,
     ) as stack:

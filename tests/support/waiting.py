@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 
 
@@ -11,10 +12,18 @@ async def eventually(
 ) -> None:
     """Return once `condition()` is true; AssertionError after `within` seconds.
 
-    For state that offers no event to wait on (counters, lists, captured output).
+    For state that offers no event to wait on (counters, lists, captured output, a
+    database row). `condition` may be a coroutine function: its result is awaited.
     """
     deadline = asyncio.get_running_loop().time() + within
-    while not condition():
+    while not await _holds(condition):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{what or 'condition'} still false after {within}s")
         await asyncio.sleep(every)
+
+
+async def _holds(condition: Callable[[], object]) -> bool:
+    result = condition()
+    if inspect.isawaitable(result):
+        result = await result
+    return bool(result)

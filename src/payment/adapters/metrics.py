@@ -123,6 +123,15 @@ class Metrics:
             "time to execute one payment.initiated message (gateway calls and database)",
             LATENCY_BUCKETS,
         )  # fmt: skip
+        self.consumer_offset_resets = self._counter(
+            meter, "payment.consumer.offset_resets", "{reset}",
+            "partitions whose reading restarted from the log's start: no_offset (never "
+            "committed) or out_of_range (committed offset deleted or past the log's end)",
+        )  # fmt: skip
+        self.consumer_records_skipped = self._counter(
+            meter, "payment.consumer.records_skipped", "{message}",
+            "records deleted from the log before this group handled them (lost)",
+        )  # fmt: skip
         # -- payments --------------------------------------------------------------------
         self.payments_initiated = self._counter(
             meter, "payment.payments.initiated", "{payment}", "payments initiated (committed)"

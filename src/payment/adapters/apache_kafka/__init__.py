@@ -64,6 +64,8 @@ _BROKER_DEFAULTS: Final[Mapping[str, str]] = {
     "share.coordinator.state.topic.replication.factor": "1",
     "share.coordinator.state.topic.min.isr": "1",
     "group.initial.rebalance.delay.ms": "0",
+    # As production clusters are usually run: a topic exists because someone created it.
+    "auto.create.topics.enable": "false",
     "group.min.session.timeout.ms": "1000",
 }
 

@@ -13,7 +13,13 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -27,6 +33,7 @@ from payment.adapters.kafka.cloudevents import (
     decode_refund,
     decode_request,
 )
+from payment.adapters.kafka.offset_reset import recover_out_of_range, start_from_beginning
 from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.metrics import Metrics
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
@@ -194,7 +201,15 @@ class KafkaInboxConsumer:
         committer = asyncio.create_task(self._commit_periodically(), name="offset-committer")
         try:
             while not self._stopping.is_set():
-                fetched = await self._consumer.getmany(timeout_ms=200, max_records=500)
+                try:
+                    fetched = await self._consumer.getmany(timeout_ms=200, max_records=500)
+                except NoOffsetForPartitionError as exc:
+                    await start_from_beginning(self._consumer, exc.args[0], self._metrics)
+                    continue
+                except OffsetOutOfRangeError as exc:
+                    for tp, offset in exc.args[0].items():
+                        await recover_out_of_range(self._consumer, tp, offset, self._metrics)
+                    continue
                 by_topic: dict[str, list[Fetched]] = {}
                 for tp, records in fetched.items():
                     by_topic.setdefault(tp.topic, []).extend((tp, r) for r in records)

@@ -46,6 +46,7 @@ from payment.adapters.kafka.dead_letters import (
     DLQ_VALUE_DROPPED,
 )
 from payment.adapters.kafka.producer import RecordSender
+from payment.adapters.kafka.topics import partitions_of
 from payment.adapters.logs import redact
 
 _SHOWN_CHARS: Final = 120
@@ -189,17 +190,18 @@ async def read_dead_letters(
     await consumer.start()
     try:
         async with asyncio.timeout(timeout_s):
-            return [dl async for dl in _read_to_end(consumer, topic)]
+            partitions = await partitions_of(bootstrap_servers, topic)
+            return [dl async for dl in _read_to_end(consumer, topic, partitions)]
     finally:
         await consumer.stop()
 
 
-async def _read_to_end(consumer: AIOKafkaConsumer, topic: str) -> AsyncIterator[DeadLetter]:
-    await consumer.topics()  # refreshes the metadata
-    partitions = consumer.partitions_for_topic(topic)
+async def _read_to_end(
+    consumer: AIOKafkaConsumer, topic: str, partitions: list[int]
+) -> AsyncIterator[DeadLetter]:
     if not partitions:
         return
-    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = [TopicPartition(topic, p) for p in partitions]
     consumer.assign(tps)
     await consumer.seek_to_beginning(*tps)
     ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)

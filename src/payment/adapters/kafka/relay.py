@@ -10,7 +10,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -30,6 +35,8 @@ WaitForWork = Callable[[float], Awaitable[None]]
 Leadership = Callable[[], AbstractAsyncContextManager[object]]
 
 _FIRST_BACKOFF = 0.1
+# A record the producer (max_request_size) or the topic (max.message.bytes) refuses.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 
 
 class KafkaOutboxRelay:
@@ -100,6 +107,10 @@ class KafkaOutboxRelay:
         self._tracer = tracer or trace.get_tracer(__name__)
         self._budget = log_budget
         self._pass_lock = asyncio.Lock()
+        # Keys whose row a topic refused as too large: the producer batches a partition's
+        # records together, so such a row fails every row batched with it. These are sent
+        # alone until they go through, and the others no longer wait on them.
+        self._send_alone: set[str] = set()
         self._stopping = False
         self._leading = False
         # True only while `run` waits (for leadership, for work, out a backoff): the
@@ -196,7 +207,23 @@ class KafkaOutboxRelay:
             return len(rows), len(rows) - len(acked)
 
     async def _send_round(self, rows: Sequence[OutboxRecord]) -> list[bool]:
-        """Send one row of each of several keys at once; which of them were acknowledged.
+        """Send one row of each of several keys; which of them were acknowledged.
+
+        Rows of keys a topic refused as too large go last, each alone (see `_send_alone`).
+        """
+        sent: dict[int, bool] = {}
+        together = [r for r in rows if r.message.key not in self._send_alone]
+        for row, ok in zip(together, await self._send_together(together), strict=True):
+            sent[row.position] = ok
+        for row in rows:
+            if row.message.key in self._send_alone:
+                (sent[row.position],) = await self._send_together([row], alone=True)
+        return [sent[row.position] for row in rows]
+
+    async def _send_together(
+        self, rows: Sequence[OutboxRecord], *, alone: bool = False
+    ) -> list[bool]:
+        """Send rows at once; which of them were acknowledged.
 
         Every row is queued with the producer first (one PRODUCER span each, ended at its
         acknowledgement), then the acknowledgements are awaited together, within
@@ -259,10 +286,12 @@ class KafkaOutboxRelay:
                 error = None if ack.cancelled() else ack.exception()
                 if ack.cancelled():
                     error = TimeoutError()
-            results.append(self._acknowledged(row, span, error))
+            results.append(self._acknowledged(row, span, error, alone=alone))
         return results
 
-    def _acknowledged(self, row: OutboxRecord, span: Span, error: BaseException | None) -> bool:
+    def _acknowledged(
+        self, row: OutboxRecord, span: Span, error: BaseException | None, *, alone: bool
+    ) -> bool:
         """End the row's span and log its fate; True if the broker acknowledged it."""
         message = row.message
         try:
@@ -271,6 +300,31 @@ class KafkaOutboxRelay:
                 # round that were acknowledged are still marked, and every span ends.
                 self.send_failures += 1
                 span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                if isinstance(error, _TOO_LARGE) and not alone:
+                    # Maybe only batched with a row that is: it will be sent alone.
+                    self._send_alone.add(message.key)
+                    log.warning(
+                        "outbox relay: row %d (%s, key %s) was refused in a batch too large"
+                        " for its topic; sending it alone",
+                        row.position,
+                        message.type,
+                        message.key,
+                    )
+                    return False
+                if isinstance(error, _TOO_LARGE):
+                    # Not an outage: it fails the same way until the limit is raised.
+                    log.error(
+                        "outbox relay: row %d (%s, key %s) is larger than the producer or the "
+                        "topic accepts (%s): it stays unpublished and holds back the later "
+                        "events of key %s only; raise the topic's max.message.bytes (and "
+                        "the producer's max_request_size) to publish it",
+                        row.position,
+                        message.type,
+                        message.key,
+                        type(error).__name__,
+                        message.key,
+                    )
+                    return False
                 broker_trouble = isinstance(error, (KafkaError, TimeoutError))
                 log.log(
                     logging.WARNING if broker_trouble else logging.ERROR,
@@ -282,6 +336,7 @@ class KafkaOutboxRelay:
                     exc_info=None if broker_trouble else error,
                 )
                 return False
+            self._send_alone.discard(message.key)
             if self._budget.allow(f"published {message.type}"):
                 with trace.use_span(span, end_on_exit=False):
                     log.info(

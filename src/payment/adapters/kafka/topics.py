@@ -65,6 +65,25 @@ class TopicCreationFailed(Exception):
     """The broker refused to create a topic for a reason other than it existing already."""
 
 
+async def partitions_of(bootstrap_servers: str | list[str], topic: str) -> list[int]:
+    """The partition numbers of `topic`, sorted; empty when it does not exist.
+
+    Asked of the cluster, not of a consumer: aiokafka's consumer knows the partitions of
+    the topics it is subscribed to or assigned, and `topics()` does not change that.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, client_id="payment-service-admin"
+    )
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if described["error_code"] != 0:
+        return []
+    return sorted(int(p["partition"]) for p in described["partitions"])
+
+
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
     """Return once every partition of `names` has a leader; raise after `timeout_s`."""
     deadline = asyncio.get_running_loop().time() + timeout_s
