@@ -9,6 +9,7 @@ flight, and a refund that overtakes its payment request.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,13 +65,31 @@ async def slow_stack(
     kafka_bootstrap: str, postgres_server_url: str, e2e_log_dir: Any
 ) -> AsyncIterator[ServiceStack]:
     """A service whose fake gateway takes two seconds per call (refunds sent meanwhile find
-    the payment in flight); bookings starting `fail-` are declined (seeded random mode)."""
+    the payment in flight)."""
     with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
         async with open_stack(
             bootstrap=kafka_bootstrap,
             database_url=url,
             log_dir=e2e_log_dir,
             topic_prefix="e2e-refund-slow",
+            PAYMENT_FAKE_LATENCY_MS="2000",
+            **BROKER_TIMINGS,
+        ) as opened:
+            yield opened
+
+
+@pytest_asyncio.fixture(scope="module")
+async def fail_stack(
+    kafka_bootstrap: str, postgres_server_url: str, e2e_log_dir: Any
+) -> AsyncIterator[ServiceStack]:
+    """A service whose fake gateway declines every charge, after two seconds."""
+    with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
+        async with open_stack(
+            bootstrap=kafka_bootstrap,
+            database_url=url,
+            log_dir=e2e_log_dir,
+            topic_prefix="e2e-refund-fail",
+            PAYMENT_FAKE_MODE="fail",
             PAYMENT_FAKE_LATENCY_MS="2000",
             **BROKER_TIMINGS,
         ) as opened:
@@ -120,14 +139,32 @@ async def test_an_over_refund_is_refused(stack: ServiceStack) -> None:
     assert refused.kind == "refund_failed" and refused.data["reason"] == "over_refund"
 
 
-async def test_a_refund_of_a_failed_payment_is_not_charged(stack: ServiceStack) -> None:
-    booking = new_booking("failed")
-    await stack.orch.request(booking, amount=0)  # invalid: payment.failed, no payment
-    failed = await stack.orch.wait_outcome(booking)
-    assert failed.kind == "failed"
-    await stack.orch.refund(booking)
-    (refused,) = await stack.orch.wait_refund_outcomes(booking, 1)
+async def test_a_refund_of_a_failed_payment_is_not_charged(fail_stack: ServiceStack) -> None:
+    orch = fail_stack.orch
+    booking = new_booking("declined")
+    await orch.request(booking)
+    failed = await orch.wait_outcome(booking, timeout_s=60)
+    assert failed.kind == "failed" and failed.data["reason"] == "declined"
+    await orch.refund(booking)
+    (refused,) = await orch.wait_refund_outcomes(booking, 1)
     assert refused.kind == "refund_failed" and refused.data["reason"] == "not_charged"
+    assert refused.data["payment_id"] == failed.payment_id
+    assert "refund_id" not in refused.data
+
+
+async def test_a_refund_waiting_for_a_payment_that_fails_is_not_charged(
+    fail_stack: ServiceStack,
+) -> None:
+    orch = fail_stack.orch
+    booking = new_booking("waits-fails")
+    await orch.request(booking)
+    await orch.wait_for(lambda log: log.initiated(booking), what="payment.initiated")
+    await orch.refund(booking, amount=100)
+    (refused,) = await orch.wait_refund_outcomes(booking, 1, timeout_s=60)
+    (failed,) = orch.events.terminal(booking)
+    assert failed.kind == "failed" and failed.received_at <= refused.received_at
+    assert refused.kind == "refund_failed" and refused.data["reason"] == "not_charged"
+    assert refused.data["refund_id"]  # recorded while in flight, then failed
 
 
 @pytest.mark.slow
@@ -146,7 +183,7 @@ async def test_fifteen_concurrent_refunds_of_a_tenth_give_exactly_ten(
         body = {"booking_id": booking, "amount": 100, "saga_id": f"saga-{booking}"}
         sends.append(
             orch.send_raw(
-                __import__("json").dumps(body).encode(),
+                json.dumps(body).encode(),
                 key=f"{booking}-{i}".encode(),
                 headers=orch.headers(ce_type="saga.refund_payment"),
                 topic=orch.topics.refund,
