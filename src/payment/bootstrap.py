@@ -355,6 +355,12 @@ class Service:
                     "payment.reconciler.actions",
                     [(count, {"action": action}) for action, count in actions.items()],
                 )
+                refund_actions = dict.fromkeys(("refunded", "failed", "unknown", "error"), 0)
+                refund_actions.update(refund_worker.actions)
+                metrics.observe(
+                    "payment.refund_worker.actions",
+                    [(count, {"action": action}) for action, count in refund_actions.items()],
+                )
                 metrics.observe("payment.outbox.published", [(relay.published, {})])
                 metrics.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
                 lags = await consumer.lag()

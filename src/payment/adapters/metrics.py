@@ -196,6 +196,10 @@ class Metrics:
             "reconciler results per in-flight payment it looked at, and failed rounds",
         )  # fmt: skip
         self._observable_counter(
+            meter, "payment.refund_worker.actions", "{action}",
+            "refund worker results per pending refund it settled, and failed rounds",
+        )  # fmt: skip
+        self._observable_counter(
             meter, "payment.outbox.published", "{row}", "outbox rows published by this instance"
         )
         self._observable_counter(
