@@ -291,7 +291,14 @@ class Service:
             # Refund calls go through the same `processor` as charges (one wrapper covers both).
             refunds = Refunds(uow_factory, processor, clock, c.policy(), c.handler_settings())
             refund_worker = RefundWorker(
-                refunds, threshold_s=s.refund_retry_after_s, interval_s=s.refund_interval_s
+                refunds,
+                threshold_s=s.refund_retry_after_s,
+                interval_s=s.refund_interval_s,
+                scope=reconcile_scope(
+                    tracer,
+                    lambda payment_id: stored_trace(control, payment_id),
+                    name="settle refunds",
+                ),
             )
             consumer = self.consumer = KafkaInboxConsumer(
                 consumer_factory=make_consumer,

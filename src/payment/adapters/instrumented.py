@@ -509,9 +509,10 @@ StoredTrace = Callable[[uuid.UUID], Awaitable[TraceHeaders | None]]
 
 
 def reconcile_scope(
-    tracer: Tracer, stored_trace: StoredTrace
+    tracer: Tracer, stored_trace: StoredTrace, name: str = "reconcile payment"
 ) -> Callable[[uuid.UUID], AbstractAsyncContextManager[None]]:
-    """The reconciler's per-payment scope: a span in the trace of the payment's request.
+    """The reconciler's per-payment scope: a span in the trace of the payment's request
+    (`name`: the refund worker's is "settle refunds").
 
     Reconciliation happens long after the request's consumer span ended; continuing the
     trace stored with the payment's first outbox row keeps the gateway calls and the
@@ -522,7 +523,7 @@ def reconcile_scope(
     async def scope(payment_id: uuid.UUID) -> AsyncIterator[None]:
         parent = context_from_trace(await stored_trace(payment_id))
         with tracer.start_as_current_span(
-            "reconcile payment",
+            name,
             context=parent,
             attributes={ATTR_PAYMENT_ID: str(payment_id)},
             record_exception=False,

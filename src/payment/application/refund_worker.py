@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import timedelta
 
 from payment.application.commands import SettleRefunds
 from payment.application.refunds import Refunds, SettleResult
 
 log = logging.getLogger(__name__)
+
+# Entered around the settling of one payment's refunds: where an adapter opens a span.
+Scope = Callable[[uuid.UUID], AbstractAsyncContextManager[object]]
+
+
+def _no_scope(payment_id: uuid.UUID) -> AbstractAsyncContextManager[object]:
+    return nullcontext()
 
 
 class RefundWorker:
@@ -28,8 +38,10 @@ class RefundWorker:
         threshold_s: float,
         interval_s: float,
         batch: int = 100,
+        scope: Scope | None = None,
     ) -> None:
         self._refunds = refunds
+        self._scope: Scope = scope or _no_scope
         self._threshold = timedelta(seconds=threshold_s)
         self._interval_s = interval_s
         self._batch = batch
@@ -40,9 +52,10 @@ class RefundWorker:
         due = await self._refunds.due(self._threshold, self._batch)
         for payment_id in due:
             try:
-                results = await self._refunds.settle(
-                    SettleRefunds(payment_id=payment_id), look_up_first=True
-                )
+                async with self._scope(payment_id):
+                    results = await self._refunds.settle(
+                        SettleRefunds(payment_id=payment_id), look_up_first=True
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception:  # one payment's failure must not stop the others
