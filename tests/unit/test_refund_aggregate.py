@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from payment.domain.errors import IllegalTransition, NotCharged, OverRefund, RefundRefused
 from payment.domain.events import (
@@ -251,3 +253,75 @@ def test_ten_refunds_of_a_tenth_then_nothing_more() -> None:
         except OverRefund:
             pass
     assert accepted == 10 and payment.refundable == 0
+
+
+# -- any sequence of refund commands ------------------------------------------------------
+
+
+class RefundMachine(RuleBasedStateMachine):
+    """Whatever refunds, outcomes and charge outcome come, in any order: the refunded total
+    never exceeds the charge, refunds not failed never exceed it either, a refused command
+    records nothing, and replaying the events rebuilds the same state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[AnyPaymentEvent] = [initiated()]
+        self.payment = Payment.replay(self.events)
+
+    def _do(self, command: Any) -> None:
+        before = self.payment.version
+        try:
+            self.events += command(self.payment)
+        except (IllegalTransition, RefundRefused):
+            assert self.payment.version == before  # refused: nothing recorded
+
+    @rule(amount=st.one_of(st.none(), st.integers(min_value=-5, max_value=CHARGED + 5)))
+    def request(self, amount: int | None) -> None:
+        self._do(lambda p: request(p, amount, uuid.uuid4()))
+
+    @rule(index=st.integers(min_value=0, max_value=20), refunded=st.booleans())
+    def settle(self, index: int, refunded: bool) -> None:
+        ids = list(self.payment.refunds)
+        if not ids:
+            return
+        refund_id = ids[index % len(ids)]
+        if refunded:
+            self._do(
+                lambda p: p.complete_refund(
+                    refund_id=refund_id, processor="fake", provider_reference="re", at=LATER
+                )
+            )
+        else:
+            reason = "not_charged" if p_failed(self.payment) else "declined"
+            self._do(
+                lambda p: p.fail_refund(refund_id=refund_id, reason=reason, detail="x", at=LATER)
+            )
+
+    @rule(charged=st.booleans())
+    def charge_outcome(self, charged: bool) -> None:
+        if charged:
+            self._do(lambda p: p.complete(processor="fake", provider_reference="ch", at=LATER))
+        else:
+            self._do(lambda p: p.fail(reason="declined", detail="no", at=LATER))
+
+    @invariant()
+    def never_past_the_charge(self) -> None:
+        p = self.payment
+        assert 0 <= p.refunded_total <= CHARGED
+        assert 0 <= p.refundable <= CHARGED
+        assert p.refunded_total + sum(r.amount for r in p.pending_refunds) <= CHARGED
+        if p.status is PaymentStatus.REFUNDED:
+            assert p.refunded_total == CHARGED
+        if p.status is PaymentStatus.FAILED:
+            assert p.refunded_total == 0
+
+    @invariant()
+    def replays_to_the_same_state(self) -> None:
+        assert_replays(self.payment, self.events)
+
+
+def p_failed(payment: Payment) -> bool:
+    return payment.status is PaymentStatus.FAILED
+
+
+TestRefundMachine = RefundMachine.TestCase
