@@ -21,10 +21,10 @@ import yaml
 
 from payment import asyncapi
 from payment.adapters.kafka import dead_letters
-from payment.adapters.kafka.cloudevents import decode_request, encode_outbound
+from payment.adapters.kafka.cloudevents import decode_refund, decode_request, encode_outbound
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.topics import Topics
-from payment.application.commands import InboundRef, RequestPayment, TraceHeaders
+from payment.application.commands import InboundRef, RefundPayment, RequestPayment, TraceHeaders
 from payment.application.messages import (
     MESSAGE_VERSIONS,
     OutboundMessage,
@@ -37,7 +37,7 @@ from payment.application.messages import (
     refunded_message,
     rejection_message,
 )
-from payment.application.validation import Valid, validate_request
+from payment.application.validation import Valid, validate_refund, validate_request
 from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT, Money
 from payment.domain.payment import Payment
@@ -261,6 +261,37 @@ def test_request_schema_accepts_exactly_what_validation_accepts(
     )
     accepted = isinstance(validate_request(command, max_amount=DEFAULT_MAX_AMOUNT), Valid)
     problems = _validate(published, _payload_schema(published, "RequestPayment"), data)
+    assert (not problems) == accepted, problems
+
+
+def _refund_samples() -> Iterator[Schema]:
+    base: Schema = {"booking_id": "booking-1"}
+    yield base
+    for booking_id in ("", "a" * 64, "a" * 65, "bad id", "bé"):
+        yield {**base, "booking_id": booking_id}
+    for amount in (-5, 0, 1, DEFAULT_MAX_AMOUNT, DEFAULT_MAX_AMOUNT + 1, None):
+        yield {**base, "amount": amount}
+    for reason in (None, "", "r" * 255, "r" * 256):
+        yield {**base, "reason": reason}
+    for saga_id in (None, "", "s" * 64, "s" * 65):
+        yield {**base, "saga_id": saga_id}
+
+
+@pytest.mark.parametrize("data", list(_refund_samples()))
+def test_refund_schema_accepts_exactly_what_validation_accepts(
+    published: Schema, data: Schema
+) -> None:
+    """As for requests: the RefundPayment overlay agrees with `validate_refund`."""
+    message = decode_refund(msgspec.json.encode(data))
+    command = RefundPayment(
+        inbound=InboundRef(source="orchestrator", message_id="m-1"),
+        booking_id=message.booking_id,
+        amount=message.amount,
+        reason=message.reason,
+        saga_id=message.saga_id,
+    )
+    accepted = validate_refund(command, max_amount=DEFAULT_MAX_AMOUNT) is None
+    problems = _validate(published, _payload_schema(published, "RefundPayment"), data)
     assert (not problems) == accepted, problems
 
 
