@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 N ?= 200
 
-.PHONY: install demo dev test test-fast lint bench
+.PHONY: install demo dev test test-fast test-tansu lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,18 +22,28 @@ demo: install
 dev: install
 	$(BIN)/payment-service dev
 
-## Second command: the whole test suite, exactly as CI runs it.
+## Second command: the whole test suite, exactly as CI runs it: every suite on Apache
+## Kafka (started by the tests; java and mvn needed), then the Tansu compatibility job
+## (the e2e contract suite on the broker of `payment-service dev`, whose demo test runs
+## in the first pass: `dev` uses Tansu unless told otherwise).
 test: install
 	$(BIN)/pytest
+	$(MAKE) test-tansu
+
+test-tansu: install
+	PAYMENT_TEST_BROKER=tansu $(BIN)/pytest tests/e2e/test_run_e2e.py
 
 ## The suite without the long tests (chaos, outages, real-stack scenarios).
 test-fast: install
 	$(BIN)/pytest -m 'not slow'
 
+## The checks the project declares (CI runs them before the tests).
 lint: install
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## The benchmarks of docs/performance.md (installs the dev extra: the eventsourcing peer, py-spy).
 bench: install

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +26,12 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from payment.adapters.apache_kafka import KAFKA_VERSION
+
 POSTGRES_ENV_VAR = "PAYMENT_BENCH_POSTGRES_URL"
+BROKER_ENV_VAR = "PAYMENT_BENCH_BROKER"
+# Tansu answers a fetch only when its wait expires: a short wait is a short hop.
+TANSU_FETCH_WAIT_MS = 5
 KAFKA_ENV_VAR = "PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS"
 DEFAULT_POSTGRES = "postgresql://root@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60.0
@@ -60,18 +66,63 @@ def scratch_database(server: str, prefix: str) -> Iterator[tuple[str, str]]:
             )
 
 
+@dataclass(frozen=True)
+class Broker:
+    """The bench's broker: where it listens, its process (for CPU figures), its kind."""
+
+    bootstrap: str
+    pid: int | None
+    kind: str  # "kafka" or "tansu"
+
+    @property
+    def label(self) -> str:
+        return f"Apache Kafka {KAFKA_VERSION}" if self.kind == "kafka" else "Tansu"
+
+    def service_env(self, fetch_wait_ms: int | None = None) -> dict[str, str]:
+        """What `payment-service run` needs beyond its defaults here (nothing on Kafka)."""
+        env: dict[str, str] = {}
+        if self.kind == "tansu":
+            # No idempotent producer; a fetch is answered only when its wait expires.
+            env["PAYMENT_KAFKA_ENABLE_IDEMPOTENCE"] = "false"
+            fetch_wait_ms = fetch_wait_ms or TANSU_FETCH_WAIT_MS
+        if fetch_wait_ms is not None:
+            env["PAYMENT_KAFKA_FETCH_MAX_WAIT_MS"] = str(fetch_wait_ms)
+        return env
+
+    def client_fetch_wait_ms(self, fetch_wait_ms: int | None = None) -> int:
+        """The bench's own consumers' fetch wait."""
+        if fetch_wait_ms is not None:
+            return fetch_wait_ms
+        return TANSU_FETCH_WAIT_MS if self.kind == "tansu" else 500
+
+
 @contextlib.contextmanager
-def broker() -> Iterator[tuple[str, int | None]]:
-    """(bootstrap servers, broker pid or None): `$PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS`,
-    else an embedded Tansu broker started here and stopped afterwards."""
+def broker(kind: str | None = None) -> Iterator[Broker]:
+    """The broker of a bench run: `$PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS` if set, else one
+    started here and stopped afterwards — Apache Kafka (default) or, with `kind="tansu"`
+    or `$PAYMENT_BENCH_BROKER=tansu`, the embedded Tansu of `payment-service dev`."""
+    kind = (kind or os.environ.get(BROKER_ENV_VAR, "") or "kafka").strip().lower()
+    if kind not in ("kafka", "tansu"):
+        raise BenchError(f"unknown broker {kind!r}: kafka or tansu")
     configured = os.environ.get(KAFKA_ENV_VAR, "").strip()
     if configured:
-        yield configured, None
+        yield Broker(configured, None, kind)
         return
-    from payment.adapters.embedded import EmbeddedBroker
+    if kind == "tansu":
+        from payment.adapters.embedded import EmbeddedBroker
 
-    with EmbeddedBroker() as embedded:
-        yield embedded.bootstrap_servers, embedded.pid
+        with EmbeddedBroker() as tansu:
+            yield Broker(tansu.bootstrap_servers, tansu.pid, kind)
+        return
+    from payment.adapters.apache_kafka import ApacheKafkaBroker
+
+    with ApacheKafkaBroker(heap_mb=1024) as kafka:
+        print(
+            f"bench: Apache Kafka {kafka.version} on {kafka.bootstrap_servers} "
+            f"(ready in {kafka.started_in_s or 0:.1f} s)",
+            flush=True,
+        )
+        yield Broker(kafka.bootstrap_servers, kafka.pid, kind)
 
 
 def free_port() -> int:

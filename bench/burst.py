@@ -22,13 +22,12 @@ from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from benchlib import broker
 from psycopg import sql
 
-from payment.adapters.embedded import EmbeddedBroker
 from payment.adapters.kafka.topics import Topics
 from payment.demo import DemoReport, run_demo
 
-KAFKA_ENV_VAR = "PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS"
 POSTGRES_ENV_VAR = "PAYMENT_BENCH_POSTGRES_URL"
 DEFAULT_POSTGRES = "postgresql://root@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60.0
@@ -44,16 +43,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@contextlib.contextmanager
-def _broker() -> Iterator[str]:
-    configured = os.environ.get(KAFKA_ENV_VAR, "").strip()
-    if configured:
-        yield configured
-        return
-    with EmbeddedBroker() as broker:
-        yield broker.bootstrap_servers
 
 
 @contextlib.contextmanager
@@ -182,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         prefix=f"burst-{run_id}-", suffix=".log", delete=False
     )
     try:
-        with _broker() as bootstrap, _database(args.postgres, f"bench_{run_id}") as db_url:
+        with broker() as kafka, _database(args.postgres, f"bench_{run_id}") as db_url:
+            bootstrap = kafka.bootstrap
             port = _free_port()
             env = {
                 **os.environ,
                 "PAYMENT_DATABASE_URL": db_url,
                 "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "PAYMENT_KAFKA_ENABLE_IDEMPOTENCE": "false",
+                **kafka.service_env(),
                 "PAYMENT_HTTP_PORT": str(port),
                 "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
                 "PAYMENT_TOPIC_REQUEST": topics.request,

@@ -1,6 +1,7 @@
 """End-to-end benchmark: an open-loop orchestrator against the real `payment-service run`.
 
-Starts everything it needs: a Tansu broker (or $PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS), a
+Starts everything it needs: an Apache Kafka broker (`--broker tansu` for the embedded
+broker of `dev`; or $PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS), a
 fresh database on the local PostgreSQL ($PAYMENT_BENCH_POSTGRES_URL; dropped afterwards)
 and the `run` process. The orchestrator offers requests at a fixed rate for a fixed time
 (each is sent when it is due, whatever the answers so far: open loop), and listens to the
@@ -355,17 +356,19 @@ class Plan:
     bisect: bool = True
     profile: str | None = None  # py-spy raw (collapsed) stacks of the first measured step
     keep_log: bool = False
-    # The consumers' fetch wait (the service's and the orchestrator's): Tansu answers a
-    # fetch only when it expires, so it is both a latency per hop and a fixed CPU cost.
-    fetch_wait_ms: int = 5
+    # The consumers' fetch wait (the service's and the orchestrator's). None: the service's
+    # default on Kafka (which answers as data arrives), 5 ms on Tansu (which answers only
+    # when it expires: both a latency per hop and a fixed CPU cost there).
+    fetch_wait_ms: int | None = None
+    broker: str | None = None  # kafka (default) or tansu
 
 
 async def _run_steps(
-    bootstrap: str, topics: Topics, run_id: str, probes: Probes, plan: Plan
+    bootstrap: str, topics: Topics, run_id: str, probes: Probes, plan: Plan, fetch_wait_ms: int
 ) -> list[StepResult]:
     results: list[StepResult] = []
     tag = f"lat{plan.latency_ms:g}" if plan.latency_ms else "zero"
-    async with Orchestrator(bootstrap, topics, run_id, plan.fetch_wait_ms) as orchestrator:
+    async with Orchestrator(bootstrap, topics, run_id, fetch_wait_ms) as orchestrator:
         await warm_up(orchestrator, min(plan.rates[0], 500), plan.warmup_s)
         rates = list(plan.rates)
         passed: float | None = None
@@ -435,13 +438,14 @@ def run(plan: Plan) -> list[StepResult]:
         dead_letter=f"bench-{run_id}.payment.dead_letter",
     )
     server = server_url()
-    with broker() as (bootstrap, broker_pid), scratch_database(server, "bench_e2e") as (db, url):
+    with broker(plan.broker) as kafka, scratch_database(server, "bench_e2e") as (db, url):
+        bootstrap = kafka.bootstrap
+        print(f"e2e: broker {kafka.label}", flush=True)
         env = {
             **os.environ,
             "PAYMENT_DATABASE_URL": url,
             "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "PAYMENT_KAFKA_ENABLE_IDEMPOTENCE": "false",
-            "PAYMENT_KAFKA_FETCH_MAX_WAIT_MS": str(plan.fetch_wait_ms),
+            **kafka.service_env(plan.fetch_wait_ms),
             "PAYMENT_HTTP_PORT": str(free_port()),
             "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
             "PAYMENT_TOPIC_REQUEST": topics.request,
@@ -461,9 +465,10 @@ def run(plan: Plan) -> list[StepResult]:
             probes = Probes(
                 service_pid=service.pid,
                 backend_pids=lambda: backend_pids(server, db),
-                broker_pid=broker_pid,
+                broker_pid=kafka.pid,
             )
-            results = asyncio.run(_run_steps(bootstrap, topics, run_id, probes, plan))
+            client_wait = kafka.client_fetch_wait_ms(plan.fetch_wait_ms)
+            results = asyncio.run(_run_steps(bootstrap, topics, run_id, probes, plan, client_wait))
             if not service.alive():
                 raise BenchError("the service died during the run:\n" + tail(service.log.name))
             ok = True
@@ -515,7 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="py-spy collapsed stacks of the first step, to FILE")
     parser.add_argument("--keep-log", action="store_true", help="keep the service log")
     parser.add_argument(
-        "--fetch-wait-ms", type=int, default=Plan.fetch_wait_ms, help="consumers' fetch wait"
+        "--fetch-wait-ms", type=int, default=None, help="consumers' fetch wait (ms)"
+    )
+    parser.add_argument(
+        "--broker",
+        choices=("kafka", "tansu"),
+        default=None,
+        help="broker started for the run: kafka (default) or tansu ($PAYMENT_BENCH_BROKER)",
     )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.steps.split(",")] if args.saturation else [args.rate]
@@ -530,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
         keep_log=args.keep_log,
         fetch_wait_ms=args.fetch_wait_ms,
+        broker=args.broker,
     )
     print(f"e2e: load before {load()} on {os.cpu_count()} CPUs", flush=True)
     try:

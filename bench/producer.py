@@ -1,9 +1,9 @@
 """CPU per record of aiokafka's producer: `send()` record by record against `send_batch()`.
 
 The records look like the relay's (a CloudEvents header set, a ~200-byte JSON value,
-distinct keys) and go to a Tansu broker started here (or
-`$PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS`). Process CPU time per record, both ways in
-alternating rounds, acknowledgements awaited each time.
+distinct keys) and go to an Apache Kafka broker started here (Tansu with
+`PAYMENT_BENCH_BROKER=tansu`; or `$PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS`). Process CPU
+time per record, both ways in alternating rounds, acknowledgements awaited each time.
 
     .venv/bin/python bench/producer.py --records 5000 --rounds 3
 """
@@ -17,6 +17,8 @@ import time
 
 from aiokafka import AIOKafkaProducer
 from benchlib import broker
+
+from payment.adapters.kafka.topics import ensure_topics
 
 TOPIC = "bench-producer"
 HEADERS = [
@@ -64,9 +66,13 @@ async def batched(producer: AIOKafkaProducer, partitions: list[int], count: int)
 
 
 async def main(count: int, rounds: int) -> None:
-    with broker() as (bootstrap, _):
+    with broker() as kafka:
+        bootstrap = kafka.bootstrap
+        await ensure_topics(bootstrap, [TOPIC], partitions=6)
         producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, enable_idempotence=False, max_batch_size=256 * 1024
+            bootstrap_servers=bootstrap,
+            enable_idempotence=kafka.kind == "kafka",  # as the service's relay
+            max_batch_size=256 * 1024,
         )
         await producer.start()
         try:

@@ -58,3 +58,16 @@ Feature: Requests the service receives more than once, or cannot accept
     Then that request is set aside as a dead letter
     And booking "BK-4101" was started once and told one outcome
     And booking "BK-4101" was charged exactly once
+
+  Scenario Outline: Asking again with a request that breaks a rule is set aside, not failed
+    Given the saga has requested a payment of 125.00 EUR for booking "BK-4301"
+    When the saga requests <amount> minor units of "<currency>" for booking "BK-4301" paid with "<method>"
+    Then that request is set aside as a dead letter
+    And booking "BK-4301" was started once and told one outcome
+    And booking "BK-4301" was charged exactly once
+
+    Examples:
+      | problem                        | amount | currency | method              |
+      | an amount of zero              | 0      | EUR      | tok_visa            |
+      | a currency that does not exist | 12500  | XYZ      | tok_visa            |
+      | a card number instead of token | 12500  | EUR      | 4242 4242 4242 4242 |

@@ -12,8 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
-import psycopg
-import psycopg_pool
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from dependency_injector import containers, providers
@@ -33,6 +31,7 @@ from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
+from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
 from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
@@ -40,7 +39,12 @@ from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
-from payment.adapters.processors.stripe import IDEMPOTENCY_KEY_LIFETIME_S, StripeProcessor
+from payment.adapters.processors.limits import LimitedProcessor, limits_for
+from payment.adapters.processors.stripe import (
+    IDEMPOTENCY_KEY_LIFETIME_S,
+    SEARCH_LAG_S,
+    StripeProcessor,
+)
 from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
@@ -57,14 +61,14 @@ from payment.settings import (
 log = logging.getLogger("payment")
 
 # Errors that mean "the database or the broker is unreachable right now": the consumer
-# retries these for as long as they last and never dead-letters because of them.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    psycopg_pool.PoolTimeout,
-    KafkaError,
-    ConnectionError,
-    TimeoutError,
-)
+# retries these for as long as they last and never dead-letters because of them. Database
+# errors are judged by SQLSTATE class (adapters/postgres/errors.py), not by Python type.
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (KafkaError, ConnectionError, TimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an outage of the database or the broker: wait and retry, never park."""
+    return isinstance(exc, _TRANSIENT_TYPES) or is_transient_database_error(exc)
 
 
 async def _pool_resource(url: str, min_size: int, max_size: int) -> AsyncIterator[Any]:
@@ -98,6 +102,14 @@ class Container(containers.DeclarativeContainer):
     )
     control_uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, control_pool)
 
+    # The gateway's limits (contract 4.9), shared by every caller of the processor.
+    limits = providers.Singleton(
+        limits_for,
+        config.processor,
+        config.processor_max_concurrency,
+        config.processor_max_rate,
+    )
+
     processor = providers.Selector(
         config.processor,
         fake=providers.Singleton(
@@ -112,12 +124,14 @@ class Container(containers.DeclarativeContainer):
             api_key=config.stripe_api_key,
             api_base=config.stripe_api_base,
             name="sandbox",
+            max_connections=limits.provided.max_concurrency,
         ),
         stripe=providers.Singleton(
             StripeProcessor,
             api_key=config.stripe_api_key,
             api_base=config.stripe_api_base,
             name="stripe",
+            max_connections=limits.provided.max_concurrency,
         ),
     )
 
@@ -141,11 +155,16 @@ class Container(containers.DeclarativeContainer):
 
     policy = providers.Singleton(
         lambda timeout_ms, attempts, review_s, kind: ExecutionPolicy(
-            call_timeout_s=timeout_ms / 1000.0,
+            # The LimitedProcessor bounds each call (not the wait for a slot) with it.
+            call_timeout_s=None,
             max_attempts=attempts,
             review_after_s=review_s,
             # The in-process fake keeps its keys for good; Stripe forgets them.
             key_lifetime_s=None if kind == "fake" else IDEMPOTENCY_KEY_LIFETIME_S,
+            # One execution's calls (attempts and a lookup, each up to the timeout) and
+            # backoffs, with a margin: a live charger is not overtaken.
+            charge_lease_s=timeout_ms / 1000.0 * (attempts + 1) + 5.0 * attempts + 10.0,
+            lookup_settle_s=0.0 if kind == "fake" else SEARCH_LAG_S,
         ),
         config.processor_timeout_ms,
         config.processor_max_attempts,
@@ -194,6 +213,16 @@ def readiness_limits(stats: DatabaseStats, settings: Settings) -> dict[str, str]
                 "ok" if age <= limit else f"oldest {what} is {age:.0f}s old (limit {limit:g}s)"
             )
     return checks
+
+
+def backlog_check(waiting: int, limit: int) -> dict[str, str]:
+    """The backlog check of /health/ready: work waiting (consumer lag, requests held at
+    the door, payments accepted and not yet charged) against `limit` (0 turns it off)."""
+    if limit <= 0:
+        return {}
+    if waiting <= limit:
+        return {"backlog": "ok"}
+    return {"backlog": f"{waiting} messages or payments waiting (limit {limit})"}
 
 
 class Service:
@@ -248,7 +277,13 @@ class Service:
             if closer is not None:
                 # The Stripe adapter's HTTP client; the fake has nothing to close.
                 stack.push_async_callback(closer)
-            processor = InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget)
+            # Limits outside, instruments inside: call durations and timeouts are the
+            # gateway's own, without the wait for a slot.
+            processor = LimitedProcessor(
+                InstrumentedProcessor(gateway, tracer, metrics, log_budget=budget),
+                c.limits(),
+                call_timeout_s=s.processor_timeout_ms / 1000.0,
+            )
             log.info("run: database pool open, producer started, processor %s", processor.name)
 
             waiter = wait_for_outbox_notification(str(s.database_url))
@@ -313,7 +348,7 @@ class Service:
                 metrics=metrics,
                 settings=c.handler_settings(),
                 policy=c.policy(),
-                transient_errors=TRANSIENT_ERRORS,
+                is_transient=is_transient,
                 max_in_flight=s.max_in_flight,
                 commit_interval_s=s.kafka_commit_interval_ms / 1000,
                 commit_timeout_s=REVOKE_COMMIT_TIMEOUT_S,
@@ -332,6 +367,9 @@ class Service:
                 c.policy(),
                 threshold_s=s.reconcile_after_s,
                 interval_s=s.reconcile_interval_s,
+                # The bulkhead's worth: a backlog drains at the gateway's rate. New
+                # payments still get slots (one FIFO queue for executor and reconciler).
+                parallelism=processor.limits.max_concurrency,
                 scope=reconcile_scope(tracer, lambda payment_id: stored_trace(control, payment_id)),
             )
 
@@ -368,6 +406,15 @@ class Service:
                     "payment.refund_worker.actions",
                     [(count, {"action": action}) for action, count in refund_actions.items()],
                 )
+                gateway_labels = {"processor": processor.name}
+                for name, value in (
+                    ("payment.processor.in_flight", processor.in_flight),
+                    ("payment.processor.in_flight_max", processor.most_in_flight),
+                    ("payment.processor.waiting", processor.waiting),
+                    ("payment.processor.rate_limit", processor.rate.rate()),
+                    ("payment.processor.throttled", processor.throttles),
+                ):
+                    metrics.observe(name, [(value, gateway_labels)])
                 metrics.observe("payment.outbox.published", [(relay.published, {})])
                 metrics.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
                 lags = await consumer.lag()
@@ -386,7 +433,8 @@ class Service:
             # The database and broker checks run side by side, and the backlog query only
             # when the database answered: during an outage the answer (503) comes within
             # one 2 s timeout, not after three of them in a row.
-            async def database_checks() -> dict[str, str]:
+            async def database_checks() -> tuple[dict[str, str], int]:
+                """The database's checks, and how many payments are in flight (0 if unread)."""
                 checks: dict[str, str] = {}
                 try:
                     async with asyncio.timeout(2.0), control.connection() as conn:
@@ -394,15 +442,20 @@ class Service:
                     checks["database"] = "ok"
                 except Exception as exc:  # any failure means "not ready"
                     checks["database"] = f"unavailable ({type(exc).__name__})"
-                    return checks
-                if s.ready_max_outbox_age_s > 0 or s.ready_max_in_flight_age_s > 0:
+                    return checks, 0
+                if (
+                    s.ready_max_outbox_age_s > 0
+                    or s.ready_max_in_flight_age_s > 0
+                    or s.ready_max_backlog > 0
+                ):
                     try:
                         async with asyncio.timeout(2.0):
                             stats = await read_stats(control)
                         checks.update(readiness_limits(stats, s))
+                        return checks, stats.in_flight
                     except Exception as exc:  # any failure means "not ready"
                         checks["backlog"] = f"unknown ({type(exc).__name__})"
-                return checks
+                return checks, 0
 
             async def broker_checks() -> dict[str, str]:
                 try:
@@ -412,9 +465,28 @@ class Service:
                 except Exception as exc:  # any failure means "not ready"
                     return {"broker": f"unavailable ({type(exc).__name__})"}
 
+            async def consumer_backlog() -> int | None:
+                """Messages fetched or waiting on the broker, not handled yet (None: unknown)."""
+                try:
+                    async with asyncio.timeout(2.0):
+                        lags = await consumer.lag()
+                except Exception:  # any failure means "not ready"
+                    return None
+                return sum(lags.values()) + consumer.backlog
+
             async def readiness() -> dict[str, str]:
-                database, broker = await asyncio.gather(database_checks(), broker_checks())
-                return {"database": database.pop("database"), **broker, **database}
+                (database, in_flight), broker, waiting = await asyncio.gather(
+                    database_checks(), broker_checks(), consumer_backlog()
+                )
+                backlog: dict[str, str] = {}
+                if s.ready_max_backlog > 0 and "backlog" not in database:
+                    backlog = (
+                        {"backlog": "unknown (consumer lag)"}
+                        if waiting is None
+                        # Accepted and not yet charged counts too: the executor's queue.
+                        else backlog_check(waiting + in_flight, s.ready_max_backlog)
+                    )
+                return {"database": database.pop("database"), **broker, **database, **backlog}
 
             self.http = HealthServer(s.http_host, s.http_port, readiness, metrics.render)
             await self.http.start()

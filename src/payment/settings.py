@@ -75,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_in_flight: int = 1024
     processor_timeout_ms: int = 10_000
     processor_max_attempts: int = 4
+    # Calls in flight to the gateway and calls per second, per instance; unset: the
+    # processor kind's defaults (adapters/processors/limits.py, README).
+    processor_max_concurrency: int | None = None
+    processor_max_rate: float | None = None
     reconcile_after_s: float = 60.0
     reconcile_interval_s: float = 10.0
     review_after_s: float = 3600.0
@@ -82,6 +86,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # /health/ready turns 503 past these ages (seconds; 0 turns the check off).
     ready_max_outbox_age_s: float = 60.0
     ready_max_in_flight_age_s: float = 900.0
+    # /health/ready turns 503 while more messages than this wait to be handled (consumer
+    # lag plus requests held back at the door); 0 turns the check off.
+    ready_max_backlog: int = 10_000
     # Retention (adapters/postgres/retention.py): published outbox rows and inbox marks
     # older than this many days are purged; 0 keeps them forever. The inbox window must
     # outlast every redelivery (README, "Retention").
@@ -239,6 +246,7 @@ def _validate(s: Settings) -> None:
         "lifecycle_log_per_s",
         "ready_max_outbox_age_s",
         "ready_max_in_flight_age_s",
+        "ready_max_backlog",
         "retention_outbox_days",
         "retention_inbox_days",
     ):
@@ -250,6 +258,10 @@ def _validate(s: Settings) -> None:
             f" (a revoked partition's drain, {DRAIN_TIMEOUT_S:g} s, plus its commit,"
             f" {REVOKE_COMMIT_TIMEOUT_S:g} s)"
         )
+    if s.processor_max_concurrency is not None and s.processor_max_concurrency < 1:
+        raise ConfigError("PAYMENT_PROCESSOR_MAX_CONCURRENCY: must be at least 1")
+    if s.processor_max_rate is not None and s.processor_max_rate <= 0:
+        raise ConfigError("PAYMENT_PROCESSOR_MAX_RATE: must be positive")
     if s.retention_interval_s <= 0:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
     if s.refund_interval_s <= 0:

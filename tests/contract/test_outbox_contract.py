@@ -56,6 +56,21 @@ async def test_messages_are_visible_only_after_commit(uow_factory: UnitOfWorkFac
     assert len(await _pending(uow_factory)) == 1
 
 
+async def test_pending_leaves_out_the_keys_it_is_told_to_skip(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # The relay's keys backing off: their rows must not fill the limit.
+    await _add(uow_factory, *(message("payment-bad", sequence=n) for n in range(1, 4)))
+    await _add(uow_factory, message("payment-good", sequence=1), message("booking-x"))
+    async with uow_factory() as uow:
+        rows = await uow.outbox.pending(2, skip_keys={"payment-bad"})
+    assert [r.message.key for r in rows] == ["payment-good", "booking-x"]
+    async with uow_factory() as uow:
+        assert [r.message.key for r in await uow.outbox.pending(10, skip_keys=())] == [
+            "payment-bad"
+        ] * 3 + ["payment-good", "booking-x"]
+
+
 async def test_pending_is_oldest_first_and_limited(uow_factory: UnitOfWorkFactory) -> None:
     for sequence in range(1, 6):
         await _add(uow_factory, message("payment-1", sequence=sequence))

@@ -140,6 +140,39 @@ async def test_requeue_sends_an_in_flight_payment_to_the_back_and_leaves_a_finis
         assert await uow.payments.in_flight_since(at(5), 10) == [second]
 
 
+async def test_claims_take_the_oldest_stale_payments_and_lease_them(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    late = await _claim(uow_factory, "booking-late", seconds=3)
+    early = await _claim(uow_factory, "booking-early", seconds=1)
+    middle = await _claim(uow_factory, "booking-middle", seconds=2)
+    async with uow_factory() as uow:
+        assert await uow.payments.claim_stale(at(10), 2, at(50)) == [early, middle]
+        await uow.commit()
+    async with uow_factory() as uow:
+        # Leased until the cutoff passes the claim's time again.
+        assert await uow.payments.claim_stale(at(10), 10, at(50)) == [late]
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.claim_stale(at(10), 10, at(60)) == []
+        assert set(await uow.payments.claim_stale(at(51), 10, at(60))) == {early, middle, late}
+
+
+async def test_concurrent_claimers_get_disjoint_payments_and_a_rollback_frees_its_own(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = [await _claim(uow_factory, f"booking-{i}", seconds=i) for i in range(5)]
+    async with uow_factory() as first, uow_factory() as second:
+        mine = await first.payments.claim_stale(at(10), 3, at(50))
+        theirs = await second.payments.claim_stale(at(10), 3, at(50))
+        assert mine == ids[:3]
+        assert theirs == ids[3:]
+        await second.commit()
+        # `first` ends without committing: its claims were never made.
+    async with uow_factory() as uow:
+        assert await uow.payments.claim_stale(at(10), 10, at(50)) == ids[:3]
+
+
 # -- refunds: closed bookings and the refunds-pending mark ------------------------------
 
 

@@ -341,6 +341,34 @@ async def test_rerequest_with_other_money_is_dead_lettered(
     assert len(orch.events.terminal(booking)) == 1, "a conflicting re-request got an outcome"
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"amount": 0}, {"payment_method": ""}, {"payment_method": CARD_NUMBER_SPACED}],
+    ids=["amount-zero", "payment-method-empty", "card-number"],
+)
+async def test_invalid_rerequest_for_a_paid_booking_is_dead_lettered_not_failed(
+    stack: ServiceStack, change: dict[str, Any]
+) -> None:
+    # Contract 4.3: a booking that has a payment never gets a payment.failed it did not
+    # earn; a re-request that breaks a rule is dead-lettered, and dlq_reason says so.
+    orch = stack.orch
+    booking = new_booking("invalid-rerequest")
+    await orch.request(booking, amount=1_000, currency="EUR")
+    first = await orch.wait_outcome(booking)
+
+    broken = await orch.request(booking, **{"amount": 1_000, "currency": "EUR", **change})
+    dead = await orch.wait_dead_letter(broken)
+    await orch.sentinel(after=broken)
+
+    assert first.kind == "completed"
+    reason = dead.header("dlq_reason") or ""
+    assert "re-request for a booking that has a payment breaks a rule" in reason, reason
+    assert "4242" not in reason
+    assert len(orch.events.initiated(booking)) == 1
+    [terminal] = orch.events.terminal(booking)
+    assert terminal.kind == "completed", orch.events.summary(booking)
+
+
 # -- invalid requests --------------------------------------------------------------------
 
 # (id, change to a valid request's data, expected: "invalid_request" or "dead_letter").

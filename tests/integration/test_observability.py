@@ -299,10 +299,11 @@ async def test_one_trace_from_request_to_outcome(run_service: RunService) -> Non
     assert names.count(f"publish {s.topic_initiated}") == 1, names
     assert names.count(f"publish {s.topic_completed}") == 1, names
     assert names.count("fake charge") == 1, names
-    # Two transactions for the execution: it reads the payment, calls the gateway with no
-    # transaction open, then records the outcome.
-    assert names.count("db transaction") == 3, names
-    assert len(spans) == 8, names
+    # Three transactions for the execution: it reads the payment, writes ChargeStarted
+    # ahead of the call, calls the gateway with no transaction open, then records the
+    # outcome.
+    assert names.count("db transaction") == 4, names
+    assert len(spans) == 9, names
 
     by_name = {sp.name: sp for sp in spans}
     request_span = by_name[f"process {s.topic_request}"]

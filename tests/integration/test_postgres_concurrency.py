@@ -30,7 +30,12 @@ from payment.application.handlers import (
 )
 from payment.application.messages import OutboundMessage
 from payment.application.ports import UnitOfWork
-from payment.domain.events import ChargeAttempted, PaymentCompleted, PaymentFailed
+from payment.domain.events import (
+    ChargeAttempted,
+    ChargeStarted,
+    PaymentCompleted,
+    PaymentFailed,
+)
 from support.fixtures import DatabaseFactory
 
 CLOCK = SystemClock()
@@ -90,12 +95,14 @@ async def test_concurrent_executions_of_one_payment_record_one_outcome(
         ExecuteResult.COMPLETED,
         ExecuteResult.ALREADY_TERMINAL,
         ExecuteResult.DUPLICATE,
+        ExecuteResult.BUSY,  # another execution's ChargeStarted came first
     }, counts
     async with pg_uow_factory() as uow:
         events = await uow.events.load(payment_id)
     terminal = [e for e in events if isinstance(e, PaymentCompleted | PaymentFailed)]
     assert len(terminal) == 1
-    assert [type(e) for e in events[1:]] == [ChargeAttempted, PaymentCompleted]
+    # One write-ahead only: the others found its lease and charged nothing.
+    assert [type(e) for e in events[1:]] == [ChargeStarted, ChargeAttempted, PaymentCompleted]
     assert len(processor.charges) == 1
     assert (
         await _scalar(

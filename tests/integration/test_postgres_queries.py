@@ -21,7 +21,12 @@ from payment.application.commands import (
 )
 from payment.application.handlers import execute_payment, request_payment
 from payment.application.refunds import RefundResult, Refunds
-from payment.domain.events import ChargeAttempted, PaymentCompleted, PaymentInitiated
+from payment.domain.events import (
+    ChargeAttempted,
+    ChargeStarted,
+    PaymentCompleted,
+    PaymentInitiated,
+)
 from support.commands import refund_cmd
 
 CLOCK = SystemClock()
@@ -73,14 +78,15 @@ async def test_the_history_shows_events_and_which_outbox_rows_were_published(
     assert history.status == "COMPLETED"
     assert [type(s.event) for s in history.events] == [
         PaymentInitiated,
+        ChargeStarted,
         ChargeAttempted,
         PaymentCompleted,
     ]
     assert [(r.type, r.sequence, r.published) for r in history.outbox] == [
         ("payment.initiated", 1, True),
-        ("payment.completed", 3, False),
+        ("payment.completed", 4, False),
     ]
-    assert history.outbox[1].event_id == history.events[2].event.event_id
+    assert history.outbox[1].event_id == history.events[3].event.event_id
 
 
 async def test_render_finds_a_payment_by_id_or_booking_and_hides_the_payment_method(

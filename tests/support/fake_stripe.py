@@ -24,7 +24,17 @@ semantics where they matter for "never charge twice":
 
 Faults, for the reconciler to earn its keep: `--lose-response-rate P` executes a charge
 and then drops the connection without answering (the caller cannot know it charged), and
-`--latency-ms MIN:MAX` holds each charge that long.
+`--latency-ms MIN:MAX` holds each charge that long (`--lookup-latency-ms` each search).
+
+Brownouts (issue 13), switched at run time with `POST /_control` (`FakeStripe.control`):
+`stall` accepts every API request and answers none until switched off (a charge is
+executed first, for one request in two: the caller cannot know which), then drops the
+connections; `rate_limit` (requests per second, 0: none) answers 429 `rate_limit` with
+`Retry-After: retry_after_s` beyond it, as Stripe does; `fail_with_500` answers new
+charges 500 without charging and, like Stripe, replays that 500 to every later request
+with the same key (`Idempotent-Replayed: true`). The counters include
+`in_flight_max`, the most API requests the gateway held at once (a request whose caller
+hung up no longer counts), and `rate_limited`.
 
 Run as a script (stdlib only); `FakeStripe` starts and stops it on a free port.
 """
@@ -32,9 +42,11 @@ Run as a script (stdlib only); `FakeStripe` starts and stops it on a free port.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import re
+import select
 import socket
 import sys
 import threading
@@ -61,8 +73,25 @@ _SEARCH = re.compile(r"metadata\['payment_id'\]:'([^']*)'")
 class Ledger:
     """Every PaymentIntent and idempotent answer; one lock, the server is threaded."""
 
-    def __init__(self, *, latency_ms: tuple[float, float], lose_rate: float, seed: int) -> None:
+    def __init__(
+        self,
+        *,
+        latency_ms: tuple[float, float],
+        lose_rate: float,
+        seed: int,
+        lookup_latency_ms: float = 0.0,
+    ) -> None:
         self.lock = threading.Lock()
+        self.lookup_latency_s = lookup_latency_ms / 1000.0
+        # Brownouts (POST /_control): set while stalled; the rate limit's token bucket.
+        self.stalled = threading.Event()
+        self.rate_limit = 0.0
+        self.retry_after_s = 1.0
+        # New charges answered 500 (stored under their key and replayed, as Stripe does).
+        self.fail_with_500 = False
+        self.tokens = 0.0
+        self.refilled_at = time.monotonic()
+        self.in_flight = 0
         self.intents: dict[str, dict[str, Any]] = {}
         self.by_payment: dict[str, list[str]] = {}
         self.refunds: dict[str, dict[str, Any]] = {}
@@ -103,9 +132,85 @@ def _intent(params: dict[str, str], metadata: dict[str, str]) -> dict[str, Any]:
     return intent
 
 
+def _limited(ledger: Ledger) -> bool:
+    """Whether this request is over the rate limit (call with the lock held)."""
+    if ledger.rate_limit <= 0:
+        return False
+    now = time.monotonic()
+    ledger.tokens = min(
+        ledger.rate_limit, ledger.tokens + (now - ledger.refilled_at) * ledger.rate_limit
+    )
+    ledger.refilled_at = now
+    if ledger.tokens >= 1.0:
+        ledger.tokens -= 1.0
+        return False
+    ledger.stats["rate_limited"] += 1
+    return True
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: GatewayServer
+
+    def _enter(self) -> bool:
+        """Count an API request in flight; False if it was answered already (429)."""
+        ledger = self.server.ledger
+        with ledger.lock:
+            if _limited(ledger):
+                self.send_response(429)
+                body = json.dumps(
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "rate_limit",
+                            "message": "Too many requests hit the API too quickly.",
+                        }
+                    }
+                ).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Retry-After", f"{ledger.retry_after_s:g}")
+                self.end_headers()
+                self.wfile.write(body)
+                return False
+            ledger.in_flight += 1
+            ledger.stats["in_flight_max"] = max(ledger.stats["in_flight_max"], ledger.in_flight)
+        return True
+
+    def _leave(self) -> None:
+        ledger = self.server.ledger
+        with ledger.lock:
+            ledger.in_flight -= 1
+
+    def _hang(self) -> None:
+        """A stalled gateway: hold the request unanswered until the stall ends or the
+        caller hangs up, then drop the connection."""
+        ledger = self.server.ledger
+        with ledger.lock:
+            ledger.stats["stalled"] += 1
+        while ledger.stalled.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.02)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                break  # the caller gave up
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def do_control(self, body: str) -> None:
+        ledger = self.server.ledger
+        change = json.loads(body or "{}")
+        with ledger.lock:
+            if "stall" in change:
+                (ledger.stalled.set if change["stall"] else ledger.stalled.clear)()
+            if "rate_limit" in change:
+                ledger.rate_limit = float(change["rate_limit"] or 0.0)
+                ledger.tokens = ledger.rate_limit
+                ledger.refilled_at = time.monotonic()
+            if "retry_after_s" in change:
+                ledger.retry_after_s = float(change["retry_after_s"])
+            if "fail_with_500" in change:
+                ledger.fail_with_500 = bool(change["fail_with_500"])
+        self._json(200, {"stalled": ledger.stalled.is_set(), "rate_limit": ledger.rate_limit})
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: `note` logs the charges, the counters say the rest
@@ -132,8 +237,24 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": {"type": kind, "message": message, **extra}})
 
     def do_GET(self) -> None:
-        ledger = self.server.ledger
         url = urlsplit(self.path)
+        if url.path == "/_ledger":
+            self._get(url)
+            return
+        if not self._enter():
+            return
+        try:
+            if self.server.ledger.stalled.is_set():
+                self._hang()
+                return
+            if self.server.ledger.lookup_latency_s > 0:
+                time.sleep(self.server.ledger.lookup_latency_s)
+            self._get(url)
+        finally:
+            self._leave()
+
+    def _get(self, url: Any) -> None:
+        ledger = self.server.ledger
         query = dict(parse_qsl(url.query))
         with ledger.lock:
             ledger.stats["get"] += 1
@@ -184,7 +305,6 @@ class Handler(BaseHTTPRequestHandler):
         self._error(404, "invalid_request_error", "Unrecognized request URL", code="not_found")
 
     def do_POST(self) -> None:
-        ledger = self.server.ledger
         length = int(self.headers.get("Content-Length", "0"))
         raw = self.rfile.read(length)
         if len(raw) < length:
@@ -193,13 +313,36 @@ class Handler(BaseHTTPRequestHandler):
             return
         body = raw.decode()
         path = urlsplit(self.path).path
+        if path == "/_control":
+            self.do_control(body)
+            return
         if path not in ("/v1/payment_intents", "/v1/refunds"):
             self._error(404, "invalid_request_error", "Unrecognized request URL")
             return
+        if not self._enter():
+            return
+        try:
+            self._create(body, path)
+        finally:
+            self._leave()
+
+    def _create(self, body: str, path: str) -> None:
+        ledger = self.server.ledger
         pairs = sorted(parse_qsl(body, keep_blank_values=True))
         key = self.headers.get("Idempotency-Key")
         with ledger.lock:
             ledger.stats["create_requests"] += 1
+            stalled = ledger.stalled.is_set()
+            # A stalled gateway executes one new charge in two before it falls silent.
+            executes = not stalled or (
+                key not in ledger.answers
+                and key not in ledger.executing
+                and ledger.random.random() < 0.5
+            )
+        if not executes:
+            self._hang()
+            return
+        with ledger.lock:
             if key is not None and key in ledger.answers:
                 seen, status, answer = ledger.answers[key]
                 if seen != pairs:
@@ -225,6 +368,16 @@ class Handler(BaseHTTPRequestHandler):
                     "There is currently another in-progress request using this Idempotent Key.",
                     code="idempotency_key_in_use",
                 )
+                return
+            if ledger.fail_with_500:
+                ledger.stats["errors_500"] += 1
+                answer = json.dumps(
+                    {"error": {"type": "api_error", "message": "Something went wrong."}}
+                ).encode()
+                if key is not None:
+                    ledger.answers[key] = (pairs, 500, answer)
+                self.note(key, pairs, "500 (stored under the key)")
+                self._send(500, answer)
                 return
             if key is not None:
                 ledger.executing.add(key)
@@ -268,6 +421,9 @@ class Handler(BaseHTTPRequestHandler):
             if key is not None:
                 with ledger.lock:
                     ledger.executing.discard(key)
+        if stalled:
+            self._hang()  # charged, and the caller never hears of it
+            return
         if lose:
             # Charged, and the caller never hears of it.
             self.close_connection = True
@@ -327,6 +483,8 @@ class Handler(BaseHTTPRequestHandler):
 class GatewayServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # A burst of new connections (a bulkhead's worth, or a bench's) must not be reset.
+    request_queue_size = 256
 
     def __init__(self, port: int, ledger: Ledger) -> None:
         super().__init__(("127.0.0.1", port), Handler)
@@ -338,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency-ms", default="0:0", help="MIN:MAX per charge")
     parser.add_argument("--lose-response-rate", type=float, default=0.0)
+    parser.add_argument("--lookup-latency-ms", type=float, default=0.0)
+    parser.add_argument("--rate-limit", type=float, default=0.0, help="requests/s; 0: none")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     low, _, high = args.latency_ms.partition(":")
@@ -345,7 +505,10 @@ def main(argv: list[str] | None = None) -> None:
         latency_ms=(float(low), float(high or low)),
         lose_rate=args.lose_response_rate,
         seed=args.seed,
+        lookup_latency_ms=args.lookup_latency_ms,
     )
+    ledger.rate_limit = args.rate_limit
+    ledger.tokens = args.rate_limit
     with GatewayServer(args.port, ledger) as server:
         server.serve_forever()
 
@@ -362,6 +525,8 @@ class FakeStripe:
         latency_ms: tuple[float, float] = (0.0, 0.0),
         lose_response_rate: float = 0.0,
         seed: int = 0,
+        lookup_latency_ms: float = 0.0,
+        rate_limit: float = 0.0,
     ) -> None:
         # Imported here: this file also runs as the gateway's own script, outside the package.
         from .net import free_port
@@ -371,6 +536,8 @@ class FakeStripe:
         self.latency_ms = latency_ms
         self.lose_response_rate = lose_response_rate
         self.seed = seed
+        self.lookup_latency_ms = lookup_latency_ms
+        self.rate_limit = rate_limit
         self._server = ServerProcess("fake gateway")
 
     @property
@@ -393,6 +560,10 @@ class FakeStripe:
                 str(self.lose_response_rate),
                 "--seed",
                 str(self.seed),
+                "--lookup-latency-ms",
+                str(self.lookup_latency_ms),
+                "--rate-limit",
+                str(self.rate_limit),
             ],
             probe=lambda: httpx.get(f"{self.url}/_ledger", timeout=1.0),
             timeout_s=timeout_s,
@@ -419,6 +590,15 @@ class FakeStripe:
         answer = httpx.get(f"{self.url}/_ledger", timeout=10.0).raise_for_status().json()
         refunds: list[dict[str, Any]] = answer["refunds"]
         return refunds
+
+    def control(self, **change: object) -> dict[str, Any]:
+        """Switch brownouts: `stall=True|False`, `rate_limit=N` (per second, 0: none),
+        `retry_after_s=S` (the 429s' Retry-After), `fail_with_500=True|False`."""
+        import httpx
+
+        answer = httpx.post(f"{self.url}/_control", json=change, timeout=10.0)
+        result: dict[str, Any] = answer.raise_for_status().json()
+        return result
 
     def ledger(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Every PaymentIntent (oldest first) and the counters."""

@@ -17,16 +17,22 @@ import pytest
 from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.batches import execute_payments, request_payments
-from payment.application.commands import ExecutePayment, InboundRef, RequestPayment
+from payment.application.commands import (
+    ExecutePayment,
+    InboundRef,
+    ReconcilePayment,
+    RequestPayment,
+)
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
     ExecutionPolicy,
     RequestResult,
     execute_payment,
+    reconcile_payment,
     request_payment,
 )
-from payment.domain.events import ChargeAttempted, PaymentCompleted
+from payment.domain.events import ChargeAttempted, ChargeStarted, PaymentCompleted
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import (
     Approved,
@@ -169,7 +175,28 @@ async def test_an_invalid_request_in_a_batch_gets_one_invalid_request_failure(
     failed = [r.message for r in uows.db.outbox if r.message.type == "payment.failed"]
     assert [(m.key, m.subject) for m in failed] == [("BK-2", None)]
     assert "BK-2" not in uows.db.bookings
-    assert uows.db.commits == 1
+    # The batch, then the refusal on its own (its booking looked up first: contract 4.3).
+    assert uows.db.commits == 2
+
+
+async def test_an_invalid_re_request_in_a_batch_is_a_conflict_never_a_failure(
+    uows: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    await request_payments([request_cmd("BK-paid")], uows, clock)
+    await execute_payments(initiated_cmds(uows), uows, FakeProcessor(), clock)
+    invalid = request_cmd("BK-paid", payment_method="")
+
+    results = await request_payments(
+        [request_cmd("BK-new"), invalid, request_cmd("BK-bad", amount=0)], uows, clock
+    )
+
+    assert results[0] is RequestResult.ACCEPTED
+    assert isinstance(results[1], PaymentConflict)
+    assert results[1].payment_id == uows.db.bookings["BK-paid"]
+    assert "breaks a rule" in results[1].detail
+    assert results[2] is RequestResult.REJECTED
+    failed = [r.message.key for r in uows.db.outbox if r.message.type == "payment.failed"]
+    assert failed == ["BK-bad"]
 
 
 async def test_a_booking_claimed_concurrently_falls_back_and_makes_one_payment(
@@ -219,11 +246,12 @@ async def test_a_batch_of_executions_charges_each_once_and_records_in_one_transa
     results = await execute_payments(initiated_cmds(uows), uows, processor, clock, POLICY)
 
     assert results == [ExecuteResult.COMPLETED] * 10
-    assert uows.db.commits == commits + 1
+    # One write-ahead (ChargeStarted) for the batch, one for the outcomes.
+    assert uows.db.commits == commits + 2
     assert processor.calls == 10
     for payment_id in uows.db.bookings.values():
         events = uows.db.streams[payment_id]
-        assert [type(e) for e in events[1:]] == [ChargeAttempted, PaymentCompleted]
+        assert [type(e) for e in events[1:]] == [ChargeStarted, ChargeAttempted, PaymentCompleted]
         assert uows.db.status[payment_id][0] is PaymentStatus.COMPLETED
     completed = [r.message for r in uows.db.outbox if r.message.type == "payment.completed"]
     assert len(completed) == 10 and all(m.trace == TRACE for m in completed)
@@ -294,12 +322,10 @@ async def test_an_outcome_written_meanwhile_wins_and_the_batch_falls_back(
         async def charge(self, request: ChargeRequest) -> ChargeOutcome:
             outcome = await processor.charge(request)
             if request.booking_id == "BK-1":
-                # Another execution of the same payment records its outcome first.
-                other = ExecutePayment(
-                    inbound=InboundRef(source=SELF, message_id="redelivery"),
-                    payment_id=request.payment_id,
-                )
-                assert await execute_payment(other, uows, processor, clock) is (
+                # The reconciler finds the charge and records its outcome first (another
+                # execution would find the batch's charge under way: ChargeStarted).
+                other = ReconcilePayment(payment_id=request.payment_id)
+                assert await reconcile_payment(other, uows, processor, clock) is (
                     ExecuteResult.COMPLETED
                 )
             return outcome

@@ -158,6 +158,22 @@ async def test_a_card_number_in_the_value_is_masked_and_everything_else_kept(car
     assert header(headers, "dlq_card_numbers_masked") == b"value"
 
 
+@pytest.mark.parametrize(
+    "card",
+    [
+        "".join(f"\\u{ord(c):04x}" for c in CARD),  # every digit a JSON escape
+        "4111\\u00201111\\u00201111\\u00201111",  # escaped spaces
+        "4111\\u002D1111\\u002d1111-1111",  # escaped dashes, either case
+        "\\u00341111111111111111"[:-1],  # one escaped digit among plain ones
+    ],
+)
+async def test_a_card_number_written_with_json_escapes_is_masked(card: str) -> None:
+    value = (UNDECODABLE % (card, CE_ID)).encode()
+    _, parked_value, headers = await parked(record(value))
+    assert parked_value == (UNDECODABLE % ("[REDACTED CARD]", CE_ID)).encode()
+    assert header(headers, "dlq_card_numbers_masked") == b"value"
+
+
 async def test_a_card_number_in_the_key_and_in_a_header_is_masked() -> None:
     original_headers = [
         ("ce_id", CE_ID.encode()),

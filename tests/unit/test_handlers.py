@@ -302,7 +302,7 @@ async def test_a_re_request_for_a_finished_payment_republishes_its_outcome_uncha
         original.time,
     )
     assert processor.calls == 1
-    assert len(stream(uow_factory, payment_id)) == 3
+    assert len(stream(uow_factory, payment_id)) == 4
 
 
 async def test_a_re_request_while_in_flight_publishes_nothing(
@@ -384,6 +384,65 @@ async def test_an_invalid_request_gets_one_invalid_request_failure_and_no_paymen
     assert len(outbox(uow_factory)) == 1
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"amount": 0},
+        {"amount": None},
+        {"currency": "XXX"},
+        {"payment_method": "4242 4242 4242 4242"},
+        {"payment_method": ""},
+        {"saga_id": "s" * 65},
+    ],
+)
+@pytest.mark.parametrize("finished", [False, True], ids=["in-flight", "finished"])
+async def test_an_invalid_re_request_is_a_conflict_and_never_fails_the_booking(
+    uow_factory: MemoryUnitOfWorkFactory,
+    clock: FakeClock,
+    fields: dict[str, Any],
+    finished: bool,
+) -> None:
+    # Contract 4.3: a booking that has a payment never gets a payment.failed it did not
+    # earn; the broken request is dead-lettered, saying why.
+    payment_id = await initiate(uow_factory, clock)
+    if finished:
+        await execute_payment(execute_cmd(payment_id), uow_factory, FakeProcessor(), clock, POLICY)
+    rows, commits = outbox(uow_factory), uow_factory.db.commits
+    cmd = request_cmd("BK-1001", **fields)
+
+    with pytest.raises(PaymentConflict) as caught:
+        await request_payment(cmd, uow_factory, clock)
+
+    assert caught.value.payment_id == payment_id
+    assert caught.value.detail.startswith(
+        "re-request for a booking that has a payment breaks a rule: "
+    )
+    assert "4242" not in caught.value.detail
+    assert outbox(uow_factory) == rows
+    assert uow_factory.db.commits == commits
+    assert (cmd.inbound.source, cmd.inbound.message_id) not in uow_factory.db.inbox
+
+
+async def test_card_numbers_in_the_ids_of_an_accepted_request_are_masked_on_every_event(
+    uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    # customer_id and saga_id are echoed on every outcome: a card number in them is
+    # masked before it is stored (contract 3), as a rejection masks it.
+    cmd = request_cmd(
+        "BK-1001", customer_id="cus 4242 4242 4242 4242", saga_id="saga-4111-1111-1111-1111"
+    )
+    assert await request_payment(cmd, uow_factory, clock) is RequestResult.ACCEPTED
+    payment_id = uow_factory.db.bookings["BK-1001"]
+    await execute_payment(execute_cmd(payment_id), uow_factory, FakeProcessor(), clock, POLICY)
+
+    initiated, completed = outbox(uow_factory)
+    assert data(initiated)["customer_id"] == "cus [REDACTED CARD]"
+    assert data(initiated)["saga_id"] == data(completed)["saga_id"] == "saga-[REDACTED CARD]"
+    stored = msgspec.json.encode(stream(uow_factory, payment_id))
+    for raw in (initiated.data, completed.data, stored):
+        assert b"4242" not in raw and b"1111" not in raw
+
+
 async def test_the_configured_max_amount_applies(
     uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
@@ -424,13 +483,18 @@ async def test_an_approved_charge_completes_the_payment(
 
     assert result is ExecuteResult.COMPLETED
     events = stream(uow_factory, payment_id)
-    assert kinds(events) == ["PaymentInitiated", "ChargeAttempted", "PaymentCompleted"]
-    attempt, done = events[1], events[2]
+    assert kinds(events) == [
+        "PaymentInitiated",
+        "ChargeStarted",
+        "ChargeAttempted",
+        "PaymentCompleted",
+    ]
+    attempt, done = events[2], events[3]
     assert isinstance(attempt, ChargeAttempted) and attempt.result == "approved"
     assert isinstance(done, PaymentCompleted)
     [message] = of_type(uow_factory, *TERMINAL)
     assert message.type == "payment.completed"
-    assert message.event_id == done.event_id and message.sequence == 3
+    assert message.event_id == done.event_id and message.sequence == 4
     assert data(message) == {
         "payment_id": str(payment_id),
         "booking_id": "BK-1001",
@@ -440,7 +504,7 @@ async def test_an_approved_charge_completes_the_payment(
         "processor": "fake",
         "provider_reference": done.provider_reference,
         "completed_at": "2026-03-01T12:00:02Z",
-        "version": 3,
+        "version": 4,
     }
     assert done.provider_reference.startswith("fake_")
     assert uow_factory.db.status[payment_id][0] is PaymentStatus.COMPLETED
@@ -466,7 +530,7 @@ async def test_a_declined_charge_fails_the_payment_as_declined_with_the_code(
     assert message.type == "payment.failed"
     assert body["reason"] == "declined"
     assert outcome.decline_code in body["detail"]
-    assert (body["payment_id"], body["version"], body["saga_id"]) == (str(payment_id), 3, "saga-7")
+    assert (body["payment_id"], body["version"], body["saga_id"]) == (str(payment_id), 4, "saga-7")
     assert uow_factory.db.status[payment_id][0] is PaymentStatus.FAILED
 
 
@@ -517,8 +581,8 @@ async def test_an_unknown_outcome_leaves_the_payment_in_flight_without_an_outcom
     assert result is ExecuteResult.UNKNOWN
     assert gateway.charge_calls == 1, "an unknown outcome is not retried blindly"
     events = stream(uow_factory, payment_id)
-    assert kinds(events) == ["PaymentInitiated", "ChargeAttempted"]
-    assert isinstance(events[1], ChargeAttempted) and events[1].result == "unknown"
+    assert kinds(events) == ["PaymentInitiated", "ChargeStarted", "ChargeAttempted"]
+    assert isinstance(events[2], ChargeAttempted) and events[2].result == "unknown"
     assert of_type(uow_factory, *TERMINAL) == []
     assert payment_of(uow_factory, "BK-1001").status is PaymentStatus.INITIATED
     async with uow_factory() as uow:
@@ -545,7 +609,7 @@ async def test_executing_a_finished_payment_charges_nothing(
     assert redelivered is ExecuteResult.ALREADY_TERMINAL
     assert processor.calls == 1
     assert outbox(uow_factory) == rows
-    assert len(stream(uow_factory, payment_id)) == 3
+    assert len(stream(uow_factory, payment_id)) == 4
 
 
 async def test_executing_an_unknown_payment_is_not_found_and_charges_nothing(
@@ -585,6 +649,7 @@ async def test_concurrent_executions_record_one_outcome_and_charge_once(
         ExecuteResult.COMPLETED,
         ExecuteResult.DUPLICATE,
         ExecuteResult.ALREADY_TERMINAL,
+        ExecuteResult.BUSY,  # found another execution's charge under way
     }
     assert len(of_type(uow_factory, *TERMINAL)) == 1
     events = stream(uow_factory, payment_id)
@@ -627,8 +692,9 @@ async def test_reconcile_resolves_an_unknown_outcome_by_lookup_without_charging_
     events = stream(uow_factory, payment_id)
     assert kinds(events) == [
         "PaymentInitiated",
+        "ChargeStarted",
         "ChargeAttempted",
-        "ChargeAttempted",
+        "ChargeAttempted",  # the lookup's: no new charge was started
         "PaymentFailed" if decline else "PaymentCompleted",
     ]
 
@@ -795,14 +861,20 @@ async def test_another_execution_during_an_outage_never_fails_an_unknown_payment
 async def test_an_outage_after_an_unrecorded_charge_never_fails_the_payment(
     uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    # The first execution charged and died before recording anything (no ChargeAttempted):
-    # the redelivered execution finds the gateway refusing calls and lookups alike.
+    # The first execution wrote its ChargeStarted, charged and died before recording
+    # anything (no ChargeAttempted); its lease has run out. The redelivered execution
+    # finds the gateway refusing calls and lookups alike.
     gateway = ScriptedGateway(*["unavailable"] * 10)
     payment_id = await initiate(uow_factory, clock, "BK-2002")
-    gateway.ledger[payment_of(uow_factory, "BK-2002").idempotency_key] = Approved(
+    crashed = payment_of(uow_factory, "BK-2002")
+    uow_factory.db.streams[payment_id] += crashed.start_charge(
+        charger=uuid.uuid4(), at=clock.now(), lease_s=POLICY.charge_lease_s
+    )
+    gateway.ledger[crashed.idempotency_key] = Approved(
         provider_reference="pi_charged_before_the_crash"
     )
     gateway.lookup_unavailable = True
+    clock.advance(POLICY.charge_lease_s)
 
     result = await execute_payment(execute_cmd(payment_id), uow_factory, gateway, clock, POLICY)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from payment.adapters.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
+from payment.bootstrap import is_transient
 from support.waiting import eventually
 
 REQUESTS = "saga.request_payment"
@@ -100,6 +102,7 @@ class Broker:
         self.records = records
         self.committed: list[dict[TopicPartition, int]] = []
         self.stopped = False
+        self.paused_now: set[TopicPartition] = set()
 
     async def getmany(
         self, timeout_ms: int = 0, max_records: int | None = None
@@ -115,6 +118,15 @@ class Broker:
 
     async def stop(self) -> None:
         self.stopped = True
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_now |= set(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_now -= set(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_now)
 
 
 def consumer(
@@ -140,7 +152,7 @@ def consumer(
         metrics=Metrics(),
         settings=HandlerSettings(),
         policy=ExecutionPolicy(),
-        transient_errors=(psycopg.OperationalError,),
+        is_transient=is_transient,
         **options,  # type: ignore[arg-type]
     )
 
@@ -194,3 +206,175 @@ async def test_a_stop_during_an_outage_drains_within_its_timeout() -> None:
     assert broker.stopped
     # Nothing was handled, so nothing was committed: all four are read again.
     assert all(o[TP] <= 30 for o in broker.committed)
+
+
+class ReadOnlyCommits(MemoryUnitOfWorkFactory):
+    """The database is read-only (a failover, a maintenance switch) for `times` commits."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.left = times
+        self.refused = 0
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        if self.left > 0:
+            self.left -= 1
+
+            async def read_only() -> None:
+                self.refused += 1
+                raise psycopg.errors.ReadOnlySqlTransaction(
+                    "cannot execute INSERT in a read-only transaction"
+                )
+
+            uow.commit = read_only  # type: ignore[method-assign]
+        return uow
+
+
+async def test_a_read_only_database_is_waited_out_and_never_dead_letters() -> None:
+    # 25006 is an InternalError to psycopg, but an outage by its SQLSTATE: more refusals
+    # than a handler error is allowed must still end in the payment, not a dead letter.
+    uows = ReadOnlyCommits(times=12)
+    parked = ParkedRecords()
+    inbox = consumer(uows, parked, retry_initial_s=0.001, retry_max_s=0.005)
+
+    await inbox._handle(request_record(40, valid("BK-40")))
+
+    assert uows.refused == 12
+    assert parked.parked == []
+    assert list(uows.db.bookings) == ["BK-40"]
+
+
+INITIATED_TP = TopicPartition(INITIATED, 0)
+
+
+def initiated_record(offset: int) -> ConsumerRecord[bytes, bytes]:
+    value = json.dumps(
+        {
+            "payment_id": str(uuid.uuid4()),
+            "booking_id": f"BK-x{offset}",
+            "saga_id": None,
+            "amount": 1000,
+            "currency": "EUR",
+            "customer_id": None,
+            "initiated_at": "2026-01-02T03:04:05Z",
+            "version": 1,
+        }
+    ).encode()
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", f"init-{offset}".encode()),
+        ("ce_source", b"payment-service"),
+        ("ce_type", b"payment.initiated"),
+        ("ce_time", b"2026-01-02T03:04:05Z"),
+        ("content-type", b"application/json"),
+    ]
+    return ConsumerRecord(
+        topic=INITIATED,
+        partition=0,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=value,
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=len(value),
+        headers=headers,
+    )
+
+
+class Fetches(Broker):
+    """Hands out one fetch after another (then nothing), each a partition's records;
+    a paused partition's fetch waits until it is resumed, as the broker keeps them."""
+
+    def __init__(self, fetches: list[tuple[TopicPartition, list[ConsumerRecord[bytes, bytes]]]]):
+        super().__init__([])
+        self.fetches = fetches
+
+    async def getmany(
+        self, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        for i, (tp, records) in enumerate(self.fetches):
+            if tp not in self.paused_now:
+                del self.fetches[i]
+                return {tp: records}
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+class SlowRequests(MemoryUnitOfWorkFactory):
+    """Requests (from the orchestrator) wait at the inbox until `gate` opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        mark = uow.inbox.mark
+
+        async def gated(source: str, message_id: str, at: Any) -> bool:
+            if source == "saga-orchestrator":
+                self.waiting += 1
+                await self.gate.wait()
+            return await mark(source, message_id, at)
+
+        uow.inbox.mark = gated  # type: ignore[method-assign]
+        return uow
+
+
+async def test_a_burst_of_requests_leaves_room_for_the_executor_and_waits_at_the_broker() -> None:
+    # Eight slots; a burst of requests (three fetches of 12) whose handling is stuck, then
+    # payment.initiated: the requests hold at most their share (6), the rest stays for
+    # the executor, and the requests not admitted wait on the broker (paused partition),
+    # not in memory.
+    uows = SlowRequests()
+    burst = [
+        (TP, [request_record(n, valid(f"BK-{n}")) for n in range(start, start + 12)])
+        for start in (0, 12, 24)
+    ]
+    broker = Fetches([*burst, (INITIATED_TP, [initiated_record(n) for n in range(4)])])
+
+    async def connect(listener: Any) -> Broker:
+        await listener.on_partitions_assigned({TP, INITIATED_TP})
+        return broker
+
+    inbox = KafkaInboxConsumer(
+        consumer_factory=connect,  # type: ignore[arg-type]
+        request_topic=REQUESTS,
+        initiated_topic=INITIATED,
+        uow_factory=uows,
+        processor=FakeProcessor(),
+        clock=SystemClock(),
+        dead_letters=ParkedRecords(),
+        metrics=Metrics(),
+        settings=HandlerSettings(),
+        policy=ExecutionPolicy(),
+        is_transient=is_transient,
+        max_in_flight=8,
+        max_batch=1,
+    )
+    running = asyncio.create_task(inbox.run())
+    try:
+        # The executor's four messages are handled while every request is stuck.
+        await eventually(
+            lambda: sum(1 for key in uows.db.inbox if key[0] == "payment-service") == 4,
+            5,
+            what="payment.initiated handled during the request burst",
+        )
+        assert uows.waiting == 6
+        assert inbox.backlog <= 12  # one fetch held at most, the rest left on the broker
+        assert TP in broker.paused_now
+        assert len(broker.fetches) >= 1  # a request fetch never taken while paused
+
+        uows.gate.set()
+        await eventually(lambda: len(uows.db.bookings) == 36, 5, what="every request handled")
+        assert inbox.backlog == 0
+        assert TP not in broker.paused_now
+    finally:
+        uows.gate.set()
+        inbox.stop()
+        async with asyncio.timeout(5):
+            await running

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -160,6 +161,9 @@ async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
     assert r.send_failures == 1
 
     failures.clear()
+    # Key a backs off on its own (max_backoff=0.01): once due, its rows go in order.
+    assert await r.publish_pending() == (0, 0)
+    await asyncio.sleep(0.02)
     assert await r.publish_pending() == (2, 0)
     assert [(s.key, s.sequence) for s in sender.sent if s.key == "a"] == [
         ("a", 1),
@@ -199,6 +203,7 @@ async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> Non
 
     raising.clear()
     failing.clear()
+    await asyncio.sleep(0.02)  # keys a and b back off on their own (max_backoff=0.01)
     assert await r.publish_pending() == (3, 0)
     assert unpublished(uows) == []
     for key in ("a", "b"):
@@ -423,3 +428,57 @@ async def test_flush_while_leading_publishes_alongside_run() -> None:
     r.stop()
     await asyncio.wait_for(task, 1)
     assert [s.sequence for s in sender.sent] == [1, 2]
+
+
+async def test_a_row_that_keeps_failing_slows_only_its_own_key() -> None:
+    # The bad key has failed long enough for a relay-wide back-off to reach seconds; rows
+    # of other keys committed since must still go out as soon as they are announced.
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("bad", 1), message("bad", 2))
+    sender = FakeSender(fails=lambda key, seq: key == "bad")
+    work = asyncio.Event()
+
+    async def wait_for_work(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await work.wait()
+        work.clear()
+
+    r = KafkaOutboxRelay(
+        sender, uows, Topics(), FixedClock(), wait_for_work=wait_for_work, poll_interval=5.0
+    )
+    task = asyncio.create_task(r.run())
+    try:
+        await eventually(lambda: r.send_failures >= 6, 30, what="the bad key failing")
+        for sequence in (1, 2, 3):
+            await add(uows, message(f"good-{sequence}", 1), message("good", sequence))
+            work.set()
+            expected = list(range(1, sequence + 1))
+            await eventually(
+                lambda expected=expected: (
+                    [s.sequence for s in sender.sent if s.key == "good"] == expected
+                ),
+                1.0,
+                what=f"good {sequence} published while bad backs off",
+            )
+        # The bad key is held back, never dropped, and its rows never overtake each other.
+        assert unpublished(uows) == [1, 2]
+        assert {s.key for s in sender.sent} == {"good", "good-1", "good-2", "good-3"}
+    finally:
+        r.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_failing_key_whose_rows_are_gone_is_forgotten() -> None:
+    # Another instance published the rows meanwhile: nothing of the key is left to wait for.
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1))
+    r = relay(FakeSender(fails=lambda key, seq: key == "a"), uows)
+    assert await r.publish_pending() == (2, 1)
+    async with uows() as uow:
+        await uow.outbox.mark_published([1], NOW)
+        await uow.commit()
+    await asyncio.sleep(0.02)
+    assert await r.publish_pending() == (0, 0)
+    assert len(r._keys) == 0
+    await r.flush(grace_period=1.0)  # returns at once: nothing pending, nothing failing

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-import psycopg
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -28,6 +27,7 @@ from payment.application.handlers import (
 )
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.refunds import Refunds
+from payment.bootstrap import is_transient
 from support.commands import request_cmd
 
 REFUNDS = "saga.refund_payment"
@@ -84,7 +84,7 @@ def consumer(uows: MemoryUnitOfWorkFactory, gateway: FakeProcessor, parked: Park
         metrics=Metrics(),
         settings=HandlerSettings(),
         policy=ExecutionPolicy(),
-        transient_errors=(psycopg.OperationalError,),
+        is_transient=is_transient,
         refund_topic=REFUNDS,
         refunds=Refunds(uows, gateway, clock),
     )

@@ -140,7 +140,10 @@ async def test_an_over_refund_is_refused_without_a_refund() -> None:
     assert await w.refund(amount=2_501) is RefundResult.REFUSED
     (failed,) = w.published("payment.refund_failed")
     assert failed["reason"] == "over_refund" and "refund_id" not in failed
-    assert failed["payment_id"] == str(payment_id) and failed["version"] == 5
+    assert (
+        failed["payment_id"] == str(payment_id)
+        and failed["version"] == w.payment(payment_id).version
+    )
     assert w.keys("payment.refund_failed") == [str(payment_id)]
     assert len(w.gateway.refunds) == 1
     assert await w.refund() is RefundResult.ACCEPTED  # the 2 500 still refundable

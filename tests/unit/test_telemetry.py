@@ -234,6 +234,7 @@ async def test_the_whole_payment_shares_the_request_trace(
         "db transaction",
         "db transaction",
         "db transaction",
+        "db transaction",  # ChargeStarted, written ahead of the charge
         "fake charge",
         "process initiated",
         "process request",

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
 from datetime import datetime
@@ -293,8 +293,8 @@ class _TraceStampingOutbox:
         await self._inner.add(messages)
         self.written.extend(messages)
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
-        return await self._inner.pending(limit)
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+        return await self._inner.pending(limit, skip_keys)
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
         await self._inner.mark_published(positions, at)

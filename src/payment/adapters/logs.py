@@ -24,10 +24,15 @@ from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
 from payment.adapters.telemetry import current_ids
-from payment.application.validation import looks_like_card_number
+from payment.application.validation import (
+    CARD_MASK,
+    looks_like_card_number,
+    mask_card_numbers,
+    might_hold_card_number,
+)
 
 REDACTED: Final = "[REDACTED]"
-REDACTED_CARD: Final = "[REDACTED CARD]"
+REDACTED_CARD: Final = CARD_MASK
 
 _SECRETS: Final = (
     # Stripe secret, restricted, publishable and webhook keys.
@@ -54,36 +59,20 @@ _SECRETS: Final = (
 _SECRET_HINT: Final = re.compile(
     r"(?i)[srp]k_|whsec_|://|bearer|basic|authoriz|passw|pwd|secret|api[_-]?key|access[_-]?token"
 )
-# Same shape as the validation rule's candidates: digit groups joined by spaces or dashes.
-_DIGIT_RUN: Final = re.compile(r"[0-9][0-9 -]{11,}[0-9]")
-_UUID: Final = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-
-
-def _redact_cards(text: str) -> str:
-    def replace(match: re.Match[str]) -> str:
-        run = match.group()
-        return REDACTED_CARD if looks_like_card_number(run) else run
-
-    return _DIGIT_RUN.sub(replace, text)
 
 
 def redact(text: str) -> str:
-    """`text` with secrets and card numbers replaced (UUIDs kept as they are)."""
+    """`text` with secrets and card numbers replaced (UUIDs kept as they are).
+
+    Card numbers by the validation rule itself (`mask_card_numbers`: digit groups joined
+    by spaces or dashes, JSON `\\u` escapes included), with the same marker.
+    """
     if _SECRET_HINT.search(text) is not None:
         for pattern, replacement in _SECRETS:
             text = pattern.sub(replacement, text)
-    if _DIGIT_RUN.search(text) is None:
+    if not might_hold_card_number(text):
         return text
-    pieces: list[str] = []
-    last = 0
-    for match in _UUID.finditer(text):
-        pieces.append(_redact_cards(text[last : match.start()]))
-        pieces.append(match.group())
-        last = match.end()
-    pieces.append(_redact_cards(text[last:]))
-    return "".join(pieces)
+    return mask_card_numbers(text)
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.

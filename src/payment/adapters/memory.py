@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
@@ -37,6 +37,8 @@ class MemoryDatabase:
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
         self.outbox: list[OutboxRecord] = []
         self.inbox: dict[tuple[str, str], datetime] = {}
+        # Payments claimed by an open unit of work (PostgreSQL's row locks).
+        self.claimed: set[uuid.UUID] = set()
         self.commits = 0
 
 
@@ -108,6 +110,7 @@ class MemoryPaymentIndex:
         self.claims: dict[str, tuple[uuid.UUID, datetime]] = {}
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
         self.requeued: dict[uuid.UUID, datetime] = {}
+        self.held: set[uuid.UUID] = set()
         self.closing: set[str] = set()
         self.refund_marks: dict[uuid.UUID, datetime | None] = {}
         self.refunds_requeued: dict[uuid.UUID, datetime] = {}
@@ -157,6 +160,24 @@ class MemoryPaymentIndex:
             if status is PaymentStatus.INITIATED and at < before
         ]
         return [pid for _, pid in sorted(rows)[:limit]]
+
+    async def claim_stale(self, before: datetime, limit: int, at: datetime) -> list[uuid.UUID]:
+        free = [
+            p
+            for p in await self.in_flight_since(before, len(self._db.status))
+            if p not in self._db.claimed
+        ]
+        picked = free[:limit]
+        self._db.claimed.update(picked)
+        self.held.update(picked)
+        for payment_id in picked:
+            self.requeued[payment_id] = at
+        return picked
+
+    def release(self) -> None:
+        """The unit of work ended: its claims' locks go."""
+        self._db.claimed.difference_update(self.held)
+        self.held.clear()
 
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         self.requeued[payment_id] = at
@@ -223,11 +244,13 @@ class MemoryOutbox:
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         self.pending_rows.extend(messages)
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
         return [
             r
             for r in self._db.outbox
-            if r.published_at is None and r.position not in self.published
+            if r.published_at is None
+            and r.position not in self.published
+            and r.message.key not in skip_keys
         ][:limit]
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
@@ -296,6 +319,7 @@ class MemoryUnitOfWork:
         tb: TracebackType | None,
     ) -> None:
         self._done = True
+        self.payments.release()
 
     async def commit(self) -> None:
         if self._done:
@@ -312,6 +336,7 @@ class MemoryUnitOfWork:
         self.payments.apply()
         self.outbox.apply()
         self.inbox.apply()
+        self.payments.release()
         self._db.commits += 1
 
 

@@ -191,6 +191,26 @@ class Metrics:
             meter, "payment.consumer.lag", "{message}",
             "per assigned partition: broker highwater minus the consumer's position",
         )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.processor.in_flight", "{call}",
+            "gateway calls in flight now (at most PAYMENT_PROCESSOR_MAX_CONCURRENCY)",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.processor.in_flight_max", "{call}",
+            "the most gateway calls this instance had in flight at once since it started",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.processor.waiting", "{call}",
+            "gateway calls waiting for a slot under the bulkhead",
+        )  # fmt: skip
+        self._observable_gauge(
+            meter, "payment.processor.rate_limit", "{call}",
+            "gateway calls per second allowed now: PAYMENT_PROCESSOR_MAX_RATE, less after a 429",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.processor.throttled", "{call}",
+            "gateway answers 429 (rate limited): the call was sent again after Retry-After",
+        )  # fmt: skip
         self._observable_counter(
             meter, "payment.reconciler.actions", "{action}",
             "reconciler results per in-flight payment it looked at, and failed rounds",

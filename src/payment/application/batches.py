@@ -9,8 +9,9 @@ those of the other messages of the batch, all or nothing).
 Whatever the fast path does not cover goes through the single-message handlers instead:
 a second message of the same booking, payment or (source, id) in one batch; a booking
 that already has a payment (a re-request: it must be compared, replayed or refused); a
-lost race with a concurrent writer. The batch transaction is then abandoned, not
-committed, so nothing of it counts twice.
+request that breaks a rule (its booking may have a payment: contract 4.3); a lost race
+with a concurrent writer. The batch transaction is then abandoned, not committed, so
+nothing of it counts twice.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from payment.application.handlers import (
 )
 from payment.application.messages import OutboundMessage, initiated_message
 from payment.application.ports import Clock, StreamAppend, UnitOfWorkFactory
-from payment.application.validation import Valid, validate_request
+from payment.application.validation import Valid, validate_request, well_formed_booking_id
+from payment.domain.errors import ChargeInProgress
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import (
@@ -95,6 +97,16 @@ async def request_payments(
         [(("m", c.inbound.source, c.inbound.message_id), ("b", c.booking_id)) for c in cmds]
     )
     checked = {i: validate_request(cmds[i], max_amount=settings.max_amount) for i in batch}
+    # A request that breaks a rule may be a re-request for a booking that has a payment
+    # (then dead-lettered, not refused): rare enough to go one by one, where it is looked
+    # up. One whose booking id itself breaks the rules can have no payment.
+    lookup = {
+        i
+        for i in batch
+        if isinstance(checked[i], str) and well_formed_booking_id(cmds[i].booking_id)
+    }
+    single += sorted(lookup)
+    batch = [i for i in batch if i not in lookup]
     for _ in range(2):
         if not batch:
             break
@@ -205,7 +217,7 @@ async def execute_payments(
         async with uow_factory() as uow:
             streams = await uow.events.load_many([cmds[i].payment_id for i in batch])
         mark_only: list[int] = []
-        charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment]] = {}
+        to_charge: dict[int, Payment] = {}
         for i in batch:
             events = streams.get(cmds[i].payment_id)
             if not events:
@@ -217,10 +229,23 @@ async def execute_payments(
                 results[i] = ExecuteResult.ALREADY_TERMINAL
                 mark_only.append(i)
                 continue
+            to_charge[i] = payment
+        chargers = await _start_charges(to_charge, uow_factory, clock, policy)
+        if chargers is None:  # lost a race: each of them one by one, reading afresh
+            single += list(to_charge)
+            chargers = {}
+        for i in to_charge:
+            if i not in single and i not in chargers:
+                # Another executor or reconciler is charging it and records the outcome.
+                results[i] = ExecuteResult.BUSY
+                mark_only.append(i)
+        charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment, uuid.UUID]] = {}
+        for i, charger in chargers.items():
+            payment = to_charge[i]
             task = asyncio.create_task(
-                _charge_in(enter(cmds[i]), payment, processor, policy, clock.now())
+                _charge_in(enter(cmds[i]), payment, charger, processor, policy, clock.now())
             )
-            charges[task] = (i, payment)
+            charges[task] = (i, payment, charger)
         try:
             await _record_in_waves(cmds, charges, mark_only, uow_factory, processor, clock, results)
         finally:
@@ -232,20 +257,52 @@ async def execute_payments(
     return [results[i] for i in range(len(cmds))]
 
 
+async def _start_charges(
+    payments: dict[int, Payment],
+    uow_factory: UnitOfWorkFactory,
+    clock: Clock,
+    policy: ExecutionPolicy,
+) -> dict[int, uuid.UUID] | None:
+    """`start_charge` for a batch in one transaction: the chargers of those that may be
+    charged now (the others are another charger's); None if the optimistic lock refused."""
+    chargers: dict[int, uuid.UUID] = {}
+    appends: list[StreamAppend] = []
+    now = clock.now()
+    for i, payment in payments.items():
+        charger = uuid.uuid4()
+        expected = payment.version
+        try:
+            events = payment.start_charge(charger=charger, at=now, lease_s=policy.charge_lease_s)
+        except ChargeInProgress:
+            continue
+        chargers[i] = charger
+        appends.append(StreamAppend(payment.id, expected, events))
+    if not appends:
+        return chargers
+    try:
+        async with uow_factory() as uow:
+            await uow.events.append_many(appends)
+            await uow.commit()
+    except RETRYABLE_CONFLICTS:
+        return None
+    return chargers
+
+
 async def _charge_in(
     scope: AbstractContextManager[object],
     payment: Payment,
+    charger: uuid.UUID,
     processor: PaymentProcessor,
     policy: ExecutionPolicy,
     now: datetime,
 ) -> tuple[AttemptLog, Final]:
     with scope:
-        return await charge_payment(payment, processor, policy, now)
+        return await charge_payment(payment, processor, policy, now, charger)
 
 
 async def _record_in_waves(
     cmds: Sequence[ExecutePayment],
-    charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment]],
+    charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment, uuid.UUID]],
     mark_only: list[int],
     uow_factory: UnitOfWorkFactory,
     processor: PaymentProcessor,
@@ -258,16 +315,16 @@ async def _record_in_waves(
         done: set[asyncio.Task[tuple[AttemptLog, Final]]] = set()
         if pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        wave = [(charges[t][0], charges[t][1], *t.result()) for t in done]
+        wave = [(*charges[t], *t.result()) for t in done]
         wave.sort(key=lambda item: item[0])
         try:
             await _record_wave(cmds, wave, marks, uow_factory, processor, clock, results)
         except RETRYABLE_CONFLICTS:
-            for i, payment, attempts, final in wave:
+            for i, payment, charger, attempts, final in wave:
                 cmd = cmds[i]
                 results[i] = await record_outcome(
                     payment.id, cmd.inbound, cmd.trace, attempts, final, uow_factory,
-                    processor, clock,
+                    processor, clock, charger=charger,
                 )  # fmt: skip
             for i in marks:
                 await mark_handled(uow_factory, cmds[i].inbound, clock)
@@ -276,7 +333,7 @@ async def _record_in_waves(
 
 async def _record_wave(
     cmds: Sequence[ExecutePayment],
-    wave: Sequence[tuple[int, Payment, AttemptLog, Final]],
+    wave: Sequence[tuple[int, Payment, uuid.UUID, AttemptLog, Final]],
     marks: Sequence[int],
     uow_factory: UnitOfWorkFactory,
     processor: PaymentProcessor,
@@ -292,15 +349,16 @@ async def _record_wave(
         appends: list[StreamAppend] = []
         statuses: list[tuple[uuid.UUID, PaymentStatus]] = []
         messages: list[OutboundMessage] = []
-        for i, payment, attempts, final in wave:
+        for i, payment, charger, attempts, final in wave:
             cmd = cmds[i]
-            if (cmd.inbound.source, cmd.inbound.message_id) not in fresh:
-                outcomes[i] = ExecuteResult.DUPLICATE
-                continue
+            # A redelivery still records what its calls gave (see record_outcome).
+            duplicate = (cmd.inbound.source, cmd.inbound.message_id) not in fresh
             expected = payment.version
             outcomes[i], new, status, message = apply_outcome(
-                payment, attempts, final, processor.name, now, cmd.trace
+                payment, attempts, final, processor.name, now, cmd.trace, charger
             )
+            if duplicate and message is None:
+                outcomes[i] = ExecuteResult.DUPLICATE
             appends.append(StreamAppend(payment.id, expected, new))
             statuses.append((payment.id, status))
             if message is not None:

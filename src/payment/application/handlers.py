@@ -32,7 +32,9 @@ from payment.application.messages import (
     rejection_message,
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
-from payment.application.validation import Valid, validate_request
+from payment.application.retry import full_jitter
+from payment.application.validation import Valid, validate_request, well_formed_booking_id
+from payment.domain.errors import ChargeInProgress
 from payment.domain.events import AnyPaymentEvent, AttemptResult
 from payment.domain.money import DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment, PaymentStatus
@@ -41,6 +43,7 @@ from payment.domain.processor import (
     ChargeOutcome,
     ChargeRequest,
     Declined,
+    GatewayErrorReplayed,
     OutcomeUnknown,
     PaymentProcessor,
     ProcessorUnavailable,
@@ -48,6 +51,11 @@ from payment.domain.processor import (
 
 # Optimistic conflicts are retried with fresh state; this bounds a pathological storm.
 MAX_CONFLICT_RETRIES = 10
+
+REPLAYED_ERROR_DETAIL = (
+    "the gateway replays a stored error for this payment's idempotency key: nothing can be"
+    " charged under it until the key expires (Stripe: 24 h); see docs/operations.md"
+)
 
 
 class RequestResult(enum.StrEnum):
@@ -66,13 +74,16 @@ class ExecuteResult(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     UNKNOWN = "unknown"  # outcome unknown: left in flight for the reconciler
+    BUSY = "busy"  # another executor or reconciler is charging it and records the outcome
     FLAGGED = "flagged"  # unknown past the review window: flagged for a human
 
 
 class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """How hard to try the gateway before giving up on a payment for now."""
 
-    call_timeout_s: float = 10.0
+    # None: the processor bounds its own calls (the LimitedProcessor, whose timeout does
+    # not count the wait for a slot under the gateway's limits).
+    call_timeout_s: float | None = 10.0
     max_attempts: int = 4
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
@@ -81,6 +92,13 @@ class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # than this is looked up before it is charged: under an expired key a charge is a
     # new charge, whatever an earlier attempt whose answer was lost did.
     key_lifetime_s: float | None = None
+    # How long a ChargeStarted keeps other callers from charging the payment: longer than
+    # one charge_payment (its attempts, backoffs and the lookup), so that a live charger
+    # is never overtaken; a dead one's payment is charged again once it has passed.
+    charge_lease_s: float = 60.0
+    # How far the gateway's lookup lags behind its charges (Stripe's search: about a
+    # minute). A miss on a younger payment proves nothing: it counts as unknown.
+    lookup_settle_s: float = 0.0
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,7 +114,7 @@ async def request_payment(
     """Handle `saga.request_payment` (contract sections 3-4).
 
     Raises `PaymentConflict` for a re-request whose amount or currency differs from the
-    booking's payment: the caller dead-letters it.
+    booking's payment, or that breaks a rule of section 3: the caller dead-letters it.
     """
     checked = validate_request(cmd, max_amount=settings.max_amount)
     for _ in range(MAX_CONFLICT_RETRIES):
@@ -123,6 +141,7 @@ async def _request_in(
 ) -> RequestResult:
     now = clock.now()
     if isinstance(checked, str):
+        await refuse_if_booking_has_payment(uow, cmd, checked)
         await uow.outbox.add([rejection_for(cmd, checked, now)])
         return RequestResult.REJECTED
 
@@ -147,6 +166,19 @@ async def _request_in(
     await uow.events.append(payment.id, 0, events)
     await uow.outbox.add([initiated_message(payment, cmd.trace)])
     return RequestResult.ACCEPTED
+
+
+async def refuse_if_booking_has_payment(uow: UnitOfWork, cmd: RequestPayment, broken: str) -> None:
+    """Raise `PaymentConflict` if the booking of a request that breaks rule `broken`
+    already has a payment (contract 4.3): the caller dead-letters the request, and the
+    booking gets no `payment.failed` it did not earn."""
+    if not well_formed_booking_id(cmd.booking_id):
+        return  # no payment was ever made for a booking id that breaks the rules
+    existing_id = await uow.payments.payment_for_booking(cmd.booking_id)
+    if existing_id is not None:
+        raise PaymentConflict(
+            existing_id, f"re-request for a booking that has a payment breaks a rule: {broken}"
+        )
 
 
 async def _existing_payment(
@@ -187,8 +219,15 @@ async def execute_payment(
     if payment.is_terminal:
         await mark_handled(uow_factory, cmd.inbound, clock)
         return ExecuteResult.ALREADY_TERMINAL
+    started = await start_charge(payment, uow_factory, clock, policy)
+    if isinstance(started, ExecuteResult):
+        # Finished meanwhile, or another executor or reconciler is charging it: that
+        # one records the outcome.
+        await mark_handled(uow_factory, cmd.inbound, clock)
+        return started
+    payment, charger = started
     return await _charge_and_record(
-        payment, cmd.inbound, cmd.trace, uow_factory, processor, clock, policy
+        payment, charger, cmd.inbound, cmd.trace, uow_factory, processor, clock, policy
     )
 
 
@@ -216,22 +255,32 @@ async def reconcile_payment(
     payment = Payment.replay(events)
     if payment.is_terminal:
         return ExecuteResult.ALREADY_TERMINAL
-    known = await _lookup(_charge_request(payment), processor, policy)
+    known = await _lookup(_charge_request(payment), processor, policy, _age(payment, clock.now()))
     if isinstance(known, Approved | Declined):
         return await record_outcome(
             payment.id, None, cmd.trace, [("lookup", known)], known, uow_factory, processor, clock
         )
-    if isinstance(known, OutcomeUnknown):  # cannot be asked now, or still in progress
-        # Nothing to record, but to the back of the reconciler's queue all the same (as an
-        # unknown attempt is), so that payments the gateway cannot settle now do not
-        # starve others.
+    started = (
+        await start_charge(payment, uow_factory, clock, policy)
+        if not isinstance(known, OutcomeUnknown)
+        else ExecuteResult.UNKNOWN
+    )
+    if started is ExecuteResult.ALREADY_TERMINAL:
+        return started
+    result: ExecuteResult
+    if isinstance(started, ExecuteResult):
+        # The gateway cannot say now (or the charge is still in progress), or another
+        # caller is charging: nothing to record, but to the back of the reconciler's
+        # queue all the same (as an unknown attempt is), so that payments the gateway
+        # cannot settle now do not starve others.
         async with uow_factory() as uow:
             await uow.payments.requeue(payment.id, clock.now())
             await uow.commit()
-        result = ExecuteResult.UNKNOWN
+        result = started
     else:
+        payment, charger = started
         result = await _charge_and_record(
-            payment, None, cmd.trace, uow_factory, processor, clock, policy
+            payment, charger, None, cmd.trace, uow_factory, processor, clock, policy
         )
     if result is ExecuteResult.UNKNOWN:
         assert payment.initiated_at is not None
@@ -239,6 +288,38 @@ async def reconcile_payment(
         if age >= policy.review_after_s and not payment.flagged_for_review:
             return await _flag(payment.id, uow_factory, clock, age)
     return result
+
+
+async def start_charge(
+    payment: Payment, uow_factory: UnitOfWorkFactory, clock: Clock, policy: ExecutionPolicy
+) -> tuple[Payment, uuid.UUID] | ExecuteResult:
+    """Write ahead that a new charger is about to call the gateway (`ChargeStarted`).
+
+    Returns the payment as it now is and the charger's id; or ALREADY_TERMINAL, or
+    BUSY when another charger's lease runs (that one records the outcome). Committed
+    before the call, so executors and reconcilers of every instance see it: see
+    docs/adr/0004-charge-started.md.
+    """
+    charger = uuid.uuid4()
+    for _ in range(MAX_CONFLICT_RETRIES):
+        try:
+            async with uow_factory() as uow:
+                if payment.is_terminal:
+                    return ExecuteResult.ALREADY_TERMINAL
+                expected = payment.version
+                try:
+                    events = payment.start_charge(
+                        charger=charger, at=clock.now(), lease_s=policy.charge_lease_s
+                    )
+                except ChargeInProgress:
+                    return ExecuteResult.BUSY
+                await uow.events.append(payment.id, expected, events)
+                await uow.commit()
+                return payment, charger
+        except RETRYABLE_CONFLICTS:
+            async with uow_factory() as uow:
+                payment = Payment.replay(await uow.events.load(payment.id))
+    raise RuntimeError("start_charge: too many conflicting writers for one payment")
 
 
 # -- steps shared with the batch handlers (batches.py) ----------------------------------
@@ -260,8 +341,8 @@ def initiate_for(
         booking_id=cmd.booking_id,
         money=checked.money,
         payment_method=checked.payment_method,
-        saga_id=cmd.saga_id,
-        customer_id=cmd.customer_id,
+        saga_id=checked.saga_id,
+        customer_id=checked.customer_id,
         at=at,
     )
 
@@ -273,8 +354,9 @@ def apply_outcome(
     processor_name: str,
     now: datetime,
     trace: TraceHeaders,
+    charger: uuid.UUID | None = None,
 ) -> tuple[ExecuteResult, list[AnyPaymentEvent], PaymentStatus, OutboundMessage | None]:
-    """Apply a charge's attempts and `final` outcome to `payment` (not stored yet).
+    """Apply `charger`'s attempts and `final` outcome to `payment` (not stored yet).
 
     Returns the result, the new events, the payment's status for the index and its
     outcome message (None while the outcome is still unknown).
@@ -287,7 +369,12 @@ def apply_outcome(
             detail=_detail_of(kind, item),
             at=now,
         )
-    result = _decide(payment, final, processor_name, now, new)
+    result = _decide(payment, final, processor_name, now, new, charger)
+    replayed = isinstance(final, GatewayErrorReplayed)
+    if replayed and not payment.is_terminal and not payment.flagged_for_review:
+        # Stuck for a day otherwise (until the key expires): a human is told at once.
+        new += payment.flag_for_review(detail=REPLAYED_ERROR_DETAIL, at=now)
+        result = ExecuteResult.FLAGGED
     if payment.is_terminal:
         # The trace of the message that caused this outcome (the request's, carried on
         # payment.initiated): contract section 2.
@@ -316,6 +403,7 @@ def _charge_request(payment: Payment) -> ChargeRequest:
 
 async def _charge_and_record(
     payment: Payment,
+    charger: uuid.UUID,
     inbound: InboundRef | None,
     trace: TraceHeaders,
     uow_factory: UnitOfWorkFactory,
@@ -323,23 +411,29 @@ async def _charge_and_record(
     clock: Clock,
     policy: ExecutionPolicy,
 ) -> ExecuteResult:
-    attempts, outcome = await charge_payment(payment, processor, policy, clock.now())
+    attempts, outcome = await charge_payment(payment, processor, policy, clock.now(), charger)
     return await record_outcome(
-        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment
-    )
+        payment.id, inbound, trace, attempts, outcome, uow_factory, processor, clock, payment,
+        charger=charger,
+    )  # fmt: skip
 
 
 async def charge_payment(
-    payment: Payment, processor: PaymentProcessor, policy: ExecutionPolicy, now: datetime
+    payment: Payment,
+    processor: PaymentProcessor,
+    policy: ExecutionPolicy,
+    now: datetime,
+    charger: uuid.UUID | None = None,
 ) -> tuple[AttemptLog, ChargeOutcome | ProcessorUnavailable | OutcomeUnknown]:
     """Call the gateway until it answers (or `policy` gives up): the attempts and the last.
 
     A payment initiated longer ago than the gateway keeps idempotency keys is looked up
-    first (`_lookup_before_late_charge`).
+    first (`_lookup_before_late_charge`). `charger`: the caller's ChargeStarted.
     """
     request = _charge_request(payment)
+    age = _age(payment, now)
     if _key_may_have_expired(payment, policy, now):
-        settled = await _lookup_before_late_charge(request, processor, policy)
+        settled = await _lookup_before_late_charge(request, processor, policy, age)
         if settled is not None:
             return settled
     attempts: AttemptLog = []
@@ -352,7 +446,7 @@ async def charge_payment(
                 outcome = await processor.charge(request)
         except TimeoutError:
             # The request may have reached the gateway: never treat it as a failure.
-            outcome = OutcomeUnknown(f"no answer within {policy.call_timeout_s:g}s")
+            outcome = OutcomeUnknown("no answer within the call timeout")
         except (ProcessorUnavailable, OutcomeUnknown) as exc:
             outcome = exc
         failpoints.hit("after_charge")
@@ -360,9 +454,14 @@ async def charge_payment(
         if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
             break
         await asyncio.sleep(_backoff(attempt, policy))
-    if isinstance(outcome, ProcessorUnavailable):
-        outcome = await _confirm_no_charge(request, processor, policy, attempts, outcome)
+    if isinstance(outcome, ProcessorUnavailable) and not payment.only_charger(charger):
+        outcome = await _confirm_no_charge(request, processor, policy, attempts, outcome, age)
     return attempts, outcome
+
+
+def _age(payment: Payment, now: datetime) -> float:
+    assert payment.initiated_at is not None
+    return (now - payment.initiated_at).total_seconds()
 
 
 def _key_may_have_expired(payment: Payment, policy: ExecutionPolicy, now: datetime) -> bool:
@@ -372,7 +471,7 @@ def _key_may_have_expired(payment: Payment, policy: ExecutionPolicy, now: dateti
 
 
 async def _lookup_before_late_charge(
-    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy
+    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy, age_s: float
 ) -> tuple[AttemptLog, ChargeOutcome | OutcomeUnknown] | None:
     """The gateway may have forgotten this payment's idempotency key, so a charge now
     would not find an earlier one (made before a crash, its answer lost): ask first.
@@ -380,7 +479,7 @@ async def _lookup_before_late_charge(
     Returns the charge the gateway holds, or OutcomeUnknown (nothing charged, the payment
     stays in flight) if it cannot say; None when it holds no charge: charging is safe.
     """
-    found = await _lookup(request, processor, policy)
+    found = await _lookup(request, processor, policy, age_s)
     if isinstance(found, OutcomeUnknown):
         return [], OutcomeUnknown(f"the idempotency key may have expired and {found}: not charged")
     if found is not None:
@@ -394,15 +493,18 @@ async def _confirm_no_charge(
     policy: ExecutionPolicy,
     attempts: AttemptLog,
     unavailable: ProcessorUnavailable,
+    age_s: float,
 ) -> ChargeOutcome | ProcessorUnavailable | OutcomeUnknown:
     """Before failing as unavailable, ask the gateway whether it holds a charge anyway.
 
     Our own refused calls charged nothing, but an earlier call whose answer was never
-    recorded (a crash after the charge, a concurrent execution) may have: only the
-    gateway's "no such charge" makes `processor_unavailable` safe. If it cannot be asked
-    either, the payment stays in flight for the reconciler.
+    recorded (a crash after the charge in a version without ChargeStarted, say) may
+    have: only the gateway's "no such charge" makes `processor_unavailable` safe. If it
+    cannot be asked either, or its answer may lag (`lookup_settle_s`), the payment stays
+    in flight for the reconciler. (Where the stream proves the caller the only charger,
+    `charge_payment` does not ask: see `Payment.only_charger`.)
     """
-    found = await _lookup(request, processor, policy)
+    found = await _lookup(request, processor, policy, age_s)
     if isinstance(found, OutcomeUnknown):
         return found
     if found is not None:
@@ -412,24 +514,31 @@ async def _confirm_no_charge(
 
 
 async def _lookup(
-    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy
+    request: ChargeRequest, processor: PaymentProcessor, policy: ExecutionPolicy, age_s: float
 ) -> ChargeOutcome | OutcomeUnknown | None:
-    """What the gateway holds for this payment: its charge, None for "no charge", or
-    OutcomeUnknown when it cannot say now (unreachable, no answer in time, or a charge
-    still in progress) — then an earlier charge cannot be ruled out."""
+    """What the gateway holds for this payment (`age_s` old): its charge, None for "no
+    charge", or OutcomeUnknown when it cannot say now (unreachable, no answer in time, a
+    charge still in progress, or a miss younger than the lookup's lag) — then an earlier
+    charge cannot be ruled out."""
     try:
         async with asyncio.timeout(policy.call_timeout_s):
-            return await processor.lookup(request)
+            found = await processor.lookup(request)
     except (ProcessorUnavailable, OutcomeUnknown, TimeoutError) as exc:
         return OutcomeUnknown(
             f"the gateway cannot rule out an unrecorded earlier charge now ({type(exc).__name__})"
         )
+    if found is None and age_s < policy.lookup_settle_s:
+        return OutcomeUnknown(
+            f"no charge found, but the gateway's lookup may lag {policy.lookup_settle_s:g}s"
+        )
+    return found
 
 
 def _backoff(attempt: int, policy: ExecutionPolicy) -> float:
     # Full jitter: spreads retries of many payments hitting one outage.
-    ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
-    return random.uniform(0, ceiling)
+    return full_jitter(
+        attempt, initial=policy.backoff_initial_s, maximum=policy.backoff_max_s, rng=random.random
+    )
 
 
 async def record_outcome(
@@ -442,8 +551,10 @@ async def record_outcome(
     processor: PaymentProcessor,
     clock: Clock,
     known: Payment | None = None,
+    *,
+    charger: uuid.UUID | None = None,
 ) -> ExecuteResult:
-    """Record a charge's attempts and outcome; `known`: the payment as loaded before it.
+    """Record `charger`'s attempts and outcome; `known`: the payment as loaded before it.
 
     The first try appends after `known` without loading the stream again: the optimistic
     lock on its version still refuses the append if anyone wrote meanwhile, and the retry
@@ -453,10 +564,13 @@ async def record_outcome(
         try:
             async with uow_factory() as uow:
                 now = clock.now()
-                if inbound is not None and not await uow.inbox.mark(
+                # A redelivery handled before still records what its calls gave: a known
+                # outcome is the gateway's answer under the payment's one key (the payment
+                # would wait for the reconciler otherwise), and its attempts end its
+                # ChargeStarted's lease.
+                duplicate = inbound is not None and not await uow.inbox.mark(
                     inbound.source, inbound.message_id, now
-                ):
-                    return ExecuteResult.DUPLICATE
+                )
                 if known is not None:
                     # Used once: its state changes below, and a retry must read afresh.
                     payment, known = known, None
@@ -469,7 +583,7 @@ async def record_outcome(
                     return ExecuteResult.ALREADY_TERMINAL
                 expected = payment.version
                 result, new, status, message = apply_outcome(
-                    payment, attempts, final, processor.name, now, trace
+                    payment, attempts, final, processor.name, now, trace, charger
                 )
                 await uow.events.append(payment_id, expected, new)
                 await uow.payments.set_status(payment_id, status, now)
@@ -481,7 +595,7 @@ async def record_outcome(
                 await uow.commit()
                 if terminal:
                     failpoints.hit("after_terminal_commit")
-                return result
+                return ExecuteResult.DUPLICATE if duplicate and not terminal else result
         except RETRYABLE_CONFLICTS:
             continue
     raise RuntimeError("execute_payment: too many conflicting writers for one payment")
@@ -493,6 +607,7 @@ def _decide(
     processor_name: str,
     now: datetime,
     new: list[AnyPaymentEvent],
+    charger: uuid.UUID | None,
 ) -> ExecuteResult:
     match final:
         case Approved():
@@ -505,15 +620,17 @@ def _decide(
                 reason="declined", detail=_decline_detail(final), at=now, decline_code=final.code
             )
             return ExecuteResult.FAILED
-        case ProcessorUnavailable() if payment.charge_may_have_happened:
-            # An earlier attempt's outcome is unknown: "unavailable" now says nothing
-            # about that charge, so the payment stays in flight for the reconciler.
+        case ProcessorUnavailable() if not payment.may_fail_unavailable(charger):
+            # An earlier attempt's outcome is unknown, or another caller started a charge
+            # that may still reach the gateway: "unavailable" now says nothing about
+            # those, so the payment stays in flight for the reconciler.
             return ExecuteResult.UNKNOWN
         case ProcessorUnavailable():
             new += payment.fail(
                 reason="processor_unavailable",
                 detail="the payment processor could not be reached; no charge was made",
                 at=now,
+                charger=charger,
             )
             return ExecuteResult.FAILED
         case _:

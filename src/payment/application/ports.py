@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self
@@ -95,6 +95,16 @@ class PaymentIndex(Protocol):
         """Payments still INITIATED whose last change is older than `before`, oldest first."""
         ...
 
+    async def claim_stale(self, before: datetime, limit: int, at: datetime) -> list[uuid.UUID]:
+        """Claim up to `limit` of `in_flight_since(before)`, oldest first, for reconciling.
+
+        Payments another open unit of work has claimed are skipped, so concurrent
+        claimers (in this process or another) get disjoint sets. A claimed payment counts
+        `at` as its last change when this commits: a lease, as nobody claims it again
+        until it is older than the cutoff once more.
+        """
+        ...
+
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         """Count `at` as the payment's last change if it is still INITIATED when this
         commits (to the back of `in_flight_since`); a finished payment is left alone."""
@@ -145,11 +155,12 @@ class Outbox(Protocol):
         """Queue messages for publication; they become visible when the unit of work commits."""
         ...
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
-        """Unpublished rows, oldest first.
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+        """Unpublished rows, oldest first, but for those whose key is in `skip_keys`.
 
-        Never skips a row: a row committed later by a slower transaction is returned by a
-        later call. Rows of one stream come back in the order they were written.
+        Never skips a row otherwise: a row committed later by a slower transaction is
+        returned by a later call. Rows of one stream come back in the order they were
+        written. (`skip_keys`: keys backing off, so that their rows cannot fill `limit`.)
         """
         ...
 

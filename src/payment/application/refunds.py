@@ -31,7 +31,7 @@ from payment.application.messages import (
     refunded_message,
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
-from payment.application.validation import valid_booking_id, validate_refund
+from payment.application.validation import validate_refund, well_formed_booking_id
 from payment.domain.errors import RefundRefused
 from payment.domain.events import AnyPaymentEvent, PaymentCompleted, PaymentRefunded, RefundFailed
 from payment.domain.money import Money
@@ -114,7 +114,7 @@ class Refunds:
     ) -> tuple[RefundResult, uuid.UUID | None]:
         now = self._clock.now()
         payment_id = None
-        if valid_booking_id(cmd.booking_id):
+        if well_formed_booking_id(cmd.booking_id):
             payment_id = await uow.payments.payment_for_booking(cmd.booking_id)
         if payment_id is None:
             if problem is not None:

@@ -9,8 +9,15 @@ from payment.domain.errors import InvalidMoney
 from payment.domain.money import Money
 
 _BOOKING_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-_CARD_LIKE = re.compile(r"[0-9][0-9 -]{11,}[0-9]")
+# A digit, or a JSON escape of one (`\u0034` is "4" once decoded: raw bytes such as a dead
+# letter's value hold card numbers written so); a separator: space or dash, or theirs.
+_DIGIT = r"(?:[0-9]|\\u003[0-9])"
+_SEPARATOR = r"(?:[ -]|\\u00(?:20|2[dD]))"
+_CARD_LIKE = re.compile(rf"{_DIGIT}(?:{_DIGIT}|{_SEPARATOR})*{_DIGIT}")
+_ESCAPED = re.compile(r"\\u00(3[0-9]|20|2[dD])")
 _SEPARATORS = re.compile(r"[ -]+")
+# Every text `mask_card_numbers` changes holds a match: one cheap search clears most texts.
+_CANDIDATE = re.compile(r"[0-9][0-9 -]{11,}[0-9]|\\u00(?:3[0-9]|20|2[dD])")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -27,14 +34,17 @@ def luhn_valid(digits: str) -> bool:
 
 
 def looks_like_card_number(text: str) -> bool:
-    """True if `text` contains a 13-19 digit Luhn-valid number (spaces and dashes allowed).
+    """True if `text` contains a 13-19 digit Luhn-valid number (spaces and dashes allowed,
+    digits and separators also as JSON `\\u` escapes).
 
     A run of digit groups is judged by its consecutive whole groups: a card number
     followed by a CVC or an expiry date is still a card, while an unbroken longer number
     is not one just because some stretch of it passes the checksum.
     """
+    if _CANDIDATE.search(text) is None:
+        return False
     for match in _CARD_LIKE.finditer(text):
-        groups = _SEPARATORS.split(match.group())
+        groups = _SEPARATORS.split(_unescaped(match.group()))
         for first in range(len(groups)):
             digits = ""
             for group in groups[first:]:
@@ -44,6 +54,18 @@ def looks_like_card_number(text: str) -> bool:
                 if len(digits) >= 13 and luhn_valid(digits):
                     return True
     return False
+
+
+def might_hold_card_number(text: str) -> bool:
+    """A cheap first look: False means `text` holds no card number for certain."""
+    return _CANDIDATE.search(text) is not None
+
+
+def _unescaped(run: str) -> str:
+    """A digit run with its JSON escapes (digits, space, dash) decoded."""
+    if "\\" not in run:
+        return run
+    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), run)
 
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -77,19 +99,38 @@ def mask_card_numbers(text: str) -> str:
     return "".join(pieces)
 
 
+def well_formed_booking_id(booking_id: str) -> bool:
+    """True if `booking_id` follows contract section 3 (only such a booking has a payment)."""
+    return _BOOKING_ID.fullmatch(booking_id) is not None
+
+
 class Valid:
-    """A request that passed every rule, with its money."""
+    """A request that passed every rule: its money, and what of it may be stored.
 
-    __slots__ = ("money", "payment_method")
+    `customer_id` and `saga_id` are free-form ids echoed on every outcome: a card number
+    in them (contract 3: never stored or published) is masked, as in a rejection, so the
+    same id reads the same on every event of the booking. A numeric id that happens to
+    pass the checksum is masked too; the request is not refused for it.
+    """
 
-    def __init__(self, money: Money, payment_method: str) -> None:
+    __slots__ = ("customer_id", "money", "payment_method", "saga_id")
+
+    def __init__(
+        self,
+        money: Money,
+        payment_method: str,
+        customer_id: str | None = None,
+        saga_id: str | None = None,
+    ) -> None:
         self.money = money
         self.payment_method = payment_method
+        self.customer_id = customer_id
+        self.saga_id = saga_id
 
 
 def validate_request(cmd: RequestPayment, *, max_amount: int) -> Valid | str:
     """The validated request, or a human-readable reason (never echoing secrets) it breaks."""
-    if not _BOOKING_ID.fullmatch(cmd.booking_id):
+    if not well_formed_booking_id(cmd.booking_id):
         return "booking_id must be 1-64 characters of A-Z a-z 0-9 . _ : -"
     if cmd.amount is None:
         return "amount is required"
@@ -111,12 +152,12 @@ def validate_request(cmd: RequestPayment, *, max_amount: int) -> Valid | str:
         return "customer_id must be at most 64 characters"
     if cmd.saga_id is not None and len(cmd.saga_id) > 64:
         return "saga_id must be at most 64 characters"
-    return Valid(money, method)
-
-
-def valid_booking_id(booking_id: str) -> bool:
-    """True for a booking id of contract 3 (1-64 characters of A-Z a-z 0-9 . _ : -)."""
-    return _BOOKING_ID.fullmatch(booking_id) is not None
+    return Valid(
+        money,
+        method,
+        customer_id=None if cmd.customer_id is None else mask_card_numbers(cmd.customer_id),
+        saga_id=None if cmd.saga_id is None else mask_card_numbers(cmd.saga_id),
+    )
 
 
 def validate_refund(cmd: RefundPayment, *, max_amount: int) -> str | None:

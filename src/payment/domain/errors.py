@@ -17,6 +17,10 @@ class IllegalTransition(DomainError):
     """A command that the payment's current state does not allow; nothing is recorded."""
 
 
+class ChargeInProgress(IllegalTransition):
+    """Another caller started a charge of this payment and its lease is still running."""
+
+
 class RefundRefused(DomainError):
     """A refund the payment cannot take; nothing is recorded. `reason` is the contract's."""
 

@@ -44,6 +44,18 @@ class ChargeAttempted(PaymentEvent, frozen=True, kw_only=True, tag="ChargeAttemp
     detail: str
 
 
+class ChargeStarted(PaymentEvent, frozen=True, kw_only=True, tag="ChargeStarted"):
+    """Write-ahead: `charger` (one executor or reconciler run) is about to call the gateway.
+
+    Until `lease_until` nobody else starts a charge of the payment; and once anyone else
+    has started one, `charger` may no longer fail it as `processor_unavailable` (the other
+    one's charge may still reach the gateway).
+    """
+
+    charger: uuid.UUID
+    lease_until: datetime
+
+
 class PaymentCompleted(PaymentEvent, frozen=True, kw_only=True, tag="PaymentCompleted"):
     """The gateway charged the payment."""
 
@@ -101,6 +113,7 @@ class RefundFailed(PaymentEvent, frozen=True, kw_only=True, tag="RefundFailed"):
 AnyPaymentEvent = (
     PaymentInitiated
     | ChargeAttempted
+    | ChargeStarted
     | PaymentCompleted
     | PaymentFailed
     | PaymentFlaggedForReview

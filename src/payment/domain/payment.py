@@ -6,12 +6,13 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypedDict
 
 import msgspec
 
 from payment.domain.errors import (
+    ChargeInProgress,
     IllegalTransition,
     NotCharged,
     OverRefund,
@@ -22,6 +23,7 @@ from payment.domain.events import (
     AnyPaymentEvent,
     AttemptResult,
     ChargeAttempted,
+    ChargeStarted,
     FailureReason,
     PaymentCompleted,
     PaymentFailed,
@@ -97,6 +99,10 @@ class Payment:
         self.attempts = 0
         self.charge_may_have_happened = False
         self.flagged_for_review = False
+        # Every caller that ever started a charge, and the latest one's lease.
+        self.chargers: set[uuid.UUID] = set()
+        self.charge_lease: tuple[uuid.UUID, datetime] | None = None
+        self.unguarded_attempts = False
         self.initiated: PaymentInitiated | None = None
         self.outcome: PaymentCompleted | PaymentFailed | None = None
         self.refunds: dict[uuid.UUID, Refund] = {}
@@ -152,6 +158,51 @@ class Payment:
             )
         )
 
+    def start_charge(
+        self, *, charger: uuid.UUID, at: datetime, lease_s: float
+    ) -> list[AnyPaymentEvent]:
+        """Record, before the gateway call, that `charger` is about to charge.
+
+        Raises `ChargeInProgress` while another charger's lease runs (one charger at a
+        time per payment), `IllegalTransition` once the payment is terminal (nothing may
+        be charged after an outcome is recorded).
+        """
+        self._require_in_flight("start a charge")
+        if self.charge_lease is not None:
+            holder, until = self.charge_lease
+            if holder != charger and at < until:
+                raise ChargeInProgress(f"another charge of this payment runs until {until}")
+        return self._emit(
+            ChargeStarted(
+                **self._stamp(at), charger=charger, lease_until=at + timedelta(seconds=lease_s)
+            )
+        )
+
+    def may_fail_unavailable(self, charger: uuid.UUID | None) -> bool:
+        """Whether `charger` may end the payment as `processor_unavailable` now.
+
+        Only if no charge may have happened and nobody but `charger` ever started one
+        (`charger` None: nobody at all): another charger's request may still be on its
+        way to the gateway, and an approval must never meet a failed payment.
+        """
+        if self.charge_may_have_happened:
+            return False
+        return self.chargers <= ({charger} if charger is not None else set())
+
+    def only_charger(self, charger: uuid.UUID | None) -> bool:
+        """Whether the stream proves `charger` the only caller that ever charged it.
+
+        True when every charge call was written ahead (no attempt before the first
+        ChargeStarted), all by `charger`, and none may have charged: nobody else's
+        charge can be at the gateway, so no lookup is needed to rule one out.
+        """
+        return (
+            charger is not None
+            and self.chargers == {charger}
+            and not self.unguarded_attempts
+            and not self.charge_may_have_happened
+        )
+
     def complete(
         self, *, processor: str, provider_reference: str, at: datetime
     ) -> list[AnyPaymentEvent]:
@@ -170,16 +221,18 @@ class Payment:
         detail: str,
         at: datetime,
         decline_code: str | None = None,
+        charger: uuid.UUID | None = None,
     ) -> list[AnyPaymentEvent]:
         """INITIATED -> FAILED.
 
-        `processor_unavailable` is refused once an attempt may have charged: only the
+        `processor_unavailable` is refused once an attempt may have charged, or another
+        caller than `charger` started a charge (`may_fail_unavailable`): only the
         gateway's real outcome may end such a payment.
         """
         self._require_in_flight("fail")
-        if reason == "processor_unavailable" and self.charge_may_have_happened:
+        if reason == "processor_unavailable" and not self.may_fail_unavailable(charger):
             raise IllegalTransition(
-                "cannot fail as unavailable: an earlier charge may have happened"
+                "cannot fail as unavailable: an earlier or concurrent charge may have happened"
             )
         return self._emit(
             PaymentFailed(
@@ -344,9 +397,17 @@ class Payment:
                 self.initiated_at = event.occurred_at
                 self.initiated = event
             case ChargeAttempted():
+                # The charger recorded what its calls gave: its lease ends. (Only the
+                # lease holder charges while it runs; `chargers` keeps the safety rule.)
+                self.charge_lease = None
+                if not self.chargers:
+                    self.unguarded_attempts = True  # recorded before any write-ahead
                 self.attempts = event.attempt
                 if event.result in ("unknown", "approved"):
                     self.charge_may_have_happened = True
+            case ChargeStarted():
+                self.chargers.add(event.charger)
+                self.charge_lease = (event.charger, event.lease_until)
             case PaymentCompleted():
                 self.status = PaymentStatus.COMPLETED
                 self.outcome = event

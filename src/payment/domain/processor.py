@@ -81,10 +81,30 @@ class ProcessorUnavailable(ProcessorError):
     """The charge was not attempted (or the gateway guarantees it had no effect): safe to retry."""
 
 
+class ProcessorRateLimited(ProcessorUnavailable):
+    """The gateway refused the call for its rate limit (HTTP 429) before executing it.
+
+    Nothing was charged. `retry_after_s` is the gateway's `Retry-After`, when it sent one.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class OutcomeUnknown(ProcessorError):
     """The request may have reached the gateway: the charge may have happened.
 
     Never report this as a failure; ask again with the same idempotency key.
+    """
+
+
+class GatewayErrorReplayed(OutcomeUnknown):
+    """The gateway answered with the stored error of an earlier request under this
+    idempotency key (Stripe replays a 5xx for 24 h): whether that request charged is
+    unknown, and no charge under this key can be made until the gateway forgets it.
+
+    A human should look (the payment is flagged at once): docs/operations.md.
     """
 
 

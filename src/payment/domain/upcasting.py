@@ -27,6 +27,7 @@ Upcaster = Callable[[EventData], EventData]
 CURRENT_VERSIONS: Final[Mapping[str, int]] = {
     "PaymentInitiated": 1,
     "ChargeAttempted": 1,
+    "ChargeStarted": 1,
     "PaymentCompleted": 1,
     "PaymentFailed": 1,
     "PaymentFlaggedForReview": 1,

@@ -36,6 +36,7 @@ from payment.adapters.kafka.cloudevents import (
 from payment.adapters.kafka.offset_reset import recover_out_of_range, start_from_beginning
 from payment.adapters.log_budget import UNLIMITED, LogBudget
 from payment.adapters.metrics import Metrics
+from payment.adapters.span_values import untrusted_attribute
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
 from payment.application import failpoints
 from payment.application.batches import execute_payments, request_payments
@@ -59,6 +60,7 @@ from payment.application.handlers import (
 from payment.application.messages import PAYMENT_INITIATED, REFUND_PAYMENT, REQUEST_PAYMENT
 from payment.application.ports import Clock, UnitOfWorkFactory
 from payment.application.refunds import RefundResult, Refunds
+from payment.application.retry import Backoff
 from payment.domain.processor import PaymentProcessor
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,10 @@ class KafkaInboxConsumer:
     Each record becomes a task (bounded by `max_in_flight`); its inbox mark and effects
     commit in one database transaction inside the handler; its Kafka offset is committed
     only after that, in partition order.
+
+    Requests may hold at most three quarters of the slots, and wait for room without
+    holding up the fetch loop (their partitions paused): a burst of requests stays on the
+    broker and leaves room for payment.initiated (`_admit_requests`).
     """
 
     def __init__(
@@ -144,8 +150,10 @@ class KafkaInboxConsumer:
         metrics: Metrics,
         settings: Settings,
         policy: ExecutionPolicy,
-        transient_errors: tuple[type[BaseException], ...],
+        is_transient: Callable[[BaseException], bool],
         max_in_flight: int = 256,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
         max_batch: int = MAX_BATCH,
         commit_interval_s: float = 0.2,
         commit_timeout_s: float = 5.0,
@@ -171,8 +179,17 @@ class KafkaInboxConsumer:
         self._metrics = metrics
         self._settings = settings
         self._policy = policy
-        self._transient = transient_errors
+        self._is_transient = is_transient
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
         self._slots = asyncio.Semaphore(max_in_flight)
+        # Requests may hold at most this many slots; the rest stay for payment.initiated,
+        # so a burst of requests cannot starve the executor (see `_admit_requests`).
+        self._request_room = max(1, max_in_flight - max_in_flight // 4)
+        self._requests_in_flight = 0
+        # Requests fetched but not yet admitted; their partitions are paused meanwhile.
+        self._held: list[Fetched] = []
+        self._paused = False
         # A batch holds a slot per record: never more than there are slots.
         self._max_batch = max(1, min(max_batch, max_in_flight))
         self._batches: dict[asyncio.Task[None], list[Fetched]] = {}
@@ -201,6 +218,7 @@ class KafkaInboxConsumer:
         committer = asyncio.create_task(self._commit_periodically(), name="offset-committer")
         try:
             while not self._stopping.is_set():
+                await self._admit_requests()
                 try:
                     fetched = await self._consumer.getmany(timeout_ms=200, max_records=500)
                 except NoOffsetForPartitionError as exc:
@@ -213,6 +231,10 @@ class KafkaInboxConsumer:
                 by_topic: dict[str, list[Fetched]] = {}
                 for tp, records in fetched.items():
                     by_topic.setdefault(tp.topic, []).extend((tp, r) for r in records)
+                # Requests wait for room of their own without holding up the loop; the
+                # executor's payment.initiated (and anything unexpected) go as before.
+                self._held += by_topic.pop(self._request_topic, [])
+                await self._admit_requests()
                 for group in by_topic.values():
                     for start in range(0, len(group), self._max_batch):
                         if self._stopping.is_set():
@@ -247,6 +269,54 @@ class KafkaInboxConsumer:
     def stop(self) -> None:
         """Stop fetching; `run` then drains in-flight work and returns."""
         self._stopping.set()
+
+    @property
+    def backlog(self) -> int:
+        """Requests fetched and waiting for room (their partitions paused meanwhile)."""
+        return len(self._held)
+
+    async def _admit_requests(self) -> None:
+        """Dispatch held requests while requests hold fewer than their share of the slots
+        and slots are free; never waits. While some are left, the request partitions are
+        paused: the broker keeps the burst, not this process, and the loop goes on
+        fetching payment.initiated, whose handling frees the way.
+        """
+        while self._held and not self._stopping.is_set():
+            # Semaphore._value: the slots free now (typeshed declares it).
+            room = min(self._request_room - self._requests_in_flight, self._slots._value)
+            if room <= 0:
+                break
+            chunk = self._held[: min(room, self._max_batch)]
+            del self._held[: len(chunk)]
+            # Partitions revoked since they were fetched belong to another member now.
+            chunk = [(tp, r) for tp, r in chunk if tp in self.assigned]
+            if not chunk:
+                continue
+            for _ in chunk:
+                await self._slots.acquire()  # free now: no wait
+            if len(chunk) == 1:
+                self._dispatch(*chunk[0])
+            else:
+                self._dispatch_batch(chunk)
+        self._pause_requests(bool(self._held))
+
+    def _pause_requests(self, pause: bool) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        if pause:
+            # Again each time: partitions assigned since are not paused yet.
+            mine = [tp for tp in self.assigned if tp.topic == self._request_topic]
+            if mine:
+                consumer.pause(*mine)
+            if not self._paused:
+                log.info(
+                    "consumer: %d requests waiting for room; pausing requests", len(self._held)
+                )
+            self._paused = True
+        elif self._paused:
+            consumer.resume(*[tp for tp in consumer.paused() if tp.topic == self._request_topic])
+            self._paused = False
 
     async def _slot_or_stop(self) -> bool:
         """Take a slot for one more message; False (no slot taken) once `stop()` is called.
@@ -287,10 +357,13 @@ class KafkaInboxConsumer:
         task = asyncio.create_task(self._handle(record))
         tasks = self._tasks.setdefault(tp, set())
         tasks.add(task)
+        requests = int(tp.topic == self._request_topic)
+        self._requests_in_flight += requests
 
         def done(t: asyncio.Task[None]) -> None:
             tasks.discard(t)
             self._slots.release()
+            self._requests_in_flight -= requests
             # A cancelled or crashed task did not finish its message: its offset must
             # not move (a restart or the next owner redelivers it).
             if not t.cancelled() and t.exception() is None:
@@ -310,6 +383,8 @@ class KafkaInboxConsumer:
         sets = {tp: self._tasks.setdefault(tp, set()) for tp, _ in chunk}
         for tasks in sets.values():
             tasks.add(task)
+        requests = sum(tp.topic == self._request_topic for tp, _ in chunk)
+        self._requests_in_flight += requests
 
         def done(t: asyncio.Task[None]) -> None:
             self._batches.pop(t, None)
@@ -317,6 +392,7 @@ class KafkaInboxConsumer:
                 tasks.discard(t)
             for _ in chunk:
                 self._slots.release()
+            self._requests_in_flight -= requests
             if not t.cancelled() and t.exception() is None:
                 for progress, offset in progresses:
                     progress.finish(offset)
@@ -397,10 +473,7 @@ class KafkaInboxConsumer:
                 alone.append(record)
                 continue
             span = self._span(record)
-            span.set_attribute("messaging.message.id", event.id)
-            span.set_attribute("cloudevents.event_id", event.id)
-            span.set_attribute("cloudevents.event_source", event.source)
-            span.set_attribute("cloudevents.event_type", event.type)
+            _tag_event(span, event)
             decoded.append((record, event, span))
         # The batch handlers take records whose body does not decode out of `decoded` and
         # return them for one by one handling: if the batch fails, they are among these.
@@ -446,7 +519,7 @@ class KafkaInboxConsumer:
                 span.end()
                 alone.append(record)
                 continue
-            span.set_attribute("payment.booking_id", data.booking_id)
+            span.set_attribute("payment.booking_id", untrusted_attribute(data.booking_id))
             cmds.append(
                 RequestPayment(
                     inbound=InboundRef(source=event.source, message_id=event.id),
@@ -498,7 +571,7 @@ class KafkaInboxConsumer:
                 "request %s: %s",
                 event.id[:80],
                 result.value,
-                extra={"booking_id": booking_id, "result": result.value},
+                extra={"booking_id": untrusted_attribute(booking_id), "result": result.value},
             )
 
     def _count_requests(self, result: RequestResult, count: int) -> None:
@@ -582,7 +655,7 @@ class KafkaInboxConsumer:
             # Once per delivery, before decoding: retries do not count again, poison does.
             self._metrics.requests_received.add(1)
         errors = 0
-        delay = 0.1
+        backoff = self._backoff()
         while True:
             try:
                 await self._process(record)
@@ -593,49 +666,56 @@ class KafkaInboxConsumer:
             except asyncio.CancelledError:
                 span.set_attribute("error.type", "cancelled")
                 raise
-            except self._transient as exc:
-                # An outage (database, broker): wait and retry for as long as it lasts.
-                self._metrics.handler_retries.add(1, {"kind": "transient"})
-                span.add_event("retry", {"error.type": type(exc).__name__, "kind": "transient"})
-                log.warning(
-                    "consumer: %s at %s[%d]@%d; retrying in %.1fs",
-                    type(exc).__name__,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    delay,
-                )
             except Exception as exc:  # the outermost loop: log, count, keep going
-                errors += 1
-                self._metrics.handler_retries.add(1, {"kind": "error"})
-                span.add_event("retry", {"error.type": type(exc).__name__, "kind": "error"})
-                log.exception(
-                    "consumer: handler error %d/%d at %s[%d]@%d",
-                    errors,
-                    MAX_HANDLER_ERRORS,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                )
-                if errors >= MAX_HANDLER_ERRORS:
-                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                    await self._park(
-                        record, f"handler error: {type(exc).__name__}", cause="handler_error"
+                delay = backoff.next()
+                if self._is_transient(exc):
+                    # An outage (database, broker): wait and retry for as long as it
+                    # lasts; never a dead letter, however long.
+                    self._metrics.handler_retries.add(1, {"kind": "transient"})
+                    span.add_event("retry", {"error.type": type(exc).__name__, "kind": "transient"})
+                    log.warning(
+                        "consumer: %s at %s[%d]@%d; retrying in %.1fs",
+                        _error_name(exc),
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        delay,
                     )
-                    return
+                else:
+                    errors += 1
+                    self._metrics.handler_retries.add(1, {"kind": "error"})
+                    span.add_event("retry", {"error.type": type(exc).__name__, "kind": "error"})
+                    log.exception(
+                        "consumer: handler error %d/%d at %s[%d]@%d",
+                        errors,
+                        MAX_HANDLER_ERRORS,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                    )
+                    if errors >= MAX_HANDLER_ERRORS:
+                        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                        await self._park(
+                            record, f"handler error: {type(exc).__name__}", cause="handler_error"
+                        )
+                        return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(initial=self._retry_initial_s, maximum=self._retry_max_s)
 
     async def _park(self, record: ConsumerRecord[bytes, bytes], reason: str, *, cause: str) -> None:
-        delay = 0.1
+        backoff = self._backoff()
         while True:
             try:
                 await self._dead_letters.publish(record, reason)
                 break
-            except (KafkaError, *self._transient):
+            except Exception as exc:
+                if not (isinstance(exc, KafkaError) or self._is_transient(exc)):
+                    raise
+                delay = backoff.next()
                 log.warning("consumer: dead-letter publish failed; retrying in %.1fs", delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
         self._metrics.messages_dead_lettered.add(1, {"topic": record.topic, "cause": cause})
         span = trace.get_current_span()
         span.set_attribute("payment.dead_lettered", cause)
@@ -650,11 +730,7 @@ class KafkaInboxConsumer:
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         event = decode_record(record)
-        span = trace.get_current_span()
-        span.set_attribute("messaging.message.id", event.id)
-        span.set_attribute("cloudevents.event_id", event.id)
-        span.set_attribute("cloudevents.event_source", event.source)
-        span.set_attribute("cloudevents.event_type", event.type)
+        _tag_event(trace.get_current_span(), event)
         if record.topic == self._request_topic:
             await self._on_request(record, event)
         elif record.topic == self._initiated_topic:
@@ -680,7 +756,7 @@ class KafkaInboxConsumer:
             trace=TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate),
         )
         span = trace.get_current_span()
-        span.set_attribute("payment.booking_id", data.booking_id)
+        span.set_attribute("payment.booking_id", untrusted_attribute(data.booking_id))
         try:
             result = await request_payment(cmd, self._uow_factory, self._clock, self._settings)
         except PaymentConflict as exc:
@@ -835,6 +911,10 @@ class KafkaInboxConsumer:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         # First, so that the run loop dispatches nothing more from these partitions.
         self.assigned -= revoked
+        # Held requests of these partitions are the next owner's (it re-reads them from
+        # the last commit): dispatched here later, they could move a re-assigned
+        # partition's offset past records not read again yet.
+        self._held = [(tp, r) for tp, r in self._held if tp not in revoked]
         await self._drain(list(revoked))
         await self._commit(list(revoked))
         for tp in revoked:
@@ -881,6 +961,15 @@ async def commit_as_member(
     return True
 
 
+def _tag_event(span: Span, event: InboundEvent) -> None:
+    """The message's CloudEvents attributes on its span: the sender's, so bounded and masked."""
+    event_id = untrusted_attribute(event.id)
+    span.set_attribute("messaging.message.id", event_id)
+    span.set_attribute("cloudevents.event_id", event_id)
+    span.set_attribute("cloudevents.event_source", untrusted_attribute(event.source))
+    span.set_attribute("cloudevents.event_type", untrusted_attribute(event.type))
+
+
 def _trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
     """The trace context outbound rows of this message carry: its CONSUMER span's.
 
@@ -896,6 +985,12 @@ def _trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
                 traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
             )
     return TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate)
+
+
+def _error_name(exc: BaseException) -> str:
+    """The error's type, with its SQLSTATE when it has one (`ReadOnlySqlTransaction/25006`)."""
+    state = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__}/{state}" if isinstance(state, str) else type(exc).__name__
 
 
 def _names(tps: set[TopicPartition]) -> str:

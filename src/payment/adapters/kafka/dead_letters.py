@@ -38,9 +38,9 @@ _DROPPED_PART: Final = {
     MASKED_HEADERS: DLQ_HEADERS_DROPPED,
 }
 # Every text `mask_card_numbers` changes holds such a run (ASCII digits, spaces and
-# dashes, 13 characters at least): one scan of the raw bytes clears nearly every record
-# without decoding or copying it.
-_CARD_CANDIDATE: Final = re.compile(rb"[0-9][0-9 -]{11,}[0-9]")
+# dashes, 13 characters at least) or a JSON escape of a digit, space or dash: one scan of
+# the raw bytes clears nearly every record without decoding or copying it.
+_CARD_CANDIDATE: Final = re.compile(rb"[0-9][0-9 -]{11,}[0-9]|\\u00(?:3[0-9]|20|2[dD])")
 # Too large for the producer's or the broker's limit: the same bytes will never fit.
 _TOO_LARGE: Final = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError)
 # Every header this module adds starts so; a re-parked record sheds the old ones.

@@ -20,12 +20,15 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from payment.adapters.kafka.cloudevents import encode_outbound
+from payment.adapters.kafka.key_backoff import KeyBackoff
 from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.log_budget import UNLIMITED, LogBudget
+from payment.adapters.span_values import untrusted_attribute
 from payment.adapters.telemetry import context_from_trace
 from payment.application import failpoints
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
+from payment.application.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,13 @@ class KafkaOutboxRelay:
     the rows the broker acknowledged. Rows with the same key (one payment) are sent one
     after the other, each only after the previous one was acknowledged; different keys
     are sent concurrently. So a failed send never lets a later event of its payment reach
-    the broker before it: the rest of that key waits for the next pass, which starts again
-    from the oldest unpublished row. A crash between ack and mark re-publishes those rows
-    with the same `ce_id`, which consumers deduplicate.
+    the broker before it: the rest of that key waits. A crash between ack and mark
+    re-publishes those rows with the same `ce_id`, which consumers deduplicate.
+
+    A key whose send failed backs off on its own (`KeyBackoff`: full jitter, up to
+    `max_backoff`): its rows are left out of the passes until it is due again, while the
+    other keys' rows go out as soon as they are committed. One bad row (a topic the broker
+    refuses, a record it cannot take) slows its own payment only, not the whole relay.
 
     That also makes the relay safe, though wasteful, when two instances briefly publish at
     once: each sends a payment's events in order, so the first copy of every event on the
@@ -64,8 +71,8 @@ class KafkaOutboxRelay:
       relay was publishing should make the next call return at once; a spurious return
       costs one query. Default: `asyncio.sleep`, i.e. polling every `poll_interval`.
 
-    Broker errors are logged and retried with backoff; database errors and anything else
-    end the current leadership term, are logged and retried: `run` never raises.
+    Broker errors are logged and retried with backoff per key; database errors and anything
+    else end the current leadership term, are logged and retried: `run` never raises.
 
     Each send is a PRODUCER span continuing the trace stored with the row (the context in
     force when the row was written). The record carries that stored `traceparent` as it
@@ -104,6 +111,7 @@ class KafkaOutboxRelay:
         self._leadership_term = leadership_term
         self._ack_timeout = ack_timeout
         self._max_backoff = max_backoff
+        self._keys = KeyBackoff(initial=min(_FIRST_BACKOFF, max_backoff), maximum=max_backoff)
         self._tracer = tracer or trace.get_tracer(__name__)
         self._budget = log_budget
         self._pass_lock = asyncio.Lock()
@@ -179,20 +187,31 @@ class KafkaOutboxRelay:
         """
         async with self._pass_lock:
             async with self._uow_factory() as uow:
-                rows = await uow.outbox.pending(self._batch_size)
-            if not rows:
-                return 0, 0
+                rows = await uow.outbox.pending(self._batch_size, self._keys.waiting())
             by_key: dict[str, list[OutboxRecord]] = {}
             for row in sorted(rows, key=lambda r: r.position):
                 by_key.setdefault(row.message.key, []).append(row)
+            if len(rows) < self._batch_size:
+                # Every pending row was read: a failing key due now without one has
+                # nothing left to send.
+                self._keys.forget_due(set(by_key))
+            if not rows:
+                return 0, 0
             # Rounds: the first row of every key, then the second of every key whose first
-            # was acknowledged, and so on. A key stops at its first failure.
+            # was acknowledged, and so on. A key stops at its first failure and backs off.
             acked: list[int] = []
             live = list(by_key.values())
             depth = 0
             while live:
                 sent = await self._send_round([chain[depth] for chain in live])
-                acked += [chain[depth].position for chain, ok in zip(live, sent, strict=True) if ok]
+                for chain, ok in zip(live, sent, strict=True):
+                    key = chain[depth].message.key
+                    if ok:
+                        acked.append(chain[depth].position)
+                        if depth == 0:
+                            self._keys.succeeded(key)
+                    else:
+                        self._keys.failed(key)
                 depth += 1
                 live = [
                     chain for chain, ok in zip(live, sent, strict=True) if ok and len(chain) > depth
@@ -242,7 +261,12 @@ class KafkaOutboxRelay:
                 log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
                 sending.append(None)
                 continue
-            key_attribute = "payment.id" if message.subject is not None else "payment.booking_id"
+            # A rejection's key is the sender's booking id, unvalidated: bounded and masked.
+            key_attribute, key_value = (
+                ("payment.id", message.key)
+                if message.subject is not None
+                else ("payment.booking_id", untrusted_attribute(message.key))
+            )
             span = self._tracer.start_span(
                 f"publish {record.topic}",
                 context=context_from_trace(message.trace),
@@ -254,7 +278,7 @@ class KafkaOutboxRelay:
                     "messaging.message.id": str(message.event_id),
                     "cloudevents.event_id": str(message.event_id),
                     "cloudevents.event_type": message.type,
-                    key_attribute: message.key,
+                    key_attribute: key_value,
                     "payment.outbox.position": row.position,
                 },
                 record_exception=False,
@@ -357,17 +381,24 @@ class KafkaOutboxRelay:
         return True
 
     async def _drain(self) -> None:
-        delay = _FIRST_BACKOFF
         while True:
             fetched, failed = await self.publish_pending()
-            if failed:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_backoff)
-            elif not fetched:
+            if not fetched and not self._keys:
                 return
+            if fetched == failed:  # nothing went out: wait for a failing key to come due
+                await asyncio.sleep(self._until_a_key_is_due(self._poll_interval))
+
+    def _until_a_key_is_due(self, longest: float) -> float:
+        """How long to wait when no row went out: until the earliest failing key is due,
+        at most `longest`, and not less than the first back-off (a failing broker must
+        not turn into a pass per key)."""
+        due = self._keys.next_due_in()
+        if due is None:
+            return longest
+        return max(min(_FIRST_BACKOFF, self._max_backoff), min(due, longest))
 
     async def _run_body(self) -> None:
-        delay = _FIRST_BACKOFF
+        backoff = Backoff(initial=min(_FIRST_BACKOFF, self._max_backoff), maximum=self._max_backoff)
         renewing = False
         while not self._stopping:
             try:
@@ -381,32 +412,35 @@ class KafkaOutboxRelay:
                         await self._serve()
                     finally:
                         self._leading = False
-                delay = _FIRST_BACKOFF
+                backoff.reset()
                 renewing = True
             except Exception:  # the relay's outermost loop: log, count, keep going
                 self.errors += 1
                 renewing = False
+                delay = backoff.next()
                 log.exception("outbox relay: error; retrying in %.1fs", delay)
                 await self._interruptibly(asyncio.sleep(delay))
-                delay = min(delay * 2, self._max_backoff)
 
     async def _serve(self) -> None:
         """Publish while leading: until stopped, or the leadership term ends."""
         term_ends = time.monotonic() + self._leadership_term
-        delay = _FIRST_BACKOFF
         while not self._stopping:
             fetched, failed = await self.publish_pending()
-            if failed:
-                await self._interruptibly(asyncio.sleep(delay))
-                delay = min(delay * 2, self._max_backoff)
+            if failed and fetched == failed:
+                # Nothing went out: new rows, or the first failing key coming due.
+                await self._interruptibly(
+                    self._wait_for_work(self._until_a_key_is_due(self._poll_interval))
+                )
             else:
-                delay = _FIRST_BACKOFF
                 # A short pass read everything committed before it: with notifications, a
                 # row committed since has announced itself (the wait returns at once), so
                 # asking again now would mostly find nothing. Polling must ask again.
                 notified = self._wait_for_work is not _sleep
                 if not fetched or (notified and fetched < self._batch_size):
-                    await self._interruptibly(self._wait_for_work(self._poll_interval))
+                    timeout = self._poll_interval
+                    if self._keys:
+                        timeout = self._until_a_key_is_due(timeout)
+                    await self._interruptibly(self._wait_for_work(timeout))
             # Checked under load too, so a lost lock is noticed within a term regardless.
             if self._leadership is not None and time.monotonic() >= term_ends:
                 return

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Final, cast
@@ -110,6 +110,15 @@ ORDER BY position
 LIMIT %s
 """
 
+_PENDING_SKIPPING = """
+SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate,
+       schema_version
+FROM payment_outbox
+WHERE published_at IS NULL AND key <> ALL(%s::text[])
+ORDER BY position
+LIMIT %s
+"""
+
 _MARK_PUBLISHED = """
 UPDATE payment_outbox SET published_at = %s
 WHERE position = ANY(%s::bigint[]) AND published_at IS NULL
@@ -149,8 +158,11 @@ class PostgresOutbox:
             )
         self._tx.defer(_add_sql(len(messages)), params)
 
-    async def pending(self, limit: int) -> list[OutboxRecord]:
-        cur = await self._tx.read(_PENDING, (limit,))
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+        if skip_keys:
+            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit))
+        else:
+            cur = await self._tx.read(_PENDING, (limit,))
         return [
             OutboxRecord(
                 position=position,
@@ -231,12 +243,20 @@ async def wait_for_outbox(conn: Connection, seconds: float) -> bool:
     Consumes every notification already received, so a burst of commits wakes the caller
     once. Raises psycopg.OperationalError if the connection is lost.
     """
-    woken = False
+    woken = await _one_notification(conn, seconds)
+    # psycopg hands over one queued notification per call: take the rest without waiting,
+    # or each commit of a burst would wake the relay for a pass of its own.
+    while woken and await _one_notification(conn, 0.0):
+        pass
+    return woken
+
+
+async def _one_notification(conn: Connection, seconds: float) -> bool:
     # aclosing: leaving the generator suspended would keep the connection's lock held.
     async with aclosing(conn.notifies(timeout=seconds, stop_after=1)) as notifications:
         async for _ in notifications:
-            woken = True
-    return woken
+            return True
+    return False
 
 
 async def try_acquire_relay_lock(conn: Connection) -> bool:

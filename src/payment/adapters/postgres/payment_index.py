@@ -84,6 +84,21 @@ ORDER BY updated_at, payment_id
 LIMIT %s
 """
 
+# SKIP LOCKED: rows another claimer holds are passed over, not waited for; the lease
+# (updated_at) keeps them out of the next claims once this commits.
+_CLAIM_STALE = """
+WITH picked AS (
+    SELECT payment_id, updated_at AS since FROM payment_payments
+    WHERE status = 'INITIATED' AND updated_at < %s
+    ORDER BY updated_at, payment_id
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE payment_payments AS p SET updated_at = %s
+FROM picked WHERE p.payment_id = picked.payment_id
+RETURNING p.payment_id, picked.since
+"""
+
 
 class PostgresPaymentIndex:
     """The PaymentIndex port on PostgreSQL; the booking's uniqueness is a table constraint."""
@@ -126,6 +141,12 @@ class PostgresPaymentIndex:
     async def in_flight_since(self, before: datetime, limit: int) -> list[uuid.UUID]:
         cur = await self._tx.read(_IN_FLIGHT, (before, limit))
         return [_uuid(payment_id) for (payment_id,) in await cur.fetchall()]
+
+    async def claim_stale(self, before: datetime, limit: int, at: datetime) -> list[uuid.UUID]:
+        cur = await self._tx.write(_CLAIM_STALE, (before, limit, at))
+        # RETURNING keeps no order: sort by the last change they had before the claim.
+        rows = sorted((since, str(pid), pid) for pid, since in await cur.fetchall())
+        return [_uuid(pid) for _, _, pid in rows]
 
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         self._tx.defer(_REQUEUE, (at, payment_id))

@@ -7,6 +7,7 @@ from typing import Self
 
 import psycopg
 
+from payment.adapters.postgres.errors import discards_connection
 from payment.adapters.postgres.event_store import PostgresEventStore
 from payment.adapters.postgres.inbox import PostgresInbox
 from payment.adapters.postgres.outbox import PostgresOutbox
@@ -55,6 +56,11 @@ class PostgresUnitOfWork:
         if conn is None:
             return
         try:
+            if exc is not None and discards_connection(exc):
+                # A read-only or departing server: a retry must reach a fresh session
+                # (after a failover, the new primary), not this one again.
+                await conn.close()
+                return
             await finish(conn)
         except psycopg.Error:
             # The server discards an unfinished transaction with its session, and the pool

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
@@ -23,7 +24,9 @@ from payment.domain.processor import (
     ChargeOutcome,
     ChargeRequest,
     Declined,
+    GatewayErrorReplayed,
     OutcomeUnknown,
+    ProcessorRateLimited,
     ProcessorUnavailable,
     RefundOutcome,
     RefundRequest,
@@ -46,6 +49,10 @@ API_BASE_VARIABLE: Final = "PAYMENT_STRIPE_API_BASE"
 # key makes a new PaymentIntent. Payments older than this (an hour's margin for the calls
 # in progress) are looked up before they are charged (ExecutionPolicy.key_lifetime_s).
 IDEMPOTENCY_KEY_LIFETIME_S: Final = 23 * 3600.0
+
+# Stripe's search is eventually consistent: a PaymentIntent usually appears in it within a
+# minute. A miss on a younger payment is not "no charge" (ExecutionPolicy.lookup_settle_s).
+SEARCH_LAG_S: Final = 60.0
 
 # -- amounts ---------------------------------------------------------------------------
 
@@ -258,6 +265,7 @@ class StripeProcessor:
         name: ProcessorKind = "stripe",
         timeout_s: float = 8.0,
         connect_timeout_s: float = 3.0,
+        max_connections: int = 100,
         dialect: Dialect | Literal["auto"] = "auto",
         lookup_before_charge: bool | None = None,
     ) -> None:
@@ -283,6 +291,14 @@ class StripeProcessor:
         # this adapter times out first and can tell "never connected" from "no answer".
         self._http = stripe.HTTPXClient(
             timeout=httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
+        )
+        # The pool matches the calls allowed in flight (LimitedProcessor): the SDK takes
+        # no pool limits, so its async client is replaced before it ever connects.
+        self._http._client_async = httpx.AsyncClient(
+            verify=ssl.create_default_context(cafile=stripe.ca_bundle_path),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
         self._client = stripe.StripeClient(
             api_key,
@@ -460,12 +476,17 @@ class StripeProcessor:
             raise ProcessorUnavailable(f"stripe: credentials rejected ({where})") from None
         if isinstance(exc, stripe.RateLimitError):
             # Stripe rejects rate-limited and lock-contended requests before executing them.
-            raise ProcessorUnavailable(f"stripe: rate limited ({where})") from None
+            raise _rate_limited(exc) from None
         if isinstance(exc, stripe.APIConnectionError):
             if isinstance(exc.__cause__, _NOT_SENT):
                 raise ProcessorUnavailable(f"stripe: could not connect ({where})") from None
             raise OutcomeUnknown(
                 f"stripe: connection lost after sending the request ({where})"
+            ) from None
+        if _replayed(exc) and (exc.http_status or 0) >= 500:
+            # Stripe stores a key's first answer, a 500 included, and replays it for 24 h.
+            raise GatewayErrorReplayed(
+                f"stripe: replays the stored error of this idempotency key ({where})"
             ) from None
         # 409 (a request with the same key in flight), 5xx, unreadable bodies: the request
         # reached Stripe or something in front of it, and may have been executed.
@@ -478,6 +499,8 @@ class StripeProcessor:
             if dialect == "stripe":
                 return await self._search(request.payment_id)
             return await self._scan(request.payment_id)
+        except stripe.RateLimitError as exc:
+            raise _rate_limited(exc) from None
         except stripe.StripeError as exc:
             raise ProcessorUnavailable(f"stripe: lookup failed ({_describe(exc)})") from None
 
@@ -535,6 +558,28 @@ class StripeProcessor:
         if any(o is None for o in outcomes):
             return None
         return outcomes[0]
+
+
+def _replayed(exc: stripe.StripeError) -> bool:
+    headers = exc.headers or {}
+    return any(k.lower() == "idempotent-replayed" and v == "true" for k, v in headers.items())
+
+
+def _rate_limited(exc: stripe.RateLimitError) -> ProcessorRateLimited:
+    return ProcessorRateLimited(
+        f"stripe: rate limited ({_describe(exc)})", retry_after_s=_retry_after(exc)
+    )
+
+
+def _retry_after(exc: stripe.StripeError) -> float | None:
+    """The `Retry-After` of an answer, in seconds (delta-seconds form only)."""
+    headers = exc.headers or {}
+    raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    try:
+        seconds = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
 
 
 def _matching(
@@ -608,6 +653,8 @@ def _describe(exc: stripe.StripeError) -> str:
 __all__: Sequence[str] = [
     "API_BASE_VARIABLE",
     "API_KEY_VARIABLE",
+    "IDEMPOTENCY_KEY_LIFETIME_S",
+    "SEARCH_LAG_S",
     "STRIPE_THREE_DECIMAL",
     "STRIPE_TWO_DECIMAL_WHOLE_UNITS",
     "STRIPE_ZERO_DECIMAL",

@@ -1,0 +1,243 @@
+"""The gateway's limits: a bulkhead, an adaptive (AIMD) rate with Retry-After, the call timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from payment.adapters.processors.limits import AdaptiveRate, GatewayLimits, LimitedProcessor
+from payment.domain.money import Money
+from payment.domain.processor import (
+    Approved,
+    ChargeOutcome,
+    ChargeRequest,
+    ProcessorRateLimited,
+)
+
+
+class FakeTime:
+    """A monotonic clock that only moves when a caller sleeps (one caller at a time)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.slept.append(delay)
+        self.now += delay
+
+
+def _request() -> ChargeRequest:
+    return ChargeRequest(
+        payment_id=uuid.uuid4(),
+        booking_id="b-1",
+        money=Money(amount=100, currency="EUR"),
+        payment_method="pm_card_visa",
+        idempotency_key=uuid.uuid4(),
+    )
+
+
+class ScriptedGateway:
+    """Answers from a script (an exception is raised), then approves; notes when it was called."""
+
+    name = "scripted"
+
+    def __init__(self, time: FakeTime | None = None, script: list[Exception] | None = None) -> None:
+        self.time = time
+        self.script = list(script or [])
+        self.called_at: list[float] = []
+
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        self.called_at.append(self.time() if self.time else 0.0)
+        if self.script:
+            raise self.script.pop(0)
+        return Approved(provider_reference="pi_1")
+
+    async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
+        return await self.charge(request)
+
+
+class GatedGateway:
+    """Holds every call until released; counts calls in flight and their high-water mark."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.in_flight = 0
+        self.high_water = 0
+        self.calls = 0
+
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        self.calls += 1
+        self.in_flight += 1
+        self.high_water = max(self.high_water, self.in_flight)
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        return Approved(provider_reference="pi_1")
+
+    async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
+        return await self.charge(request)
+
+
+# -- the rate --------------------------------------------------------------------------
+
+
+def test_calls_are_spaced_one_over_the_rate_apart() -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(10.0, clock=time)
+
+    assert [round(rate.reserve(), 6) for _ in range(4)] == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_a_throttle_pauses_until_retry_after_halves_the_rate_and_recovers_linearly() -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(20.0, clock=time, recovery_s=10.0)
+
+    rate.throttled(3.0)
+
+    assert rate.paused_for() == 3.0
+    assert rate.reserve() == 3.0  # nothing goes before Retry-After has passed
+    assert rate.rate() == 10.0
+    time.now = 5.0  # grows back by max_rate / recovery_s = 2 calls/s each second
+    assert rate.rate() == 20.0
+    time.now = 2.5
+    assert rate.rate() == 15.0
+
+
+def test_throttles_answering_calls_sent_before_the_decrease_count_once() -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(20.0, clock=time)
+
+    for _ in range(5):  # five calls in flight all answered 429 at once
+        rate.throttled(None)
+
+    assert rate.rate() == 10.0
+    assert rate.paused_for() == 1.0  # no Retry-After: a default pause
+
+
+def test_the_rate_never_falls_below_its_floor() -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(10.0, clock=time, min_rate=2.0)
+
+    for _ in range(20):
+        rate.throttled(0.0)
+        time.now += 1.0
+
+    assert rate.rate() >= 2.0
+
+
+# -- the decorator ---------------------------------------------------------------------
+
+
+async def test_sequential_calls_never_exceed_the_rate_in_any_second() -> None:
+    time = FakeTime()
+    gateway = ScriptedGateway(time)
+    limited = LimitedProcessor(
+        gateway, GatewayLimits(max_concurrency=4, max_rate=10.0), call_timeout_s=None,
+        clock=time, sleep=time.sleep,
+    )  # fmt: skip
+
+    for _ in range(50):
+        assert await limited.charge(_request()) == Approved(provider_reference="pi_1")
+
+    calls = gateway.called_at
+    # Half-open one-second windows (less a rounding hair: 10 steps of 0.1 make 0.999…).
+    worst = max(sum(1 for t in calls if start <= t < start + 1.0 - 1e-9) for start in calls)
+    assert worst <= 10
+    assert calls[-1] == pytest.approx(4.9)
+
+
+async def test_calls_in_flight_never_exceed_the_bulkhead_and_the_rest_wait() -> None:
+    gateway = GatedGateway()
+    limited = LimitedProcessor(
+        gateway, GatewayLimits(max_concurrency=3, max_rate=1e9), call_timeout_s=None
+    )
+
+    calls = [asyncio.create_task(limited.charge(_request())) for _ in range(20)]
+    for _ in range(50):  # let everything that can run, run
+        await asyncio.sleep(0)
+    assert (gateway.in_flight, gateway.calls, limited.waiting) == (3, 3, 17)
+
+    gateway.release.set()
+    results = await asyncio.gather(*calls)
+
+    assert len(results) == 20
+    assert gateway.high_water == 3
+    assert limited.in_flight == 0
+
+
+async def test_waiting_for_a_slot_does_not_count_against_the_call_timeout() -> None:
+    gateway = GatedGateway()
+    limited = LimitedProcessor(
+        gateway, GatewayLimits(max_concurrency=1, max_rate=1e9), call_timeout_s=0.2
+    )
+    first = asyncio.create_task(limited.charge(_request()))
+    second = asyncio.create_task(limited.charge(_request()))
+
+    # The first call holds the only slot past the timeout, and times out itself.
+    with pytest.raises(TimeoutError):
+        await first
+    # The second waited that long for the slot; its own call gets a full timeout.
+    gateway.release.set()
+    assert await second == Approved(provider_reference="pi_1")
+
+
+async def test_a_429_is_sent_again_after_retry_after_and_slows_every_caller_down() -> None:
+    time = FakeTime()
+    gateway = ScriptedGateway(
+        time,
+        [
+            ProcessorRateLimited("429", retry_after_s=2.0),
+            ProcessorRateLimited("429", retry_after_s=2.0),
+        ],
+    )
+    limited = LimitedProcessor(
+        gateway, GatewayLimits(max_concurrency=4, max_rate=20.0), call_timeout_s=None,
+        clock=time, sleep=time.sleep,
+    )  # fmt: skip
+
+    assert await limited.charge(_request()) == Approved(provider_reference="pi_1")
+
+    assert limited.throttles == 2
+    assert gateway.called_at[1] - gateway.called_at[0] >= 2.0
+    assert gateway.called_at[2] - gateway.called_at[1] >= 2.0
+    assert limited.rate.rate() < 20.0  # still recovering from two halvings
+
+
+async def test_a_gateway_that_keeps_refusing_surfaces_the_rate_limit_after_the_retries() -> None:
+    time = FakeTime()
+    gateway = ScriptedGateway(time, [ProcessorRateLimited("429") for _ in range(10)])
+    limited = LimitedProcessor(
+        gateway, GatewayLimits(max_concurrency=4, max_rate=20.0), call_timeout_s=None,
+        throttle_retries=3, clock=time, sleep=time.sleep,
+    )  # fmt: skip
+
+    with pytest.raises(ProcessorRateLimited):
+        await limited.lookup(_request())
+
+    assert len(gateway.called_at) == 4
+
+
+@pytest.mark.parametrize(("header", "expected"), [("3", 3.0), ("0.5", 0.5), ("soon", None)])
+def test_stripe_429_is_a_rate_limit_carrying_retry_after(
+    header: str, expected: float | None
+) -> None:
+    import stripe
+
+    from payment.adapters.processors.stripe import StripeProcessor
+
+    processor = StripeProcessor("sk_test_x", name="sandbox", api_base="http://127.0.0.1:9")
+    error = stripe.RateLimitError("slow down", http_status=429, headers={"Retry-After": header})
+
+    with pytest.raises(ProcessorRateLimited) as raised:
+        processor._outcome_of_error(_request(), error)
+
+    assert raised.value.retry_after_s == expected
