@@ -26,6 +26,13 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.kafka.security import (
+    KafkaSecurity,
+    KafkaSecurityRejected,
+    KafkaUnreachable,
+    check_connection,
+    client_security,
+)
 from payment.adapters.kafka.topics import Topics, ensure_topics
 from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
@@ -53,6 +60,7 @@ from payment.settings import (
     DRAIN_TIMEOUT_S,
     REVOKE_COMMIT_TIMEOUT_S,
     ConfigError,
+    DependencyUnavailable,
     Settings,
 )
 
@@ -133,10 +141,24 @@ class Container(containers.DeclarativeContainer):
         ),
     )
 
+    # How every Kafka client connects (TLS, SASL): the producer, consumers, admin, tools.
+    kafka_security = providers.Singleton(
+        KafkaSecurity,
+        protocol=config.kafka_security_protocol,
+        sasl_mechanism=config.kafka_sasl_mechanism,
+        sasl_username=config.kafka_sasl_username,
+        sasl_password=config.kafka_sasl_password,
+        ssl_cafile=config.kafka_ssl_cafile,
+        ssl_certfile=config.kafka_ssl_certfile,
+        ssl_keyfile=config.kafka_ssl_keyfile,
+        ssl_check_hostname=config.kafka_ssl_check_hostname,
+    )
+
     producer = providers.Resource(
         producer_resource,
         config.kafka_bootstrap_servers,
         enable_idempotence=config.kafka_enable_idempotence,
+        security=kafka_security,
     )
 
     topics = providers.Singleton(
@@ -244,11 +266,16 @@ class Service:
     async def run(self) -> None:
         s = self.settings
         c = self.container
+        security: KafkaSecurity = c.kafka_security()
+        await check_kafka(str(s.kafka_bootstrap_servers), security)
         log.info("run: applying migrations")
         await migrate(str(s.database_url))
         topics: Topics = c.topics()
         created = await ensure_topics(
-            str(s.kafka_bootstrap_servers), topics.names, partitions=s.kafka_topic_partitions
+            str(s.kafka_bootstrap_servers),
+            topics.names,
+            partitions=s.kafka_topic_partitions,
+            security=security,
         )
         log.info("run: topics ready%s", f" (created {', '.join(created)})" if created else "")
         async with AsyncExitStack() as stack:
@@ -311,6 +338,7 @@ class Service:
                     rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                     max_poll_records=500,
+                    **client_security(security),
                 )
                 consumer.subscribe([topics.request, topics.initiated], listener=listener)
                 await consumer.start()
@@ -505,6 +533,17 @@ class Service:
             relay.stop()
             await relay_task
             log.info("run: stopped cleanly")
+
+
+async def check_kafka(bootstrap_servers: str, security: KafkaSecurity) -> None:
+    """Fail fast, naming the setting, when the broker refuses our TLS or SASL settings or
+    no broker answers; aiokafka itself would only say "unable to bootstrap"."""
+    try:
+        await check_connection(bootstrap_servers, security)
+    except KafkaSecurityRejected as exc:
+        raise ConfigError(str(exc)) from None
+    except KafkaUnreachable as exc:
+        raise DependencyUnavailable(f"PAYMENT_KAFKA_BOOTSTRAP_SERVERS: {exc}") from None
 
 
 def _days(days: float) -> timedelta | None:

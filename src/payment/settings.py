@@ -32,6 +32,11 @@ class ConfigError(Exception):
     """A bad setting; the message is one line naming the variable, never echoing a secret."""
 
 
+class DependencyUnavailable(Exception):
+    """A dependency (the database, the broker) did not answer at start-up; one line, naming
+    the setting that points at it."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Every setting of the service, validated; defaults are the contract's."""
 
