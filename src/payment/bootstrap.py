@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
@@ -38,6 +38,12 @@ from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
+from payment.adapters.postgres.connection_check import (
+    DatabaseRejected,
+    DatabaseUnreachable,
+    check_database,
+    unencrypted_remote_hosts,
+)
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
@@ -268,6 +274,7 @@ class Service:
         c = self.container
         security: KafkaSecurity = c.kafka_security()
         await check_kafka(str(s.kafka_bootstrap_servers), security)
+        await check_postgres(str(s.database_url))
         log.info("run: applying migrations")
         await migrate(str(s.database_url))
         topics: Topics = c.topics()
@@ -544,6 +551,27 @@ async def check_kafka(bootstrap_servers: str, security: KafkaSecurity) -> None:
         raise ConfigError(str(exc)) from None
     except KafkaUnreachable as exc:
         raise DependencyUnavailable(f"PAYMENT_KAFKA_BOOTSTRAP_SERVERS: {exc}") from None
+
+
+async def check_postgres(
+    url: str, check: Callable[[str], Awaitable[None]] = check_database
+) -> None:
+    """Warn when a remote database is reached without TLS; fail fast, naming the setting,
+    when the server refuses the connection (exit 2) or does not answer (exit 3)."""
+    hosts, mode = unencrypted_remote_hosts(url)
+    if hosts:
+        log.warning(
+            "PAYMENT_DATABASE_URL: database host %s is reached without TLS (sslmode=%s);"
+            ' use sslmode=verify-full with sslrootcert (README, "Secure connections")',
+            ", ".join(hosts),
+            mode,
+        )
+    try:
+        await check(url)
+    except DatabaseRejected as exc:
+        raise ConfigError(f"PAYMENT_DATABASE_URL: {exc}") from None
+    except DatabaseUnreachable as exc:
+        raise DependencyUnavailable(f"PAYMENT_DATABASE_URL: {exc}") from None
 
 
 def _days(days: float) -> timedelta | None:
