@@ -90,7 +90,7 @@ async def test_a_payment_completes_over_sasl_ssl(
         ready = await http.get("/health/ready")
         metrics = await http.get("/metrics")
     assert ready.status_code == 200, ready.text
-    assert '"broker":"ok"' in ready.text.replace(" ", "")
+    assert "broker: ok" in ready.text
     # DEBUG logs, readiness and metrics: the password is nowhere.
     for text in (service.log_text(), ready.text, metrics.text):
         assert not _leaks(text, kafka)
