@@ -164,8 +164,11 @@ def _require_database(settings: Settings) -> str:
 
 async def _migrate(settings: Settings) -> int:
     from payment.adapters.postgres.migrations import migrate
+    from payment.bootstrap import check_postgres
 
-    applied = await migrate(_require_database(settings))
+    url = _require_database(settings)
+    await check_postgres(url)  # a refused or unanswered connection: one line, exit 2 or 3
+    applied = await migrate(url)
     if applied:
         print(f"migrate: applied {', '.join(f'{v:04d}' for v in applied)}")
     else:
@@ -207,8 +210,10 @@ def _run(settings: Settings) -> int:
 
 async def _show(settings: Settings, payment_id: str | None, booking: str | None) -> int:
     from payment.adapters.postgres.queries import render_payment
+    from payment.bootstrap import check_postgres
 
     url = _require_database(settings)
+    await check_postgres(url)
     pid: uuid.UUID | None = None
     if payment_id is not None:
         try:

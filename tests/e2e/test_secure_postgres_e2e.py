@@ -50,6 +50,8 @@ async def tls_stack(
         log_dir=e2e_log_dir,
         topic_prefix="e2e-pgtls",
         PAYMENT_LOG_LEVEL="DEBUG",
+        # Spans printed into the log too: the scan for the password covers them.
+        OTEL_TRACES_EXPORTER="console",
         PAYMENT_DATABASE_URL="",
         PAYMENT_DATABASE_URL_FILE=str(url_file),
     ) as opened:
@@ -76,7 +78,10 @@ async def test_a_payment_completes_with_the_database_over_verified_tls(
     shown = run_cli("show", "--booking", "pgtls-ok-1", env=service.env)
     assert shown.returncode == 0, shown.stderr
     assert "PaymentCompleted" in shown.stdout or "completed" in shown.stdout.lower()
+    # Stopped, so that the last batch of spans is exported into the log too.
+    assert await service.terminate() == 0
     log = service.log_text()
+    assert '"parent_id"' in log  # spans were printed (console exporter JSON)
     assert "without TLS" not in log  # loopback and verify-full: no warning
     for text in (log, shown.stdout, shown.stderr):
         assert postgres.password not in text
