@@ -141,7 +141,7 @@ def _coerce(field: str, raw: Any, annotation: Any) -> Any:
     """Convert a string (env) or TOML value to the field's type, or fail naming the variable."""
     name = _env_name(field)
     try:
-        if isinstance(raw, str) and field in ("stripe_api_key", "kafka_sasl_password") and raw:
+        if isinstance(raw, str) and field == "kafka_sasl_password" and raw:
             # A password may begin or end with a space: only a file's newline is dropped.
             return raw
         if isinstance(raw, str):
