@@ -137,6 +137,7 @@ async def test_nothing_the_service_wrote_holds_the_password(
         ("unknown CA", "PAYMENT_KAFKA_SSL_CAFILE"),
         ("wrong hostname", "PAYMENT_KAFKA_BOOTSTRAP_SERVERS"),
         ("unknown user", "PAYMENT_KAFKA_SASL_PASSWORD"),
+        ("mechanism not offered", "PAYMENT_KAFKA_SASL_MECHANISM"),
     ],
 )
 def test_bad_kafka_security_stops_start_up_naming_the_setting(
@@ -148,6 +149,7 @@ def test_bad_kafka_security_stops_start_up_naming_the_setting(
         "unknown CA": {"PAYMENT_KAFKA_SSL_CAFILE": str(kafka.certificates.other_ca)},
         "wrong hostname": {"PAYMENT_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_by_ip},
         "unknown user": {"PAYMENT_KAFKA_SASL_USERNAME": "nobody"},
+        "mechanism not offered": {"PAYMENT_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"},
     }[case]
     env = service_env(
         database_url=module_database_url,

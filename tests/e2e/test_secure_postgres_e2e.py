@@ -127,3 +127,22 @@ def test_bad_database_security_stops_start_up_naming_the_setting(
     assert postgres.password not in output and wrong_password not in output
     assert elapsed < 15, f"{case}: took {elapsed:.1f} s"
     print(f"{case}: exit 2 after {elapsed:.2f} s: {lines[0]}")
+
+
+def test_no_database_answering_is_a_dependency_failure(
+    kafka_bootstrap: str, postgres: TlsPostgres
+) -> None:
+    from support.net import free_port
+
+    url = postgres.url().replace(f":{postgres.port}/", f":{free_port()}/")
+    env = service_env(
+        database_url=url, bootstrap=kafka_bootstrap, topics=ServiceTopics.unique("e2e-pgbad")
+    )
+    done = run_cli("run", env=env, timeout_s=60)
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "payment-service: dependency unavailable: PAYMENT_DATABASE_URL:"
+        " no answer (OperationalError)"
+    ]
+    assert postgres.password not in done.stdout + done.stderr
