@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
@@ -26,11 +26,24 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.kafka.security import (
+    KafkaSecurity,
+    KafkaSecurityRejected,
+    KafkaUnreachable,
+    check_connection,
+    client_security,
+)
 from payment.adapters.kafka.topics import Topics, ensure_topics
 from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics
+from payment.adapters.postgres.connection_check import (
+    DatabaseRejected,
+    DatabaseUnreachable,
+    check_database,
+    unencrypted_remote_hosts,
+)
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
@@ -55,6 +68,7 @@ from payment.settings import (
     DRAIN_TIMEOUT_S,
     REVOKE_COMMIT_TIMEOUT_S,
     ConfigError,
+    DependencyUnavailable,
     Settings,
 )
 
@@ -135,10 +149,24 @@ class Container(containers.DeclarativeContainer):
         ),
     )
 
+    # How every Kafka client connects (TLS, SASL): the producer, consumers, admin, tools.
+    kafka_security = providers.Singleton(
+        KafkaSecurity,
+        protocol=config.kafka_security_protocol,
+        sasl_mechanism=config.kafka_sasl_mechanism,
+        sasl_username=config.kafka_sasl_username,
+        sasl_password=config.kafka_sasl_password,
+        ssl_cafile=config.kafka_ssl_cafile,
+        ssl_certfile=config.kafka_ssl_certfile,
+        ssl_keyfile=config.kafka_ssl_keyfile,
+        ssl_check_hostname=config.kafka_ssl_check_hostname,
+    )
+
     producer = providers.Resource(
         producer_resource,
         config.kafka_bootstrap_servers,
         enable_idempotence=config.kafka_enable_idempotence,
+        security=kafka_security,
     )
 
     topics = providers.Singleton(
@@ -249,11 +277,17 @@ class Service:
     async def run(self) -> None:
         s = self.settings
         c = self.container
+        security: KafkaSecurity = c.kafka_security()
+        await check_kafka(str(s.kafka_bootstrap_servers), security)
+        await check_postgres(str(s.database_url))
         log.info("run: applying migrations")
         await migrate(str(s.database_url))
         topics: Topics = c.topics()
         created = await ensure_topics(
-            str(s.kafka_bootstrap_servers), topics.names, partitions=s.kafka_topic_partitions
+            str(s.kafka_bootstrap_servers),
+            topics.names,
+            partitions=s.kafka_topic_partitions,
+            security=security,
         )
         log.info("run: topics ready%s", f" (created {', '.join(created)})" if created else "")
         async with AsyncExitStack() as stack:
@@ -316,6 +350,7 @@ class Service:
                     rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                     max_poll_records=500,
+                    **client_security(security),
                 )
                 consumer.subscribe(
                     [topics.request, topics.initiated, topics.refund], listener=listener
@@ -534,6 +569,38 @@ class Service:
             relay.stop()
             await relay_task
             log.info("run: stopped cleanly")
+
+
+async def check_kafka(bootstrap_servers: str, security: KafkaSecurity) -> None:
+    """Fail fast, naming the setting, when the broker refuses our TLS or SASL settings or
+    no broker answers; aiokafka itself would only say "unable to bootstrap"."""
+    try:
+        await check_connection(bootstrap_servers, security)
+    except KafkaSecurityRejected as exc:
+        raise ConfigError(str(exc)) from None
+    except KafkaUnreachable as exc:
+        raise DependencyUnavailable(f"PAYMENT_KAFKA_BOOTSTRAP_SERVERS: {exc}") from None
+
+
+async def check_postgres(
+    url: str, check: Callable[[str], Awaitable[None]] = check_database
+) -> None:
+    """Warn when a remote database is reached without TLS; fail fast, naming the setting,
+    when the server refuses the connection (exit 2) or does not answer (exit 3)."""
+    hosts, mode = unencrypted_remote_hosts(url)
+    if hosts:
+        log.warning(
+            "PAYMENT_DATABASE_URL: database host %s is reached without TLS (sslmode=%s);"
+            ' use sslmode=verify-full with sslrootcert (README, "Secure connections")',
+            ", ".join(hosts),
+            mode,
+        )
+    try:
+        await check(url)
+    except DatabaseRejected as exc:
+        raise ConfigError(f"PAYMENT_DATABASE_URL: {exc}") from None
+    except DatabaseUnreachable as exc:
+        raise DependencyUnavailable(f"PAYMENT_DATABASE_URL: {exc}") from None
 
 
 def _days(days: float) -> timedelta | None:

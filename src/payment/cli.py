@@ -11,10 +11,11 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from payment.settings import ConfigError, Settings, load_settings
+from payment.settings import ConfigError, DependencyUnavailable, Settings, load_settings
 
 if TYPE_CHECKING:
     from payment.adapters.kafka.redrive import DeadLetter
+    from payment.adapters.kafka.security import KafkaSecurity
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"payment-service: configuration error: {exc}", file=sys.stderr)
         return 2
+    except DependencyUnavailable as exc:
+        print(f"payment-service: dependency unavailable: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     return 2
@@ -141,8 +145,18 @@ async def _demo(settings: Settings, count: int, timeout_s: float) -> int:
         topics=topics,
         enable_idempotence=settings.kafka_enable_idempotence,
         timeout_s=timeout_s,
+        security=await _checked_kafka_security(settings),
     )
     return 0 if report.ok else 1
+
+
+async def _checked_kafka_security(settings: Settings) -> KafkaSecurity:
+    """The Kafka clients' security settings, once a broker accepted them (else one line)."""
+    from payment.bootstrap import check_kafka, make_container
+
+    security: KafkaSecurity = make_container(settings).kafka_security()
+    await check_kafka(str(settings.kafka_bootstrap_servers), security)
+    return security
 
 
 def _require_database(settings: Settings) -> str:
@@ -153,8 +167,11 @@ def _require_database(settings: Settings) -> str:
 
 async def _migrate(settings: Settings) -> int:
     from payment.adapters.postgres.migrations import migrate
+    from payment.bootstrap import check_postgres
 
-    applied = await migrate(_require_database(settings))
+    url = _require_database(settings)
+    await check_postgres(url)  # a refused or unanswered connection: one line, exit 2 or 3
+    applied = await migrate(url)
     if applied:
         print(f"migrate: applied {', '.join(f'{v:04d}' for v in applied)}")
     else:
@@ -196,8 +213,10 @@ def _run(settings: Settings) -> int:
 
 async def _show(settings: Settings, payment_id: str | None, booking: str | None) -> int:
     from payment.adapters.postgres.queries import render_payment
+    from payment.bootstrap import check_postgres
 
     url = _require_database(settings)
+    await check_postgres(url)
     pid: uuid.UUID | None = None
     if payment_id is not None:
         try:
@@ -233,12 +252,15 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             )
             return 2
         url = _require_database(settings)
+    security = await _checked_kafka_security(settings)
     letters = await read_dead_letters(
-        settings.kafka_bootstrap_servers, topic, timeout_s=args.timeout
+        settings.kafka_bootstrap_servers, topic, timeout_s=args.timeout, security=security
     )
     if args.action == "list":
         return await _list_dead_letters(settings, letters, args.show_payload, args.json)
-    return await _redrive(settings, url, letters, None if args.all else refs, args.dry_run)
+    return await _redrive(
+        settings, url, letters, None if args.all else refs, args.dry_run, security
+    )
 
 
 async def _list_dead_letters(
@@ -295,6 +317,7 @@ async def _redrive(
     letters: Sequence[DeadLetter],
     refs: list[str] | None,
     dry_run: bool,
+    security: KafkaSecurity | None = None,
 ) -> int:
     from payment.adapters.kafka.producer import create_producer
     from payment.adapters.kafka.redrive import redrive
@@ -308,6 +331,7 @@ async def _redrive(
         settings.kafka_bootstrap_servers,
         enable_idempotence=settings.kafka_enable_idempotence,
         client_id="payment-service-redrive",
+        security=security,
     )
     async with PostgresRedriveLedger.connect(url) as ledger:
         already = set(await ledger.redriven(topic))

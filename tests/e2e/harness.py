@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -63,6 +64,42 @@ Kind = Literal["initiated", "completed", "failed", "dead_letter", "refunded", "r
 TERMINAL_KINDS: tuple[Kind, ...] = ("completed", "failed")
 
 _PR_SET_PDEATHSIG = 1
+
+
+# -- connection security -----------------------------------------------------------------
+
+# The PAYMENT_KAFKA_* security variables of the broker the harness talks to (empty: a
+# PLAINTEXT broker). Every service process gets them and the harness's own clients connect
+# alike; `use_kafka_security()` is the module-level switch (tests/e2e/conftest.py sets it
+# for the whole run when PAYMENT_TEST_KAFKA_SECURITY=sasl_ssl).
+_kafka_security: dict[str, str] = {}
+
+
+def use_kafka_security(env: Mapping[str, str]) -> None:
+    """From now on services and harness clients connect with these PAYMENT_KAFKA_* settings."""
+    _kafka_security.clear()
+    _kafka_security.update(env)
+
+
+def kafka_security_env() -> dict[str, str]:
+    return dict(_kafka_security)
+
+
+def kafka_client_security() -> dict[str, Any]:
+    """aiokafka arguments for the harness's clients, built here from the same variables
+    (not by the service's code, so a bug there cannot hide itself)."""
+    env = _kafka_security
+    protocol = env.get("PAYMENT_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    kwargs: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.endswith("SSL"):
+        kwargs["ssl_context"] = ssl.create_default_context(
+            cafile=env.get("PAYMENT_KAFKA_SSL_CAFILE")
+        )
+    if protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = env["PAYMENT_KAFKA_SASL_MECHANISM"]
+        kwargs["sasl_plain_username"] = env["PAYMENT_KAFKA_SASL_USERNAME"]
+        kwargs["sasl_plain_password"] = env["PAYMENT_KAFKA_SASL_PASSWORD"]
+    return kwargs
 
 
 # -- topics and environment --------------------------------------------------------------
@@ -153,7 +190,9 @@ async def create_topics(
 ) -> None:
     """Create the topics (all with `partitions` partitions, each with its `configs`, e.g.
     `max.message.bytes`); existing ones are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="e2e-admin", **kafka_client_security()
+    )
     await admin.start()
     try:
         names = list(topics)
@@ -181,7 +220,9 @@ async def led_partitions(
     bootstrap: str, topics: Sequence[str], timeout_s: float
 ) -> dict[str, set[int]]:
     """Each topic's partitions, once all exist with a leader (the service may create them)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="e2e-admin", **kafka_client_security()
+    )
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -241,6 +282,7 @@ def service_env(
             "PAYMENT_PROCESSOR": "fake",
             "PAYMENT_FAKE_MODE": "success",
             **topics.env(),
+            **kafka_security_env(),
         }
     )
     for name, value in overrides.items():
@@ -745,6 +787,7 @@ class Orchestrator:
             acks="all",
             enable_idempotence=broker_supports_idempotence(),
             linger_ms=0,
+            **kafka_client_security(),
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
@@ -754,6 +797,7 @@ class Orchestrator:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=client_fetch_max_wait_ms(),
             client_id=f"{self.source}-consumer",
+            **kafka_client_security(),
         )
         await self._consumer.start()
         found = await led_partitions(self.bootstrap, self.topics.all, timeout_s)

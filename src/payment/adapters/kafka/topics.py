@@ -10,6 +10,7 @@ import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from payment.adapters.kafka.security import KafkaSecurity, client_security
 from payment.application.messages import (
     PAYMENT_COMPLETED,
     PAYMENT_FAILED,
@@ -65,14 +66,18 @@ class TopicCreationFailed(Exception):
     """The broker refused to create a topic for a reason other than it existing already."""
 
 
-async def partitions_of(bootstrap_servers: str | list[str], topic: str) -> list[int]:
+async def partitions_of(
+    bootstrap_servers: str | list[str], topic: str, security: KafkaSecurity | None = None
+) -> list[int]:
     """The partition numbers of `topic`, sorted; empty when it does not exist.
 
     Asked of the cluster, not of a consumer: aiokafka's consumer knows the partitions of
     the topics it is subscribed to or assigned, and `topics()` does not change that.
     """
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, client_id="payment-service-admin"
+        bootstrap_servers=bootstrap_servers,
+        client_id="payment-service-admin",
+        **client_security(security),
     )
     await admin.start()
     try:
@@ -112,6 +117,7 @@ async def ensure_topics(
     replication: int = 1,
     *,
     timeout_ms: int = 30_000,
+    security: KafkaSecurity | None = None,
 ) -> list[str]:
     """Create whichever of `names` do not exist; returns the ones this call created.
 
@@ -125,6 +131,7 @@ async def ensure_topics(
         bootstrap_servers=bootstrap_servers,
         request_timeout_ms=timeout_ms,
         client_id="payment-service-admin",
+        **client_security(security),
     )
     await admin.start()
     try:
