@@ -8,7 +8,7 @@ import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple, get_args
+from typing import Any, Final, NamedTuple
 
 import msgspec
 import yaml
@@ -36,14 +36,21 @@ from payment.application.messages import (
     PAYMENT_COMPLETED,
     PAYMENT_FAILED,
     PAYMENT_INITIATED,
+    PAYMENT_REFUND_FAILED,
+    PAYMENT_REFUNDED,
+    PUBLISHED_FAILURE_REASONS,
+    REFUND_FAILED_REASONS,
+    REFUND_PAYMENT,
     REQUEST_PAYMENT,
     PaymentCompletedMessage,
     PaymentFailedMessage,
     PaymentInitiatedMessage,
+    PaymentRefundedMessage,
+    PaymentRefundFailedMessage,
+    RefundPaymentMessage,
     RequestPaymentMessage,
     dataschema_uri,
 )
-from payment.domain.events import FailureReason
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
 
 Schema = dict[str, Any]
@@ -51,7 +58,9 @@ Schema = dict[str, Any]
 DOCUMENT_PATH: Final = Path("docs/asyncapi.yaml")
 REGENERATE: Final = "python -m payment.asyncapi"
 ASYNCAPI_VERSION: Final = "3.0.0"
-CONTRACT_VERSION: Final = "1.0.0"
+# 1.1.0: refunds (saga.refund_payment, payment.refunded, payment.refund_failed) and the
+# `cancelled` reason of payment.failed (contract v2, 4.8).
+CONTRACT_VERSION: Final = "1.1.0"
 KAFKA_BINDING_VERSION: Final = "0.5.0"
 
 # --- Rules of contract section 3 that the msgspec types do not carry ----------------------
@@ -67,7 +76,8 @@ MAX_ID_CHARS: Final = 64
 MAX_PAYMENT_METHOD_CHARS: Final = 255
 MIN_AMOUNT: Final = 1
 CURRENCIES: Final = tuple(sorted(CURRENCY_EXPONENTS))
-FAILURE_REASONS: Final = get_args(FailureReason)
+FAILURE_REASONS: Final = tuple(sorted(PUBLISHED_FAILURE_REASONS))
+MAX_REASON_CHARS: Final = 255
 
 # Written by payment.adapters.kafka.dead_letters (not imported: this module needs only the
 # header names, and the test checks they agree).
@@ -178,12 +188,74 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
                 "description": (
                     "`declined` by the gateway; `invalid_request` (a rule of the request was "
                     "broken, no processor call); `processor_unavailable` (the gateway could "
-                    "not be reached and no charge can have happened)."
+                    "not be reached and no charge can have happened); `cancelled` (a refund "
+                    "for the booking arrived before its payment request and closed it: "
+                    "nothing was charged, no payment exists)."
                 ),
             },
             "detail": {"description": "Human-readable; never secrets or card data."},
             "failed_at": _TIMESTAMP,
             "version": {**_VERSION, "description": "Absent when no payment was created."},
+        },
+    ),
+    RefundPaymentMessage: Overlay(
+        fields={
+            "booking_id": {
+                "pattern": BOOKING_ID_PATTERN,
+                "minLength": 1,
+                "maxLength": MAX_ID_CHARS,
+                "description": "The booking whose payment to refund.",
+            },
+            "amount": {
+                "minimum": MIN_AMOUNT,
+                "maximum": DEFAULT_MAX_AMOUNT,
+                "description": (
+                    "Minor units to refund, at most what is still refundable; absent: all "
+                    "that is still refundable (nothing left: `over_refund`)."
+                ),
+            },
+            "reason": {
+                "maxLength": MAX_REASON_CHARS,
+                "description": "Stored with the refund; never card data.",
+            },
+            "saga_id": {"maxLength": MAX_ID_CHARS, "description": "Echoed on the outcome."},
+        },
+    ),
+    PaymentRefundedMessage: Overlay(
+        fields={
+            "payment_id": _UUID,
+            "booking_id": {"pattern": BOOKING_ID_PATTERN},
+            "saga_id": {"maxLength": MAX_ID_CHARS},
+            "refund_id": {**_UUID, "description": "One per refund request."},
+            "amount": {"minimum": MIN_AMOUNT, "description": "This refund's amount."},
+            "refunded_total": {
+                "minimum": MIN_AMOUNT,
+                "description": "All refunded of the payment so far, this refund included.",
+            },
+            "currency": _CURRENCY,
+            "provider_reference": {"description": "The gateway's id of the refund."},
+            "refunded_at": _TIMESTAMP,
+            "version": _VERSION,
+        },
+    ),
+    PaymentRefundFailedMessage: Overlay(
+        fields={
+            "payment_id": {**_UUID, "description": "Absent when the booking has no payment."},
+            "refund_id": {**_UUID, "description": "Absent when no refund was created."},
+            "reason": {
+                "enum": sorted(REFUND_FAILED_REASONS),
+                "description": (
+                    "`not_charged` (the payment failed, or never existed: the booking is then "
+                    "closed); `over_refund` (more than is still refundable); `declined` by the "
+                    "gateway; `invalid_request` (a rule of the request was broken)."
+                ),
+            },
+            "detail": {"description": "Human-readable; never secrets or card data."},
+            "failed_at": _TIMESTAMP,
+            "version": {
+                **_VERSION,
+                "description": "The payment stream's version; absent when there is no payment.",
+            },
         },
     ),
 }
@@ -313,6 +385,38 @@ MESSAGES: Final = (
         },
         version=MESSAGE_VERSIONS[PAYMENT_FAILED],
     ),
+    MessageSpec(
+        name="RefundPayment",
+        channel="sagaRefundPayment",
+        topic_field="refund",
+        ce_type=REFUND_PAYMENT,
+        struct=RefundPaymentMessage,
+        summary="The orchestrator asks to refund a booking's payment (its compensation).",
+        key={"type": "string", "description": "The booking id."},
+    ),
+    MessageSpec(
+        name="PaymentRefunded",
+        channel="paymentRefunded",
+        topic_field="refunded",
+        ce_type=PAYMENT_REFUNDED,
+        struct=PaymentRefundedMessage,
+        summary="A refund went through at the gateway (terminal for that refund).",
+        key={"type": "string", "format": "uuid", "description": "The payment id."},
+        version=MESSAGE_VERSIONS[PAYMENT_REFUNDED],
+    ),
+    MessageSpec(
+        name="PaymentRefundFailed",
+        channel="paymentRefundFailed",
+        topic_field="refund_failed",
+        ce_type=PAYMENT_REFUND_FAILED,
+        struct=PaymentRefundFailedMessage,
+        summary="A refund request ended without money going back (terminal for that request).",
+        key={
+            "type": "string",
+            "description": "The payment id; the booking id when the booking has no payment.",
+        },
+        version=MESSAGE_VERSIONS[PAYMENT_REFUND_FAILED],
+    ),
 )
 
 DEAD_LETTER: Final = "DeadLetter"
@@ -348,6 +452,13 @@ What the orchestrator can rely on:
    until its real outcome is known.
 7. No request is lost and no booking is charged twice across crashes, restarts,
    redeliveries, rebalances and several instances in one consumer group.
+8. Refunds: a valid `saga.refund_payment` (new `ce_id`) creates one refund with its own
+   gateway idempotency key and gives exactly one `payment.refunded` or
+   `payment.refund_failed`; a redelivery changes nothing. The sum refunded never exceeds
+   the amount charged, under any concurrency. A refund for a payment still in flight waits
+   for its outcome (completed: refunded; failed: `not_charged`); a refund timeout is never
+   a failure. A refund for a booking without a payment answers `not_charged` and closes
+   the booking: a later payment request for it gets `payment.failed` / `cancelled`.
 
 Schema versions: every outbound event says which version of its `data` shape it carries
 in `ce_dataschema` (`urn:payment-service:<ce_type>:<version>`). Each channel lists every
@@ -506,6 +617,21 @@ def _operations() -> Schema:
         "sendPaymentFailed": operation(
             "send", "paymentFailed", "PaymentFailed", "Publish a failed payment or a rejection."
         ),
+        "receiveRefundPayment": operation(
+            "receive",
+            "sagaRefundPayment",
+            "RefundPayment",
+            "Take a refund request (deduplicated by ce_source and ce_id).",
+        ),
+        "sendPaymentRefunded": operation(
+            "send", "paymentRefunded", "PaymentRefunded", "Publish a refund made."
+        ),
+        "sendPaymentRefundFailed": operation(
+            "send",
+            "paymentRefundFailed",
+            "PaymentRefundFailed",
+            "Publish a refund that failed or was refused.",
+        ),
         "sendDeadLetter": operation(
             "send",
             DEAD_LETTER_CHANNEL,
@@ -517,9 +643,13 @@ def _operations() -> Schema:
 
 def _cloudevents_headers(spec: MessageSpec) -> Schema:
     """Contract section 2: the binary-mode CloudEvents headers of one message type."""
-    inbound = spec.struct is RequestPaymentMessage
-    # Only a rejection, which created no payment, goes out without subject and sequence.
-    of_a_payment = not inbound and spec.struct is not PaymentFailedMessage
+    inbound = spec.struct in (RequestPaymentMessage, RefundPaymentMessage)
+    # Only a rejection (or refused refund), which created no event, goes out without
+    # subject and sequence.
+    of_a_payment = not inbound and spec.struct not in (
+        PaymentFailedMessage,
+        PaymentRefundFailedMessage,
+    )
     attribute: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_ATTRIBUTE_BYTES}
     if inbound:
         ce_id = {**attribute, "description": "With `ce_source`, the deduplication key."}

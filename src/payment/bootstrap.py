@@ -28,6 +28,13 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.kafka.security import (
+    KafkaSecurity,
+    KafkaSecurityRejected,
+    KafkaUnreachable,
+    check_connection,
+    client_security,
+)
 from payment.adapters.kafka.topics import (
     TopicCreationFailed,
     Topics,
@@ -38,6 +45,12 @@ from payment.adapters.log_budget import LogBudget
 from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
 from payment.adapters.metrics import Metrics, observe_pools
+from payment.adapters.postgres.connection_check import (
+    DatabaseRejected,
+    DatabaseUnreachable,
+    check_database,
+    unencrypted_remote_hosts,
+)
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import MigrationError, check_schema, migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
@@ -59,6 +72,8 @@ from payment.application.commands import ResolveReview
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.reconciler import Reconciler
+from payment.application.refund_worker import RefundWorker
+from payment.application.refunds import Refunds
 from payment.application.review import ReviewLookup, resolve_review
 from payment.domain.events import PaymentReviewResolved
 from payment.settings import (
@@ -147,10 +162,24 @@ class Container(containers.DeclarativeContainer):
         ),
     )
 
+    # How every Kafka client connects (TLS, SASL): the producer, consumers, admin, tools.
+    kafka_security = providers.Singleton(
+        KafkaSecurity,
+        protocol=config.kafka_security_protocol,
+        sasl_mechanism=config.kafka_sasl_mechanism,
+        sasl_username=config.kafka_sasl_username,
+        sasl_password=config.kafka_sasl_password,
+        ssl_cafile=config.kafka_ssl_cafile,
+        ssl_certfile=config.kafka_ssl_certfile,
+        ssl_keyfile=config.kafka_ssl_keyfile,
+        ssl_check_hostname=config.kafka_ssl_check_hostname,
+    )
+
     producer = providers.Resource(
         producer_resource,
         config.kafka_bootstrap_servers,
         enable_idempotence=config.kafka_enable_idempotence,
+        security=kafka_security,
     )
 
     topics = providers.Singleton(
@@ -160,6 +189,9 @@ class Container(containers.DeclarativeContainer):
         completed=config.topic_completed,
         failed=config.topic_failed,
         dead_letter=config.topic_dead_letter,
+        refund=config.topic_refund,
+        refunded=config.topic_refunded,
+        refund_failed=config.topic_refund_failed,
     )
 
     policy = providers.Singleton(
@@ -313,7 +345,7 @@ class Service:
             raise DependencyUnavailable(f"database schema: {result.line}")
         log.info("run: %s", result.line)
 
-    async def _prepare_topics(self, topics: Topics) -> None:
+    async def _prepare_topics(self, topics: Topics, security: KafkaSecurity) -> None:
         """Create the topics (PAYMENT_KAFKA_CREATE_TOPICS) or check that they are usable."""
         s = self.settings
         servers = str(s.kafka_bootstrap_servers)
@@ -327,6 +359,7 @@ class Service:
                         partitions=s.kafka_topic_partitions,
                         replication=int(s.kafka_replication_factor or 1),
                         min_insync_replicas=s.kafka_min_insync_replicas,
+                        security=security,
                     )
                     if created:
                         log.info(
@@ -336,7 +369,7 @@ class Service:
                             s.kafka_replication_factor,
                         )
                 self._starting = "starting: checking topics"
-                problem = await check_topics(servers, topics.names)
+                problem = await check_topics(servers, topics.names, security=security)
         except TopicCreationFailed as exc:
             raise DependencyUnavailable(f"Kafka {servers}: {exc}") from exc
         except (OSError, TimeoutError, KafkaError) as exc:
@@ -359,6 +392,7 @@ class Service:
                 "run: PAYMENT_PROCESSOR=fake: nothing is charged, every payment is simulated"
                 " (set PAYMENT_PROCESSOR=stripe in production)"
             )
+        security: KafkaSecurity = c.kafka_security()
         async with AsyncExitStack() as stack:
             stack.push_async_callback(_shutdown_resources, c)
             # Liveness answers from the first second; readiness says "starting" until
@@ -372,11 +406,16 @@ class Service:
                     " PAYMENT_HTTP_HOST and PAYMENT_HTTP_PORT"
                 ) from exc
             stack.push_async_callback(self.http.stop)
+            # One connection each first, as the clients will make them: a refused TLS or
+            # SASL setting, a refused login or no answer is one line naming the setting.
+            self._starting = "starting: connecting to the broker and the database"
+            await check_kafka(str(s.kafka_bootstrap_servers), security)
+            await check_postgres(str(s.database_url))
             await self._prepare_schema()
             # The Kafka client logs each failed connection at ERROR; a failed start-up
             # ends with one line naming the cause, so those stay quiet unless DEBUG.
             with _quiet_kafka_client(s.log_level.upper() != "DEBUG"):
-                await self._prepare_topics(topics)
+                await self._prepare_topics(topics, security)
             self._starting = "starting: opening the database pools and the producer"
             try:
                 async with asyncio.timeout(s.startup_timeout_s):
@@ -447,11 +486,26 @@ class Service:
                     rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
                     heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
                     max_poll_records=500,
+                    **client_security(security),
                 )
-                consumer.subscribe([topics.request, topics.initiated], listener=listener)
+                consumer.subscribe(
+                    [topics.request, topics.initiated, topics.refund], listener=listener
+                )
                 await consumer.start()
                 return consumer
 
+            # Refund calls go through the same `processor` as charges (one wrapper covers both).
+            refunds = Refunds(uow_factory, processor, clock, c.policy(), c.handler_settings())
+            refund_worker = RefundWorker(
+                refunds,
+                threshold_s=s.refund_retry_after_s,
+                interval_s=s.refund_interval_s,
+                scope=reconcile_scope(
+                    tracer,
+                    lambda payment_id: stored_trace(control, payment_id),
+                    name="settle refunds",
+                ),
+            )
             consumer = self.consumer = KafkaInboxConsumer(
                 consumer_factory=make_consumer,
                 request_topic=topics.request,
@@ -474,6 +528,8 @@ class Service:
                 consumer_group=s.consumer_group,
                 log_budget=budget,
                 joined=self.joined,
+                refund_topic=topics.refund,
+                refunds=refunds,
             )
             reconciler = Reconciler(
                 uow_factory,
@@ -514,6 +570,12 @@ class Service:
                 metrics.observe(
                     "payment.reconciler.actions",
                     [(count, {"action": action}) for action, count in actions.items()],
+                )
+                refund_actions = dict.fromkeys(("refunded", "failed", "unknown", "error"), 0)
+                refund_actions.update(refund_worker.actions)
+                metrics.observe(
+                    "payment.refund_worker.actions",
+                    [(count, {"action": action}) for action, count in refund_actions.items()],
                 )
                 gateway_labels = {"processor": processor.name}
                 for name, value in (
@@ -628,18 +690,20 @@ class Service:
             retention_task = asyncio.create_task(retention.run(), name="retention")
             # The lifecycle summary is written each second even when no line follows.
             summary_task = asyncio.create_task(budget.run(), name="log-budget")
+            refund_task = asyncio.create_task(refund_worker.run(), name="refund-worker")
             consumer_task = asyncio.create_task(consumer.run(), name="consumer")
             log.info(
-                "run: consuming %s and %s as group %s",
+                "run: consuming %s, %s and %s as group %s",
                 topics.request,
                 topics.initiated,
+                topics.refund,
                 s.consumer_group,
             )
             stopper = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait(
                 {stopper, consumer_task, relay_task}, return_when=asyncio.FIRST_COMPLETED
             )
-            background = (reconciler_task, retention_task, summary_task)
+            background = (reconciler_task, retention_task, summary_task, refund_task)
             if stopper not in done:
                 # A component ended on its own: that is a crash. Stop the rest before the
                 # pool and producer close under them, then surface it.
@@ -678,6 +742,38 @@ def _quiet_kafka_client(quiet: bool) -> Iterator[None]:
         yield
     finally:
         client.setLevel(previous)
+
+
+async def check_kafka(bootstrap_servers: str, security: KafkaSecurity) -> None:
+    """Fail fast, naming the setting, when the broker refuses our TLS or SASL settings or
+    no broker answers; aiokafka itself would only say "unable to bootstrap"."""
+    try:
+        await check_connection(bootstrap_servers, security)
+    except KafkaSecurityRejected as exc:
+        raise ConfigError(str(exc)) from None
+    except KafkaUnreachable as exc:
+        raise DependencyUnavailable(f"PAYMENT_KAFKA_BOOTSTRAP_SERVERS: {exc}") from None
+
+
+async def check_postgres(
+    url: str, check: Callable[[str], Awaitable[None]] = check_database
+) -> None:
+    """Warn when a remote database is reached without TLS; fail fast, naming the setting,
+    when the server refuses the connection (exit 2) or does not answer (exit 3)."""
+    hosts, mode = unencrypted_remote_hosts(url)
+    if hosts:
+        log.warning(
+            "PAYMENT_DATABASE_URL: database host %s is reached without TLS (sslmode=%s);"
+            ' use sslmode=verify-full with sslrootcert (README, "Secure connections")',
+            ", ".join(hosts),
+            mode,
+        )
+    try:
+        await check(url)
+    except DatabaseRejected as exc:
+        raise ConfigError(f"PAYMENT_DATABASE_URL: {exc}") from None
+    except DatabaseUnreachable as exc:
+        raise DependencyUnavailable(f"PAYMENT_DATABASE_URL: {exc}") from None
 
 
 def _days(days: float) -> timedelta | None:

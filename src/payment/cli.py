@@ -22,6 +22,7 @@ from payment.settings import (
 
 if TYPE_CHECKING:
     from payment.adapters.kafka.redrive import DeadLetter
+    from payment.adapters.kafka.security import KafkaSecurity
 
 
 _CONFIG_HELP = "TOML settings file, keys as in the README without PAYMENT_ (environment wins)"
@@ -197,14 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail("configuration error", str(exc), EXIT_CONFIGURATION, exc, settings)
     except DependencyUnavailable as exc:
-        return _fail("unavailable", str(exc), EXIT_UNAVAILABLE, exc, settings)
+        return _fail("dependency unavailable", str(exc), EXIT_UNAVAILABLE, exc, settings)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the outermost loop: a dependency's error becomes one line
         line = _dependency_failure(exc, settings)
         if line is None:
             raise
-        return _fail("unavailable", line, EXIT_UNAVAILABLE, exc, settings)
+        return _fail("dependency unavailable", line, EXIT_UNAVAILABLE, exc, settings)
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
@@ -298,6 +299,9 @@ async def _demo(settings: Settings, count: int, timeout_s: float) -> int:
         completed=settings.topic_completed,
         failed=settings.topic_failed,
         dead_letter=settings.topic_dead_letter,
+        refund=settings.topic_refund,
+        refunded=settings.topic_refunded,
+        refund_failed=settings.topic_refund_failed,
     )
     report = await run_demo(
         settings.kafka_bootstrap_servers,
@@ -305,8 +309,18 @@ async def _demo(settings: Settings, count: int, timeout_s: float) -> int:
         topics=topics,
         enable_idempotence=settings.kafka_enable_idempotence,
         timeout_s=timeout_s,
+        security=await _checked_kafka_security(settings),
     )
     return 0 if report.ok else 1
+
+
+async def _checked_kafka_security(settings: Settings) -> KafkaSecurity:
+    """The Kafka clients' security settings, once a broker accepted them (else one line)."""
+    from payment.bootstrap import check_kafka, make_container
+
+    security: KafkaSecurity = make_container(settings).kafka_security()
+    await check_kafka(str(settings.kafka_bootstrap_servers), security)
+    return security
 
 
 def _require_database(settings: Settings) -> str:
@@ -317,9 +331,12 @@ def _require_database(settings: Settings) -> str:
 
 async def _migrate(settings: Settings) -> int:
     from payment.adapters.postgres.migrations import MigrationError, migrate
+    from payment.bootstrap import check_postgres
 
+    url = _require_database(settings)
+    await check_postgres(url)  # a refused or unanswered connection: one line, exit 2 or 3
     try:
-        applied = await migrate(_require_database(settings))
+        applied = await migrate(url)
     except MigrationError as exc:
         raise DependencyUnavailable(f"database schema: {exc}") from exc
     if applied:
@@ -363,8 +380,10 @@ def _run(settings: Settings) -> int:
 
 async def _show(settings: Settings, payment_id: str | None, booking: str | None) -> int:
     from payment.adapters.postgres.queries import render_payment
+    from payment.bootstrap import check_postgres
 
     url = _require_database(settings)
+    await check_postgres(url)
     pid: uuid.UUID | None = None
     if payment_id is not None:
         try:
@@ -474,12 +493,15 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             )
             return 2
         url = _require_database(settings)
+    security = await _checked_kafka_security(settings)
     letters = await read_dead_letters(
-        settings.kafka_bootstrap_servers, topic, timeout_s=args.timeout
+        settings.kafka_bootstrap_servers, topic, timeout_s=args.timeout, security=security
     )
     if args.action == "list":
         return await _list_dead_letters(settings, letters, args.show_payload, args.json)
-    return await _redrive(settings, url, letters, None if args.all else refs, args.dry_run)
+    return await _redrive(
+        settings, url, letters, None if args.all else refs, args.dry_run, security
+    )
 
 
 async def _list_dead_letters(
@@ -536,6 +558,7 @@ async def _redrive(
     letters: Sequence[DeadLetter],
     refs: list[str] | None,
     dry_run: bool,
+    security: KafkaSecurity | None = None,
 ) -> int:
     from payment.adapters.kafka.producer import create_producer
     from payment.adapters.kafka.redrive import redrive
@@ -552,6 +575,7 @@ async def _redrive(
         settings.kafka_bootstrap_servers,
         enable_idempotence=settings.kafka_enable_idempotence,
         client_id="payment-service-redrive",
+        security=security,
     )
     async with PostgresRedriveLedger.connect(url) as ledger:
         already = set(await ledger.redriven(topic))

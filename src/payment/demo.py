@@ -32,6 +32,7 @@ from payment.adapters.kafka.cloudevents import (
     format_time,
 )
 from payment.adapters.kafka.producer import create_producer
+from payment.adapters.kafka.security import KafkaSecurity, client_security
 from payment.adapters.kafka.topics import Topics
 from payment.application.messages import REQUEST_PAYMENT, RequestPaymentMessage
 
@@ -346,6 +347,7 @@ async def run_demo(
     out: TextIO | None = None,
     extras: bool = True,
     settle_s: float = SETTLE_S,
+    security: KafkaSecurity | None = None,
 ) -> DemoReport:
     """Play `count` booking requests against the service as the SAGA orchestrator would.
 
@@ -372,9 +374,13 @@ async def run_demo(
         enable_auto_commit=False,
         fetch_max_wait_ms=_FETCH_MAX_WAIT_MS,
         client_id=f"{source}-{run.run_id}",
+        **client_security(security),
     )
     producer = create_producer(
-        bootstrap_servers, enable_idempotence=enable_idempotence, client_id=source
+        bootstrap_servers,
+        enable_idempotence=enable_idempotence,
+        client_id=source,
+        security=security,
     )
     await consumer.start()
     try:

@@ -144,6 +144,7 @@ async def _serve(service: Service, settings: Settings, demo: int) -> int:
             count=demo,
             topics=topics,
             enable_idempotence=settings.kafka_enable_idempotence,
+            security=service.container.kafka_security(),
         )
     )
     done, _ = await asyncio.wait({runner, demo_task}, return_when=asyncio.FIRST_COMPLETED)

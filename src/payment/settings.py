@@ -6,7 +6,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -20,6 +20,13 @@ REVOKE_COMMIT_TIMEOUT_S = 5.0
 MIN_REBALANCE_TIMEOUT_MS = int((DRAIN_TIMEOUT_S + REVOKE_COMMIT_TIMEOUT_S) * 1000)
 
 ProcessorKind = Literal["fake", "sandbox", "stripe"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+# Settings that may hold a secret: each also reads from a file named by `PAYMENT_<NAME>_FILE`
+# (the container orchestrators' convention), and none is ever echoed in a message.
+SECRET_FIELDS: tuple[str, ...] = ("database_url", "stripe_api_key", "kafka_sasl_password")
+FILE_SUFFIX = "_FILE"
 
 
 # Exit codes of every command (README, "Exit codes"): what an operator or a supervisor
@@ -88,6 +95,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     topic_completed: str = "payment.completed"
     topic_failed: str = "payment.failed"
     topic_dead_letter: str = "payment.dead_letter"
+    topic_refund: str = "saga.refund_payment"
+    topic_refunded: str = "payment.refunded"
+    topic_refund_failed: str = "payment.refund_failed"
+    # Refunds left pending (a charge settled after them, or no answer from the gateway):
+    # how often the refund worker looks, and how long an unanswered refund waits.
+    refund_interval_s: float = 1.0
+    refund_retry_after_s: float = 30.0
     http_port: int = 8080
     http_host: str = "0.0.0.0"
     max_amount: int = 100_000_000
@@ -124,12 +138,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # second before the rest are only counted, in one summary line a second (0: no limit).
     lifecycle_log_per_s: float = 50.0
     log_format: Literal["text", "json"] = "text"
+    # Kafka connection security (README, "Secure connections"), applied to every client.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_check_hostname: bool = True
 
     def __repr__(self) -> str:
-        # The Stripe key and database password must never reach a log line.
-        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "stripe_api_key"}
+        # The Stripe key, the SASL password and the database password never reach a log line.
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f not in SECRET_FIELDS}
         shown["database_url"] = redact_url(self.database_url)
         shown["stripe_api_key"] = "<set>" if self.stripe_api_key else None
+        shown["kafka_sasl_password"] = "<set>" if self.kafka_sasl_password else None
         return f"Settings({shown})"
 
 
@@ -195,8 +219,9 @@ def _validate_replication(s: Settings) -> None:
 
 
 def known_variables() -> frozenset[str]:
-    """Every PAYMENT_* variable that names a setting."""
-    return frozenset(_env_name(f) for f in Settings.__struct_fields__)
+    """Every PAYMENT_* variable that names a setting (a secret's `…_FILE` too)."""
+    names = {_env_name(f) for f in Settings.__struct_fields__}
+    return frozenset(names | {_env_name(f) + FILE_SUFFIX for f in SECRET_FIELDS})
 
 
 def check_unknown_variables(environ: Mapping[str, str]) -> None:
@@ -223,6 +248,9 @@ def _coerce(field: str, raw: Any, annotation: Any) -> Any:
     """Convert a string (env) or TOML value to the field's type, or fail naming the variable."""
     name = _env_name(field)
     try:
+        if isinstance(raw, str) and field == "kafka_sasl_password" and raw:
+            # A password may begin or end with a space: only a file's newline is dropped.
+            return raw
         if isinstance(raw, str):
             return msgspec.convert(_parse_scalar(raw, annotation), annotation, strict=False)
         return msgspec.convert(raw, annotation, strict=False)
@@ -241,7 +269,7 @@ def _coerce(field: str, raw: Any, annotation: Any) -> Any:
             hint = " or ".join(_type_name(a) for a in expected)
         else:
             hint = _type_name(annotation)
-        shown = "" if "key" in field else f" {str(raw)[:60]!r}"
+        shown = "" if field in SECRET_FIELDS or "key" in field else f" {str(raw)[:60]!r}"
         raise ConfigError(f"{name}: invalid value{shown} (expected {hint})") from None
 
 
@@ -282,12 +310,16 @@ def load_settings(
             raise ConfigError(f"--config: cannot read {config_file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config: {config_file} is not valid TOML: {exc}") from None
+        data = _secrets_from_files(
+            data, lambda field: field, lambda field: field + FILE_SUFFIX.lower(), "--config: "
+        )
         for key, raw in data.items():
             if key not in types:
                 close = difflib.get_close_matches(key, sorted(types), n=1, cutoff=0.6)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"--config: unknown setting {key!r} in {config_file}{hint}")
             values[key] = _coerce(key, raw, types[key])
+    environ = _secrets_from_files(environ, _env_name, lambda field: _env_name(field) + FILE_SUFFIX)
     for field, annotation in types.items():
         raw = environ.get(_env_name(field))
         if raw is not None:
@@ -295,6 +327,43 @@ def load_settings(
     settings = Settings(**values)
     _validate(settings)
     return settings
+
+
+def _secrets_from_files(
+    source: Mapping[str, Any],
+    name_of: Callable[[str], str],
+    file_name_of: Callable[[str], str],
+    where: str = "",
+) -> dict[str, Any]:
+    """`source` with each secret's `…_FILE` entry replaced by the file's content.
+
+    A secret given both directly and as a file is an error: which one wins would be a
+    guess. One trailing newline (what `echo` and editors add) is not part of the secret.
+    """
+    resolved = dict(source)
+    for field in SECRET_FIELDS:
+        name, file_name = name_of(field), file_name_of(field)
+        path = resolved.pop(file_name, None)
+        if path is None:
+            continue
+        if name in resolved:
+            raise ConfigError(f"{where}{file_name}: {name} is set too; give one of them")
+        resolved[name] = read_secret_file(f"{where}{file_name}", str(path))
+    return resolved
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The secret held in the file at `path`, without its trailing newline."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret.strip():
+        raise ConfigError(f"{name}: {path} is empty")
+    return secret
 
 
 def _resolve(annotation: Any) -> Any:
@@ -380,8 +449,50 @@ def _validate(s: Settings) -> None:
         raise ConfigError("PAYMENT_STARTUP_TIMEOUT_S: must be positive")
     if s.retention_interval_s <= 0:
         raise ConfigError("PAYMENT_RETENTION_INTERVAL_S: must be positive")
+    if s.refund_interval_s <= 0:
+        raise ConfigError("PAYMENT_REFUND_INTERVAL_S: must be positive")
+    if s.refund_retry_after_s < 0:
+        raise ConfigError("PAYMENT_REFUND_RETRY_AFTER_S: must not be negative")
     if s.db_pool_min > s.db_pool_max:
         raise ConfigError("PAYMENT_DB_POOL_MIN: must not exceed PAYMENT_DB_POOL_MAX")
     _validate_replication(s)
+    _validate_kafka_security(s)
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("PAYMENT_LOG_LEVEL: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+
+def _validate_kafka_security(s: Settings) -> None:
+    protocol = s.kafka_security_protocol
+    uses_sasl = protocol.startswith("SASL_")
+    uses_tls = protocol.endswith("SSL")
+    sasl = ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password")
+    tls = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    # A credential or certificate the protocol would ignore is a mistake, not a default:
+    # an operator who set a password believes the connection is authenticated.
+    for field in (*sasl, *tls):
+        used = uses_sasl if field in sasl else uses_tls
+        if getattr(s, field) is not None and not used:
+            raise ConfigError(
+                f"{_env_name(field)}: set, but PAYMENT_KAFKA_SECURITY_PROTOCOL={protocol}"
+                f" does not use {'SASL' if field in sasl else 'TLS'}"
+            )
+    if not s.kafka_ssl_check_hostname and not uses_tls:
+        raise ConfigError(
+            f"PAYMENT_KAFKA_SSL_CHECK_HOSTNAME: set, but PAYMENT_KAFKA_SECURITY_PROTOCOL={protocol}"
+            " does not use TLS"
+        )
+    if uses_sasl:
+        for field in sasl:
+            if not getattr(s, field):
+                raise ConfigError(
+                    f"{_env_name(field)}: required when PAYMENT_KAFKA_SECURITY_PROTOCOL={protocol}"
+                )
+    if s.kafka_ssl_keyfile is not None and s.kafka_ssl_certfile is None:
+        raise ConfigError(
+            "PAYMENT_KAFKA_SSL_KEYFILE: set without PAYMENT_KAFKA_SSL_CERTFILE (the client"
+            " certificate it belongs to)"
+        )
+    for field in tls:
+        path = getattr(s, field)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{_env_name(field)}: cannot read {path}")

@@ -21,20 +21,24 @@ import yaml
 
 from payment import asyncapi
 from payment.adapters.kafka import dead_letters
-from payment.adapters.kafka.cloudevents import decode_request, encode_outbound
+from payment.adapters.kafka.cloudevents import decode_refund, decode_request, encode_outbound
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.topics import Topics
-from payment.application.commands import InboundRef, RequestPayment, TraceHeaders
+from payment.application.commands import InboundRef, RefundPayment, RequestPayment, TraceHeaders
 from payment.application.messages import (
     MESSAGE_VERSIONS,
     OutboundMessage,
+    cancelled_message,
     dataschema_uri,
     initiated_message,
     outcome_message,
+    refund_failed_message,
+    refund_refused_message,
+    refunded_message,
     rejection_message,
 )
-from payment.application.validation import Valid, validate_request
-from payment.domain.events import FailureReason
+from payment.application.validation import Valid, validate_refund, validate_request
+from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT, Money
 from payment.domain.payment import Payment
 
@@ -93,7 +97,7 @@ def test_check_command_reports_drift_with_the_fix(
 
 def test_asyncapi_3_with_the_contract_topics_and_operations(published: Schema) -> None:
     assert published["asyncapi"] == "3.0.0"
-    assert published["info"]["version"] == "1.0.0"
+    assert published["info"]["version"] == "1.1.0"
     addresses = {channel["address"] for channel in published["channels"].values()}
     assert addresses == set(Topics().names)
 
@@ -109,6 +113,9 @@ def test_asyncapi_3_with_the_contract_topics_and_operations(published: Schema) -
         ("send", "payment.completed"),
         ("send", "payment.failed"),
         ("send", "payment.dead_letter"),
+        ("receive", "saga.refund_payment"),
+        ("send", "payment.refunded"),
+        ("send", "payment.refund_failed"),
     }
 
 
@@ -171,9 +178,19 @@ def test_overlay_rules_are_the_services_own() -> None:
     assert request["amount"]["maximum"] == DEFAULT_MAX_AMOUNT
     assert request["currency"]["enum"] == sorted(CURRENCY_EXPONENTS)
     assert all(re.fullmatch("[A-Z]{3}", code) for code in request["currency"]["enum"])
-    assert get_args(FailureReason) == asyncapi.FAILURE_REASONS
+    # The payment's own reasons, and `cancelled` for a booking a refund closed (4.8).
+    assert sorted([*get_args(FailureReason), "cancelled"]) == list(asyncapi.FAILURE_REASONS)
     failed = _payload_schema(asyncapi.build_document(), "PaymentFailedV1")["properties"]
-    assert failed["reason"]["enum"] == list(get_args(FailureReason))
+    assert failed["reason"]["enum"] == sorted([*get_args(FailureReason), "cancelled"])
+    refund_failed = _payload_schema(asyncapi.build_document(), "PaymentRefundFailedV1")
+    assert refund_failed["properties"]["reason"]["enum"] == [
+        "declined",
+        "invalid_request",
+        "not_charged",
+        "over_refund",
+    ]
+    refund = _payload_schema(asyncapi.build_document(), "RefundPayment")["properties"]
+    assert refund["booking_id"]["pattern"] == asyncapi.BOOKING_ID_PATTERN
     for name in ("PaymentInitiatedV1", "PaymentCompletedV1"):
         props = _payload_schema(asyncapi.build_document(), name)["properties"]
         assert props["currency"]["enum"] == sorted(CURRENCY_EXPONENTS)
@@ -247,6 +264,37 @@ def test_request_schema_accepts_exactly_what_validation_accepts(
     assert (not problems) == accepted, problems
 
 
+def _refund_samples() -> Iterator[Schema]:
+    base: Schema = {"booking_id": "booking-1"}
+    yield base
+    for booking_id in ("", "a" * 64, "a" * 65, "bad id", "bé"):
+        yield {**base, "booking_id": booking_id}
+    for amount in (-5, 0, 1, DEFAULT_MAX_AMOUNT, DEFAULT_MAX_AMOUNT + 1, None):
+        yield {**base, "amount": amount}
+    for reason in (None, "", "r" * 255, "r" * 256):
+        yield {**base, "reason": reason}
+    for saga_id in (None, "", "s" * 64, "s" * 65):
+        yield {**base, "saga_id": saga_id}
+
+
+@pytest.mark.parametrize("data", list(_refund_samples()))
+def test_refund_schema_accepts_exactly_what_validation_accepts(
+    published: Schema, data: Schema
+) -> None:
+    """As for requests: the RefundPayment overlay agrees with `validate_refund`."""
+    message = decode_refund(msgspec.json.encode(data))
+    command = RefundPayment(
+        inbound=InboundRef(source="orchestrator", message_id="m-1"),
+        booking_id=message.booking_id,
+        amount=message.amount,
+        reason=message.reason,
+        saga_id=message.saga_id,
+    )
+    accepted = validate_refund(command, max_amount=DEFAULT_MAX_AMOUNT) is None
+    problems = _validate(published, _payload_schema(published, "RefundPayment"), data)
+    assert (not problems) == accepted, problems
+
+
 # --- what the service sends conforms ------------------------------------------------------
 
 
@@ -280,6 +328,51 @@ def _outbound_samples() -> Iterator[tuple[str, OutboundMessage]]:
             detail="booking_id must be 1-64 characters of A-Z a-z 0-9 . _ : -",
             at=T0,
             trace=TRACE,
+        ),
+    )
+    yield (
+        "PaymentFailedV1",
+        cancelled_message(booking_id="booking-1", saga_id="saga-1", at=T0, trace=TRACE),
+    )
+    refunded = _payment()
+    refunded.complete(processor="fake", provider_reference="fake_ch_1", at=T0)
+    refunded.request_refund(
+        refund_id=uuid.uuid4(), amount=500, reason="trip cancelled", saga_id="saga-1", at=T0
+    )
+    (done,) = refunded.complete_refund(
+        refund_id=next(iter(refunded.refunds)), processor="fake", provider_reference="re_1", at=T0
+    )
+    assert isinstance(done, PaymentRefunded)
+    yield "PaymentRefundedV1", refunded_message(refunded, done, TRACE)
+    waiting = _payment()
+    waiting.request_refund(refund_id=uuid.uuid4(), amount=None, reason=None, saga_id=None, at=T0)
+    waiting.fail(reason="declined", detail="card declined", at=T0)
+    (not_charged,) = waiting.fail_refund(
+        refund_id=next(iter(waiting.refunds)), reason="not_charged", detail="not charged", at=T0
+    )
+    assert isinstance(not_charged, RefundFailed)
+    yield "PaymentRefundFailedV1", refund_failed_message(waiting, not_charged, TRACE)
+    yield (
+        "PaymentRefundFailedV1",
+        refund_refused_message(
+            booking_id="booking-9",
+            saga_id="saga-9",
+            reason="not_charged",
+            detail="the booking has no payment",
+            at=T0,
+            trace=TRACE,
+        ),
+    )
+    yield (
+        "PaymentRefundFailedV1",
+        refund_refused_message(
+            booking_id="booking-1",
+            saga_id=None,
+            reason="over_refund",
+            detail="nothing left",
+            at=T0,
+            trace=TRACE,
+            payment=refunded,
         ),
     )
 

@@ -171,3 +171,105 @@ async def test_concurrent_claimers_get_disjoint_payments_and_a_rollback_frees_it
         # `first` ends without committing: its claims were never made.
     async with uow_factory() as uow:
         assert await uow.payments.claim_stale(at(10), 10, at(50)) == ids[:3]
+
+
+# -- refunds: closed bookings and the refunds-pending mark ------------------------------
+
+
+async def test_closing_a_booking_without_a_payment_keeps_payments_out(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    async with uow_factory() as uow:
+        assert await uow.payments.close_booking("booking-1", at(0)) is None
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.booking_closed("booking-1")
+        assert await uow.payments.payment_for_booking("booking-1") is None
+        assert not await uow.payments.booking_closed("booking-2")
+    with pytest.raises(BookingAlreadyClaimed):
+        await _claim(uow_factory, "booking-1")
+    async with uow_factory() as uow:  # closing again is no change
+        assert await uow.payments.close_booking("booking-1", at(1)) is None
+        await uow.commit()
+
+
+async def test_closing_a_booking_that_has_a_payment_names_it_and_changes_nothing(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    payment_id = await _claim(uow_factory, "booking-1")
+    async with uow_factory() as uow:
+        assert await uow.payments.close_booking("booking-1", at(1)) == payment_id
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert not await uow.payments.booking_closed("booking-1")
+        assert await uow.payments.payment_for_booking("booking-1") == payment_id
+
+
+@pytest.mark.parametrize("close_first", [True, False])
+async def test_a_close_racing_a_claim_one_takes_effect(
+    uow_factory: UnitOfWorkFactory, close_first: bool
+) -> None:
+    async def close(uow: UnitOfWork) -> None:
+        await uow.payments.close_booking("booking-1", at(0))
+
+    async def claim(uow: UnitOfWork) -> None:
+        await uow.payments.claim_booking("booking-1", uuid.uuid4(), at(0))
+
+    await race(uow_factory, *((close, claim) if close_first else (claim, close)))
+    async with uow_factory() as uow:
+        closed = await uow.payments.booking_closed("booking-1")
+        paid = await uow.payments.payment_for_booking("booking-1") is not None
+    assert closed != paid
+
+
+async def _mark(uow_factory: UnitOfWorkFactory, payment_id: uuid.UUID, since: float | None) -> None:
+    async with uow_factory() as uow:
+        await uow.payments.set_refunds_pending(payment_id, None if since is None else at(since))
+        await uow.commit()
+
+
+async def _settle(uow_factory: UnitOfWorkFactory, payment_id: uuid.UUID, seconds: float) -> None:
+    async with uow_factory() as uow:
+        await uow.payments.set_status(payment_id, PaymentStatus.COMPLETED, at(seconds))
+        await uow.commit()
+
+
+async def test_refunds_are_due_once_their_charge_settled_after_them_or_past_the_cutoff(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    waiting = await _claim(uow_factory, "booking-waiting", seconds=0)
+    stale = await _claim(uow_factory, "booking-stale", seconds=0)
+    fresh = await _claim(uow_factory, "booking-fresh", seconds=0)
+    in_flight = await _claim(uow_factory, "booking-in-flight", seconds=0)
+    for payment_id in (stale, fresh):
+        await _settle(uow_factory, payment_id, 1)
+    await _mark(uow_factory, waiting, 2)
+    await _mark(uow_factory, stale, 3)
+    await _mark(uow_factory, fresh, 50)
+    await _mark(uow_factory, in_flight, 4)
+    async with uow_factory() as uow:  # the charge in flight: nobody's refunds are due
+        assert await uow.payments.refunds_due(at(40), 10) == [stale]
+    await _settle(uow_factory, waiting, 5)
+    async with uow_factory() as uow:
+        assert await uow.payments.refunds_due(at(40), 10) == [waiting, stale]
+        assert await uow.payments.refunds_due(at(40), 1) == [waiting]
+    await _mark(uow_factory, waiting, None)
+    async with uow_factory() as uow:
+        assert await uow.payments.refunds_due(at(40), 10) == [stale]
+
+
+async def test_requeued_refunds_go_to_the_back_and_an_unmarked_payment_stays_unmarked(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    marked = await _claim(uow_factory, "booking-marked")
+    unmarked = await _claim(uow_factory, "booking-unmarked")
+    for payment_id in (marked, unmarked):
+        await _settle(uow_factory, payment_id, 1)
+    await _mark(uow_factory, marked, 2)
+    async with uow_factory() as uow:
+        await uow.payments.requeue_refunds(marked, at(30))
+        await uow.payments.requeue_refunds(unmarked, at(30))
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.refunds_due(at(20), 10) == []
+        assert await uow.payments.refunds_due(at(31), 10) == [marked]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -10,9 +11,35 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from support import broker
 from support.database import fresh_database
+from support.secure_kafka import secure_kafka
 
-from .harness import ServiceProcess, ServiceStack, StackFactory, open_stack
+from .harness import ServiceProcess, ServiceStack, StackFactory, open_stack, use_kafka_security
+
+# `sasl_ssl`: the e2e suites run against a SASL_SSL (SCRAM-SHA-512) listener of a broker
+# started here; services and the harness's clients connect through it (issue 18).
+SECURITY_ENV_VAR = "PAYMENT_TEST_KAFKA_SECURITY"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's broker; its SASL_SSL listener when $PAYMENT_TEST_KAFKA_SECURITY=sasl_ssl."""
+    wanted = os.environ.get(SECURITY_ENV_VAR, "").strip().lower()
+    if wanted in ("", "plaintext"):
+        with broker.kafka_bootstrap_servers() as servers:
+            yield servers
+        return
+    if wanted != "sasl_ssl":
+        raise RuntimeError(f"{SECURITY_ENV_VAR}={wanted!r}: expected plaintext or sasl_ssl")
+    with secure_kafka(tmp_path_factory.mktemp("secure-kafka")) as kafka:
+        env = kafka.service_env()
+        del env["PAYMENT_KAFKA_BOOTSTRAP_SERVERS"]
+        use_kafka_security(env)
+        try:
+            yield kafka.bootstrap
+        finally:
+            use_kafka_security({})
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -52,16 +53,53 @@ from support.net import free_port
 T = TypeVar("T")
 
 REQUEST_TYPE = "saga.request_payment"
+REFUND_TYPE = "saga.refund_payment"
 ORCHESTRATOR_SOURCE = "e2e-orchestrator"
 SERVICE_SOURCE = "payment-service-e2e"
 DEFAULT_PARTITIONS = 3
 # RFC 3339 date-time (section 5.6), the profile CloudEvents `time` uses.
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
-Kind = Literal["initiated", "completed", "failed", "dead_letter"]
+Kind = Literal["initiated", "completed", "failed", "dead_letter", "refunded", "refund_failed"]
 TERMINAL_KINDS: tuple[Kind, ...] = ("completed", "failed")
 
 _PR_SET_PDEATHSIG = 1
+
+
+# -- connection security -----------------------------------------------------------------
+
+# The PAYMENT_KAFKA_* security variables of the broker the harness talks to (empty: a
+# PLAINTEXT broker). Every service process gets them and the harness's own clients connect
+# alike; `use_kafka_security()` is the module-level switch (tests/e2e/conftest.py sets it
+# for the whole run when PAYMENT_TEST_KAFKA_SECURITY=sasl_ssl).
+_kafka_security: dict[str, str] = {}
+
+
+def use_kafka_security(env: Mapping[str, str]) -> None:
+    """From now on services and harness clients connect with these PAYMENT_KAFKA_* settings."""
+    _kafka_security.clear()
+    _kafka_security.update(env)
+
+
+def kafka_security_env() -> dict[str, str]:
+    return dict(_kafka_security)
+
+
+def kafka_client_security() -> dict[str, Any]:
+    """aiokafka arguments for the harness's clients, built here from the same variables
+    (not by the service's code, so a bug there cannot hide itself)."""
+    env = _kafka_security
+    protocol = env.get("PAYMENT_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    kwargs: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.endswith("SSL"):
+        kwargs["ssl_context"] = ssl.create_default_context(
+            cafile=env.get("PAYMENT_KAFKA_SSL_CAFILE")
+        )
+    if protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = env["PAYMENT_KAFKA_SASL_MECHANISM"]
+        kwargs["sasl_plain_username"] = env["PAYMENT_KAFKA_SASL_USERNAME"]
+        kwargs["sasl_plain_password"] = env["PAYMENT_KAFKA_SASL_PASSWORD"]
+    return kwargs
 
 
 # -- topics and environment --------------------------------------------------------------
@@ -69,13 +107,17 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True)
 class ServiceTopics:
-    """The five topic names one service (or one group of instances) uses."""
+    """The topic names one service (or one group of instances) uses."""
 
     request: str
     initiated: str
     completed: str
     failed: str
     dead_letter: str
+    # Refunds (contract 4.8); empty: the service's defaults, not listened to.
+    refund: str = ""
+    refunded: str = ""
+    refund_failed: str = ""
 
     @classmethod
     def unique(cls, prefix: str = "e2e") -> ServiceTopics:
@@ -87,11 +129,25 @@ class ServiceTopics:
             completed=f"{base}.payment.completed",
             failed=f"{base}.payment.failed",
             dead_letter=f"{base}.payment.dead_letter",
+            refund=f"{base}.saga.refund_payment",
+            refunded=f"{base}.payment.refunded",
+            refund_failed=f"{base}.payment.refund_failed",
         )
 
     @property
+    def refund_topics(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.refund, self.refunded, self.refund_failed) if t)
+
+    @property
     def all(self) -> tuple[str, ...]:
-        return (self.request, self.initiated, self.completed, self.failed, self.dead_letter)
+        return (
+            self.request,
+            self.initiated,
+            self.completed,
+            self.failed,
+            self.dead_letter,
+            *self.refund_topics,
+        )
 
     @property
     def outbound(self) -> dict[str, Kind]:
@@ -101,15 +157,23 @@ class ServiceTopics:
             self.completed: "completed",
             self.failed: "failed",
             self.dead_letter: "dead_letter",
+            **({self.refunded: "refunded"} if self.refunded else {}),
+            **({self.refund_failed: "refund_failed"} if self.refund_failed else {}),
         }
 
     def env(self) -> dict[str, str]:
+        refunds = {
+            "PAYMENT_TOPIC_REFUND": self.refund,
+            "PAYMENT_TOPIC_REFUNDED": self.refunded,
+            "PAYMENT_TOPIC_REFUND_FAILED": self.refund_failed,
+        }
         return {
             "PAYMENT_TOPIC_REQUEST": self.request,
             "PAYMENT_TOPIC_INITIATED": self.initiated,
             "PAYMENT_TOPIC_COMPLETED": self.completed,
             "PAYMENT_TOPIC_FAILED": self.failed,
             "PAYMENT_TOPIC_DEAD_LETTER": self.dead_letter,
+            **{name: topic for name, topic in refunds.items() if topic},
         }
 
 
@@ -126,7 +190,9 @@ async def create_topics(
 ) -> None:
     """Create the topics (all with `partitions` partitions, each with its `configs`, e.g.
     `max.message.bytes`); existing ones are left alone."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="e2e-admin", **kafka_client_security()
+    )
     await admin.start()
     try:
         names = list(topics)
@@ -154,7 +220,9 @@ async def led_partitions(
     bootstrap: str, topics: Sequence[str], timeout_s: float
 ) -> dict[str, set[int]]:
     """Each topic's partitions, once all exist with a leader (the service may create them)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="e2e-admin")
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="e2e-admin", **kafka_client_security()
+    )
     await admin.start()
     try:
         deadline = time.monotonic() + timeout_s
@@ -216,6 +284,7 @@ def service_env(
             # `run` migrates only when told to; the topics are created by `create_topics`.
             "PAYMENT_MIGRATE_ON_START": "true",
             **topics.env(),
+            **kafka_security_env(),
         }
     )
     for name, value in overrides.items():
@@ -720,6 +789,7 @@ class Orchestrator:
             acks="all",
             enable_idempotence=broker_supports_idempotence(),
             linger_ms=0,
+            **kafka_client_security(),
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
@@ -729,6 +799,7 @@ class Orchestrator:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=client_fetch_max_wait_ms(),
             client_id=f"{self.source}-consumer",
+            **kafka_client_security(),
         )
         await self._consumer.start()
         found = await led_partitions(self.bootstrap, self.topics.all, timeout_s)
@@ -859,6 +930,44 @@ class Orchestrator:
             headers=headers or self.headers(ce_id=ce_id, traceparent=traceparent),
         )
         return dataclasses.replace(sent, booking_id=booking_id, data=body)
+
+    async def refund(
+        self,
+        booking_id: str,
+        *,
+        amount: int | None = None,
+        ce_id: str | None = None,
+        traceparent: str | None = None,
+        **fields: Any,
+    ) -> Sent:
+        """A `saga.refund_payment` for a booking (all that is refundable unless `amount`),
+        key = booking id, on the refund topic."""
+        assert self.topics.refund, "these topics have no refund topic"
+        body: dict[str, Any] = {"booking_id": booking_id, "saga_id": f"saga-{booking_id}"}
+        if amount is not None:
+            body["amount"] = amount
+        body.update(fields)
+        sent = await self.send_raw(
+            json.dumps(body).encode(),
+            key=booking_id.encode(),
+            headers=self.headers(ce_id=ce_id, ce_type=REFUND_TYPE, traceparent=traceparent),
+            topic=self.topics.refund,
+        )
+        return dataclasses.replace(sent, booking_id=booking_id, data=body)
+
+    def refund_outcomes(self, booking_id: str) -> list[Received]:
+        """payment.refunded and payment.refund_failed deliveries of a booking."""
+        return self.events.for_booking(booking_id, "refunded", "refund_failed")
+
+    async def wait_refund_outcomes(
+        self, booking_id: str, count: int, *, timeout_s: float = 30.0
+    ) -> list[Received]:
+        """Once `count` refund outcomes of the booking arrived: all of them."""
+        return await self.wait_for(
+            lambda log: (found := self.refund_outcomes(booking_id))[count - 1 :] and found,
+            timeout_s=timeout_s,
+            what=f"{count} refund outcomes of {booking_id}",
+        )
 
     async def redeliver(self, sent: Sent) -> Sent:
         """The same record again (same key, value and headers): what a redelivery looks like."""

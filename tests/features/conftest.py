@@ -405,3 +405,59 @@ def both_outcomes(story: Story) -> None:
     types = {o.type for o in story.outcomes.values() if o is not None}
 
     assert types == {"payment.completed", "payment.failed"}
+
+
+# -- refunds ------------------------------------------------------------------------------------
+
+
+@given(
+    parsers.re(
+        rf"the saga has asked for a refund of (?:{MONEY}|what is left) for booking {BOOKING}"
+    )
+)
+@when(parsers.re(rf"the saga asks for a refund of (?:{MONEY}|what is left) for booking {BOOKING}"))
+def ask_refund(
+    driver: PaymentsDriver, story: Story, booking: str, amount: str | None, currency: str | None
+) -> None:
+    minor = None if amount is None or currency is None else minor_units(amount, currency)
+    story.last_message_id = driver.refund(booking, amount=minor, saga_id=f"saga-{booking}")
+    story.last_booking = booking
+
+
+@then(
+    parsers.re(
+        rf"the saga is told {MONEY} of booking {BOOKING} was refunded, "
+        r"(?P<total>\d+(?:\.\d+)?) (?P<total_currency>[A-Z]{3}) in all"
+    )
+)
+def told_refunded(
+    driver: PaymentsDriver,
+    booking: str,
+    amount: str,
+    currency: str,
+    total: str,
+    total_currency: str,
+) -> None:
+    refunded = [m.data for m in driver.published(booking) if m.type == "payment.refunded"]
+    wanted = (minor_units(amount, currency), minor_units(total, total_currency), currency)
+    assert wanted in [(d["amount"], d["refunded_total"], d["currency"]) for d in refunded], refunded
+    assert all(d["saga_id"] == f"saga-{booking}" for d in refunded)
+
+
+@then(
+    parsers.re(
+        rf"the saga is told the refund for booking {BOOKING} failed as "
+        r"(?P<why>an over-refund|not charged)"
+    )
+)
+def told_refund_failed(driver: PaymentsDriver, booking: str, why: str) -> None:
+    failed = [m for m in driver.published(booking) if m.type == "payment.refund_failed"]
+    assert failed, driver.published(booking)
+    reason = {"an over-refund": "over_refund", "not charged": "not_charged"}[why]
+    assert failed[-1].data["reason"] == reason
+    assert "refund_id" not in failed[-1].data  # refused: no refund was created
+
+
+@then(parsers.re(rf"the gateway refunded {MONEY} for booking {BOOKING}"))
+def gateway_refunded(driver: PaymentsDriver, amount: str, currency: str, booking: str) -> None:
+    assert driver.refunded_at_gateway(booking) == minor_units(amount, currency)

@@ -24,7 +24,9 @@ from payment.application.commands import (
     ExecutePayment,
     InboundRef,
     ReconcilePayment,
+    RefundPayment,
     RequestPayment,
+    SettleRefunds,
 )
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
@@ -33,13 +35,22 @@ from payment.application.handlers import (
     reconcile_payment,
     request_payment,
 )
-from payment.domain.processor import ChargeOutcome, ChargeRequest, OutcomeUnknown
+from payment.application.refunds import RefundResult, Refunds
+from payment.domain.processor import (
+    ChargeOutcome,
+    ChargeRequest,
+    OutcomeUnknown,
+    Refunded,
+    RefundOutcome,
+    RefundRequest,
+)
 
 T = TypeVar("T")
 
 SAGA_SOURCE = "booking-saga"
 SERVICE_SOURCE = "payment-service"
 TERMINAL_TYPES = ("payment.completed", "payment.failed")
+REFUND_TYPES = ("payment.refunded", "payment.refund_failed")
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,15 @@ class PaymentsDriver(Protocol):
         """Whether the request with this `ce_id` was set aside on `payment.dead_letter`."""
         ...
 
+    def refund(self, booking_id: str, *, amount: int | None, saga_id: str | None = None) -> str:
+        """Send one `saga.refund_payment` (amount None: all that is left) with a new
+        `ce_id`, and return it once the service has answered it."""
+        ...
+
+    def refunded_at_gateway(self, booking_id: str) -> int:
+        """The total the gateway itself refunded for the booking, in minor units."""
+        ...
+
     def close(self) -> None:
         """Stop the service and release what the driver holds."""
         ...
@@ -152,6 +172,7 @@ class _ObservedGateway:
         self.name = fake.name
         self.lose_next = 0
         self.keys_by_booking: defaultdict[str, set[uuid.UUID]] = defaultdict(set)
+        self.refunds_by_booking: defaultdict[str, dict[uuid.UUID, int]] = defaultdict(dict)
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
         outcome = await self._fake.charge(request)
@@ -164,6 +185,18 @@ class _ObservedGateway:
 
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         return await self._fake.lookup(request)
+
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        outcome = await self._fake.refund(request)
+        if isinstance(outcome, Refunded):
+            # Idempotent per key: a key seen again is the same refund.
+            self.refunds_by_booking[request.booking_id][request.idempotency_key] = (
+                request.money.amount
+            )
+        return outcome
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        return await self._fake.lookup_refund(request)
 
 
 class MemoryDriver:
@@ -286,6 +319,28 @@ class MemoryDriver:
 
     def dead_lettered(self, message_id: str) -> bool:
         return message_id in self._dead_letters
+
+    def refund(self, booking_id: str, *, amount: int | None, saga_id: str | None = None) -> str:
+        message_id = str(uuid.uuid4())
+        command = RefundPayment(
+            inbound=InboundRef(source=SAGA_SOURCE, message_id=message_id),
+            booking_id=booking_id,
+            amount=amount,
+            saga_id=saga_id,
+        )
+        refunds = Refunds(self.uow_factory, self.gateway, self.clock, self.policy)
+
+        async def handle() -> None:
+            # As the consumer does: record, then settle at once.
+            result, payment_id = await refunds.request(command)
+            if result is RefundResult.ACCEPTED and payment_id is not None:
+                await refunds.settle(SettleRefunds(payment_id=payment_id))
+
+        self._run(handle())
+        return message_id
+
+    def refunded_at_gateway(self, booking_id: str) -> int:
+        return sum(self.gateway.refunds_by_booking.get(booking_id, {}).values())
 
     def close(self) -> None:
         self._loop.close()

@@ -117,6 +117,12 @@ WHERE i.event_type = 'PaymentInitiated' AND i.data->>'booking_id' = %s
         AND a.data->>'result' <> 'unavailable'
   )
 """
+# The fake's refunds, from the stream: the amounts of the booking's PaymentRefunded events.
+_RECORDED_REFUNDS = """
+SELECT coalesce(sum((r.data->>'amount')::bigint), 0) FROM payment_events r
+JOIN payment_events i ON i.stream_id = r.stream_id AND i.event_type = 'PaymentInitiated'
+WHERE r.event_type = 'PaymentRefunded' AND i.data->>'booking_id' = %s
+"""
 
 
 class _LoopThread:
@@ -375,6 +381,34 @@ class RealStackDriver:
             return False
 
         return self._run(found())
+
+    def refund(self, booking_id: str, *, amount: int | None, saga_id: str | None = None) -> str:
+        orch = self._orch
+        before = len(orch.refund_outcomes(booking_id))
+        fields = {} if saga_id is None else {"saga_id": saga_id}
+        sent = self._run(orch.refund(booking_id, amount=amount, **fields))
+        self._run(orch.wait_refund_outcomes(booking_id, before + 1, timeout_s=SETTLE_TIMEOUT_S))
+        assert sent.ce_id is not None
+        self._sent[sent.ce_id] = sent
+        return sent.ce_id
+
+    def refunded_at_gateway(self, booking_id: str) -> int:
+        if self._localstripe is not None:
+            return sum(
+                int(refund["amount"])
+                for refund in self._localstripe.refunds()
+                if refund.get("metadata", {}).get("booking_id") == booking_id
+                and refund.get("status") == "succeeded"
+            )
+        self._ensure_running()
+
+        async def recorded() -> int:
+            assert self._db is not None
+            cursor = await self._db.execute(_RECORDED_REFUNDS, (booking_id,))
+            row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+
+        return self._run(recorded())
 
     def close(self) -> None:
         async def stop_gateway() -> None:

@@ -195,6 +195,9 @@ def topic_names() -> Topics:
         completed=f"{prefix}.payment.completed",
         failed=f"{prefix}.payment.failed",
         dead_letter=f"{prefix}.payment.dead_letter",
+        refund=f"{prefix}.saga.refund_payment",
+        refunded=f"{prefix}.payment.refunded",
+        refund_failed=f"{prefix}.payment.refund_failed",
     )
 
 

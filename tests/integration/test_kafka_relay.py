@@ -42,6 +42,9 @@ def unique_topics() -> Topics:
         completed=f"{prefix}.completed",
         failed=f"{prefix}.failed",
         dead_letter=f"{prefix}.dead_letter",
+        refund=f"{prefix}.refund",
+        refunded=f"{prefix}.refunded",
+        refund_failed=f"{prefix}.refund_failed",
     )
 
 

@@ -383,6 +383,7 @@ LISTED_SERIES = (
     "payment_payments_in_flight",
     "payment_payments_in_flight_oldest_age_seconds",
     "payment_reconciler_actions_total",
+    "payment_refund_worker_actions_total",
     "payment_payments_review_pending",
     "payment_payments_flagged_total",
 )

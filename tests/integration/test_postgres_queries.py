@@ -13,19 +13,28 @@ from payment.adapters.postgres.queries import (
 )
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
-from payment.application.commands import ExecutePayment, InboundRef, RequestPayment
+from payment.application.commands import (
+    ExecutePayment,
+    InboundRef,
+    RequestPayment,
+    SettleRefunds,
+)
 from payment.application.handlers import execute_payment, request_payment
+from payment.application.refunds import RefundResult, Refunds
 from payment.domain.events import (
     ChargeAttempted,
     ChargeStarted,
     PaymentCompleted,
     PaymentInitiated,
 )
+from support.commands import refund_cmd
 
 CLOCK = SystemClock()
 
 
-async def _completed_payment(uow_factory: PostgresUnitOfWorkFactory) -> uuid.UUID:
+async def _completed_payment(
+    uow_factory: PostgresUnitOfWorkFactory, gateway: FakeProcessor | None = None
+) -> uuid.UUID:
     await request_payment(
         RequestPayment(
             inbound=InboundRef(source="saga", message_id="r-1"),
@@ -43,7 +52,7 @@ async def _completed_payment(uow_factory: PostgresUnitOfWorkFactory) -> uuid.UUI
     await execute_payment(
         ExecutePayment(inbound=InboundRef(source="svc", message_id="e-1"), payment_id=payment_id),
         uow_factory,
-        FakeProcessor(),
+        gateway or FakeProcessor(),
         CLOCK,
     )
     return payment_id
@@ -95,3 +104,28 @@ async def test_render_finds_a_payment_by_id_or_booking_and_hides_the_payment_met
     assert "pm_secret_token" not in text
     assert await render_payment(database_url, booking_id="booking-2") is None
     assert await render_payment(database_url, payment_id=uuid.uuid4()) is None
+
+
+async def test_show_lists_refunds_and_a_closed_booking(
+    pg_uow_factory: PostgresUnitOfWorkFactory, database_url: str
+) -> None:
+    gateway = FakeProcessor()
+    payment_id = await _completed_payment(pg_uow_factory, gateway)
+    refunds = Refunds(pg_uow_factory, gateway, CLOCK)
+    for amount in (1000, 5000):  # the second is an over-refund: no refund created
+        result, _ = await refunds.request(refund_cmd("booking-1", amount=amount))
+        if result is RefundResult.ACCEPTED:
+            await refunds.settle(SettleRefunds(payment_id=payment_id))
+    await refunds.request(refund_cmd("booking-closed"))
+
+    shown = await render_payment(database_url, payment_id=payment_id)
+    assert shown is not None
+    text = "\n".join(shown)
+    assert "refunds (1): 1000 of 4200 EUR refunded, payment PARTIALLY_REFUNDED" in text
+    assert "amount=1000" in text and "refunded " in text and "ref=fake_re_" in text
+    assert "RefundRequested" in text and "PaymentRefunded" in text
+    assert "payment.refunded" in text
+
+    closed = await render_payment(database_url, booking_id="booking-closed")
+    assert closed is not None
+    assert "closed by a refund" in "\n".join(closed)

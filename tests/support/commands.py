@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from payment.application.commands import InboundRef, RequestPayment, TraceHeaders
+from payment.application.commands import InboundRef, RefundPayment, RequestPayment, TraceHeaders
 
 SAGA = "saga-orchestrator"
 SELF = "payment-service"
@@ -34,6 +34,24 @@ def request_cmd(
     values.update(fields)
     return RequestPayment(
         inbound=InboundRef(source=source, message_id=message_id or f"req-{next(_ids)}"),
+        booking_id=booking_id,
+        **values,
+    )
+
+
+def refund_cmd(
+    booking_id: str = "BK-1001",
+    *,
+    message_id: str | None = None,
+    source: str = SAGA,
+    **fields: Any,
+) -> RefundPayment:
+    """A refund request (all that is refundable unless `amount` is given) with a fresh
+    message id unless given; `fields` overrides any field."""
+    values: dict[str, Any] = {"saga_id": "saga-7", "reason": "trip cancelled", "trace": TRACE}
+    values.update(fields)
+    return RefundPayment(
+        inbound=InboundRef(source=source, message_id=message_id or f"ref-{next(_ids)}"),
         booking_id=booking_id,
         **values,
     )

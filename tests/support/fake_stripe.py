@@ -17,7 +17,10 @@ semantics where they matter for "never charge twice":
   answers 402 `card_error`, as Stripe does.
 - `GET /v1/payment_intents/search?query=metadata['payment_id']:'…'` and
   `GET /v1/payment_intents` (list, oldest first, `limit` / `starting_after`).
-- `GET /_ledger`: every intent and the counters, for the tests' oracle.
+- `POST /v1/refunds` (`payment_intent`, `amount`, `metadata[...]`) with the same
+  idempotency-key semantics; a refund past what is left of the intent is a 400
+  `amount_too_large`, as Stripe answers. `GET /v1/refunds?payment_intent=…` lists them.
+- `GET /_ledger`: every intent, every refund and the counters, for the tests' oracle.
 
 Faults, for the reconciler to earn its keep: `--lose-response-rate P` executes a charge
 and then drops the connection without answering (the caller cannot know it charged), and
@@ -91,6 +94,7 @@ class Ledger:
         self.in_flight = 0
         self.intents: dict[str, dict[str, Any]] = {}
         self.by_payment: dict[str, list[str]] = {}
+        self.refunds: dict[str, dict[str, Any]] = {}
         # key -> (parameters, HTTP status, body)
         self.answers: dict[str, tuple[list[tuple[str, str]], int, bytes]] = {}
         self.executing: set[str] = set()
@@ -255,7 +259,19 @@ class Handler(BaseHTTPRequestHandler):
         with ledger.lock:
             ledger.stats["get"] += 1
             if url.path == "/_ledger":
-                self._json(200, {"intents": list(ledger.intents.values()), "stats": ledger.stats})
+                self._json(
+                    200,
+                    {
+                        "intents": list(ledger.intents.values()),
+                        "refunds": list(ledger.refunds.values()),
+                        "stats": ledger.stats,
+                    },
+                )
+                return
+            if url.path == "/v1/refunds":
+                wanted = query.get("payment_intent")
+                data = [r for r in ledger.refunds.values() if r["payment_intent"] == wanted]
+                self._json(200, {"object": "list", "data": data, "has_more": False})
                 return
             if url.path == "/v1/payment_intents/search":
                 ledger.stats["search"] += 1
@@ -296,20 +312,21 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = raw.decode()
-        if urlsplit(self.path).path == "/_control":
+        path = urlsplit(self.path).path
+        if path == "/_control":
             self.do_control(body)
             return
-        if urlsplit(self.path).path != "/v1/payment_intents":
+        if path not in ("/v1/payment_intents", "/v1/refunds"):
             self._error(404, "invalid_request_error", "Unrecognized request URL")
             return
         if not self._enter():
             return
         try:
-            self._create(body)
+            self._create(body, path)
         finally:
             self._leave()
 
-    def _create(self, body: str) -> None:
+    def _create(self, body: str, path: str) -> None:
         ledger = self.server.ledger
         pairs = sorted(parse_qsl(body, keep_blank_values=True))
         key = self.headers.get("Idempotency-Key")
@@ -371,6 +388,14 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
             params = dict(pairs)
             metadata = {k[len("metadata[") : -1]: v for k, v in pairs if k.startswith("metadata[")}
+            if path == "/v1/refunds":
+                status, answer = self._refund(ledger, key, pairs, params, metadata, lose)
+                if lose:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self._send(status, answer)
+                return
             intent = _intent(params, metadata)
             if intent["status"] == "succeeded":
                 status, answer = 200, json.dumps(intent).encode()
@@ -405,6 +430,54 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self._send(status, answer)
+
+    def _refund(
+        self,
+        ledger: Ledger,
+        key: str | None,
+        pairs: list[tuple[str, str]],
+        params: dict[str, str],
+        metadata: dict[str, str],
+        lose: bool,
+    ) -> tuple[int, bytes]:
+        """Execute one refund (the caller holds the key as executing; not the lock)."""
+        with ledger.lock:
+            intent = ledger.intents.get(params.get("payment_intent", ""))
+            amount = int(params.get("amount", "0"))
+            if intent is None or intent["status"] != "succeeded":
+                status, answer = 400, json.dumps(
+                    {"error": {"type": "invalid_request_error", "code": "charge_not_refundable",
+                               "message": "no succeeded PaymentIntent to refund"}}
+                ).encode()  # fmt: skip
+            else:
+                same = [r for r in ledger.refunds.values() if r["payment_intent"] == intent["id"]]
+                refunded = sum(r["amount"] for r in same)
+                if amount < 1 or refunded + amount > intent["amount"]:
+                    ledger.stats["refunds_refused"] += 1
+                    status, answer = 400, json.dumps(
+                        {"error": {"type": "invalid_request_error", "code": "amount_too_large",
+                                   "message": "Refund amount is greater than unrefunded amount"}}
+                    ).encode()  # fmt: skip
+                else:
+                    refund = {
+                        "id": f"re_{uuid.uuid4().hex[:24]}",
+                        "object": "refund",
+                        "amount": amount,
+                        "currency": intent["currency"],
+                        "payment_intent": intent["id"],
+                        "metadata": metadata,
+                        "status": "succeeded",
+                        "created": int(time.time()),
+                    }
+                    ledger.refunds[refund["id"]] = refund
+                    ledger.stats["refunds"] += 1
+                    status, answer = 200, json.dumps(refund).encode()
+            if key is not None:
+                ledger.answers[key] = (pairs, status, answer)
+            if lose:
+                ledger.stats["lost_responses"] += 1
+            self.note(key, pairs, f"refund {status}{' (response lost)' if lose else ''}")
+        return status, answer
 
 
 class GatewayServer(ThreadingHTTPServer):
@@ -509,6 +582,14 @@ class FakeStripe:
     def log_text(self) -> str:
         """One line per charge request: key, payment, what the gateway answered."""
         return self._server.log_text()
+
+    def refunds(self) -> list[dict[str, Any]]:
+        """Every Refund the gateway made (oldest first)."""
+        import httpx
+
+        answer = httpx.get(f"{self.url}/_ledger", timeout=10.0).raise_for_status().json()
+        refunds: list[dict[str, Any]] = answer["refunds"]
+        return refunds
 
     def control(self, **change: object) -> dict[str, Any]:
         """Switch brownouts: `stall=True|False`, `rate_limit=N` (per second, 0: none),

@@ -80,6 +80,18 @@ class LocalStripe:
                     return intents
                 params = {"limit": 100, "starting_after": page["data"][-1]["id"]}
 
+    def refunds(self) -> list[dict[str, Any]]:
+        """Every Refund the emulator holds, read with plain HTTP."""
+        refunds: list[dict[str, Any]] = []
+        params: dict[str, str | int] = {"limit": 100}
+        with httpx.Client(base_url=self.url, auth=(API_KEY, ""), timeout=5.0) as client:
+            while True:
+                page = client.get("/v1/refunds", params=params).raise_for_status().json()
+                refunds += page["data"]
+                if not page["has_more"] or not page["data"]:
+                    return refunds
+                params = {"limit": 100, "starting_after": page["data"][-1]["id"]}
+
     def intents_for(self, payment_id: uuid.UUID) -> list[dict[str, Any]]:
         """The PaymentIntents whose metadata names this payment."""
         wanted = str(payment_id)

@@ -14,6 +14,9 @@ from payment.domain.processor import (
     ChargeOutcome,
     ChargeRequest,
     ProcessorRateLimited,
+    Refunded,
+    RefundOutcome,
+    RefundRequest,
 )
 
 
@@ -241,3 +244,42 @@ def test_stripe_429_is_a_rate_limit_carrying_retry_after(
         processor._outcome_of_error(_request(), error)
 
     assert raised.value.retry_after_s == expected
+
+
+class GatedRefunds(GatedGateway):
+    """The gated gateway, refunding too: a charge and a refund take the same slots."""
+
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        await self.charge(_request())
+        return Refunded(provider_reference="re_1")
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        return await self.refund(request)
+
+
+async def test_refunds_share_the_charges_bulkhead() -> None:
+    gateway = GatedRefunds()
+    limited = LimitedProcessor(
+        gateway, GatewayLimits(max_concurrency=3, max_rate=1e9), call_timeout_s=None
+    )
+    refund = RefundRequest(
+        refund_id=uuid.uuid4(),
+        payment_id=uuid.uuid4(),
+        booking_id="b-1",
+        money=Money(amount=50, currency="EUR"),
+        charge_reference="pi_1",
+        idempotency_key=uuid.uuid4(),
+    )
+
+    calls = [asyncio.create_task(limited.charge(_request())) for _ in range(2)]
+    calls += [asyncio.create_task(limited.refund(refund)) for _ in range(3)]
+    calls += [asyncio.create_task(limited.lookup_refund(refund))]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert (gateway.in_flight, limited.waiting) == (3, 3)
+
+    gateway.release.set()
+    results = await asyncio.gather(*calls)
+
+    assert results[2:] == [Refunded(provider_reference="re_1")] * 4
+    assert gateway.high_water == 3

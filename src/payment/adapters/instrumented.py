@@ -54,6 +54,9 @@ from payment.domain.events import (
     PaymentFailed,
     PaymentFlaggedForReview,
     PaymentInitiated,
+    PaymentRefunded,
+    RefundFailed,
+    RefundRequested,
 )
 from payment.domain.processor import (
     Approved,
@@ -63,11 +66,16 @@ from payment.domain.processor import (
     OutcomeUnknown,
     PaymentProcessor,
     ProcessorUnavailable,
+    RefundDeclined,
+    Refunded,
+    RefundOutcome,
+    RefundRequest,
 )
 
 log = logging.getLogger("payment.lifecycle")
 
 _T = TypeVar("_T")
+_Req = TypeVar("_Req", ChargeRequest, RefundRequest)
 
 # Span attributes of this service (no token, key or card data is ever one of them).
 ATTR_PAYMENT_ID: Final = "payment.id"
@@ -104,7 +112,7 @@ class InstrumentedProcessor:
         self._tracer = tracer
         self._metrics = metrics
         self._budget = log_budget
-        for operation in ("charge", "lookup"):
+        for operation in ("charge", "lookup", "refund", "lookup_refund"):
             for kind in _ERROR_KINDS:
                 metrics.processor_errors.add(
                     0, {"processor": self.name, "operation": operation, "kind": kind}
@@ -116,13 +124,21 @@ class InstrumentedProcessor:
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         return await self._call("lookup", request, self.inner.lookup)
 
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        return await self._call("refund", request, self.inner.refund)
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        return await self._call("lookup_refund", request, self.inner.lookup_refund)
+
     async def _call(
         self,
         operation: str,
-        request: ChargeRequest,
-        call: Callable[[ChargeRequest], Awaitable[_T]],
+        request: _Req,
+        call: Callable[[_Req], Awaitable[_T]],
     ) -> _T:
         ids = {"payment_id": str(request.payment_id), "booking_id": request.booking_id}
+        if isinstance(request, RefundRequest):
+            ids["refund_id"] = str(request.refund_id)
         started = time.perf_counter()
         result = "error"
         with self._tracer.start_as_current_span(
@@ -133,6 +149,7 @@ class InstrumentedProcessor:
                 ATTR_BOOKING_ID: request.booking_id,
                 ATTR_PROCESSOR: self.name,
                 "payment.operation": operation,
+                **({"payment.refund_id": ids["refund_id"]} if "refund_id" in ids else {}),
             },
             record_exception=False,
             set_status_on_exception=False,
@@ -153,7 +170,7 @@ class InstrumentedProcessor:
                 raise
             else:
                 result = _result_of(outcome)
-                if isinstance(outcome, Declined):
+                if isinstance(outcome, Declined | RefundDeclined):
                     span.set_attribute("payment.decline_code", outcome.code)
                 return outcome
             finally:
@@ -185,8 +202,10 @@ class InstrumentedProcessor:
 def _result_of(outcome: object) -> str:
     if isinstance(outcome, Approved):
         return "approved"
-    if isinstance(outcome, Declined):
+    if isinstance(outcome, Declined | RefundDeclined):
         return "declined"
+    if isinstance(outcome, Refunded):
+        return "refunded"
     return "not_found" if outcome is None else type(outcome).__name__.lower()
 
 
@@ -415,6 +434,8 @@ class InstrumentedUnitOfWork:
                             "version": event.version,
                         },
                     )
+            elif isinstance(event, RefundRequested | PaymentRefunded | RefundFailed):
+                self._observe_refund(event)
             elif isinstance(event, PaymentFlaggedForReview):
                 self._metrics.payments_flagged.add(1)
                 log.warning(
@@ -429,6 +450,21 @@ class InstrumentedUnitOfWork:
                 {"outcome": outcome} if reason is None else {"outcome": outcome, "reason": reason}
             )
             self._metrics.outcomes.add(count, labels)
+
+    def _observe_refund(self, event: RefundRequested | PaymentRefunded | RefundFailed) -> None:
+        ids = {"payment_id": str(event.payment_id), "refund_id": str(event.refund_id)}
+        if isinstance(event, RefundRequested):
+            self._metrics.refunds.add(1, {"result": "requested"})
+            if self._budget.allow("refund requested"):
+                log.info("refund requested", extra={**ids, "amount": event.amount})
+        elif isinstance(event, PaymentRefunded):
+            self._metrics.refunds.add(1, {"result": "refunded"})
+            if self._budget.allow("payment refunded"):
+                log.info("payment refunded", extra={**ids, "amount": event.amount})
+        else:
+            self._metrics.refunds.add(1, {"result": "failed", "reason": event.reason})
+            if self._budget.allow("refund failed"):
+                log.info("refund failed", extra={**ids, "reason": event.reason})
 
     def _observe_latency(self, event: PaymentCompleted | PaymentFailed, outcome: str) -> None:
         started = self._events.initiated_at.take(event.payment_id)
@@ -473,9 +509,10 @@ StoredTrace = Callable[[uuid.UUID], Awaitable[TraceHeaders | None]]
 
 
 def reconcile_scope(
-    tracer: Tracer, stored_trace: StoredTrace
+    tracer: Tracer, stored_trace: StoredTrace, name: str = "reconcile payment"
 ) -> Callable[[uuid.UUID], AbstractAsyncContextManager[None]]:
-    """The reconciler's per-payment scope: a span in the trace of the payment's request.
+    """The reconciler's per-payment scope: a span in the trace of the payment's request
+    (`name`: the refund worker's is "settle refunds").
 
     Reconciliation happens long after the request's consumer span ended; continuing the
     trace stored with the payment's first outbox row keeps the gateway calls and the
@@ -486,7 +523,7 @@ def reconcile_scope(
     async def scope(payment_id: uuid.UUID) -> AsyncIterator[None]:
         parent = context_from_trace(await stored_trace(payment_id))
         with tracer.start_as_current_span(
-            "reconcile payment",
+            name,
             context=parent,
             attributes={ATTR_PAYMENT_ID: str(payment_id)},
             record_exception=False,

@@ -32,6 +32,8 @@ class MemoryDatabase:
     def __init__(self) -> None:
         self.streams: dict[uuid.UUID, list[AnyPaymentEvent]] = {}
         self.bookings: dict[str, uuid.UUID] = {}
+        self.closed_bookings: set[str] = set()
+        self.refunds_pending: dict[uuid.UUID, datetime] = {}
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
         self.outbox: list[OutboxRecord] = []
         self.inbox: dict[tuple[str, str], datetime] = {}
@@ -109,9 +111,20 @@ class MemoryPaymentIndex:
         self.status: dict[uuid.UUID, tuple[PaymentStatus, datetime]] = {}
         self.requeued: dict[uuid.UUID, datetime] = {}
         self.held: set[uuid.UUID] = set()
+        self.closing: set[str] = set()
+        self.refund_marks: dict[uuid.UUID, datetime | None] = {}
+        self.refunds_requeued: dict[uuid.UUID, datetime] = {}
+
+    def _taken(self, booking_id: str) -> bool:
+        return (
+            booking_id in self._db.bookings
+            or booking_id in self.claims
+            or booking_id in self._db.closed_bookings
+            or booking_id in self.closing
+        )
 
     async def claim_booking(self, booking_id: str, payment_id: uuid.UUID, at: datetime) -> None:
-        if booking_id in self._db.bookings or booking_id in self.claims:
+        if self._taken(booking_id):
             raise BookingAlreadyClaimed(booking_id)
         self.claims[booking_id] = (payment_id, at)
         self.status[payment_id] = (PaymentStatus.INITIATED, at)
@@ -121,7 +134,7 @@ class MemoryPaymentIndex:
     ) -> set[str]:
         claimed: set[str] = set()
         for booking_id, payment_id in claims:
-            if booking_id not in self._db.bookings and booking_id not in self.claims:
+            if not self._taken(booking_id):
                 await self.claim_booking(booking_id, payment_id, at)
                 claimed.add(booking_id)
         return claimed
@@ -169,15 +182,51 @@ class MemoryPaymentIndex:
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         self.requeued[payment_id] = at
 
+    async def close_booking(self, booking_id: str, at: datetime) -> uuid.UUID | None:
+        existing = await self.payment_for_booking(booking_id)
+        if existing is not None:
+            return existing
+        if booking_id not in self._db.closed_bookings:
+            self.closing.add(booking_id)
+        return None
+
+    async def booking_closed(self, booking_id: str) -> bool:
+        return booking_id in self._db.closed_bookings or booking_id in self.closing
+
+    async def set_refunds_pending(self, payment_id: uuid.UUID, since: datetime | None) -> None:
+        self.refund_marks[payment_id] = since
+
+    async def requeue_refunds(self, payment_id: uuid.UUID, at: datetime) -> None:
+        self.refunds_requeued[payment_id] = at
+
+    async def refunds_due(self, before: datetime, limit: int) -> list[uuid.UUID]:
+        rows = []
+        for pid, since in self._db.refunds_pending.items():
+            status, updated = self._db.status.get(pid, (PaymentStatus.INITIATED, since))
+            if status is PaymentStatus.INITIATED:
+                continue
+            if since < before or updated > since:
+                rows.append((since, pid))
+        return [pid for _, pid in sorted(rows)[:limit]]
+
     def check(self) -> None:
-        for booking_id in self.claims:
-            if booking_id in self._db.bookings:
+        for booking_id in [*self.claims, *self.closing]:
+            if booking_id in self._db.bookings or booking_id in self._db.closed_bookings:
                 raise BookingAlreadyClaimed(booking_id)
 
     def apply(self) -> None:
         for booking_id, (payment_id, _) in self.claims.items():
             self._db.bookings[booking_id] = payment_id
         self._db.status.update(self.status)
+        self._db.closed_bookings |= self.closing
+        for payment_id, since in self.refund_marks.items():
+            if since is None:
+                self._db.refunds_pending.pop(payment_id, None)
+            else:
+                self._db.refunds_pending[payment_id] = since
+        for payment_id, at in self.refunds_requeued.items():
+            if payment_id in self._db.refunds_pending:
+                self._db.refunds_pending[payment_id] = at
         for payment_id, at in self.requeued.items():
             current = self._db.status.get(payment_id)
             if current is not None and current[0] is PaymentStatus.INITIATED:

@@ -151,6 +151,14 @@ class Metrics:
             meter, "payment.payments.flagged", "{payment}",
             "payments flagged for manual review (outcome unknown past the review window)",
         )  # fmt: skip
+        self.refunds = self._counter(
+            meter, "payment.refunds", "{refund}",
+            "refund events committed, by result (requested, refunded, failed) and failure reason",
+        )  # fmt: skip
+        self.refund_requests_handled = self._counter(
+            meter, "payment.refund_requests.handled", "{request}",
+            "refund requests by result: accepted, duplicate, rejected, refused, closed",
+        )  # fmt: skip
         # -- processor -------------------------------------------------------------------
         self.processor_call_duration = self._histogram(
             meter, "payment.processor.call.duration", "s",
@@ -208,6 +216,10 @@ class Metrics:
         self._observable_counter(
             meter, "payment.reconciler.actions", "{action}",
             "reconciler results per in-flight payment it looked at, and failed rounds",
+        )  # fmt: skip
+        self._observable_counter(
+            meter, "payment.refund_worker.actions", "{action}",
+            "refund worker results per pending refund it settled, and failed rounds",
         )  # fmt: skip
         self._observable_counter(
             meter, "payment.outbox.published", "{row}", "outbox rows published by this instance"

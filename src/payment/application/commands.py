@@ -64,3 +64,22 @@ class ResolveReview(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     resolved_by: str
     force: bool = False
+
+
+class RefundPayment(msgspec.Struct, frozen=True, kw_only=True):
+    """The orchestrator asks to refund a booking's payment (its compensation); fields as
+    received, not yet validated. `amount` None: all that is still refundable."""
+
+    inbound: InboundRef
+    booking_id: str
+    amount: int | None = None
+    reason: str | None = None
+    saga_id: str | None = None
+    trace: TraceHeaders = TraceHeaders()
+
+
+class SettleRefunds(msgspec.Struct, frozen=True, kw_only=True):
+    """Take a payment's pending refunds to the gateway (or fail them if it was not charged)."""
+
+    payment_id: uuid.UUID
+    trace: TraceHeaders = TraceHeaders()

@@ -26,6 +26,7 @@ from payment.application.errors import (
 )
 from payment.application.messages import (
     OutboundMessage,
+    cancelled_message,
     initiated_message,
     outcome_message,
     rejection_message,
@@ -63,6 +64,7 @@ class RequestResult(enum.StrEnum):
     REJECTED = "rejected"  # broke a rule: payment.failed / invalid_request queued
     REPLAYED = "replayed"  # booking already paid or failed: its outcome queued again
     IN_FLIGHT = "in_flight"  # booking's payment still running: its outcome will follow
+    CANCELLED = "cancelled"  # a refund closed the booking first: payment.failed / cancelled
 
 
 class ExecuteResult(enum.StrEnum):
@@ -152,6 +154,13 @@ async def _request_in(
     except BookingAlreadyClaimed:
         existing_id = await uow.payments.payment_for_booking(cmd.booking_id)
         if existing_id is None:
+            if await uow.payments.booking_closed(cmd.booking_id):
+                # A refund overtook this request and closed the booking (contract 4.8).
+                message = cancelled_message(
+                    booking_id=cmd.booking_id, saga_id=cmd.saga_id, at=now, trace=cmd.trace
+                )
+                await uow.outbox.add([message])
+                return RequestResult.CANCELLED
             raise  # its claimer rolled back meanwhile: retry from the start
         return await _existing_payment(uow, cmd, checked, existing_id)
     await uow.events.append(payment.id, 0, events)

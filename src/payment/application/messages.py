@@ -4,21 +4,46 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import msgspec
 
 from payment.application.commands import TraceHeaders
 from payment.application.validation import echo_safe
-from payment.domain.events import FailureReason, PaymentCompleted, PaymentFailed
+from payment.domain.events import (
+    FailureReason,
+    PaymentCompleted,
+    PaymentFailed,
+    PaymentRefunded,
+    RefundFailed,
+)
 from payment.domain.payment import Payment
 
 REQUEST_PAYMENT: Final = "saga.request_payment"
 PAYMENT_INITIATED: Final = "payment.initiated"
 PAYMENT_COMPLETED: Final = "payment.completed"
 PAYMENT_FAILED: Final = "payment.failed"
+REFUND_PAYMENT: Final = "saga.refund_payment"
+PAYMENT_REFUNDED: Final = "payment.refunded"
+PAYMENT_REFUND_FAILED: Final = "payment.refund_failed"
 
-OutboundType = Literal["payment.initiated", "payment.completed", "payment.failed"]
+OutboundType = Literal[
+    "payment.initiated",
+    "payment.completed",
+    "payment.failed",
+    "payment.refunded",
+    "payment.refund_failed",
+]
+# `payment.failed` reasons: the payment's own, or `cancelled` when a refund for the booking
+# came first and closed it (contract 4.8; no payment exists then).
+# (One Literal, not a union of two: the published schema is then one enum.)
+PublishedFailureReason = Literal[
+    "declined", "invalid_request", "processor_unavailable", "cancelled"
+]
+RefundFailedReason = Literal["not_charged", "over_refund", "declined", "invalid_request"]
+PUBLISHED_FAILURE_REASONS: Final = get_args(PublishedFailureReason)
+assert set(get_args(FailureReason)) < set(PUBLISHED_FAILURE_REASONS)
+REFUND_FAILED_REASONS: Final = get_args(RefundFailedReason)
 
 # The version of each outbound message's `data` shape written now. Published as the
 # CloudEvents `dataschema` (`dataschema_uri`); an outbox row keeps the version it was
@@ -29,6 +54,8 @@ MESSAGE_VERSIONS: Final[dict[OutboundType, int]] = {
     PAYMENT_INITIATED: 1,
     PAYMENT_COMPLETED: 1,
     PAYMENT_FAILED: 1,
+    PAYMENT_REFUNDED: 1,
+    PAYMENT_REFUND_FAILED: 1,
 }
 DATASCHEMA_PREFIX: Final = "urn:payment-service:"
 
@@ -86,10 +113,49 @@ class PaymentFailedMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defau
 
     booking_id: str
     saga_id: str | None
-    reason: FailureReason
+    reason: PublishedFailureReason
     detail: str
     failed_at: datetime
     payment_id: str | None = None
+    version: int | None = None
+
+
+class RefundPaymentMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """`saga.refund_payment` data: strict types, tolerant of unknown fields; only
+    `booking_id` is needed to decode (a rule break is answered with `invalid_request`)."""
+
+    booking_id: str
+    amount: int | None = None
+    reason: str | None = None
+    saga_id: str | None = None
+
+
+class PaymentRefundedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """`payment.refunded` data: one refund, and the payment's refunded total after it."""
+
+    payment_id: str
+    booking_id: str
+    saga_id: str | None
+    refund_id: str
+    amount: int
+    refunded_total: int
+    currency: str
+    provider_reference: str
+    refunded_at: datetime
+    version: int
+
+
+class PaymentRefundFailedMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """`payment.refund_failed` data; `payment_id` and `version` are absent when the booking
+    has no payment, `refund_id` when no refund was created."""
+
+    booking_id: str
+    saga_id: str | None
+    reason: RefundFailedReason
+    detail: str
+    failed_at: datetime
+    payment_id: str | None = None
+    refund_id: str | None = None
     version: int | None = None
 
 
@@ -222,4 +288,127 @@ def rejection_message(
         data=_encoder.encode(data),
         trace=trace,
         schema_version=MESSAGE_VERSIONS[PAYMENT_FAILED],
+    )
+
+
+def cancelled_message(
+    *, booking_id: str, saga_id: str | None, at: datetime, trace: TraceHeaders
+) -> OutboundMessage:
+    """`payment.failed` / `cancelled`: a payment request for a booking a refund closed."""
+    data = PaymentFailedMessage(
+        booking_id=booking_id,
+        saga_id=saga_id,
+        reason="cancelled",
+        detail="a refund for this booking arrived before its payment request: nothing charged",
+        failed_at=at,
+    )
+    return OutboundMessage(
+        event_id=uuid.uuid4(),
+        type=PAYMENT_FAILED,
+        key=booking_id,
+        subject=None,
+        sequence=None,
+        time=at,
+        data=_encoder.encode(data),
+        trace=trace,
+        schema_version=MESSAGE_VERSIONS[PAYMENT_FAILED],
+    )
+
+
+def refunded_message(
+    payment: Payment, event: PaymentRefunded, trace: TraceHeaders
+) -> OutboundMessage:
+    """`payment.refunded` for a refund just recorded (`payment` as of that event)."""
+    assert payment.money is not None
+    refund = payment.refunds[event.refund_id]
+    data = PaymentRefundedMessage(
+        payment_id=str(payment.id),
+        booking_id=payment.booking_id,
+        saga_id=refund.requested.saga_id,
+        refund_id=str(event.refund_id),
+        amount=event.amount,
+        refunded_total=payment.refunded_total,
+        currency=payment.money.currency,
+        provider_reference=event.provider_reference,
+        refunded_at=event.occurred_at,
+        version=event.version,
+    )
+    return _payment_message(payment, PAYMENT_REFUNDED, event.event_id, event, data, trace)
+
+
+def refund_failed_message(
+    payment: Payment, event: RefundFailed, trace: TraceHeaders
+) -> OutboundMessage:
+    """`payment.refund_failed` for a refund that was requested and then failed."""
+    refund = payment.refunds[event.refund_id]
+    data = PaymentRefundFailedMessage(
+        payment_id=str(payment.id),
+        booking_id=payment.booking_id,
+        saga_id=refund.requested.saga_id,
+        refund_id=str(event.refund_id),
+        reason=event.reason,
+        detail=event.detail,
+        failed_at=event.occurred_at,
+        version=event.version,
+    )
+    return _payment_message(payment, PAYMENT_REFUND_FAILED, event.event_id, event, data, trace)
+
+
+def refund_refused_message(
+    *,
+    booking_id: str,
+    saga_id: str | None,
+    reason: RefundFailedReason,
+    detail: str,
+    at: datetime,
+    trace: TraceHeaders,
+    payment: Payment | None = None,
+) -> OutboundMessage:
+    """`payment.refund_failed` for a refund request that created no refund.
+
+    Keyed by the payment id when the booking has a payment (its stream's order), by the
+    echoed booking id otherwise; `version` is the payment's version when refused.
+    """
+    booking_id = echo_safe(booking_id)
+    data = PaymentRefundFailedMessage(
+        booking_id=booking_id,
+        saga_id=None if saga_id is None else echo_safe(saga_id),
+        reason=reason,
+        detail=detail,
+        failed_at=at,
+        payment_id=None if payment is None else str(payment.id),
+        version=None if payment is None else payment.version,
+    )
+    key = booking_id if payment is None else str(payment.id)
+    return OutboundMessage(
+        event_id=uuid.uuid4(),
+        type=PAYMENT_REFUND_FAILED,
+        key=key,
+        subject=None if payment is None else key,
+        sequence=None,
+        time=at,
+        data=_encoder.encode(data),
+        trace=trace,
+        schema_version=MESSAGE_VERSIONS[PAYMENT_REFUND_FAILED],
+    )
+
+
+def _payment_message(
+    payment: Payment,
+    kind: OutboundType,
+    event_id: uuid.UUID,
+    event: PaymentRefunded | RefundFailed,
+    data: msgspec.Struct,
+    trace: TraceHeaders,
+) -> OutboundMessage:
+    return OutboundMessage(
+        event_id=event_id,
+        type=kind,
+        key=str(payment.id),
+        subject=str(payment.id),
+        sequence=event.version,
+        time=event.occurred_at,
+        data=_encoder.encode(data),
+        trace=trace,
+        schema_version=MESSAGE_VERSIONS[kind],
     )

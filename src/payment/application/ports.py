@@ -110,6 +110,35 @@ class PaymentIndex(Protocol):
         commits (to the back of `in_flight_since`); a finished payment is left alone."""
         ...
 
+    async def close_booking(self, booking_id: str, at: datetime) -> uuid.UUID | None:
+        """Close a booking that has no payment, so that none is ever created for it (a
+        refund overtook its payment request, contract 4.8).
+
+        Returns None once the booking is closed (now, or before), or the id of the payment
+        it has (nothing changed). Holds under concurrency with `claim_booking`: one of the
+        two wins, enforced by the store (the same unique constraint).
+        """
+        ...
+
+    async def booking_closed(self, booking_id: str) -> bool:
+        """True if `close_booking` closed this booking (`payment_for_booking` is None then)."""
+        ...
+
+    async def set_refunds_pending(self, payment_id: uuid.UUID, since: datetime | None) -> None:
+        """Record that the payment has refunds pending since `since` (None: none pending)."""
+        ...
+
+    async def requeue_refunds(self, payment_id: uuid.UUID, at: datetime) -> None:
+        """Count `at` as the refunds-pending mark if the payment is still marked when this
+        commits (to the back of `refunds_due`); an unmarked payment is left alone."""
+        ...
+
+    async def refunds_due(self, before: datetime, limit: int) -> list[uuid.UUID]:
+        """Payments with refunds pending whose charge has settled, oldest first: those
+        whose refunds waited for the charge (it settled after they were marked), and
+        those marked before `before` (a refund whose gateway call did not answer)."""
+        ...
+
 
 class OutboxRecord(msgspec.Struct, frozen=True, kw_only=True):
     """A stored outbox row: its position and the message to publish."""

@@ -1,10 +1,10 @@
-"""Rules of contract section 3 for `saga.request_payment`, checked before any payment exists."""
+"""Rules of contract section 3 for `saga.request_payment` and `saga.refund_payment`."""
 
 from __future__ import annotations
 
 import re
 
-from payment.application.commands import RequestPayment
+from payment.application.commands import RefundPayment, RequestPayment
 from payment.domain.errors import InvalidMoney
 from payment.domain.money import Money
 
@@ -158,3 +158,24 @@ def validate_request(cmd: RequestPayment, *, max_amount: int) -> Valid | str:
         customer_id=None if cmd.customer_id is None else mask_card_numbers(cmd.customer_id),
         saga_id=None if cmd.saga_id is None else mask_card_numbers(cmd.saga_id),
     )
+
+
+def validate_refund(cmd: RefundPayment, *, max_amount: int) -> str | None:
+    """None for a refund request that keeps the rules, else why not (never echoing secrets).
+
+    Whether its amount is still refundable is the payment's to decide.
+    """
+    if not _BOOKING_ID.fullmatch(cmd.booking_id):
+        return "booking_id must be 1-64 characters of A-Z a-z 0-9 . _ : -"
+    if cmd.amount is not None and not 1 <= cmd.amount <= max_amount:
+        return f"amount must be between 1 and {max_amount}"
+    if cmd.reason is not None:
+        if len(cmd.reason) > 255:
+            return "reason must be at most 255 characters"
+        if looks_like_card_number(cmd.reason):
+            return "reason looks like it holds a card number: never send card data"
+    if cmd.saga_id is not None and len(cmd.saga_id) > 64:
+        return "saga_id must be at most 64 characters"
+    if any("\x00" in text for text in (cmd.reason or "", cmd.saga_id or "")):
+        return "reason and saga_id must not contain NUL characters"
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class DomainError(Exception):
     """Base class of every rule the domain refuses to break."""
@@ -21,6 +23,24 @@ class ChargeInProgress(IllegalTransition):
 
 class ReviewDisagreesWithGateway(IllegalTransition):
     """A review resolution that contradicts what the gateway says (allowed only if forced)."""
+
+
+class RefundRefused(DomainError):
+    """A refund the payment cannot take; nothing is recorded. `reason` is the contract's."""
+
+    reason: Literal["not_charged", "over_refund", "invalid_request"] = "invalid_request"
+
+
+class NotCharged(RefundRefused):
+    """A refund of a payment that ended without a charge."""
+
+    reason = "not_charged"
+
+
+class OverRefund(RefundRefused):
+    """A refund that would take the refunded total past the amount charged."""
+
+    reason = "over_refund"
 
 
 class StreamMismatch(DomainError):

@@ -10,6 +10,8 @@ import msgspec
 
 FailureReason = Literal["declined", "invalid_request", "processor_unavailable"]
 AttemptResult = Literal["approved", "declined", "unavailable", "unknown"]
+# Why a refund that was requested ended without money going back (contract 3).
+RefundFailureReason = Literal["not_charged", "declined", "invalid_request"]
 
 
 class PaymentEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -94,6 +96,37 @@ class PaymentReviewResolved(PaymentEvent, frozen=True, kw_only=True, tag="Paymen
     forced: bool = False
 
 
+class RefundRequested(PaymentEvent, frozen=True, kw_only=True, tag="RefundRequested"):
+    """A refund of `amount` was accepted; its own gateway idempotency key is drawn here, once.
+
+    Counted against the refundable amount from now on, until it fails.
+    """
+
+    refund_id: uuid.UUID
+    amount: int
+    reason: str | None
+    saga_id: str | None
+    idempotency_key: uuid.UUID
+
+
+class PaymentRefunded(PaymentEvent, frozen=True, kw_only=True, tag="PaymentRefunded"):
+    """The gateway gave back a refund's amount."""
+
+    refund_id: uuid.UUID
+    amount: int
+    processor: str
+    provider_reference: str
+
+
+class RefundFailed(PaymentEvent, frozen=True, kw_only=True, tag="RefundFailed"):
+    """A requested refund ended without money going back; its amount is refundable again."""
+
+    refund_id: uuid.UUID
+    reason: RefundFailureReason
+    detail: str
+    decline_code: str | None = None
+
+
 AnyPaymentEvent = (
     PaymentInitiated
     | ChargeAttempted
@@ -102,6 +135,9 @@ AnyPaymentEvent = (
     | PaymentFailed
     | PaymentFlaggedForReview
     | PaymentReviewResolved
+    | RefundRequested
+    | PaymentRefunded
+    | RefundFailed
 )
 
 _encoder = msgspec.json.Encoder()

@@ -1,4 +1,5 @@
-"""The Payment aggregate: INITIATED -> COMPLETED | FAILED, decided here and rebuilt by replay."""
+"""The Payment aggregate: INITIATED -> COMPLETED | FAILED, then COMPLETED ->
+PARTIALLY_REFUNDED -> REFUNDED; decided here and rebuilt by replay."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TypedDict
 
+import msgspec
+
 from payment.domain.errors import (
     ChargeInProgress,
     IllegalTransition,
+    NotCharged,
+    OverRefund,
+    RefundRefused,
     ReviewDisagreesWithGateway,
     StreamMismatch,
 )
@@ -25,7 +31,11 @@ from payment.domain.events import (
     PaymentFailed,
     PaymentFlaggedForReview,
     PaymentInitiated,
+    PaymentRefunded,
     PaymentReviewResolved,
+    RefundFailed,
+    RefundFailureReason,
+    RefundRequested,
     ReviewOutcome,
 )
 from payment.domain.money import Money
@@ -50,6 +60,33 @@ class PaymentStatus(enum.StrEnum):
     INITIATED = "INITIATED"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
+    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+    REFUNDED = "REFUNDED"
+
+
+# The states in which the payment's money was taken (and may be given back).
+CHARGED = frozenset(
+    {PaymentStatus.COMPLETED, PaymentStatus.PARTIALLY_REFUNDED, PaymentStatus.REFUNDED}
+)
+
+
+class Refund(msgspec.Struct, frozen=True, kw_only=True):
+    """One refund of a payment: its request and, once known, its outcome."""
+
+    requested: RefundRequested
+    outcome: PaymentRefunded | RefundFailed | None = None
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.requested.refund_id
+
+    @property
+    def amount(self) -> int:
+        return self.requested.amount
+
+    @property
+    def pending(self) -> bool:
+        return self.outcome is None
 
 
 def gateway_backs(outcome: ReviewOutcome, answer: GatewayAnswer) -> bool:
@@ -89,6 +126,8 @@ class Payment:
         self.initiated: PaymentInitiated | None = None
         self.outcome: PaymentCompleted | PaymentFailed | None = None
         self.review_resolution: PaymentReviewResolved | None = None
+        self.refunds: dict[uuid.UUID, Refund] = {}
+        self.refunded_total = 0
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -287,11 +326,123 @@ class Payment:
             )
         )
 
+    def request_refund(
+        self,
+        *,
+        refund_id: uuid.UUID,
+        amount: int | None,
+        reason: str | None,
+        saga_id: str | None,
+        at: datetime,
+        idempotency_key: uuid.UUID | None = None,
+    ) -> list[AnyPaymentEvent]:
+        """Accept a refund of `amount` (None: all that is still refundable).
+
+        Allowed while the charge is in flight (the refund then waits for its outcome) and
+        once it is charged. Every refund not failed counts against the amount charged, so
+        the refunded total can never exceed it. Raises `NotCharged` for a failed payment,
+        `OverRefund` past the refundable amount, `RefundRefused` for an amount below 1 or a
+        refund id used before.
+        """
+        if self.status is None or self.money is None:
+            raise IllegalTransition("cannot refund a payment that is not initiated")
+        if self.status is PaymentStatus.FAILED:
+            raise NotCharged("the payment failed: nothing was charged")
+        if refund_id in self.refunds:
+            raise RefundRefused(f"refund {refund_id} was requested before")
+        refundable = self.refundable
+        if amount is None:
+            amount = refundable
+            if amount == 0:
+                raise OverRefund("nothing is left to refund")
+        if amount < 1:
+            raise RefundRefused("a refund amount must be at least 1")
+        if amount > refundable:
+            raise OverRefund(
+                f"refund of {amount} exceeds the {refundable} still refundable "
+                f"of {self.money.amount} charged"
+            )
+        return self._emit(
+            RefundRequested(
+                **self._stamp(at),
+                refund_id=refund_id,
+                amount=amount,
+                reason=reason,
+                saga_id=saga_id,
+                # Drawn once here; every later gateway call for this refund reuses it.
+                idempotency_key=idempotency_key or uuid.uuid4(),
+            )
+        )
+
+    def complete_refund(
+        self, *, refund_id: uuid.UUID, processor: str, provider_reference: str, at: datetime
+    ) -> list[AnyPaymentEvent]:
+        """A pending refund of a charged payment went through at the gateway."""
+        refund = self._pending_refund(refund_id, "complete")
+        if self.status not in CHARGED:
+            raise IllegalTransition("cannot complete a refund of a payment not charged")
+        return self._emit(
+            PaymentRefunded(
+                **self._stamp(at),
+                refund_id=refund_id,
+                amount=refund.amount,
+                processor=processor,
+                provider_reference=provider_reference,
+            )
+        )
+
+    def fail_refund(
+        self,
+        *,
+        refund_id: uuid.UUID,
+        reason: RefundFailureReason,
+        detail: str,
+        at: datetime,
+        decline_code: str | None = None,
+    ) -> list[AnyPaymentEvent]:
+        """A pending refund ended without money going back.
+
+        `not_charged` only once the payment failed; a gateway's answer (`declined`,
+        `invalid_request`) only once it is charged: a refund waiting for its charge's
+        outcome cannot fail for any other reason.
+        """
+        self._pending_refund(refund_id, "fail")
+        if reason == "not_charged":
+            if self.status is not PaymentStatus.FAILED:
+                raise IllegalTransition("a refund is not_charged only when its payment failed")
+        elif self.status not in CHARGED:
+            raise IllegalTransition(f"cannot fail a refund as {reason} before the charge")
+        return self._emit(
+            RefundFailed(
+                **self._stamp(at),
+                refund_id=refund_id,
+                reason=reason,
+                detail=detail,
+                decline_code=decline_code,
+            )
+        )
+
     # -- state -------------------------------------------------------------------------
 
     @property
     def is_terminal(self) -> bool:
-        return self.status in (PaymentStatus.COMPLETED, PaymentStatus.FAILED)
+        """The charge's outcome is known (refunds may still follow)."""
+        return self.status is PaymentStatus.FAILED or self.status in CHARGED
+
+    @property
+    def refundable(self) -> int:
+        """What may still be refunded: charged minus every refund not failed."""
+        if self.money is None:
+            return 0
+        committed = sum(
+            r.amount for r in self.refunds.values() if not isinstance(r.outcome, RefundFailed)
+        )
+        return self.money.amount - committed
+
+    @property
+    def pending_refunds(self) -> list[Refund]:
+        """Refunds requested whose outcome is not known yet, in the order requested."""
+        return [r for r in self.refunds.values() if r.pending]
 
     @classmethod
     def replay(cls, events: Iterable[AnyPaymentEvent]) -> Payment:
@@ -346,6 +497,21 @@ class Payment:
                 self.flagged_for_review = True
             case PaymentReviewResolved():
                 self.review_resolution = event
+            case RefundRequested():
+                self.refunds[event.refund_id] = Refund(requested=event)
+            case PaymentRefunded():
+                refund = self.refunds[event.refund_id]
+                self.refunds[event.refund_id] = msgspec.structs.replace(refund, outcome=event)
+                self.refunded_total += event.amount
+                assert self.money is not None
+                self.status = (
+                    PaymentStatus.REFUNDED
+                    if self.refunded_total >= self.money.amount
+                    else PaymentStatus.PARTIALLY_REFUNDED
+                )
+            case RefundFailed():
+                refund = self.refunds[event.refund_id]
+                self.refunds[event.refund_id] = msgspec.structs.replace(refund, outcome=event)
         self.version = event.version
 
     # -- helpers -----------------------------------------------------------------------
@@ -354,6 +520,14 @@ class Payment:
         if self.status is not PaymentStatus.INITIATED:
             state = self.status.value if self.status else "not initiated"
             raise IllegalTransition(f"cannot {action} a payment that is {state}")
+
+    def _pending_refund(self, refund_id: uuid.UUID, action: str) -> Refund:
+        refund = self.refunds.get(refund_id)
+        if refund is None:
+            raise IllegalTransition(f"cannot {action} refund {refund_id}: never requested")
+        if not refund.pending:
+            raise IllegalTransition(f"cannot {action} refund {refund_id}: already settled")
+        return refund
 
     def _stamp(self, at: datetime) -> _Stamp:
         return {

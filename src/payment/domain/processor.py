@@ -44,6 +44,35 @@ class Declined(msgspec.Struct, frozen=True, kw_only=True, tag="declined"):
 ChargeOutcome = Approved | Declined
 
 
+class RefundRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One refund of a charged payment, identified at the gateway by its own idempotency key."""
+
+    refund_id: uuid.UUID
+    payment_id: uuid.UUID
+    booking_id: str
+    money: Money  # this refund's amount, in the charge's currency
+    charge_reference: str  # the gateway's reference of the charge being refunded
+    idempotency_key: uuid.UUID
+
+
+class Refunded(msgspec.Struct, frozen=True, kw_only=True, tag="refunded"):
+    """The gateway gave the money back."""
+
+    provider_reference: str
+
+
+class RefundDeclined(msgspec.Struct, frozen=True, kw_only=True, tag="refund_declined"):
+    """The gateway refused the refund; nothing went back. `code` is the gateway's reason."""
+
+    code: str
+    message: str
+    # True when the request itself was refused as invalid (not a business refusal).
+    invalid: bool = False
+
+
+RefundOutcome = Refunded | RefundDeclined
+
+
 class ProcessorError(Exception):
     """Base class of the two ways a charge can end without an outcome."""
 
@@ -83,7 +112,8 @@ class PaymentProcessor(Protocol):
     """A payment gateway.
 
     Contract: `charge` is idempotent per `request.idempotency_key` — calling it again with
-    the same key returns the original outcome and never charges twice.
+    the same key returns the original outcome and never charges twice; `refund` likewise
+    per its refund's own key: never refunds twice.
     """
 
     name: str
@@ -104,4 +134,18 @@ class PaymentProcessor(Protocol):
         when it holds a charge for this payment whose outcome is not final yet (money may
         still be taken: the caller must neither report a failure nor charge anew).
         """
+        ...
+
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        """Refund once per `request.idempotency_key` (a second call returns the first answer).
+
+        Returns `Refunded` or `RefundDeclined`. Raises `ProcessorUnavailable` when the refund
+        was certainly not made, `OutcomeUnknown` when it may have been (never a failure:
+        ask again with the same key, or look it up).
+        """
+        ...
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        """The outcome of an earlier refund with this `refund_id`, or None if the gateway
+        holds none. Raises as `lookup` does."""
         ...

@@ -32,6 +32,9 @@ CURRENT_VERSIONS: Final[Mapping[str, int]] = {
     "PaymentFailed": 1,
     "PaymentFlaggedForReview": 1,
     "PaymentReviewResolved": 1,
+    "RefundRequested": 1,
+    "PaymentRefunded": 1,
+    "RefundFailed": 1,
 }
 
 # (event type, version n) -> the upcaster from n to n + 1. None yet: every shape is still

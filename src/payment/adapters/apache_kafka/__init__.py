@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -235,7 +235,14 @@ class ApacheKafkaBroker:
         data_dir: Path | None = None,
         properties: Mapping[str, str] | None = None,
         heap_mb: int = 768,
+        extra_listeners: Mapping[str, str] | None = None,
+        format_options: Sequence[str] = (),
     ) -> None:
+        """`extra_listeners` adds listeners beside PLAINTEXT (which the readiness probe and
+        the brokers' own traffic keep using): name -> `PROTOCOL://advertised_host:port`,
+        bound on `host`; their settings go in `properties` (`listener.name.<name>.…`).
+        `format_options` are passed to `StorageTool format`, e.g. `--add-scram` credentials.
+        """
         self._host = host
         self._port = port
         self._controller_port: int | None = None
@@ -243,6 +250,8 @@ class ApacheKafkaBroker:
         self._dir = data_dir
         self._properties = dict(properties or {})
         self._heap_mb = heap_mb
+        self._extra_listeners = dict(extra_listeners or {})
+        self._format_options = tuple(format_options)
         self._child = ChildProcess(f"Apache Kafka {KAFKA_VERSION}")
         self.started_in_s: float | None = None
 
@@ -315,14 +324,24 @@ class ApacheKafkaBroker:
 
     def _write_config(self) -> Path:
         assert self._dir is not None
+        listeners = [
+            f"PLAINTEXT://{self._host}:{self._port}",
+            f"CONTROLLER://{self._host}:{self._controller_port}",
+        ]
+        advertised = [f"PLAINTEXT://{self._host}:{self._port}"]
+        protocols = [_BROKER_DEFAULTS["listener.security.protocol.map"]]
+        for name, url in self._extra_listeners.items():
+            protocol, _, address = url.partition("://")
+            port = address.rpartition(":")[2]
+            listeners.append(f"{name}://{self._host}:{port}")
+            advertised.append(f"{name}://{address}")
+            protocols.append(f"{name}:{protocol}")
         properties = {
             **_BROKER_DEFAULTS,
             "controller.quorum.voters": f"1@{self._host}:{self._controller_port}",
-            "listeners": (
-                f"PLAINTEXT://{self._host}:{self._port},"
-                f"CONTROLLER://{self._host}:{self._controller_port}"
-            ),
-            "advertised.listeners": f"PLAINTEXT://{self._host}:{self._port}",
+            "listeners": ",".join(listeners),
+            "advertised.listeners": ",".join(advertised),
+            "listener.security.protocol.map": ",".join(protocols),
             "log.dirs": str(self._dir / "logs"),
             **self._properties,
         }
@@ -337,6 +356,7 @@ class ApacheKafkaBroker:
                 *jvm,
                 *("-cp", classpath, "kafka.tools.StorageTool", "format"),
                 *("--cluster-id", _cluster_id(), "--config", str(config)),
+                *self._format_options,
             ],
             capture_output=True,
             timeout=120,

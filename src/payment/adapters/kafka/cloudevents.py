@@ -13,6 +13,7 @@ import msgspec
 from payment.application.messages import (
     OutboundMessage,
     PaymentInitiatedMessage,
+    RefundPaymentMessage,
     RequestPaymentMessage,
     dataschema_uri,
 )
@@ -243,12 +244,18 @@ def _trace_context(
 
 
 _request_decoder = msgspec.json.Decoder(RequestPaymentMessage, strict=True)
+_refund_decoder = msgspec.json.Decoder(RefundPaymentMessage, strict=True)
 _initiated_decoder = msgspec.json.Decoder(PaymentInitiatedMessage, strict=True)
 
 
 def decode_request(data: bytes) -> RequestPaymentMessage:
     """`saga.request_payment` data, strictly typed, or `PoisonMessage`."""
     return _decode(_request_decoder, data, "saga.request_payment")
+
+
+def decode_refund(data: bytes) -> RefundPaymentMessage:
+    """`saga.refund_payment` data, strictly typed, or `PoisonMessage`."""
+    return _decode(_refund_decoder, data, "saga.refund_payment")
 
 
 def decode_initiated(data: bytes) -> uuid.UUID:

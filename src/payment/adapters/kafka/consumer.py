@@ -1,4 +1,5 @@
-"""The inbox consumer: requests and initiated events, handled concurrently, committed in order."""
+"""The inbox consumer: payment and refund requests and initiated events, handled concurrently,
+committed in order."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from payment.adapters.kafka.cloudevents import (
     PoisonMessage,
     decode_initiated,
     decode_record,
+    decode_refund,
     decode_request,
 )
 from payment.adapters.kafka.offset_reset import recover_out_of_range, start_from_beginning
@@ -38,7 +40,14 @@ from payment.adapters.span_values import untrusted_attribute
 from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
 from payment.application import failpoints
 from payment.application.batches import execute_payments, request_payments
-from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
+from payment.application.commands import (
+    ExecutePayment,
+    InboundRef,
+    RefundPayment,
+    RequestPayment,
+    SettleRefunds,
+    TraceHeaders,
+)
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
@@ -48,8 +57,9 @@ from payment.application.handlers import (
     execute_payment,
     request_payment,
 )
-from payment.application.messages import PAYMENT_INITIATED, REQUEST_PAYMENT
+from payment.application.messages import PAYMENT_INITIATED, REFUND_PAYMENT, REQUEST_PAYMENT
 from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.application.refunds import RefundResult, Refunds
 from payment.application.retry import Backoff
 from payment.domain.processor import PaymentProcessor
 
@@ -152,8 +162,13 @@ class KafkaInboxConsumer:
         consumer_group: str | None = None,
         log_budget: LogBudget = UNLIMITED,
         joined: asyncio.Event | None = None,
+        refund_topic: str | None = None,
+        refunds: Refunds | None = None,
     ) -> None:
         self._consumer_factory = consumer_factory
+        # Refund requests (contract 4.8): one by one, through the inbox like the others.
+        self._refund_topic = refund_topic
+        self._refunds = refunds
         self._commit_timeout_s = commit_timeout_s
         self._request_topic = request_topic
         self._initiated_topic = initiated_topic
@@ -191,7 +206,7 @@ class KafkaInboxConsumer:
         self.assigned: set[TopicPartition] = set()
         # Set once the group first gave this instance partitions (dev --demo waits on it).
         self.joined = joined if joined is not None else asyncio.Event()
-        for topic in (request_topic, initiated_topic):
+        for topic in (request_topic, initiated_topic, *([refund_topic] if refund_topic else [])):
             for cause in ("poison", "conflict", "handler_error"):
                 metrics.messages_dead_lettered.add(0, {"topic": topic, "cause": cause})
 
@@ -437,6 +452,10 @@ class KafkaInboxConsumer:
         outage, a bug), take the single-message path with its retries and dead letters.
         """
         topic = chunk[0][1].topic
+        if topic == self._refund_topic:
+            for _, record in sorted(chunk, key=lambda f: (f[1].partition, f[1].offset)):
+                await self._handle(record)
+            return
         counted = topic == self._request_topic
         if counted:
             self._metrics.requests_received.add(len(chunk))
@@ -716,6 +735,8 @@ class KafkaInboxConsumer:
             await self._on_request(record, event)
         elif record.topic == self._initiated_topic:
             await self._on_initiated(event)
+        elif self._refund_topic is not None and record.topic == self._refund_topic:
+            await self._on_refund(record, event)
         else:
             raise PoisonMessage(f"unexpected topic {record.topic}")
 
@@ -746,6 +767,41 @@ class KafkaInboxConsumer:
             await self._mark_handled(inbound)
             return
         self._requested(event, data.booking_id, result, span)
+
+    async def _on_refund(self, record: ConsumerRecord[bytes, bytes], event: InboundEvent) -> None:
+        if event.type != REFUND_PAYMENT:
+            raise PoisonMessage(f"unexpected ce_type on {record.topic}")
+        assert self._refunds is not None  # given with the refund topic
+        data = decode_refund(event.data)
+        trace_headers = TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate)
+        cmd = RefundPayment(
+            inbound=InboundRef(source=event.source, message_id=event.id),
+            booking_id=data.booking_id,
+            amount=data.amount,
+            reason=data.reason,
+            saga_id=data.saga_id,
+            trace=trace_headers,
+        )
+        span = trace.get_current_span()
+        span.set_attribute("payment.booking_id", data.booking_id)
+        result, payment_id = await self._refunds.request(cmd)
+        span.set_attribute("payment.refund.result", result.value)
+        self._metrics.refund_requests_handled.add(1, {"result": result.value})
+        if payment_id is not None:
+            span.set_attribute("payment.id", str(payment_id))
+        if result is RefundResult.ACCEPTED and payment_id is not None:
+            # Recorded and committed: from here a crash leaves it to the refund worker.
+            settled = await self._refunds.settle(
+                SettleRefunds(payment_id=payment_id, trace=trace_headers)
+            )
+            span.set_attribute("payment.refund.settled", [r.value for r in settled])
+        if result is not RefundResult.ACCEPTED and self._budget.allow(f"refund {result.value}"):
+            log.info(
+                "refund request %s: %s",
+                event.id,
+                result.value,
+                extra={"booking_id": data.booking_id, "result": result.value},
+            )
 
     async def _on_initiated(self, event: InboundEvent) -> None:
         if event.type != PAYMENT_INITIATED:

@@ -8,6 +8,8 @@ from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
 
+from payment.adapters.kafka.security import KafkaSecurity, client_security
+
 
 class RecordSender(Protocol):
     """The part of `AIOKafkaProducer` used here; a test can fake it."""
@@ -49,6 +51,7 @@ def create_producer(
     linger_ms: int = 5,
     request_timeout_ms: int = 30_000,
     max_batch_size: int = 256 * 1024,
+    security: KafkaSecurity | None = None,
 ) -> AIOKafkaProducer:
     """An unstarted producer configured for the outbox: every acknowledgement is durable.
 
@@ -67,17 +70,23 @@ def create_producer(
         # A relay pass sends up to hundreds of rows at once; aiokafka's default of 16 KiB
         # per partition batch split them into many more requests (2x fewer rows/s).
         max_batch_size=max_batch_size,
+        **client_security(security),
     )
 
 
 async def producer_resource(
-    bootstrap_servers: str | list[str], *, enable_idempotence: bool = True
+    bootstrap_servers: str | list[str],
+    *,
+    enable_idempotence: bool = True,
+    security: KafkaSecurity | None = None,
 ) -> AsyncIterator[AIOKafkaProducer]:
     """A started producer, stopped (after flushing) when the generator closes.
 
     Shaped for a dependency-injector `Resource`.
     """
-    producer = create_producer(bootstrap_servers, enable_idempotence=enable_idempotence)
+    producer = create_producer(
+        bootstrap_servers, enable_idempotence=enable_idempotence, security=security
+    )
     try:
         await producer.start()
     except BaseException:

@@ -46,6 +46,7 @@ from payment.adapters.kafka.dead_letters import (
     DLQ_VALUE_DROPPED,
 )
 from payment.adapters.kafka.producer import RecordSender
+from payment.adapters.kafka.security import KafkaSecurity, client_security
 from payment.adapters.kafka.topics import partitions_of
 from payment.adapters.logs import redact
 
@@ -173,6 +174,7 @@ async def read_dead_letters(
     *,
     timeout_s: float = 60.0,
     fetch_max_wait_ms: int = 50,
+    security: KafkaSecurity | None = None,
 ) -> list[DeadLetter]:
     """Every record on `topic` from the beginning up to its end as of now.
 
@@ -186,6 +188,7 @@ async def read_dead_letters(
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms,
         client_id="payment-service-dead-letters",
+        **client_security(security),
     )
     try:
         await consumer.start()
@@ -194,7 +197,7 @@ async def read_dead_letters(
         raise
     try:
         async with asyncio.timeout(timeout_s):
-            partitions = await partitions_of(bootstrap_servers, topic)
+            partitions = await partitions_of(bootstrap_servers, topic, security)
             return [dl async for dl in _read_to_end(consumer, topic, partitions)]
     finally:
         await consumer.stop()

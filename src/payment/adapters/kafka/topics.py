@@ -11,7 +11,14 @@ import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from payment.application.messages import PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_INITIATED
+from payment.adapters.kafka.security import KafkaSecurity, client_security
+from payment.application.messages import (
+    PAYMENT_COMPLETED,
+    PAYMENT_FAILED,
+    PAYMENT_INITIATED,
+    PAYMENT_REFUND_FAILED,
+    PAYMENT_REFUNDED,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,9 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
     completed: str = "payment.completed"
     failed: str = "payment.failed"
     dead_letter: str = "payment.dead_letter"
+    refund: str = "saga.refund_payment"
+    refunded: str = "payment.refunded"
+    refund_failed: str = "payment.refund_failed"
 
     @property
     def outbound(self) -> Mapping[str, str]:
@@ -37,26 +47,41 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
             PAYMENT_INITIATED: self.initiated,
             PAYMENT_COMPLETED: self.completed,
             PAYMENT_FAILED: self.failed,
+            PAYMENT_REFUNDED: self.refunded,
+            PAYMENT_REFUND_FAILED: self.refund_failed,
         }
 
     @property
     def names(self) -> tuple[str, ...]:
         """Every topic the service reads or writes."""
-        return (self.request, self.initiated, self.completed, self.failed, self.dead_letter)
+        return (
+            self.request,
+            self.initiated,
+            self.completed,
+            self.failed,
+            self.dead_letter,
+            self.refund,
+            self.refunded,
+            self.refund_failed,
+        )
 
 
 class TopicCreationFailed(Exception):
     """The broker refused to create a topic for a reason other than it existing already."""
 
 
-async def partitions_of(bootstrap_servers: str | list[str], topic: str) -> list[int]:
+async def partitions_of(
+    bootstrap_servers: str | list[str], topic: str, security: KafkaSecurity | None = None
+) -> list[int]:
     """The partition numbers of `topic`, sorted; empty when it does not exist.
 
     Asked of the cluster, not of a consumer: aiokafka's consumer knows the partitions of
     the topics it is subscribed to or assigned, and `topics()` does not change that.
     """
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, client_id="payment-service-admin"
+        bootstrap_servers=bootstrap_servers,
+        client_id="payment-service-admin",
+        **client_security(security),
     )
     await admin.start()
     try:
@@ -97,6 +122,7 @@ async def ensure_topics(
     *,
     timeout_ms: int = 30_000,
     min_insync_replicas: int | None = None,
+    security: KafkaSecurity | None = None,
 ) -> list[str]:
     """Create whichever of `names` do not exist; returns the ones this call created.
 
@@ -111,6 +137,7 @@ async def ensure_topics(
         bootstrap_servers=bootstrap_servers,
         request_timeout_ms=timeout_ms,
         client_id="payment-service-admin",
+        **client_security(security),
     )
     await admin.start()
     try:
@@ -161,7 +188,11 @@ async def ensure_topics(
 
 
 async def check_topics(
-    bootstrap_servers: str | list[str], names: Iterable[str], *, timeout_ms: int = 30_000
+    bootstrap_servers: str | list[str],
+    names: Iterable[str],
+    *,
+    timeout_ms: int = 30_000,
+    security: KafkaSecurity | None = None,
 ) -> str | None:
     """Why the existing topics cannot serve the service, in one line; None when they can.
 
@@ -175,6 +206,7 @@ async def check_topics(
         bootstrap_servers=bootstrap_servers,
         request_timeout_ms=timeout_ms,
         client_id="payment-service-admin",
+        **client_security(security),
     )
     await admin.start()
     try:

@@ -30,7 +30,38 @@ ON CONFLICT (booking_id) DO NOTHING
 RETURNING booking_id
 """
 
-_FOR_BOOKING = "SELECT payment_id FROM payment_payments WHERE booking_id = %s"
+# A closed booking's row names no payment.
+_FOR_BOOKING = (
+    "SELECT payment_id FROM payment_payments WHERE booking_id = %s AND status <> 'CANCELLED'"
+)
+
+# As _CLAIM: a concurrent uncommitted claim makes this wait for its outcome, and one wins.
+_CLOSE = """
+INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
+VALUES (%s, %s, 'CANCELLED', %s, %s)
+ON CONFLICT (booking_id) DO NOTHING
+"""
+
+_BOOKING_ROW = "SELECT payment_id, status FROM payment_payments WHERE booking_id = %s"
+
+_SET_REFUNDS_PENDING = "UPDATE payment_payments SET refund_pending_since = %s WHERE payment_id = %s"
+
+# Only while marked: a payment whose refunds were all settled meanwhile stays unmarked.
+_REQUEUE_REFUNDS = """
+UPDATE payment_payments SET refund_pending_since = %s
+WHERE payment_id = %s AND refund_pending_since IS NOT NULL
+"""
+
+# Served by payment_payments_refund_pending_idx. Due: the charge has settled, and either
+# it settled after the refunds were marked (they waited for it) or the mark is old.
+_REFUNDS_DUE = """
+SELECT payment_id FROM payment_payments
+WHERE refund_pending_since IS NOT NULL
+  AND status IN ('COMPLETED', 'FAILED')
+  AND (refund_pending_since < %s OR updated_at > refund_pending_since)
+ORDER BY refund_pending_since, payment_id
+LIMIT %s
+"""
 
 _SET_STATUS = "UPDATE payment_payments SET status = %s, updated_at = %s WHERE payment_id = %s"
 
@@ -119,6 +150,33 @@ class PostgresPaymentIndex:
 
     async def requeue(self, payment_id: uuid.UUID, at: datetime) -> None:
         self._tx.defer(_REQUEUE, (at, payment_id))
+
+    async def close_booking(self, booking_id: str, at: datetime) -> uuid.UUID | None:
+        cur = await self._tx.write(_CLOSE, (uuid.uuid4(), booking_id, at, at))
+        if cur.rowcount == 1:
+            return None
+        cur = await self._tx.read(_BOOKING_ROW, (booking_id,))
+        row = await cur.fetchone()
+        if row is None:
+            # The row in the way was rolled back meanwhile: the caller retries afresh.
+            raise BookingAlreadyClaimed(booking_id)
+        payment_id, status = row
+        return None if status == "CANCELLED" else _uuid(payment_id)
+
+    async def booking_closed(self, booking_id: str) -> bool:
+        cur = await self._tx.read(_BOOKING_ROW, (booking_id,))
+        row = await cur.fetchone()
+        return row is not None and row[1] == "CANCELLED"
+
+    async def set_refunds_pending(self, payment_id: uuid.UUID, since: datetime | None) -> None:
+        self._tx.defer(_SET_REFUNDS_PENDING, (since, payment_id))
+
+    async def requeue_refunds(self, payment_id: uuid.UUID, at: datetime) -> None:
+        self._tx.defer(_REQUEUE_REFUNDS, (at, payment_id))
+
+    async def refunds_due(self, before: datetime, limit: int) -> list[uuid.UUID]:
+        cur = await self._tx.read(_REFUNDS_DUE, (before, limit))
+        return [_uuid(payment_id) for (payment_id,) in await cur.fetchall()]
 
 
 def _uuid(value: object) -> uuid.UUID:

@@ -9,7 +9,9 @@ import msgspec
 from psycopg import AsyncConnection, IsolationLevel
 
 from payment.adapters.postgres.pool import Connection
-from payment.domain.events import AnyPaymentEvent, event_type
+from payment.domain.errors import DomainError
+from payment.domain.events import AnyPaymentEvent, PaymentRefunded, event_type
+from payment.domain.payment import Payment
 from payment.domain.upcasting import decode_stored
 
 # Envelope fields are printed in the line's prefix; the payment method is a gateway token
@@ -132,12 +134,45 @@ def format_history(history: PaymentHistory) -> list[str]:
         lines.append(
             f"  v{event.version:<3} {_iso(event.occurred_at)}  {event_type(event):<24} {detail}"
         )
+    lines += _refund_lines(history)
     lines.append(f"outbox ({len(history.outbox)}):")
     for row in history.outbox:
         state = f"published {_iso(row.published_at)}" if row.published_at else "PENDING"
         sequence = "-" if row.sequence is None else str(row.sequence)
         lines.append(
             f"  #{row.position:<8} {row.type:<18} seq={sequence:<3} ce_id={row.event_id}  {state}"
+        )
+    return lines
+
+
+def _refund_lines(history: PaymentHistory) -> list[str]:
+    """The payment's refunds, one line each, and what is refunded of what was charged."""
+    if history.status == "CANCELLED" and not history.events:
+        return ["  (a booking closed by a refund before any payment request: no payment)"]
+    if not history.events:
+        return []
+    try:
+        payment = Payment.replay(stored.event for stored in history.events)
+    except DomainError as exc:  # show what is stored even if it does not replay
+        return [f"refunds: cannot replay the stream ({exc})"]
+    if not payment.refunds:
+        return []
+    assert payment.money is not None
+    lines = [
+        f"refunds ({len(payment.refunds)}): {payment.refunded_total} of {payment.money.amount} "
+        f"{payment.money.currency} refunded, payment {payment.status}",
+    ]
+    for refund in payment.refunds.values():
+        outcome = refund.outcome
+        if outcome is None:
+            state = "PENDING"
+        elif isinstance(outcome, PaymentRefunded):
+            state = f"refunded {_iso(outcome.occurred_at)} ref={outcome.provider_reference}"
+        else:
+            state = f"failed {_iso(outcome.occurred_at)} reason={outcome.reason}"
+        lines.append(
+            f"  {refund.id}  amount={refund.amount:<10} requested "
+            f"{_iso(refund.requested.occurred_at)}  {state}"
         )
     return lines
 

@@ -1,4 +1,4 @@
-"""The fake processor: success, fail or seeded random outcomes, idempotent per key, in process."""
+"""The fake processor: success, fail or seeded random charges and refunds, idempotent per key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import random
 import uuid
 from typing import Literal
 
-from payment.domain.processor import Approved, ChargeOutcome, ChargeRequest, Declined
+from payment.domain.processor import (
+    Approved,
+    ChargeOutcome,
+    ChargeRequest,
+    Declined,
+    RefundDeclined,
+    Refunded,
+    RefundOutcome,
+    RefundRequest,
+)
 
 FakeMode = Literal["success", "fail", "random"]
 
@@ -49,6 +58,8 @@ class FakeProcessor:
         self.seed = seed if seed is not None else random.SystemRandom().getrandbits(63)
         self.latency_s = latency_ms / 1000.0
         self._ledger: dict[uuid.UUID, ChargeOutcome] = {}
+        self._charged: dict[str, int] = {}  # provider reference -> amount charged
+        self._refunds: dict[uuid.UUID, tuple[RefundRequest, RefundOutcome]] = {}
         self.calls = 0
 
     @property
@@ -70,10 +81,57 @@ class FakeProcessor:
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         return self._ledger.get(request.idempotency_key)
 
+    @property
+    def refunds(self) -> dict[uuid.UUID, RefundOutcome]:
+        """Refund outcomes by idempotency key (one entry per distinct refund)."""
+        return {key: outcome for key, (_, outcome) in self._refunds.items()}
+
+    def refunded(self, charge_reference: str) -> int:
+        """The total refunded so far of one charge."""
+        return sum(
+            r.money.amount
+            for r, outcome in self._refunds.values()
+            if r.charge_reference == charge_reference and isinstance(outcome, Refunded)
+        )
+
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        self.calls += 1
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)
+        known = self._refunds.get(request.idempotency_key)
+        if known is not None:
+            return known[1]
+        outcome = self._decide_refund(request)
+        self._refunds[request.idempotency_key] = (request, outcome)
+        return outcome
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        for earlier, outcome in self._refunds.values():
+            if earlier.refund_id == request.refund_id:
+                return outcome
+        return None
+
+    def _decide_refund(self, request: RefundRequest) -> RefundOutcome:
+        charged = self._charged.get(request.charge_reference)
+        if charged is None:
+            return RefundDeclined(code="charge_not_found", message="no such charge", invalid=True)
+        if self.refunded(request.charge_reference) + request.money.amount > charged:
+            # A real gateway refuses this too: the fake holds the service to it.
+            return RefundDeclined(
+                code="amount_too_large", message="refund exceeds the charge", invalid=True
+            )
+        # Like charges: a function of the seed and the booking only, so a seed replays.
+        draw = self._draw(f"refund:{request.booking_id}")
+        if self.mode == "success" or (self.mode == "random" and draw < self.success_rate):
+            return Refunded(provider_reference=f"fake_re_{request.idempotency_key.hex[:21]}")
+        return RefundDeclined(code="refund_declined", message="The refund was declined.")
+
     def _decide(self, request: ChargeRequest) -> ChargeOutcome:
         draw = self._draw(request.booking_id)
         if self.mode == "success" or (self.mode == "random" and draw < self.success_rate):
-            return Approved(provider_reference=f"fake_{request.idempotency_key.hex[:24]}")
+            reference = f"fake_{request.idempotency_key.hex[:24]}"
+            self._charged[reference] = request.money.amount
+            return Approved(provider_reference=reference)
         code, message = DECLINE_CODES[int(draw * 1_000_003) % len(DECLINE_CODES)]
         return Declined(code=code, message=message)
 

@@ -22,11 +22,14 @@ from payment.domain.processor import (
     ChargeRequest,
     PaymentProcessor,
     ProcessorRateLimited,
+    RefundOutcome,
+    RefundRequest,
 )
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_Req = TypeVar("_Req", ChargeRequest, RefundRequest)
 
 Sleep = Callable[[float], Awaitable[None]]
 Monotonic = Callable[[], float]
@@ -165,9 +168,14 @@ class LimitedProcessor:
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         return await self._call(self.inner.lookup, request)
 
-    async def _call(
-        self, call: Callable[[ChargeRequest], Awaitable[_T]], request: ChargeRequest
-    ) -> _T:
+    # Refunds share the charges' bulkhead and rate: the gateway counts them alike.
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        return await self._call(self.inner.refund, request)
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        return await self._call(self.inner.lookup_refund, request)
+
+    async def _call(self, call: Callable[[_Req], Awaitable[_T]], request: _Req) -> _T:
         for retry in range(self._throttle_retries + 1):
             try:
                 return await self._once(call, request)
@@ -183,9 +191,7 @@ class LimitedProcessor:
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _once(
-        self, call: Callable[[ChargeRequest], Awaitable[_T]], request: ChargeRequest
-    ) -> _T:
+    async def _once(self, call: Callable[[_Req], Awaitable[_T]], request: _Req) -> _T:
         self.waiting += 1
         try:
             await self._slots.acquire()

@@ -1,4 +1,5 @@
-"""The Stripe adapter of the PaymentProcessor port: one confirmed PaymentIntent per charge."""
+"""The Stripe adapter of the PaymentProcessor port: one confirmed PaymentIntent per charge,
+one Refund per refund."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import stripe
 
+from payment.adapters.processors.stripe_refunds import StripeRefunds
 from payment.domain.money import Money
 from payment.domain.processor import (
     Approved,
@@ -26,6 +28,8 @@ from payment.domain.processor import (
     OutcomeUnknown,
     ProcessorRateLimited,
     ProcessorUnavailable,
+    RefundOutcome,
+    RefundRequest,
 )
 
 if TYPE_CHECKING:
@@ -302,6 +306,14 @@ class StripeProcessor:
             http_client=self._http,
             max_network_retries=0,
         )
+        self._refunds = StripeRefunds(
+            self._client,
+            self._resolve_dialect,
+            describe=_describe,
+            safe_code=_safe_code,
+            to_amount=lambda request: to_stripe_amount(request.money),
+            not_sent=_NOT_SENT,
+        )
         _install_log_redaction()
 
     @property
@@ -389,6 +401,14 @@ class StripeProcessor:
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         found = await self._find(request)
         return self._outcome_of_many(request, found) if found else None
+
+    async def refund(self, request: RefundRequest) -> RefundOutcome:
+        """One Stripe Refund on the charge's PaymentIntent per refund (adapters/processors/
+        stripe_refunds.py)."""
+        return await self._refunds.refund(request)
+
+    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
+        return await self._refunds.lookup_refund(request)
 
     # -- internals ---------------------------------------------------------------------
 
