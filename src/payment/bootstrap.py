@@ -745,21 +745,23 @@ def _quiet_kafka_client(quiet: bool) -> Iterator[None]:
 
 
 async def check_kafka(bootstrap_servers: str, security: KafkaSecurity) -> None:
-    """Fail fast, naming the setting, when the broker refuses our TLS or SASL settings or
-    no broker answers; aiokafka itself would only say "unable to bootstrap"."""
+    """Fail fast, naming the setting, when the broker refuses our TLS or SASL settings;
+    aiokafka itself would only say "unable to bootstrap". A broker that does not answer is
+    reported by the step that needs it (adapters/startup.py's wording, exit code 3)."""
     try:
         await check_connection(bootstrap_servers, security)
     except KafkaSecurityRejected as exc:
         raise ConfigError(str(exc)) from None
-    except KafkaUnreachable as exc:
-        raise DependencyUnavailable(f"PAYMENT_KAFKA_BOOTSTRAP_SERVERS: {exc}") from None
+    except KafkaUnreachable:
+        pass  # the start-up step that needs the broker says why, in its own words
 
 
 async def check_postgres(
     url: str, check: Callable[[str], Awaitable[None]] = check_database
 ) -> None:
     """Warn when a remote database is reached without TLS; fail fast, naming the setting,
-    when the server refuses the connection (exit 2) or does not answer (exit 3)."""
+    when the server refuses the connection (exit 2). One that does not answer is reported
+    by the step that needs it (adapters/startup.py's wording, exit code 3)."""
     hosts, mode = unencrypted_remote_hosts(url)
     if hosts:
         log.warning(
@@ -772,8 +774,8 @@ async def check_postgres(
         await check(url)
     except DatabaseRejected as exc:
         raise ConfigError(f"PAYMENT_DATABASE_URL: {exc}") from None
-    except DatabaseUnreachable as exc:
-        raise DependencyUnavailable(f"PAYMENT_DATABASE_URL: {exc}") from None
+    except DatabaseUnreachable:
+        pass  # the step that needs the database says why (adapters/startup.py)
 
 
 def _days(days: float) -> timedelta | None:

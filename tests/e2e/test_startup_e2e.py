@@ -80,7 +80,7 @@ def test_a_schema_behind_the_code_stops_run_telling_to_migrate(database_url: str
     result = run_cli("run", env=env_for(database_url))
     assert result.returncode == 3, result.stderr
     line = failure_line(result)
-    assert line.startswith("payment-service: unavailable: database schema: ")
+    assert line.startswith("payment-service: dependency unavailable: database schema: ")
     assert "run `payment-service migrate`" in line
 
 
@@ -90,8 +90,8 @@ def test_an_unreachable_database_is_one_line_in_text_and_in_json() -> None:
     assert result.returncode == 3
     line = failure_line(result)
     assert line == (
-        "payment-service: unavailable: database payments@127.0.0.1:9/payments: connection"
-        " refused: check that PostgreSQL runs there and accepts TCP connections"
+        "payment-service: dependency unavailable: database payments@127.0.0.1:9/payments:"
+        " connection refused: check that PostgreSQL runs there and accepts TCP connections"
         " (PAYMENT_DATABASE_URL)"
     )
     assert "s3cret" not in result.stderr
@@ -122,8 +122,8 @@ def test_operator_commands_fail_in_one_line_when_the_database_is_unreachable(
     result = run_cli(*command, env=env_for("postgresql://payments@127.0.0.1:9/payments"))
     assert result.returncode == 3, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "payment-service: unavailable: database payments@127.0.0.1:9/payments: connection"
-        " refused: check that PostgreSQL runs there and accepts TCP connections"
+        "payment-service: dependency unavailable: database payments@127.0.0.1:9/payments:"
+        " connection refused: check that PostgreSQL runs there and accepts TCP connections"
         " (PAYMENT_DATABASE_URL)"
     ]
 
@@ -135,14 +135,14 @@ def test_dead_letters_fail_in_one_line_when_the_broker_is_unreachable(
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"payment-service: unavailable: Kafka {UNREACHABLE}: ")
+    assert lines[0].startswith(f"payment-service: dependency unavailable: Kafka {UNREACHABLE}: ")
 
 
 def test_an_unreachable_broker_stops_run_in_one_line(database_url: str) -> None:
     result = run_cli("run", env=env_for(migrated(database_url)), timeout_s=120)
     assert result.returncode == 3, result.stderr
     assert failure_line(result).startswith(
-        f"payment-service: unavailable: Kafka {UNREACHABLE}: cannot connect"
+        f"payment-service: dependency unavailable: Kafka {UNREACHABLE}: cannot connect"
     )
     # The Kafka client's own connection errors do not repeat it (they do at DEBUG).
     assert "aiokafka" not in result.stderr, result.stderr
@@ -245,7 +245,11 @@ async def test_liveness_answers_while_start_up_waits_and_readiness_says_why(
         assert live is not None and ready is not None
         assert live.status_code == 200
         assert ready.status_code == 503
-        assert ready.text == "startup: starting: checking the schema\n"
+        # The first step that needs the database is waiting for its answer.
+        assert ready.text in (
+            "startup: starting: connecting to the broker and the database\n",
+            "startup: starting: checking the schema\n",
+        )
         assert await service.wait_exit(60) == 3
     finally:
         service.close()

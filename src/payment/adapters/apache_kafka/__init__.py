@@ -355,7 +355,9 @@ class ApacheKafkaBroker:
             [
                 *jvm,
                 *("-cp", classpath, "kafka.tools.StorageTool", "format"),
-                *("--cluster-id", _cluster_id(), "--config", str(config)),
+                # "=": a random id may begin with "-", which would read as an option.
+                f"--cluster-id={_cluster_id()}",
+                *("--config", str(config)),
                 *self._format_options,
             ],
             capture_output=True,
