@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 N ?= 200
 
-.PHONY: install demo dev test test-fast test-tansu lint bench
+.PHONY: install demo dev test test-fast test-sasl test-tansu lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,18 @@ dev: install
 	$(BIN)/payment-service dev
 
 ## Second command: the whole test suite, exactly as CI runs it: every suite on Apache
-## Kafka (started by the tests; java and mvn needed), then the Tansu compatibility job
+## Kafka (started by the tests; java and mvn needed), the e2e contract suite again through
+## Kafka's SASL_SSL listener, then the Tansu compatibility job
 ## (the e2e contract suite on the broker of `payment-service dev`, whose demo test runs
 ## in the first pass: `dev` uses Tansu unless told otherwise).
 test: install
 	$(BIN)/pytest
+	$(MAKE) test-sasl
 	$(MAKE) test-tansu
+
+## The e2e contract suite through a SASL_SSL (SCRAM-SHA-512) listener of Apache Kafka.
+test-sasl: install
+	PAYMENT_TEST_KAFKA_SECURITY=sasl_ssl $(BIN)/pytest tests/e2e/test_run_e2e.py
 
 test-tansu: install
 	PAYMENT_TEST_BROKER=tansu $(BIN)/pytest tests/e2e/test_run_e2e.py
