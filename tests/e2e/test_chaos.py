@@ -239,3 +239,23 @@ async def test_kill_anywhere_against_localstripe(
             rate_per_s=1.5,
             title="chaos: kill -9 / failpoints under load (localstripe)",
         )
+
+
+SLOW_GATEWAY_KILLS = int(os.environ.get("CHAOS_SLOW_GATEWAY_KILLS", "20"))
+
+
+async def test_kill_anywhere_with_a_slow_gateway(
+    make_stack: StackFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each restart brings the backlog of its downtime to a gateway answering in 0.3-0.8 s,
+    within the sandbox's limits (16 calls in flight, 20 a second): every request settles,
+    once (issue 13)."""
+    with FakeStripe(latency_ms=(300, 800), lose_response_rate=0.03, seed=SEED) as server:
+        await run_chaos(
+            make_stack,
+            server,
+            capsys,
+            kills=SLOW_GATEWAY_KILLS,
+            rate_per_s=8.0,
+            title="chaos: kill -9 / failpoints, bursts to a slow gateway (0.3-0.8 s)",
+        )
