@@ -30,6 +30,9 @@ def isolated_settings(
         topic_completed=f"{prefix}.completed",
         topic_failed=f"{prefix}.failed",
         topic_dead_letter=f"{prefix}.dead_letter",
+        topic_refund=f"{prefix}.refund",
+        topic_refunded=f"{prefix}.refunded",
+        topic_refund_failed=f"{prefix}.refund_failed",
         http_host="127.0.0.1",
         http_port=0,
         **chosen,
@@ -37,11 +40,14 @@ def isolated_settings(
 
 
 def topics_of(settings: Settings) -> list[str]:
-    """The service's five topics, the request topic first."""
+    """The service's topics, the request topic first."""
     return [
         settings.topic_request,
         settings.topic_initiated,
         settings.topic_completed,
         settings.topic_failed,
         settings.topic_dead_letter,
+        settings.topic_refund,
+        settings.topic_refunded,
+        settings.topic_refund_failed,
     ]
