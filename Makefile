@@ -32,9 +32,10 @@ test: install
 	$(MAKE) test-sasl
 	$(MAKE) test-tansu
 
-## The e2e contract suite through a SASL_SSL (SCRAM-SHA-512) listener of Apache Kafka.
+## The e2e contract suite through a SASL_SSL (SCRAM-SHA-512) listener of Apache Kafka
+## and a PostgreSQL that accepts TLS only (sslmode=verify-full).
 test-sasl: install
-	PAYMENT_TEST_KAFKA_SECURITY=sasl_ssl $(BIN)/pytest tests/e2e/test_run_e2e.py
+	PAYMENT_TEST_KAFKA_SECURITY=sasl_ssl PAYMENT_TEST_POSTGRES_TLS=1 $(BIN)/pytest tests/e2e/test_run_e2e.py
 
 test-tansu: install
 	PAYMENT_TEST_BROKER=tansu $(BIN)/pytest tests/e2e/test_run_e2e.py

@@ -12,10 +12,15 @@ import pytest
 import pytest_asyncio
 
 from support import broker
-from support.database import fresh_database
+from support.database import fresh_database, postgres_server
 from support.secure_kafka import secure_kafka
+from support.tls_postgres import tls_postgres
 
 from .harness import ServiceProcess, ServiceStack, StackFactory, open_stack, use_kafka_security
+
+# `1`: the e2e suites' databases live on a private PostgreSQL that accepts TLS only, reached
+# with sslmode=verify-full (issue 18; `make test-sasl` sets it with the SASL_SSL broker).
+POSTGRES_TLS_ENV_VAR = "PAYMENT_TEST_POSTGRES_TLS"
 
 # `sasl_ssl`: the e2e suites run against a SASL_SSL (SCRAM-SHA-512) listener of a broker
 # started here; services and the harness's clients connect through it (issue 18).
@@ -40,6 +45,21 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield kafka.bootstrap
         finally:
             use_kafka_security({})
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's PostgreSQL; a TLS-only one when $PAYMENT_TEST_POSTGRES_TLS=1."""
+    if os.environ.get(POSTGRES_TLS_ENV_VAR, "").strip() not in ("1", "true", "yes"):
+        with postgres_server() as url:
+            yield url
+        return
+    with tls_postgres(tmp_path_factory.mktemp("tls-postgres")) as server:
+        # The superuser over verified TLS; each test database's URL keeps the query.
+        yield (
+            f"postgresql://postgres@localhost:{server.port}/postgres"
+            f"?sslmode=verify-full&sslrootcert={server.certificates.ca}"
+        )
 
 
 @pytest.fixture(scope="session")
