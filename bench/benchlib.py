@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from payment.adapters.apache_kafka import KAFKA_VERSION
+from payment.devtools.apache_kafka import KAFKA_VERSION
 
 POSTGRES_ENV_VAR = "PAYMENT_BENCH_POSTGRES_URL"
 BROKER_ENV_VAR = "PAYMENT_BENCH_BROKER"
@@ -115,12 +115,12 @@ def broker(kind: str | None = None) -> Iterator[Broker]:
         yield Broker(configured, None, kind)
         return
     if kind == "tansu":
-        from payment.adapters.embedded import EmbeddedBroker
+        from payment.devtools.embedded import EmbeddedBroker
 
         with EmbeddedBroker() as tansu:
             yield Broker(tansu.bootstrap_servers, tansu.pid, kind)
         return
-    from payment.adapters.apache_kafka import ApacheKafkaBroker
+    from payment.devtools.apache_kafka import ApacheKafkaBroker
 
     with ApacheKafkaBroker(heap_mb=1024) as kafka:
         print(

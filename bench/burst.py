@@ -26,7 +26,7 @@ from benchlib import broker
 from psycopg import sql
 
 from payment.adapters.kafka.topics import Topics
-from payment.demo import DemoReport, run_demo
+from payment.devtools.demo import DemoReport, run_demo
 
 POSTGRES_ENV_VAR = "PAYMENT_BENCH_POSTGRES_URL"
 DEFAULT_POSTGRES = "postgresql://root@127.0.0.1:5432/postgres"

@@ -19,12 +19,15 @@ import uuid
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Tracer
 
-from payment.adapters.instrumented import InstrumentedProcessor, InstrumentedUnitOfWorkFactory
-from payment.adapters.logs import configure_logging
 from payment.adapters.memory import MemoryUnitOfWorkFactory, SystemClock
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.instrumented import (
+    InstrumentedProcessor,
+    InstrumentedUnitOfWorkFactory,
+)
+from payment.adapters.observability.logs import configure_logging
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.telemetry import context_from_trace
 from payment.adapters.processors.fake import FakeProcessor
-from payment.adapters.telemetry import context_from_trace
 from payment.application.commands import ExecutePayment, InboundRef, RequestPayment, TraceHeaders
 from payment.application.handlers import execute_payment, request_payment
 from payment.application.ports import UnitOfWorkFactory

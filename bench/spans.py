@@ -17,7 +17,7 @@ import time
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Tracer
 
-from payment.adapters.telemetry import PropagatingTracer, context_from_trace
+from payment.adapters.observability.telemetry import PropagatingTracer, context_from_trace
 from payment.application.commands import TraceHeaders
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -18,12 +18,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from dependency_injector import containers, providers
 
-from payment.adapters.http import HealthServer
-from payment.adapters.instrumented import (
-    InstrumentedProcessor,
-    InstrumentedUnitOfWorkFactory,
-    reconcile_scope,
-)
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
@@ -41,10 +35,18 @@ from payment.adapters.kafka.topics import (
     check_topics,
     ensure_topics,
 )
-from payment.adapters.log_budget import LogBudget
-from payment.adapters.logs import configure_logging as configure_log_output
 from payment.adapters.memory import SystemClock
-from payment.adapters.metrics import Metrics, observe_pools
+from payment.adapters.observability.http import HealthServer
+from payment.adapters.observability.instrumented import (
+    InstrumentedProcessor,
+    InstrumentedUnitOfWorkFactory,
+    reconcile_scope,
+)
+from payment.adapters.observability.log_budget import LogBudget
+from payment.adapters.observability.logs import configure_logging as configure_log_output
+from payment.adapters.observability.metrics import Metrics, observe_pools
+from payment.adapters.observability.process_stats import process_stats
+from payment.adapters.observability.telemetry import tracer_of, tracer_provider_resource
 from payment.adapters.postgres.connection_check import (
     DatabaseRejected,
     DatabaseUnreachable,
@@ -58,7 +60,6 @@ from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_no
 from payment.adapters.postgres.pool import open_pool
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
-from payment.adapters.process_stats import process_stats
 from payment.adapters.processors.fake import FakeProcessor
 from payment.adapters.processors.limits import LimitedProcessor, limits_for
 from payment.adapters.processors.stripe import (
@@ -67,7 +68,6 @@ from payment.adapters.processors.stripe import (
     StripeProcessor,
 )
 from payment.adapters.startup import broker_failure, database_failure
-from payment.adapters.telemetry import tracer_of, tracer_provider_resource
 from payment.application.commands import ResolveReview
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings

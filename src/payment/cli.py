@@ -36,7 +36,7 @@ def _config_option() -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from payment.adapters.metrics import package_version
+    from payment.adapters.observability.metrics import package_version
 
     common = _config_option()
     parser = argparse.ArgumentParser(
@@ -218,7 +218,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "run":
         return _run(settings)
     if args.command == "dev":
-        from payment.devmode import run_dev
+        from payment.devtools.devmode import run_dev
 
         return run_dev(settings, fresh=args.fresh, demo=args.demo, broker=args.broker)
     if args.command == "demo":
@@ -259,7 +259,7 @@ def _fail(kind: str, line: str, code: int, exc: BaseException, settings: Setting
     import traceback
     from datetime import UTC, datetime
 
-    from payment.adapters.logs import redact
+    from payment.adapters.observability.logs import redact
 
     level = (settings.log_level if settings else os.environ.get("PAYMENT_LOG_LEVEL", "")).upper()
     fmt = settings.log_format if settings else os.environ.get("PAYMENT_LOG_FORMAT", "text")
@@ -286,7 +286,7 @@ def _fail(kind: str, line: str, code: int, exc: BaseException, settings: Setting
 
 async def _demo(settings: Settings, count: int, timeout_s: float) -> int:
     from payment.adapters.kafka.topics import Topics
-    from payment.demo import run_demo
+    from payment.devtools.demo import run_demo
 
     if not settings.kafka_bootstrap_servers:
         raise ConfigError("PAYMENT_KAFKA_BOOTSTRAP_SERVERS: not set (or use `dev --demo N`)")

@@ -19,7 +19,6 @@ import msgspec
 import pytest
 import yaml
 
-from payment import asyncapi
 from payment.adapters.kafka import dead_letters
 from payment.adapters.kafka.cloudevents import decode_refund, decode_request, encode_outbound
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
@@ -38,6 +37,7 @@ from payment.application.messages import (
     rejection_message,
 )
 from payment.application.validation import Valid, validate_refund, validate_request
+from payment.devtools import asyncapi
 from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT, Money
 from payment.domain.payment import Payment
@@ -86,7 +86,7 @@ def test_check_command_reports_drift_with_the_fix(
     capsys.readouterr()
     assert asyncapi.main(["--check", "--output", str(target)]) == 1
     err = capsys.readouterr().err
-    assert "python -m payment.asyncapi" in err
+    assert "python -m payment.devtools.asyncapi" in err
     assert "-          maximum: 5" in err and "+          maximum: 100000000" in err
 
     assert asyncapi.main(["--check", "--output", str(tmp_path / "missing.yaml")]) == 1

@@ -45,8 +45,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import payment
-from payment import asyncapi
 from payment.application.validation import looks_like_card_number, luhn_valid
+from payment.devtools import asyncapi
 from payment.domain.money import CURRENCY_EXPONENTS
 
 from .harness import (

@@ -32,7 +32,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from payment.adapters.apache_kafka import ApacheKafkaBroker
+from payment.devtools.apache_kafka import ApacheKafkaBroker
 from support.broker import is_tansu
 from support.fake_stripe import FakeStripe
 from support.fixtures import DatabaseFactory

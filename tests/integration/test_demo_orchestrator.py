@@ -34,7 +34,7 @@ from payment.application.messages import (
     PaymentFailedMessage,
     PaymentInitiatedMessage,
 )
-from payment.demo import DemoReport, run_demo
+from payment.devtools.demo import DemoReport, run_demo
 from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.waiting import eventually
 

@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from payment.adapters.embedded import (
+from payment.devtools.embedded import (
     EmbeddedBroker,
     EmbeddedError,
     EmbeddedPostgres,
@@ -256,7 +256,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys, threading
-        from payment.adapters.embedded import EmbeddedBroker, EmbeddedPostgres
+        from payment.devtools.embedded import EmbeddedBroker, EmbeddedPostgres
         broker = EmbeddedBroker()
         server = EmbeddedPostgres({str(tmp_path / "pgdata")!r})
         starter = threading.Thread(target=lambda: (broker.start(), server.start()))

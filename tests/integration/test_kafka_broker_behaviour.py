@@ -31,7 +31,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.errors import CommitFailedError
 from dependency_injector import providers
 
-from payment.adapters.apache_kafka import ApacheKafkaBroker
 from payment.adapters.kafka.consumer import commit_as_member
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.relay import KafkaOutboxRelay
@@ -41,6 +40,7 @@ from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.messages import OutboundMessage
 from payment.bootstrap import Service, make_container
+from payment.devtools.apache_kafka import ApacheKafkaBroker
 from payment.domain.processor import ChargeOutcome, ChargeRequest
 from payment.settings import Settings
 from support.broker import client_fetch_max_wait_ms, is_tansu

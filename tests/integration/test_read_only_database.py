@@ -21,7 +21,7 @@ from psycopg import sql
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.memory import SystemClock
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
 from payment.adapters.postgres.pool import Pool
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from payment.adapters.apache_kafka import KAFKA_VERSION, ApacheKafkaBroker
-from payment.adapters.embedded import EmbeddedBroker
+from payment.devtools.apache_kafka import KAFKA_VERSION, ApacheKafkaBroker
+from payment.devtools.embedded import EmbeddedBroker
 
 KAFKA_ENV_VAR = "PAYMENT_TEST_KAFKA_BOOTSTRAP_SERVERS"
 BROKER_ENV_VAR = "PAYMENT_TEST_BROKER"

@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from payment.adapters.embedded import EmbeddedPostgres
+from payment.devtools.embedded import EmbeddedPostgres
 
 from .broker import docker_engine_available
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from payment.adapters.apache_kafka import ApacheKafkaBroker
+from payment.devtools.apache_kafka import ApacheKafkaBroker
 
 from .certificates import Certificates, make_certificates
 from .net import free_port

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"

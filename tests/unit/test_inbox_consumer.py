@@ -24,7 +24,7 @@ from aiokafka.structs import ConsumerRecord
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory, SystemClock
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from payment.adapters.log_budget import LogBudget
+from payment.adapters.observability.log_budget import LogBudget
 
 
 class Clock:

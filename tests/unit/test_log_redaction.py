@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from payment.adapters.logs import (
+from payment.adapters.observability.logs import (
     REDACTED,
     REDACTED_CARD,
     build_handler,

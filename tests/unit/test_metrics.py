@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from payment.adapters.metrics import Metrics, prometheus_name
+from payment.adapters.observability.metrics import Metrics, prometheus_name
 
 _SAMPLE = re.compile(
     r"[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|[-+]?Inf)"

@@ -9,7 +9,7 @@ import pytest
 from aiokafka import errors as kafka_errors
 
 from payment.adapters.kafka.topics import topic_problem
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
 from payment.adapters.startup import broker_failure, database_failure
 from payment.cli import _parser
 from payment.settings import ConfigError, Settings, dev_defaults, load_settings, run_defaults
@@ -248,8 +248,8 @@ def test_the_readme_documents_every_setting_and_command() -> None:
 
 
 def test_process_pool_relay_and_failing_collector_series() -> None:
-    from payment.adapters.metrics import observe_pools
-    from payment.adapters.process_stats import process_stats
+    from payment.adapters.observability.metrics import observe_pools
+    from payment.adapters.observability.process_stats import process_stats
 
     metrics = Metrics()
     stats = process_stats()

@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.memory import MemoryUnitOfWorkFactory, SystemClock
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.commands import ExecutePayment, InboundRef
 from payment.application.handlers import (

@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.memory import MemoryUnitOfWorkFactory, SystemClock
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.span_values import MAX_ATTRIBUTE_CHARS, untrusted_attribute
 from payment.adapters.processors.fake import FakeProcessor
-from payment.adapters.span_values import MAX_ATTRIBUTE_CHARS, untrusted_attribute
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.validation import CARD_MASK, looks_like_card_number

@@ -16,15 +16,14 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProces
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Tracer
 
-from payment.adapters.instrumented import (
+from payment.adapters.memory import MemoryUnitOfWorkFactory
+from payment.adapters.observability.instrumented import (
     InstrumentedProcessor,
     InstrumentedUnitOfWorkFactory,
     reconcile_scope,
 )
-from payment.adapters.memory import MemoryUnitOfWorkFactory
-from payment.adapters.metrics import Metrics
-from payment.adapters.processors.fake import FakeProcessor
-from payment.adapters.telemetry import (
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.telemetry import (
     PropagatingTracerProvider,
     configure_tracing,
     context_from_trace,
@@ -32,6 +31,7 @@ from payment.adapters.telemetry import (
     span_exporters,
     trace_headers_of_record,
 )
+from payment.adapters.processors.fake import FakeProcessor
 from payment.application.commands import (
     ExecutePayment,
     InboundRef,
@@ -101,7 +101,7 @@ def test_console_on_request() -> None:
 def test_otlp_without_its_package_warns_once_and_runs_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="payment.adapters.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="payment.adapters.observability.telemetry"):
         exporters = span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
     assert exporters == []
     [warning] = caplog.records

@@ -34,10 +34,10 @@ from payment.adapters.kafka.cloudevents import (
     decode_request,
 )
 from payment.adapters.kafka.offset_reset import recover_out_of_range, start_from_beginning
-from payment.adapters.log_budget import UNLIMITED, LogBudget
-from payment.adapters.metrics import Metrics
-from payment.adapters.span_values import untrusted_attribute
-from payment.adapters.telemetry import context_from_trace, trace_headers_of_record
+from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.span_values import untrusted_attribute
+from payment.adapters.observability.telemetry import context_from_trace, trace_headers_of_record
 from payment.application import failpoints
 from payment.application.batches import execute_payments, request_payments
 from payment.application.commands import (

@@ -18,7 +18,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from payment.adapters.metrics import Metrics
+from payment.adapters.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

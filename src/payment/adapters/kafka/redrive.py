@@ -48,7 +48,7 @@ from payment.adapters.kafka.dead_letters import (
 from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.kafka.security import KafkaSecurity, client_security
 from payment.adapters.kafka.topics import partitions_of
-from payment.adapters.logs import redact
+from payment.adapters.observability.logs import redact
 
 _SHOWN_CHARS: Final = 120
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

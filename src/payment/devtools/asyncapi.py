@@ -56,7 +56,7 @@ from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
 Schema = dict[str, Any]
 
 DOCUMENT_PATH: Final = Path("docs/asyncapi.yaml")
-REGENERATE: Final = "python -m payment.asyncapi"
+REGENERATE: Final = "python -m payment.devtools.asyncapi"
 ASYNCAPI_VERSION: Final = "3.0.0"
 # 1.1.0: refunds (saga.refund_payment, payment.refunded, payment.refund_failed) and the
 # `cancelled` reason of payment.failed (contract v2, 4.8).
@@ -833,7 +833,7 @@ def drift(path: Path, document: Schema) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Write the AsyncAPI document, or with `--check` fail if the published one drifted."""
     parser = argparse.ArgumentParser(
-        prog="python -m payment.asyncapi",
+        prog="python -m payment.devtools.asyncapi",
         description="Generate (or check) the AsyncAPI 3.0 document of the payment contract.",
     )
     parser.add_argument(

@@ -42,7 +42,7 @@ def run_dev(
     ready; the service stops when it is done and the exit code says whether every
     request reached a terminal event.
     """
-    from payment.adapters.embedded import EmbeddedError
+    from payment.devtools.embedded import EmbeddedError
 
     try:
         return _run_dev(settings, fresh=fresh, demo=demo, broker=broker)
@@ -52,8 +52,8 @@ def run_dev(
 
 
 def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrokerKind) -> int:
-    from payment.adapters.embedded import EmbeddedBroker, EmbeddedPostgres
     from payment.bootstrap import Service, configure_logging
+    from payment.devtools.embedded import EmbeddedBroker, EmbeddedPostgres
 
     # The fake, migrations on start and topic creation on a single node, unless set.
     settings = dev_defaults(settings)
@@ -101,7 +101,7 @@ def _start_apache_kafka(stack: ExitStack, *, fresh: bool) -> str:
     """A local Apache Kafka with its log kept between runs; the service's defaults hold."""
     import shutil
 
-    from payment.adapters.apache_kafka import ApacheKafkaBroker
+    from payment.devtools.apache_kafka import ApacheKafkaBroker
 
     directory = kafka_data_dir()
     if fresh:
@@ -130,7 +130,7 @@ async def _serve(service: Service, settings: Settings, demo: int) -> int:
     if demo <= 0:
         await runner
         return 0
-    from payment.demo import run_demo
+    from payment.devtools.demo import run_demo
 
     topics = service.container.topics()
     # Play once the consumer has joined its group, so the demo's latencies measure the

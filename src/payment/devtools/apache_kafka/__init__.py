@@ -25,7 +25,7 @@ from typing import Final, Self
 
 import platformdirs
 
-from payment.adapters.embedded import (
+from payment.devtools.embedded import (
     ChildProcess,
     EmbeddedError,
     EmbeddedExtraMissing,

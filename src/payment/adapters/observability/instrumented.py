@@ -33,9 +33,9 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from payment.adapters.log_budget import UNLIMITED, LogBudget
-from payment.adapters.metrics import Metrics
-from payment.adapters.telemetry import context_from_trace, current_trace_headers
+from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.telemetry import context_from_trace, current_trace_headers
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage
 from payment.application.ports import (

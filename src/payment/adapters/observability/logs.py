@@ -23,7 +23,7 @@ import traceback
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
-from payment.adapters.telemetry import current_ids
+from payment.adapters.observability.telemetry import current_ids
 from payment.application.validation import (
     CARD_MASK,
     looks_like_card_number,

@@ -1,0 +1,1 @@
+"""Observability adapters: tracing, metrics, logs, log budget, instrumented decorators, HTTP."""
