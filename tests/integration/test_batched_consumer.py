@@ -26,7 +26,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.processors.fake import FakeProcessor
-from payment.bootstrap import Service, make_container
+from payment.bootstrap import make_container
+from payment.service import Service
 from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.service_settings import isolated_settings, topics_of
 

@@ -32,8 +32,9 @@ from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
-from payment.bootstrap import Service, make_container
+from payment.bootstrap import make_container
 from payment.devtools.embedded import EmbeddedBroker
+from payment.service import Service
 from support.net import free_port
 from support.service_settings import isolated_settings, topics_of
 

@@ -39,9 +39,10 @@ from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.messages import OutboundMessage
-from payment.bootstrap import Service, make_container
+from payment.bootstrap import make_container
 from payment.devtools.apache_kafka import ApacheKafkaBroker
 from payment.domain.processor import ChargeOutcome, ChargeRequest
+from payment.service import Service
 from payment.settings import Settings
 from support.broker import client_fetch_max_wait_ms, is_tansu
 from support.service_settings import isolated_settings, topics_of

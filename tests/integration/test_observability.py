@@ -1,6 +1,6 @@
 """Observability through the composed service: one trace per payment, /metrics, readiness.
 
-The real `Service` (payment.bootstrap) runs in process against this test's PostgreSQL
+The real `Service` (payment.service) runs in process against this test's PostgreSQL
 database and the session's broker; its tracer provider is overridden with one that keeps
 finished spans in memory, its processor with a fake that can be told to lose answers.
 """
@@ -28,8 +28,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.processors.fake import FakeProcessor
-from payment.bootstrap import Service, make_container
+from payment.bootstrap import make_container
 from payment.domain.processor import ChargeOutcome, ChargeRequest, OutcomeUnknown
+from payment.service import Service
 from payment.settings import Settings
 from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.service_settings import isolated_settings

@@ -27,7 +27,7 @@ from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
-from payment.bootstrap import is_transient
+from payment.runtime.transient import is_transient
 
 REQUESTS = "saga.request_payment"
 TP = TopicPartition(REQUESTS, 0)

@@ -83,7 +83,7 @@ def test_no_answer_is_unreachable() -> None:
 async def test_run_warns_about_a_remote_database_without_tls(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from payment.bootstrap import check_postgres
+    from payment.runtime.preflight import check_postgres
 
     async def accepted(url: str) -> None:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from payment.bootstrap import backlog_check
+from payment.runtime.readiness import backlog_check
 
 
 def test_readiness_reflects_the_backlog() -> None:

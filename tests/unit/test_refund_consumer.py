@@ -27,7 +27,7 @@ from payment.application.handlers import (
 )
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.refunds import Refunds
-from payment.bootstrap import is_transient
+from payment.runtime.transient import is_transient
 from support.commands import request_cmd
 
 REFUNDS = "saga.refund_payment"

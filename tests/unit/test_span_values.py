@@ -18,7 +18,7 @@ from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
 from payment.application.validation import CARD_MASK, looks_like_card_number
-from payment.bootstrap import is_transient
+from payment.runtime.transient import is_transient
 
 CARD = "4242424242424242"
 ESCAPED_CARD = "".join(f"\\u{ord(c):04x}" for c in CARD)  # as JSON may carry it, raw

@@ -15,7 +15,7 @@ import platformdirs
 from payment.settings import Settings, dev_defaults
 
 if TYPE_CHECKING:
-    from payment.bootstrap import Service
+    from payment.service import Service
 
 
 # Tansu answers a fetch only when its wait expires: a short wait keeps each hop fast.
@@ -52,8 +52,8 @@ def run_dev(
 
 
 def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrokerKind) -> int:
-    from payment.bootstrap import Service, configure_logging
     from payment.devtools.embedded import EmbeddedBroker, EmbeddedPostgres
+    from payment.service import Service, configure_logging
 
     # The fake, migrations on start and topic creation on a single node, unless set.
     settings = dev_defaults(settings)

@@ -1,0 +1,120 @@
+"""The running parts of `run` as container resources: each starts on init and stops on
+shutdown, gracefully while the service stops (the consumer drains, the relay flushes),
+at once when a crash already cancelled it. `supervise` watches them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
+
+from payment.adapters.kafka.consumer import KafkaInboxConsumer
+from payment.adapters.kafka.relay import KafkaOutboxRelay
+from payment.adapters.observability.http import HealthServer
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.postgres.outbox import OutboxWaiter, wait_for_outbox_notification
+from payment.settings import DependencyUnavailable
+
+log = logging.getLogger("payment")
+
+
+class Runnable(Protocol):
+    def run(self) -> Coroutine[Any, Any, None]: ...
+
+
+async def http_server(
+    host: str, port: int, readiness: Callable[[], Awaitable[dict[str, str]]], metrics: Metrics
+) -> AsyncIterator[HealthServer]:
+    """/health/live, /health/ready and /metrics: liveness answers from the first second."""
+    server = HealthServer(host, port, readiness, metrics.render)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise DependencyUnavailable(
+            f"HTTP {host}:{port}: cannot listen ({exc.strerror}): check"
+            " PAYMENT_HTTP_HOST and PAYMENT_HTTP_PORT"
+        ) from exc
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def open_gateway(processor: Any) -> AsyncIterator[Any]:
+    """The configured gateway, closed at shutdown (the Stripe adapter's HTTP client; the
+    fake has nothing to close)."""
+    try:
+        yield processor
+    finally:
+        closer = getattr(processor, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+async def outbox_waiter(database_url: str) -> AsyncIterator[OutboxWaiter]:
+    """The relay's wake-up call on each new outbox row (PostgreSQL LISTEN/NOTIFY)."""
+    waiter = wait_for_outbox_notification(database_url)
+    try:
+        yield waiter
+    finally:
+        await waiter.aclose()
+
+
+async def running_relay(relay: KafkaOutboxRelay) -> AsyncIterator[asyncio.Task[None]]:
+    """The outbox relay publishing; at shutdown what is written is published first."""
+    task = asyncio.create_task(relay.run(), name="outbox-relay")
+    try:
+        yield task
+    finally:
+        if not task.done():
+            log.info("run: flushing the outbox relay")
+            await relay.flush()
+            relay.stop()
+            await task
+
+
+async def running_consumer(consumer: KafkaInboxConsumer) -> AsyncIterator[asyncio.Task[None]]:
+    """The consumer handling messages; at shutdown the messages in flight are finished."""
+    task = asyncio.create_task(consumer.run(), name="consumer")
+    try:
+        yield task
+    finally:
+        if not task.done():
+            log.info("run: stopping: draining in-flight messages")
+            consumer.stop()
+            await task
+
+
+async def running_in_background(**workers: Runnable) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Periodic workers (each task named after its keyword); cancelled at shutdown."""
+    tasks = [
+        asyncio.create_task(worker.run(), name=name.replace("_", "-"))
+        for name, worker in workers.items()
+    ]
+    try:
+        yield tasks
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def supervise(
+    stop: asyncio.Event,
+    essential: Sequence[asyncio.Task[None]],
+    background: Sequence[asyncio.Task[None]],
+) -> None:
+    """Return once `stop` is set. An essential task that ends before is a crash: every
+    task is cancelled (before the pools and the producer close under them) and its error
+    raised."""
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopper, *essential}, return_when=asyncio.FIRST_COMPLETED)
+    if stopper in done:
+        return
+    everything: list[asyncio.Task[Any]] = [stopper, *essential, *background]
+    for running in everything:
+        running.cancel()
+    await asyncio.gather(*everything, return_exceptions=True)
+    for finished in done:
+        finished.result()
