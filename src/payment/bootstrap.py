@@ -7,6 +7,8 @@ resources in order, supervises them and stops them in reverse; tests override pr
 from __future__ import annotations
 
 import asyncio
+import inspect
+from typing import Any
 
 import msgspec
 from dependency_injector import containers, providers
@@ -72,6 +74,19 @@ def execution_policy(
     )
 
 
+def _stripe_processor(
+    name: str, config: providers.Configuration, limits: providers.Provider[Any]
+) -> providers.Singleton[Any]:
+    """Stripe, live (`stripe`) or in test mode (`sandbox`): one client per instance."""
+    return providers.Singleton(
+        StripeProcessor,
+        api_key=config.stripe_api_key,
+        api_base=config.stripe_api_base,
+        name=name,
+        max_connections=limits.provided.max_concurrency,
+    )
+
+
 class Container(containers.DeclarativeContainer):
     """Everything `run` needs, from the adapters up to the running components."""
 
@@ -125,20 +140,8 @@ class Container(containers.DeclarativeContainer):
             seed=config.fake_seed,
             latency_ms=config.fake_latency_ms,
         ),
-        sandbox=providers.Singleton(
-            StripeProcessor,
-            api_key=config.stripe_api_key,
-            api_base=config.stripe_api_base,
-            name="sandbox",
-            max_connections=limits.provided.max_concurrency,
-        ),
-        stripe=providers.Singleton(
-            StripeProcessor,
-            api_key=config.stripe_api_key,
-            api_base=config.stripe_api_base,
-            name="stripe",
-            max_connections=limits.provided.max_concurrency,
-        ),
+        sandbox=_stripe_processor("sandbox", config, limits),
+        stripe=_stripe_processor("stripe", config, limits),
     )
     # The configured processor, closed at shutdown.
     gateway = providers.Resource(lifecycle.open_gateway, processor)
@@ -324,3 +327,15 @@ def make_container(settings: Settings) -> Container:
     container = Container(settings=settings)
     container.config.from_dict(msgspec.structs.asdict(settings))
     return container
+
+
+async def resolved(value: Any) -> Any:
+    """A provider's value: awaited when it depends on an async resource."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def shutdown_resources(container: Container) -> None:
+    """Close what the container still holds open (pools, producer, tracer provider)."""
+    pending = container.shutdown_resources()
+    if pending is not None:
+        await pending

@@ -4,7 +4,6 @@ stopped in reverse (the consumer drains, the workers stop, the relay flushes).""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
 from contextlib import AsyncExitStack
@@ -19,7 +18,7 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.observability.http import HealthServer
 from payment.adapters.observability.logs import configure_logging as configure_log_output
 from payment.adapters.startup import broker_failure, database_failure
-from payment.bootstrap import Container, make_container
+from payment.bootstrap import Container, make_container, resolved, shutdown_resources
 from payment.runtime.lifecycle import supervise
 from payment.runtime.preflight import (
     check_kafka,
@@ -36,18 +35,6 @@ log = logging.getLogger("payment")
 def configure_logging(settings: Settings) -> None:
     """Text or JSON lines on stderr, with trace ids, through the redacting filter."""
     configure_log_output(settings.log_level, settings.log_format)
-
-
-async def resolved(value: Any) -> Any:
-    """A provider's value: awaited when it depends on an async resource."""
-    return await value if inspect.isawaitable(value) else value
-
-
-async def shutdown_resources(container: Container) -> None:
-    """Close what the container still holds open (pools, producer, tracer provider)."""
-    pending = container.shutdown_resources()
-    if pending is not None:
-        await pending
 
 
 async def started(stack: AsyncExitStack, resource: providers.Resource[Any]) -> Any:

@@ -131,8 +131,7 @@ async def resolve_with_gateway(
 
     from payment.adapters.startup import database_failure
     from payment.application.review import resolve_review
-    from payment.bootstrap import make_container
-    from payment.service import resolved, shutdown_resources
+    from payment.bootstrap import make_container, resolved, shutdown_resources
 
     container = make_container(run_defaults(settings))
     try:
