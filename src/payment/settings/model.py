@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 
 from payment.adapters.processors import ProcessorKind
+from payment.domain.redaction import REDACTED
 
 PREFIX = "PAYMENT_"
 # How long in-flight messages are waited for on shutdown and when partitions are revoked,
@@ -148,8 +149,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         # The Stripe key, the SASL password and the database password never reach a log line.
         shown = {f: getattr(self, f) for f in self.__struct_fields__ if f not in SECRET_FIELDS}
         shown["database_url"] = redact_url(self.database_url)
-        shown["stripe_api_key"] = "<set>" if self.stripe_api_key else None
-        shown["kafka_sasl_password"] = "<set>" if self.kafka_sasl_password else None
+        shown["stripe_api_key"] = REDACTED if self.stripe_api_key else None
+        shown["kafka_sasl_password"] = REDACTED if self.kafka_sasl_password else None
         return f"Settings({shown})"
 
 
@@ -158,4 +159,4 @@ _SECRET_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 def redact_url(url: str | None) -> str | None:
     """A URL with its password replaced, fit for a log line."""
-    return None if url is None else _SECRET_IN_URL.sub(r"\1***@", url)
+    return None if url is None else _SECRET_IN_URL.sub(rf"\1{REDACTED}@", url)
