@@ -310,7 +310,7 @@ class Container(containers.DeclarativeContainer):
     running_checks = providers.Singleton(RunningChecks, settings, control_pool, producer, consumer)
 
     # Started in this order (the relay first, the consumer last), stopped in reverse.
-    running_relay = providers.Resource(lifecycle.running_relay, relay)
+    running_relay = providers.Resource(lifecycle.running, relay, "outbox-relay", lifecycle.flush)
     running_workers = providers.Resource(
         lifecycle.running_in_background,
         reconciler=reconciler,
@@ -319,7 +319,7 @@ class Container(containers.DeclarativeContainer):
         log_budget=log_budget,
         refund_worker=refund_worker,
     )
-    running_consumer = providers.Resource(lifecycle.running_consumer, consumer)
+    running_consumer = providers.Resource(lifecycle.running, consumer, "consumer", lifecycle.drain)
 
 
 def make_container(settings: Settings) -> Container:

@@ -4,6 +4,7 @@ tallies and the process's own figures, registered while the service runs."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
@@ -25,35 +26,23 @@ _PROCESS_FIGURES = (
 )
 
 
+@dataclass(frozen=True, slots=True)
 class Collectors:
     """Reads the running components' figures into `metrics` at each scrape (each method
-    is a `collector` label of
-    payment_metrics_collector_failures_total, docs/operations.md)."""
+    is a `collector` label of payment_metrics_collector_failures_total, docs/operations.md)."""
 
-    def __init__(
-        self,
-        metrics: Metrics,
-        *,
-        pools: dict[str, Any],
-        processor: LimitedProcessor,
-        relay: KafkaOutboxRelay,
-        consumer: KafkaInboxConsumer,
-        reconciler: Reconciler,
-        refund_worker: RefundWorker,
-        retention: RetentionJob,
-    ) -> None:
-        self._metrics = metrics
-        self._pools = pools
-        self._processor = processor
-        self._relay = relay
-        self._consumer = consumer
-        self._reconciler = reconciler
-        self._refund_worker = refund_worker
-        self._retention = retention
+    metrics: Metrics
+    pools: dict[str, Any]
+    processor: LimitedProcessor
+    relay: KafkaOutboxRelay
+    consumer: KafkaInboxConsumer
+    reconciler: Reconciler
+    refund_worker: RefundWorker
+    retention: RetentionJob
 
     async def collect_database(self) -> None:
-        m = self._metrics
-        stats = await read_stats(self._pools["control"])
+        m = self.metrics
+        stats = await read_stats(self.pools["control"])
         m.observe("payment.outbox.backlog", [(stats.outbox_backlog, {})])
         m.observe("payment.outbox.oldest_age", [(stats.outbox_oldest_age_s, {})])
         m.observe("payment.payments.in_flight", [(stats.in_flight, {})])
@@ -61,18 +50,18 @@ class Collectors:
         m.observe("payment.payments.review_pending", [(stats.review_pending, {})])
 
     async def collect_process(self) -> None:
-        m, processor, relay = self._metrics, self._processor, self._relay
+        m, processor, relay = self.metrics, self.processor, self.relay
         # The usual actions read 0 until they happen, so alerts have a series.
         for name, usual, actions in (
             (
                 "payment.reconciler.actions",
                 ("completed", "failed", "unknown", "flagged", "error"),
-                self._reconciler.actions,
+                self.reconciler.actions,
             ),
             (
                 "payment.refund_worker.actions",
                 ("refunded", "failed", "unknown", "error"),
-                self._refund_worker.actions,
+                self.refund_worker.actions,
             ),
         ):
             counts = {**dict.fromkeys(usual, 0), **actions}
@@ -88,7 +77,7 @@ class Collectors:
             m.observe(name, [(value, gateway_labels)])
         m.observe("payment.outbox.published", [(relay.published, {})])
         m.observe("payment.outbox.send_failures", [(relay.send_failures, {})])
-        lags = await self._consumer.lag()
+        lags = await self.consumer.lag()
         m.observe(
             "payment.consumer.lag",
             [
@@ -98,13 +87,13 @@ class Collectors:
         )
 
     async def collect_instance(self) -> None:
-        m, retention = self._metrics, self._retention
+        m, retention = self.metrics, self.retention
         stats = process_stats()
         for name, key in _PROCESS_FIGURES:
             if key in stats:
                 m.observe(name, [(stats[key], {})])
-        observe_pools(m, {name: pool.get_stats() for name, pool in self._pools.items()})
-        m.observe("payment.outbox.relay_leader", [(int(self._relay.leading), {})])
+        observe_pools(m, {name: pool.get_stats() for name, pool in self.pools.items()})
+        m.observe("payment.outbox.relay_leader", [(int(self.relay.leading), {})])
         m.observe(
             "payment.retention.purged",
             [

@@ -61,29 +61,31 @@ async def outbox_waiter(database_url: str) -> AsyncIterator[OutboxWaiter]:
         await waiter.aclose()
 
 
-async def running_relay(relay: KafkaOutboxRelay) -> AsyncIterator[asyncio.Task[None]]:
-    """The outbox relay publishing; at shutdown what is written is published first."""
-    task = asyncio.create_task(relay.run(), name="outbox-relay")
+async def running(
+    component: Runnable, name: str, stopping: Callable[[Any], Awaitable[None]]
+) -> AsyncIterator[asyncio.Task[None]]:
+    """`component` running as task `name`; at shutdown `stopping` ends it gracefully,
+    unless a crash already cancelled it."""
+    task = asyncio.create_task(component.run(), name=name)
     try:
         yield task
     finally:
         if not task.done():
-            log.info("run: flushing the outbox relay")
-            await relay.flush()
-            relay.stop()
+            await stopping(component)
             await task
 
 
-async def running_consumer(consumer: KafkaInboxConsumer) -> AsyncIterator[asyncio.Task[None]]:
-    """The consumer handling messages; at shutdown the messages in flight are finished."""
-    task = asyncio.create_task(consumer.run(), name="consumer")
-    try:
-        yield task
-    finally:
-        if not task.done():
-            log.info("run: stopping: draining in-flight messages")
-            consumer.stop()
-            await task
+async def drain(consumer: KafkaInboxConsumer) -> None:
+    """The consumer's stop: the messages in flight are finished first."""
+    log.info("run: stopping: draining in-flight messages")
+    consumer.stop()
+
+
+async def flush(relay: KafkaOutboxRelay) -> None:
+    """The relay's stop: what is written is published first."""
+    log.info("run: flushing the outbox relay")
+    await relay.flush()
+    relay.stop()
 
 
 async def running_in_background(**workers: Runnable) -> AsyncIterator[list[asyncio.Task[None]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
@@ -64,21 +65,19 @@ def backlog_check(waiting: int, limit: int) -> dict[str, str]:
     return {"backlog": f"{waiting} messages or payments waiting (limit {limit})"}
 
 
+@dataclass(frozen=True, slots=True)
 class RunningChecks:
     """The checks of a running instance. The database and broker checks run side by side,
     and the backlog query only when the database answered: during an outage the answer
     (503) comes within one 2 s timeout, not after three of them in a row."""
 
-    def __init__(
-        self, settings: Settings, control_pool: Any, producer: Any, consumer: KafkaInboxConsumer
-    ) -> None:
-        self._settings = settings
-        self._control = control_pool
-        self._producer = producer
-        self._consumer = consumer
+    settings: Settings
+    control_pool: Any
+    producer: Any
+    consumer: KafkaInboxConsumer
 
     async def __call__(self) -> dict[str, str]:
-        s = self._settings
+        s = self.settings
         (database, in_flight), broker, waiting = await asyncio.gather(
             self._database(), self._broker(), self._consumer_backlog()
         )
@@ -94,10 +93,10 @@ class RunningChecks:
 
     async def _database(self) -> tuple[dict[str, str], int]:
         """The database's checks, and how many payments are in flight (0 if unread)."""
-        s = self._settings
+        s = self.settings
         checks: dict[str, str] = {}
         try:
-            async with asyncio.timeout(2.0), self._control.connection() as conn:
+            async with asyncio.timeout(2.0), self.control_pool.connection() as conn:
                 await conn.execute("SELECT 1")
             checks["database"] = "ok"
         except Exception as exc:  # any failure means "not ready"
@@ -110,7 +109,7 @@ class RunningChecks:
         ):
             try:
                 async with asyncio.timeout(2.0):
-                    stats = await read_stats(self._control)
+                    stats = await read_stats(self.control_pool)
                 checks.update(readiness_limits(stats, s))
                 return checks, stats.in_flight
             except Exception as exc:  # any failure means "not ready"
@@ -120,7 +119,7 @@ class RunningChecks:
     async def _broker(self) -> dict[str, str]:
         try:
             async with asyncio.timeout(2.0):
-                await self._producer.client.fetch_all_metadata()
+                await self.producer.client.fetch_all_metadata()
             return {"broker": "ok"}
         except Exception as exc:  # any failure means "not ready"
             return {"broker": f"unavailable ({type(exc).__name__})"}
@@ -129,7 +128,7 @@ class RunningChecks:
         """Messages fetched or waiting on the broker, not handled yet (None: unknown)."""
         try:
             async with asyncio.timeout(2.0):
-                lags = await self._consumer.lag()
+                lags = await self.consumer.lag()
         except Exception:  # any failure means "not ready"
             return None
-        return sum(lags.values()) + self._consumer.backlog
+        return sum(lags.values()) + self.consumer.backlog
