@@ -17,7 +17,6 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
-from payment.adapters.kafka.security import KafkaSecurity
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import SystemClock
 from payment.adapters.observability.instrumented import (
@@ -48,6 +47,7 @@ from payment.runtime.components import (
     database_pool,
     days,
     kafka_consumer_factory,
+    kafka_security_of,
     seconds,
     traced_scope,
 )
@@ -155,17 +155,7 @@ class Container(containers.DeclarativeContainer):
     )
 
     # How every Kafka client connects (TLS, SASL): the producer, consumers, admin, tools.
-    kafka_security = providers.Singleton(
-        KafkaSecurity,
-        protocol=config.kafka_security_protocol,
-        sasl_mechanism=config.kafka_sasl_mechanism,
-        sasl_username=config.kafka_sasl_username,
-        sasl_password=config.kafka_sasl_password,
-        ssl_cafile=config.kafka_ssl_cafile,
-        ssl_certfile=config.kafka_ssl_certfile,
-        ssl_keyfile=config.kafka_ssl_keyfile,
-        ssl_check_hostname=config.kafka_ssl_check_hostname,
-    )
+    kafka_security = providers.Singleton(kafka_security_of, settings)
 
     producer = providers.Resource(
         producer_resource,
@@ -228,17 +218,7 @@ class Container(containers.DeclarativeContainer):
     consumer = providers.Singleton(
         KafkaInboxConsumer,
         consumer_factory=providers.Callable(
-            kafka_consumer_factory,
-            bootstrap_servers=config.kafka_bootstrap_servers,
-            group_id=config.consumer_group,
-            fetch_max_wait_ms=config.kafka_fetch_max_wait_ms,
-            session_timeout_ms=config.kafka_session_timeout_ms,
-            rebalance_timeout_ms=config.kafka_rebalance_timeout_ms,
-            heartbeat_interval_ms=config.kafka_heartbeat_interval_ms,
-            topics=providers.List(
-                topics.provided.request, topics.provided.initiated, topics.provided.refund
-            ),
-            security=kafka_security,
+            kafka_consumer_factory, settings, topics, kafka_security
         ),
         request_topic=topics.provided.request,
         initiated_topic=topics.provided.initiated,

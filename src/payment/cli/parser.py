@@ -110,13 +110,19 @@ def _dev_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
+def _command_group(sub: Any, common: argparse.ArgumentParser, name: str, help: str) -> Any:
+    """A command whose actions are subcommands (`review list`, `dead-letters redrive`)."""
+    group = sub.add_parser(name, parents=[common], help=help)
+    return group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
 def _review_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    review = sub.add_parser(
+    actions = _command_group(
+        sub,
+        common,
         "review",
-        parents=[common],
-        help="payments flagged for manual review: list them, resolve one without SQL",
+        "payments flagged for manual review: list them, resolve one without SQL",
     )
-    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser(
         "list", parents=[common], help="every payment flagged for review and not resolved yet"
     )
@@ -148,12 +154,9 @@ def _review_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _dead_letters_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    dead = sub.add_parser(
-        "dead-letters",
-        parents=[common],
-        help="inspect the dead-letter topic and re-drive parked messages",
+    actions = _command_group(
+        sub, common, "dead-letters", "inspect the dead-letter topic and re-drive parked messages"
     )
-    actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser(
         "list",
         parents=[common],

@@ -13,9 +13,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka.security import KafkaSecurity, client_security
+from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.instrumented import reconcile_scope
 from payment.adapters.postgres.monitoring import stored_trace
 from payment.adapters.postgres.pool import open_pool
+from payment.settings import Settings
 
 ConsumerFactory = Callable[[ConsumerRebalanceListener], Awaitable[AIOKafkaConsumer]]
 
@@ -27,38 +29,50 @@ async def database_pool(url: str, min_size: int, max_size: int) -> AsyncIterator
 
 
 def kafka_consumer_factory(
-    *,
-    bootstrap_servers: str,
-    group_id: str,
-    fetch_max_wait_ms: int,
-    session_timeout_ms: int,
-    rebalance_timeout_ms: int,
-    heartbeat_interval_ms: int,
-    topics: list[str],
-    security: KafkaSecurity,
+    settings: Settings, topics: Topics, security: KafkaSecurity
 ) -> ConsumerFactory:
     """How the inbox consumer makes (and remakes) its Kafka client."""
+    s = settings
 
     async def make_consumer(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
-            group_id=group_id,
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=s.consumer_group,
             enable_auto_commit=False,
             # Neither a missing nor a vanished offset is reset silently:
             # adapters/kafka/offset_reset.py decides, and says so.
             auto_offset_reset="none",
-            fetch_max_wait_ms=fetch_max_wait_ms,
-            session_timeout_ms=session_timeout_ms,
-            rebalance_timeout_ms=rebalance_timeout_ms,
-            heartbeat_interval_ms=heartbeat_interval_ms,
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            rebalance_timeout_ms=s.kafka_rebalance_timeout_ms,
+            heartbeat_interval_ms=s.kafka_heartbeat_interval_ms,
             max_poll_records=500,
             **client_security(security),
         )
-        consumer.subscribe(topics, listener=listener)
+        consumer.subscribe([topics.request, topics.initiated, topics.refund], listener=listener)
         await consumer.start()
         return consumer
 
     return make_consumer
+
+
+def kafka_security_of(settings: Settings) -> KafkaSecurity:
+    """How every Kafka client connects (TLS, SASL), from the PAYMENT_KAFKA_* settings."""
+    return KafkaSecurity(
+        protocol=settings.kafka_security_protocol,
+        **{part: getattr(settings, f"kafka_{part}") for part in _KAFKA_SECURITY_PARTS},
+    )
+
+
+_KAFKA_SECURITY_PARTS = (
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
 
 
 def traced_scope(
