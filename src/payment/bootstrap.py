@@ -17,7 +17,6 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
-from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import SystemClock
 from payment.adapters.observability.instrumented import (
     InstrumentedProcessor,
@@ -49,6 +48,7 @@ from payment.runtime.components import (
     kafka_consumer_factory,
     kafka_security_of,
     seconds,
+    topics_of,
     traced_scope,
 )
 from payment.runtime.readiness import Readiness, RunningChecks
@@ -164,17 +164,7 @@ class Container(containers.DeclarativeContainer):
         security=kafka_security,
     )
 
-    topics = providers.Singleton(
-        Topics,
-        request=config.topic_request,
-        initiated=config.topic_initiated,
-        completed=config.topic_completed,
-        failed=config.topic_failed,
-        dead_letter=config.topic_dead_letter,
-        refund=config.topic_refund,
-        refunded=config.topic_refunded,
-        refund_failed=config.topic_refund_failed,
-    )
+    topics = providers.Singleton(topics_of, settings)
 
     # -- application -------------------------------------------------------------------
 
@@ -275,16 +265,18 @@ class Container(containers.DeclarativeContainer):
     collectors = providers.Resource(
         registered_collectors,
         metrics,
+        # What each scrape reads (Collectors' fields, in order): the pools, the
+        # gateway's limits and every running component.
         providers.Singleton(
             Collectors,
             metrics,
-            pools=providers.Dict(main=pool, control=control_pool),
-            processor=limited_processor,
-            relay=relay,
-            consumer=consumer,
-            reconciler=reconciler,
-            refund_worker=refund_worker,
-            retention=retention,
+            providers.Dict(main=pool, control=control_pool),
+            limited_processor,
+            relay,
+            consumer,
+            reconciler,
+            refund_worker,
+            retention,
         ),
     )
     running_checks = providers.Singleton(RunningChecks, settings, control_pool, producer, consumer)

@@ -7,7 +7,7 @@ import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import msgspec
 import platformdirs
@@ -64,9 +64,7 @@ def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrok
         stack.callback(signal.signal, signal.SIGTERM, previous)
         changes: dict[str, object] = {}
         if not settings.database_url:
-            pg = EmbeddedPostgres(data_dir(), fresh=fresh)
-            stack.callback(pg.stop)
-            pg.start()
+            pg = _started(stack, EmbeddedPostgres(data_dir(), fresh=fresh))
             print(
                 f"dev: embedded PostgreSQL listening on {pg.url} (data in {pg.data_dir})",
                 flush=True,
@@ -75,9 +73,7 @@ def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrok
         if not settings.kafka_bootstrap_servers and broker == "kafka":
             changes["kafka_bootstrap_servers"] = _start_apache_kafka(stack, fresh=fresh)
         elif not settings.kafka_bootstrap_servers:
-            tansu = EmbeddedBroker()
-            stack.callback(tansu.stop)
-            tansu.start()
+            tansu = _started(stack, EmbeddedBroker())
             print(
                 f"dev: embedded Kafka-compatible broker listening on {tansu.bootstrap_servers}",
                 flush=True,
@@ -95,6 +91,21 @@ def _run_dev(settings: Settings, *, fresh: bool, demo: int, broker: EmbeddedBrok
             return asyncio.run(_serve(service, settings, demo))
         except KeyboardInterrupt:
             return 130
+
+
+class _Process(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+_P = TypeVar("_P", bound=_Process)
+
+
+def _started(stack: ExitStack, process: _P) -> _P:
+    """`process` started, and stopped when `stack` unwinds (even if it fails to start)."""
+    stack.callback(process.stop)
+    process.start()
+    return process
 
 
 def _start_apache_kafka(stack: ExitStack, *, fresh: bool) -> str:

@@ -75,6 +75,11 @@ _KAFKA_SECURITY_PARTS = (
 )
 
 
+def topics_of(settings: Settings) -> Topics:
+    """The topic names, from the PAYMENT_TOPIC_* settings."""
+    return Topics(**{name: getattr(settings, f"topic_{name}") for name in Topics.__struct_fields__})
+
+
 def traced_scope(
     tracer: Tracer, control_pool: Any, name: str = "reconcile payment"
 ) -> Callable[[uuid.UUID], AbstractAsyncContextManager[None]]:
