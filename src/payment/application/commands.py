@@ -6,6 +6,8 @@ import uuid
 
 import msgspec
 
+from payment.domain.redaction import REDACTED
+
 
 class TraceHeaders(msgspec.Struct, frozen=True, kw_only=True):
     """W3C Trace Context of the message that caused a command."""
@@ -37,7 +39,7 @@ class RequestPayment(msgspec.Struct, frozen=True, kw_only=True):
         # Never let the payment method (a token, perhaps a card number) reach a log line.
         return (
             f"RequestPayment(inbound={self.inbound!r}, booking_id={self.booking_id!r}, "
-            f"amount={self.amount!r}, currency={self.currency!r}, payment_method=<redacted>)"
+            f"amount={self.amount!r}, currency={self.currency!r}, payment_method={REDACTED})"
         )
 
 

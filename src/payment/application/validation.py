@@ -7,6 +7,7 @@ import re
 from payment.application.commands import RefundPayment, RequestPayment
 from payment.domain.errors import InvalidMoney
 from payment.domain.money import Money
+from payment.domain.redaction import REDACTED_CARD
 
 _BOOKING_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # A digit, or a JSON escape of one (`\u0034` is "4" once decoded: raw bytes such as a dead
@@ -69,7 +70,8 @@ def _unescaped(run: str) -> str:
 
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-CARD_MASK = "[REDACTED CARD]"
+# The card marker under the name its callers know (payment.domain.redaction).
+CARD_MASK = REDACTED_CARD
 
 
 def echo_safe(text: str) -> str:

@@ -8,6 +8,7 @@ from typing import Protocol
 import msgspec
 
 from payment.domain.money import Money
+from payment.domain.redaction import REDACTED
 
 
 class ChargeRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,7 +25,7 @@ class ChargeRequest(msgspec.Struct, frozen=True, kw_only=True):
         # The payment method is a gateway token: keep it out of reprs and tracebacks.
         return (
             f"ChargeRequest(payment_id={self.payment_id}, booking_id={self.booking_id!r}, "
-            f"money={self.money!r}, payment_method=<redacted>)"
+            f"money={self.money!r}, payment_method={REDACTED})"
         )
 
 

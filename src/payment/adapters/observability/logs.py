@@ -25,14 +25,11 @@ from typing import Any, Final, TextIO
 
 from payment.adapters.observability.telemetry import current_ids
 from payment.application.validation import (
-    CARD_MASK,
     looks_like_card_number,
     mask_card_numbers,
     might_hold_card_number,
 )
-
-REDACTED: Final = "[REDACTED]"
-REDACTED_CARD: Final = CARD_MASK
+from payment.domain.redaction import REDACTED, REDACTED_CARD
 
 _SECRETS: Final = (
     # Stripe secret, restricted, publishable and webhook keys.
