@@ -57,9 +57,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return asyncio.run(schema.check(settings) if args.check else schema.migrate(settings))
     if args.command in ("run", "dev", "demo"):
-        from payment.cli import service
+        from payment.cli import running
 
-        return service.command(settings, args)
+        return running.command(settings, args)
     if args.command in ("show", "review"):
         from payment.cli import payments
 
