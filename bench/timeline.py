@@ -64,8 +64,11 @@ def _seconds(at: datetime) -> float:
     return at.timestamp()
 
 
-async def _record_times(bootstrap: str, topics: Sequence[str]) -> dict[tuple[str, str], float]:
-    """(topic, booking) -> the first record's timestamp (s), reading each topic whole."""
+async def _record_times(
+    bootstrap: str, topics: Sequence[str], sizes: dict[str, list[int]]
+) -> dict[tuple[str, str], float]:
+    """(topic, booking) -> the first record's timestamp (s), reading each topic whole;
+    `sizes[topic]` gets [records, key + value + header bytes]."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
     )
@@ -95,6 +98,13 @@ async def _record_times(bootstrap: str, topics: Sequence[str]) -> dict[tuple[str
                     )
                     if booking is not None:
                         found.setdefault((tp.topic, booking), record.timestamp / 1000)
+                    size = sizes.setdefault(tp.topic, [0, 0])
+                    size[0] += 1
+                    size[1] += (
+                        max(record.serialized_key_size, 0)
+                        + max(record.serialized_value_size, 0)
+                        + sum(len(k) + len(v or b"") for k, v in record.headers)
+                    )
                     if record.offset + 1 >= ends[tp]:
                         remaining.discard(tp)
     finally:
@@ -123,7 +133,10 @@ async def stages(
             if kind == "payment.initiated" and at is not None:
                 marks[booking]["initiated_published"] = _seconds(at)
     request, initiated = topics.request, topics.initiated
-    times = await _record_times(bootstrap, [request, initiated, topics.completed, topics.failed])
+    sizes: dict[str, list[int]] = {}
+    times = await _record_times(
+        bootstrap, [request, initiated, topics.completed, topics.failed], sizes
+    )
     for booking, mark in marks.items():
         for topic, name in (
             (request, "request_ts"),
@@ -140,4 +153,12 @@ async def stages(
         )
         cells = [percentile(spans, q) for q in (50, 95, 99)]
         rows.append([name, str(len(spans)), *("-" if c is None else f"{c:.1f}" for c in cells)])
-    return table(rows, ["stage", "payments", "p50 ms", "p95 ms", "p99 ms"])
+    records = sum(count for count, _ in sizes.values())
+    size = sum(total for _, total in sizes.values())
+    return (
+        table(rows, ["stage", "payments", "p50 ms", "p95 ms", "p99 ms"])
+        + f"\nKafka records of the run (warm-up included): {records:,}, {size:,} bytes"
+        + f" (keys, values, headers), {size / max(records, 1):.0f} bytes per record;"
+        + " "
+        + ", ".join(f"{t.rsplit('.', 1)[-1]} {c:,}" for t, (c, _) in sizes.items())
+    )
