@@ -62,9 +62,9 @@ def machine_bound(run: e2e.StepResult) -> str:
     used = total_ms / 1000 / run.elapsed_s if run.elapsed_s else 0.0
     return (
         f"CPU: {total_ms / per:.2f} ms/payment over svc+PG+broker+load generator"
-        f" = {used:.1f} of {cpus} CPUs at {run.throughput:.0f}/s;"
-        f" service runnable without a CPU {100 * run.service_wait_s / run.elapsed_s:.0f}%"
-        f" of the time (load {run.load.split()[0]})"
+        f" = {used:.1f} of {cpus} CPUs at {run.throughput:.0f}/s; the service was runnable"
+        f" without a CPU {100 * run.service_wait_s / run.elapsed_s:.0f}% of the time"
+        f" (load {run.load.split()[0]}: other processes had the CPUs)"
     )
 
 
