@@ -32,6 +32,8 @@ Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 # Raised by `getmany` for reasons the consumer loop handles itself.
 _PASSED_ON = (NoOffsetForPartitionError, OffsetOutOfRangeError, ConsumerStoppedError)
 _RAW_FETCH_BYTES = 1024 * 1024  # a larger first batch still comes whole (KIP-74)
+# Tansu answers a fetch when its wait expires, with nothing if the wait is 0.
+_RAW_FETCH_WAIT_MS = 100
 
 
 class TolerantFetch:
@@ -127,7 +129,11 @@ class TolerantFetch:
         if node is None or node < 0:
             return b""
         request = FetchRequest(
-            0, 1, _RAW_FETCH_BYTES, 0, [(tp.topic, [(tp.partition, offset, _RAW_FETCH_BYTES)])]
+            _RAW_FETCH_WAIT_MS,
+            1,
+            _RAW_FETCH_BYTES,
+            0,
+            [(tp.topic, [(tp.partition, offset, _RAW_FETCH_BYTES)])],
         )
         response = await client.send(node, request)
         for topic, partitions in response.topics:
