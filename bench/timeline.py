@@ -46,18 +46,19 @@ FROM payment_payments p JOIN payment_outbox o ON o.subject = p.payment_id::text
 WHERE p.booking_id = ANY(%s)
 """
 
-# (stage, from mark, to mark): consecutive along one payment's path.
-STAGES = (
-    ("bench: scheduled -> request queued", "scheduled", "request_ts"),
-    ("request queued -> request handled", "request_ts", "PaymentInitiated"),
-    ("request handled -> initiated queued by relay", "PaymentInitiated", "initiated_ts"),
-    ("initiated queued -> acked and marked", "initiated_ts", "initiated_published"),
-    ("initiated queued -> execution handled", "initiated_ts", "ChargeStarted"),
-    ("ChargeStarted -> outcome made (commit + charge)", "ChargeStarted", "outcome"),
-    ("outcome made -> outcome queued by relay", "outcome", "outcome_ts"),
-    ("outcome queued -> bench received", "outcome_ts", "received"),
-    ("total: scheduled -> received", "scheduled", "received"),
-)
+# stage | from mark | to mark: consecutive along one payment's path.
+_STAGE_LINES = """
+bench: scheduled -> request queued | scheduled | request_ts
+request queued -> request handled | request_ts | PaymentInitiated
+request handled -> initiated queued by relay | PaymentInitiated | initiated_ts
+initiated queued -> acked and marked | initiated_ts | initiated_published
+initiated queued -> execution handled | initiated_ts | ChargeStarted
+ChargeStarted -> outcome made (commit + charge) | ChargeStarted | outcome
+outcome made -> outcome queued by relay | outcome | outcome_ts
+outcome queued -> bench received | outcome_ts | received
+total: scheduled -> received | scheduled | received
+"""
+STAGES = [tuple(line.split(" | ")) for line in _STAGE_LINES.strip().splitlines()]
 
 
 def _seconds(at: datetime) -> float:
