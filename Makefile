@@ -52,7 +52,8 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## The benchmarks of docs/performance.md (installs the dev extra: the eventsourcing peer, py-spy).
+## The benchmarks of docs/performance.md, ending in issue 15's table on Apache Kafka (each
+## target, its figure, met or what bounds it); installs the dev extra (the eventsourcing peer).
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python bench/run_all.py
