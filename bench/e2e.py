@@ -173,7 +173,7 @@ class Orchestrator:
             bootstrap_servers=self._bootstrap,
             enable_idempotence=False,
             acks=1,
-            linger_ms=2,
+            linger_ms=0,  # the load generator adds no wait of its own (issue 15)
             max_batch_size=256 * 1024,
         )
         await self._producer.start()
