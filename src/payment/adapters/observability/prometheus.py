@@ -33,6 +33,7 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
 )
 from prometheus_client.metrics_core import Metric as Family
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 Kind = Literal["counter", "gauge", "histogram"]
@@ -97,7 +98,7 @@ def render_prometheus(metrics: Iterable[Metric], declared: Iterable[Declared] = 
     return generate_latest(_Families(ordered)).decode()
 
 
-class _Families:
+class _Families(Collector):
     """The collector `generate_latest` reads: the families of one scrape, in order."""
 
     def __init__(self, families: Sequence[Family]) -> None:
