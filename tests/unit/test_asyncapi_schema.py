@@ -14,8 +14,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytest.importorskip("jsonschema", reason="the dev extra (requirements.lock) is not installed")
-
 
 @pytest.fixture(scope="module")
 def validate() -> ModuleType:
