@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import msgspec
 import pytest
-from aiokafka.structs import ConsumerRecord
 from cloudevents.core.bindings.kafka import KafkaMessage, from_binary, to_binary
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
@@ -39,20 +39,12 @@ _times = st.datetimes(
 _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=40)
 
 
-def _record(message: KafkaMessage) -> ConsumerRecord[bytes, bytes]:
+def _record(message: KafkaMessage) -> SimpleNamespace:
+    """The consumed record of a message the SDK wrote (what `decode_record` reads of one)."""
     key = message.key.encode() if isinstance(message.key, str) else message.key
-    return ConsumerRecord(
-        topic="saga.request_payment",
-        partition=0,
-        offset=7,
-        timestamp=0,
-        timestamp_type=0,
-        key=key,
-        value=message.value,
-        checksum=None,
-        serialized_key_size=len(key or b""),
-        serialized_value_size=len(message.value),
-        headers=list(message.headers.items()),
+    headers = list(message.headers.items())
+    return SimpleNamespace(
+        topic="t", partition=0, offset=7, key=key, value=message.value, headers=headers
     )
 
 

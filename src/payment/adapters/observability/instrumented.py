@@ -21,8 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
 from datetime import datetime
-from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import msgspec
 from opentelemetry import context as otel_context
@@ -216,16 +215,11 @@ class InstrumentedUnitOfWork:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         try:
-            await self._inner.__aexit__(exc_type, exc, tb)
+            await self._inner.__aexit__(*exc_info)
         finally:
-            self._end_span(exc)
+            self._end_span(exc_info[1])
 
     async def commit(self) -> None:
         await self._inner.commit()

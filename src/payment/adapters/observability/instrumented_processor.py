@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
@@ -29,17 +29,17 @@ from payment.adapters.observability.span_attributes import (
 )
 from payment.domain.processor import (
     Approved,
-    ChargeOutcome,
     ChargeRequest,
     Declined,
     OutcomeUnknown,
-    PaymentProcessor,
     ProcessorUnavailable,
     RefundDeclined,
     Refunded,
-    RefundOutcome,
     RefundRequest,
 )
+
+if TYPE_CHECKING:
+    from payment.domain.processor import ChargeOutcome, PaymentProcessor, RefundOutcome
 
 log = logging.getLogger("payment.lifecycle")
 

@@ -13,7 +13,6 @@ import logging
 import ssl
 import uuid
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal, Self
 
 import httpx
@@ -152,12 +151,7 @@ class StripeProcessor:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httpx
 import stripe
@@ -20,14 +20,15 @@ from payment.adapters.processors.stripe_config import API_KEY_VARIABLE
 from payment.adapters.processors.stripe_redaction import describe, safe_code, scrub
 from payment.domain.processor import (
     Approved,
-    ChargeOutcome,
-    ChargeRequest,
     Declined,
     GatewayErrorReplayed,
     OutcomeUnknown,
     ProcessorRateLimited,
     ProcessorUnavailable,
 )
+
+if TYPE_CHECKING:
+    from payment.domain.processor import ChargeOutcome, ChargeRequest
 
 log = logging.getLogger("payment.adapters.processors.stripe")
 
@@ -45,6 +46,10 @@ _APPROVED_STATUSES: Final = frozenset({"succeeded", "requires_capture"})
 def outcome_of_error(request: ChargeRequest, exc: stripe.StripeError, api_key: str) -> Declined:
     """Map an SDK error on create: a decline, or raise Unavailable / Unknown."""
     where = describe(exc)
+    if isinstance(exc, stripe.RateLimitError):
+        # Stripe rejects rate-limited and lock-contended requests before executing them.
+        raise rate_limited(exc) from None
+    raise_for_common_errors(exc, where)
     secrets = (request.payment_method, api_key)
     if isinstance(exc, stripe.CardError):
         code = text(exc.error, "decline_code") or exc.code
@@ -52,10 +57,6 @@ def outcome_of_error(request: ChargeRequest, exc: stripe.StripeError, api_key: s
             code=safe_code(code, "card_declined"),
             message=scrub(exc.user_message or "the card was declined", *secrets),
         )
-    if isinstance(exc, stripe.IdempotencyError):
-        # The key was used before with other parameters: that earlier request may
-        # have charged. Only a lookup can tell.
-        raise OutcomeUnknown(f"stripe: idempotency key reused ({where})") from None
     if isinstance(exc, stripe.InvalidRequestError):
         # Validation failed before anything executed, and Stripe keeps no idempotent
         # result for it: retrying is pointless, and the charge did not happen.
@@ -64,15 +65,7 @@ def outcome_of_error(request: ChargeRequest, exc: stripe.StripeError, api_key: s
             code=safe_code(exc.code, "invalid_request"),
             message=scrub(exc.user_message or "invalid request", *secrets),
         )
-    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
-        log.error("stripe rejected the credentials (%s): check %s", where, API_KEY_VARIABLE)
-        raise ProcessorUnavailable(f"stripe: credentials rejected ({where})") from None
-    if isinstance(exc, stripe.RateLimitError):
-        # Stripe rejects rate-limited and lock-contended requests before executing them.
-        raise rate_limited(exc) from None
     if isinstance(exc, stripe.APIConnectionError):
-        if isinstance(exc.__cause__, NOT_SENT):
-            raise ProcessorUnavailable(f"stripe: could not connect ({where})") from None
         raise OutcomeUnknown(
             f"stripe: connection lost after sending the request ({where})"
         ) from None
@@ -84,6 +77,24 @@ def outcome_of_error(request: ChargeRequest, exc: stripe.StripeError, api_key: s
     # 409 (a request with the same key in flight), 5xx, unreadable bodies: the request
     # reached Stripe or something in front of it, and may have been executed.
     raise OutcomeUnknown(f"stripe: no usable answer ({where})") from None
+
+
+def raise_for_common_errors(exc: stripe.StripeError, where: str) -> None:
+    """The SDK errors a charge and a refund mean alike: raise for them, return otherwise.
+
+    A reused idempotency key (the earlier request may have been executed: unknown),
+    rejected credentials and a request that never left this process (nothing happened:
+    unavailable).
+    """
+    if isinstance(exc, stripe.IdempotencyError):
+        # The key was used before with other parameters: that earlier request may
+        # have been executed. Only a lookup can tell.
+        raise OutcomeUnknown(f"stripe: idempotency key reused ({where})") from None
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        log.error("stripe rejected the credentials (%s): check %s", where, API_KEY_VARIABLE)
+        raise ProcessorUnavailable(f"stripe: credentials rejected ({where})") from None
+    if isinstance(exc, stripe.APIConnectionError) and isinstance(exc.__cause__, NOT_SENT):
+        raise ProcessorUnavailable(f"stripe: could not connect ({where})") from None
 
 
 def outcome_of_many(

@@ -5,23 +5,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import stripe
 
 from payment.adapters.processors.keyed_locks import KeyedLocks
 from payment.adapters.processors.stripe_amounts import to_stripe_amount
-from payment.adapters.processors.stripe_answers import NOT_SENT, metadata, text
+from payment.adapters.processors.stripe_answers import metadata, raise_for_common_errors, text
 from payment.adapters.processors.stripe_dialect import StripeDialect
 from payment.adapters.processors.stripe_redaction import describe, safe_code
-from payment.domain.processor import (
-    OutcomeUnknown,
-    ProcessorUnavailable,
-    RefundDeclined,
-    Refunded,
-    RefundOutcome,
-    RefundRequest,
-)
+from payment.domain.processor import OutcomeUnknown, ProcessorUnavailable, RefundDeclined, Refunded
+
+if TYPE_CHECKING:
+    from payment.domain.processor import RefundOutcome, RefundRequest
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +101,9 @@ class StripeRefunds:
 
     def _outcome_of_error(self, request: RefundRequest, exc: stripe.StripeError) -> RefundOutcome:
         where = describe(exc)
-        if isinstance(exc, stripe.IdempotencyError):
-            raise OutcomeUnknown(f"stripe: idempotency key reused ({where})") from None
+        if isinstance(exc, stripe.RateLimitError):
+            raise ProcessorUnavailable(f"stripe: rate limited ({where})") from None
+        raise_for_common_errors(exc, where)
         if isinstance(exc, stripe.InvalidRequestError):
             # Refused before anything was executed (already refunded, amount too large,
             # a charge that is not refundable): no retry changes that.
@@ -116,12 +113,6 @@ class StripeRefunds:
                 message="the gateway refused the refund as invalid",
                 invalid=True,
             )
-        if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
-            raise ProcessorUnavailable(f"stripe: credentials rejected ({where})") from None
-        if isinstance(exc, stripe.RateLimitError):
-            raise ProcessorUnavailable(f"stripe: rate limited ({where})") from None
-        if isinstance(exc, stripe.APIConnectionError) and isinstance(exc.__cause__, NOT_SENT):
-            raise ProcessorUnavailable(f"stripe: could not connect ({where})") from None
         # Lost connection after sending, 409, 5xx: the refund may have been made.
         raise OutcomeUnknown(f"stripe: no usable answer to a refund ({where})") from None
 
