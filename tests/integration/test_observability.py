@@ -338,6 +338,9 @@ async def test_one_trace_from_request_to_outcome(run_service: RunService) -> Non
     assert by_name[f"send {s.topic_completed}"].attributes["payment.id"] == payment_id
     assert request_span.attributes is not None
     assert request_span.attributes["cloudevents.event_type"] == "saga.request_payment"
+    assert request_span.attributes["messaging.operation.name"] == "process"
+    assert request_span.attributes["messaging.operation.type"] == "process"
+    assert request_span.attributes["messaging.destination.name"] == s.topic_request
     assert request_span.attributes["payment.booking_id"] == booking
     assert_no_secret_in(running.spans.get_finished_spans(), TOKEN)
 
