@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, Literal, Self
 import httpx
 import stripe
 
+from payment.adapters.processors import ProcessorKind
 from payment.adapters.processors.keyed_locks import KeyedLocks
 from payment.adapters.processors.localstripe import LOCALSTRIPE_API, detect_dialect
 from payment.adapters.processors.stripe_amounts import (
@@ -64,8 +65,6 @@ if TYPE_CHECKING:
     from stripe.params import PaymentIntentCreateParams
 
 log = logging.getLogger(__name__)
-
-ProcessorKind = Literal["stripe", "sandbox"]
 
 # Stripe may forget an idempotency key once it is 24 hours old; a create under a forgotten
 # key makes a new PaymentIntent. Payments older than this (an hour's margin for the calls
@@ -256,7 +255,6 @@ __all__: Sequence[str] = [
     "STRIPE_TWO_DECIMAL_WHOLE_UNITS",
     "STRIPE_ZERO_DECIMAL",
     "Dialect",
-    "ProcessorKind",
     "StripeAmountError",
     "StripeProcessor",
     "stripe_exponent",

@@ -13,13 +13,15 @@ from typing import Final
 
 import stripe
 
+from payment.domain.redaction import REDACTED, REDACTED_CARD
+
 _REDACTIONS: Final = (
-    (re.compile(r"\b[spr]k_(?:live|test)_[A-Za-z0-9]+"), "<redacted-key>"),
+    (re.compile(r"\b[spr]k_(?:live|test)_[A-Za-z0-9]+"), REDACTED),
     # payment_method=… in logged form bodies, "payment_method": "…" in logged JSON.
-    (re.compile(r"""(payment_method["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""), r"\1<redacted>"),
+    (re.compile(r"""(payment_method["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""), rf"\1{REDACTED}"),
     # Token-shaped ids (mixed case or digits, unlike codes such as card_declined).
-    (re.compile(r"\b(?:pm|tok|src|card)_(?=[A-Za-z0-9_]*[0-9A-Z])[A-Za-z0-9_]{6,}"), "<redacted>"),
-    (re.compile(r"\b\d{13,19}\b"), "<redacted-number>"),
+    (re.compile(r"\b(?:pm|tok|src|card)_(?=[A-Za-z0-9_]*[0-9A-Z])[A-Za-z0-9_]{6,}"), REDACTED),
+    (re.compile(r"\b\d{13,19}\b"), REDACTED_CARD),
 )
 _CODE: Final = re.compile(r"[a-z0-9_]{1,64}")
 _REQUEST_ID: Final = re.compile(r"req_[A-Za-z0-9]{1,64}")
@@ -28,7 +30,7 @@ _REQUEST_ID: Final = re.compile(r"req_[A-Za-z0-9]{1,64}")
 def scrub(text: str, *secrets: str) -> str:
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "<redacted>")
+            text = text.replace(secret, REDACTED)
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text[:300]
@@ -48,7 +50,7 @@ class Secret:
         self.value = value
 
     def __repr__(self) -> str:
-        return "<redacted>"
+        return REDACTED
 
 
 class RedactStripeLogs(logging.Filter):
