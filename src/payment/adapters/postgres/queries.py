@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import msgspec
 from psycopg import AsyncConnection, IsolationLevel
 
+from payment.adapters.kafka.cloudevents import format_sequence
 from payment.adapters.postgres.pool import Connection
 from payment.domain.errors import DomainError
 from payment.domain.events import AnyPaymentEvent, PaymentRefunded, event_type
@@ -138,7 +139,8 @@ def format_history(history: PaymentHistory) -> list[str]:
     lines.append(f"outbox ({len(history.outbox)}):")
     for row in history.outbox:
         state = f"published {_iso(row.published_at)}" if row.published_at else "PENDING"
-        sequence = "-" if row.sequence is None else str(row.sequence)
+        # As published in the `ce_sequence` header (zero-padded).
+        sequence = "-" if row.sequence is None else format_sequence(row.sequence)
         lines.append(
             f"  #{row.position:<8} {row.type:<18} seq={sequence:<3} ce_id={row.event_id}  {state}"
         )
