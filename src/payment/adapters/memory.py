@@ -14,7 +14,7 @@ from payment.application.errors import (
     DuplicateMessage,
 )
 from payment.application.messages import OutboundMessage
-from payment.application.ports import OutboxRecord, StreamAppend
+from payment.application.ports import OutboxRecord, StoresPayments, StreamAppend
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import PaymentStatus
 
@@ -298,7 +298,7 @@ class MemoryInbox:
         self._db.inbox.update(self.marks)
 
 
-class MemoryUnitOfWork:
+class MemoryUnitOfWork(StoresPayments):
     """A transaction over `MemoryDatabase`: buffered writes, checked and applied at commit."""
 
     def __init__(self, db: MemoryDatabase) -> None:

@@ -10,7 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -58,7 +58,7 @@ from payment.application.handlers import (
     request_payment,
 )
 from payment.application.messages import PAYMENT_INITIATED, REFUND_PAYMENT, REQUEST_PAYMENT
-from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.application.ports import Clock, DeadLetters, UnitOfWorkFactory
 from payment.application.refunds import RefundResult, Refunds
 from payment.application.retry import Backoff
 from payment.domain.processor import PaymentProcessor
@@ -91,12 +91,6 @@ _NOTABLE_REQUESTS = frozenset(
 _NOTABLE_EXECUTIONS = frozenset(
     {ExecuteResult.DUPLICATE, ExecuteResult.NOT_FOUND, ExecuteResult.ALREADY_TERMINAL}
 )
-
-
-class DeadLetters(Protocol):
-    async def publish(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-        """Park the original record with its reason; returns once the broker acknowledged it."""
-        ...
 
 
 class PartitionProgress:

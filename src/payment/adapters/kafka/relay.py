@@ -21,13 +21,12 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.key_backoff import KeyBackoff
-from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
 from payment.adapters.observability.span_values import untrusted_attribute
 from payment.adapters.observability.telemetry import context_from_trace
 from payment.application import failpoints
-from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
+from payment.application.ports import Clock, OutboxRecord, RecordQueue, UnitOfWorkFactory
 from payment.application.retry import Backoff
 
 log = logging.getLogger(__name__)
