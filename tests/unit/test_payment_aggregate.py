@@ -435,19 +435,24 @@ def test_a_payment_starts_with_a_payment_initiated_at_version_1_and_only_there()
         given(initiated()).payment.apply(msgspec.structs.replace(initiated(), version=2))
 
 
-# -- pending events: decided once, handed to the unit of work once ---------------------------
-
-
-def test_the_events_a_payment_decides_are_collected_once_in_order() -> None:
-    payment, history = Payment.initiate(
+def new_payment(currency: str) -> tuple[Payment, list[AnyPaymentEvent]]:
+    """A payment of 700 in `currency`, just initiated, and its PaymentInitiated."""
+    return Payment.initiate(
         payment_id=PAYMENT_ID,
         booking_id="BK-9",
-        money=Money.of(700, "JPY"),
+        money=Money.of(700, currency),
         payment_method="tok",
         saga_id=None,
         customer_id=None,
         at=T0,
     )
+
+
+# -- pending events: decided once, handed to the unit of work once ---------------------------
+
+
+def test_the_events_a_payment_decides_are_collected_once_in_order() -> None:
+    payment, history = new_payment("JPY")
     history += payment.record_attempt(processor="fake", result="unknown", detail="lost", at=T0)
 
     assert list(payment.collect_events()) == history
@@ -468,15 +473,7 @@ def test_a_replayed_payment_has_nothing_to_save_and_a_refused_command_adds_nothi
 async def test_the_unit_of_work_saves_what_a_payment_decided_after_the_version_it_loaded() -> None:
     factory = MemoryUnitOfWorkFactory()
     async with factory() as uow:
-        payment, created = Payment.initiate(
-            payment_id=PAYMENT_ID,
-            booking_id="BK-9",
-            money=Money.of(700, "EUR"),
-            payment_method="tok",
-            saga_id=None,
-            customer_id=None,
-            at=T0,
-        )
+        payment, created = new_payment("EUR")
         await uow.save(payment)
         await uow.commit()
     async with factory() as uow:
@@ -498,15 +495,7 @@ async def test_the_unit_of_work_saves_what_a_payment_decided_after_the_version_i
 
 
 def test_replay_of_stored_events_rebuilds_what_the_commands_left() -> None:
-    payment, history = Payment.initiate(
-        payment_id=PAYMENT_ID,
-        booking_id="BK-9",
-        money=Money.of(700, "JPY"),
-        payment_method="tok",
-        saga_id=None,
-        customer_id=None,
-        at=T0,
-    )
+    payment, history = new_payment("JPY")
     history += payment.record_attempt(processor="fake", result="unknown", detail="lost", at=T0)
     history += payment.flag_for_review(detail="1h", at=LATER)
     history += payment.record_attempt(processor="fake", result="declined", detail="d", at=LATER)

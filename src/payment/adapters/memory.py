@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Self
 
 from payment.application.errors import (
@@ -312,12 +311,7 @@ class MemoryUnitOfWork(StoresPayments):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._done = True
         self.payments.release()
 

@@ -62,6 +62,13 @@ class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # minute). A miss on a younger payment proves nothing: it counts as unknown.
     lookup_settle_s: float = 0.0
 
+    def backoff_s(self, attempt: int) -> float:
+        """The wait after failed call number `attempt`, with full jitter: spreads the
+        retries of many payments hitting one outage."""
+        return full_jitter(
+            attempt, initial=self.backoff_initial_s, maximum=self.backoff_max_s, rng=random.random
+        )
+
 
 def charge_request(payment: Payment) -> ChargeRequest:
     """What the gateway is asked to charge (or look up) for `payment`, under its one key."""
@@ -133,15 +140,7 @@ class ChargeGateway:
             attempts.append(("charge", outcome))
             if not isinstance(outcome, ProcessorUnavailable) or attempt == policy.max_attempts:
                 break
-            # Full jitter: spreads retries of many payments hitting one outage.
-            await asyncio.sleep(
-                full_jitter(
-                    attempt,
-                    initial=policy.backoff_initial_s,
-                    maximum=policy.backoff_max_s,
-                    rng=random.random,
-                )
-            )
+            await asyncio.sleep(policy.backoff_s(attempt))
         return outcome
 
     async def _look_up_before_late_charge(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -32,7 +31,6 @@ from payment.application.messages import (
     refunded_message,
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
-from payment.application.retry import full_jitter
 from payment.application.validation import validate_refund, well_formed_booking_id
 from payment.domain.errors import RefundRefused
 from payment.domain.events import (
@@ -240,14 +238,7 @@ class Refunds:
             except ProcessorUnavailable:
                 if attempt == policy.max_attempts:
                     return None  # not made; a refund never fails for an outage
-                await asyncio.sleep(
-                    full_jitter(
-                        attempt,
-                        initial=policy.backoff_initial_s,
-                        maximum=policy.backoff_max_s,
-                        rng=random.random,
-                    )
-                )
+                await asyncio.sleep(policy.backoff_s(attempt))
         return None
 
     async def _record(

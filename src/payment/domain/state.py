@@ -10,20 +10,8 @@ from datetime import datetime
 
 import msgspec
 
+from payment.domain import events as e
 from payment.domain.errors import StreamMismatch
-from payment.domain.events import (
-    AnyPaymentEvent,
-    ChargeAttempted,
-    ChargeStarted,
-    PaymentCompleted,
-    PaymentFailed,
-    PaymentFlaggedForReview,
-    PaymentInitiated,
-    PaymentRefunded,
-    PaymentReviewResolved,
-    RefundFailed,
-    RefundRequested,
-)
 from payment.domain.money import Money
 from payment.domain.refund import Refund
 from payment.domain.status import CHARGED, PaymentStatus
@@ -34,7 +22,7 @@ class PaymentState:
     `PaymentInitiated`, and `apply` is the only way it changes, so a replay of the stored
     events rebuilds exactly what the commands left behind."""
 
-    def __init__(self, initiated: PaymentInitiated) -> None:
+    def __init__(self, initiated: e.PaymentInitiated) -> None:
         if initiated.version != 1:
             raise StreamMismatch("a stream starts with PaymentInitiated at version 1")
         self.id = initiated.payment_id
@@ -55,8 +43,8 @@ class PaymentState:
         self.chargers: set[uuid.UUID] = set()
         self.charge_lease: tuple[uuid.UUID, datetime] | None = None
         self.unguarded_attempts = False
-        self.outcome: PaymentCompleted | PaymentFailed | None = None
-        self.review_resolution: PaymentReviewResolved | None = None
+        self.outcome: e.PaymentCompleted | e.PaymentFailed | None = None
+        self.review_resolution: e.PaymentReviewResolved | None = None
         self.refunds: dict[uuid.UUID, Refund] = {}
         self.refunded_total = 0
 
@@ -96,7 +84,7 @@ class PaymentState:
     def refundable(self) -> int:
         """What may still be refunded: charged minus every refund not failed."""
         committed = sum(
-            r.amount for r in self.refunds.values() if not isinstance(r.outcome, RefundFailed)
+            r.amount for r in self.refunds.values() if not isinstance(r.outcome, e.RefundFailed)
         )
         return self.money.amount - committed
 
@@ -105,16 +93,16 @@ class PaymentState:
         """Refunds requested whose outcome is not known yet, in the order requested."""
         return [r for r in self.refunds.values() if r.pending]
 
-    def apply(self, event: AnyPaymentEvent) -> None:
+    def apply(self, event: e.AnyPaymentEvent) -> None:
         """Evolve the state by one event after the first: the only way state changes."""
         if event.payment_id != self.id:
             raise StreamMismatch(f"event of stream {event.payment_id} applied to {self.id}")
         if event.version != self.version + 1:
             raise StreamMismatch(f"event version {event.version} after version {self.version}")
         match event:
-            case PaymentInitiated():
+            case e.PaymentInitiated():
                 raise StreamMismatch("a stream starts with PaymentInitiated, and only there")
-            case ChargeAttempted():
+            case e.ChargeAttempted():
                 # The charger recorded what its calls gave: its lease ends. (Only the
                 # lease holder charges while it runs; `chargers` keeps the safety rule.)
                 self.charge_lease = None
@@ -123,25 +111,25 @@ class PaymentState:
                 self.attempts = event.attempt
                 if event.result in ("unknown", "approved"):
                     self.charge_may_have_happened = True
-            case ChargeStarted():
+            case e.ChargeStarted():
                 self.chargers.add(event.charger)
                 self.charge_lease = (event.charger, event.lease_until)
-            case PaymentCompleted():
+            case e.PaymentCompleted():
                 self.status = PaymentStatus.COMPLETED
                 self.outcome = event
-            case PaymentFailed():
+            case e.PaymentFailed():
                 self.status = PaymentStatus.FAILED
                 self.outcome = event
-            case PaymentFlaggedForReview():
+            case e.PaymentFlaggedForReview():
                 self.flagged_for_review = True
-            case PaymentReviewResolved():
+            case e.PaymentReviewResolved():
                 self.review_resolution = event
-            case RefundRequested():
+            case e.RefundRequested():
                 self.refunds[event.refund_id] = Refund(requested=event)
-            case PaymentRefunded() | RefundFailed():
+            case e.PaymentRefunded() | e.RefundFailed():
                 refund = self.refunds[event.refund_id]
                 self.refunds[event.refund_id] = msgspec.structs.replace(refund, outcome=event)
-                if isinstance(event, PaymentRefunded):
+                if isinstance(event, e.PaymentRefunded):
                     self.refunded_total += event.amount
                     self.status = (
                         PaymentStatus.REFUNDED
