@@ -220,9 +220,9 @@ def test_initiate_draws_a_fresh_idempotency_key_that_replay_keeps() -> None:
 
     first, second = new(), new()
 
-    assert first.idempotency_key is not None
+    assert first.idempotency_key.version == 4  # drawn at random
     assert first.idempotency_key != second.idempotency_key
-    assert first.initiated is not None
+    assert first.initiated.idempotency_key == first.idempotency_key
     assert Payment.replay([first.initiated]).idempotency_key == first.idempotency_key
 
 
