@@ -55,8 +55,8 @@ class ExecutionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     # new charge, whatever an earlier attempt whose answer was lost did.
     key_lifetime_s: float | None = None
     # How long a ChargeStarted keeps other callers from charging the payment: longer than
-    # one charge_payment (its attempts, backoffs and the lookup), so that a live charger
-    # is never overtaken; a dead one's payment is charged again once it has passed.
+    # one `ChargeGateway.charge` (its attempts, backoffs and the lookup), so that a live
+    # charger is never overtaken; a dead one's payment is charged again once it has passed.
     charge_lease_s: float = 60.0
     # How far the gateway's lookup lags behind its charges (Stripe's search: about a
     # minute). A miss on a younger payment proves nothing: it counts as unknown.
