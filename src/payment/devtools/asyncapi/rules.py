@@ -7,17 +7,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from payment.application.messages import (
-    PUBLISHED_FAILURE_REASONS,
-    REFUND_FAILED_REASONS,
-    PaymentCompletedMessage,
-    PaymentFailedMessage,
-    PaymentInitiatedMessage,
-    PaymentRefundedMessage,
-    PaymentRefundFailedMessage,
-    RefundPaymentMessage,
-    RequestPaymentMessage,
-)
+from payment.application import messages as contract
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
 
 Schema = dict[str, Any]
@@ -35,7 +25,7 @@ MAX_ID_CHARS: Final = 64
 MAX_PAYMENT_METHOD_CHARS: Final = 255
 MIN_AMOUNT: Final = 1
 CURRENCIES: Final = tuple(sorted(CURRENCY_EXPONENTS))
-FAILURE_REASONS: Final = tuple(sorted(PUBLISHED_FAILURE_REASONS))
+FAILURE_REASONS: Final = tuple(sorted(contract.PUBLISHED_FAILURE_REASONS))
 MAX_REASON_CHARS: Final = 255
 
 _UUID: Final[Schema] = {"format": "uuid"}
@@ -86,7 +76,7 @@ _OF_A_PAYMENT: Final[Mapping[str, Schema]] = {
 
 
 OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
-    RequestPaymentMessage: Overlay(
+    contract.RequestPaymentMessage: Overlay(
         required=("amount", "currency", "payment_method"),
         fields={
             "booking_id": _requested_booking("The booking to charge; one payment per booking."),
@@ -111,7 +101,7 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
             },
         },
     ),
-    PaymentInitiatedMessage: Overlay(
+    contract.PaymentInitiatedMessage: Overlay(
         fields={
             **_OF_A_PAYMENT,
             "amount": {"minimum": MIN_AMOUNT},
@@ -121,7 +111,7 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
             "version": _VERSION,
         },
     ),
-    PaymentCompletedMessage: Overlay(
+    contract.PaymentCompletedMessage: Overlay(
         fields={
             **_OF_A_PAYMENT,
             "amount": {"minimum": MIN_AMOUNT},
@@ -133,7 +123,7 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
         },
     ),
     # booking_id and saga_id are echoed as received: a rejection may carry invalid ones.
-    PaymentFailedMessage: Overlay(
+    contract.PaymentFailedMessage: Overlay(
         fields={
             "payment_id": {**_UUID, "description": "Absent when no payment was created."},
             "reason": {
@@ -151,7 +141,7 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
             "version": {**_VERSION, "description": "Absent when no payment was created."},
         },
     ),
-    RefundPaymentMessage: Overlay(
+    contract.RefundPaymentMessage: Overlay(
         fields={
             "booking_id": _requested_booking("The booking whose payment to refund."),
             "amount": _requested_amount(
@@ -165,7 +155,7 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
             "saga_id": {"maxLength": MAX_ID_CHARS, "description": "Echoed on the outcome."},
         },
     ),
-    PaymentRefundedMessage: Overlay(
+    contract.PaymentRefundedMessage: Overlay(
         fields={
             **_OF_A_PAYMENT,
             "refund_id": {**_UUID, "description": "One per refund request."},
@@ -180,12 +170,12 @@ OVERLAYS: Final[Mapping[type[msgspec.Struct], Overlay]] = {
             "version": _VERSION,
         },
     ),
-    PaymentRefundFailedMessage: Overlay(
+    contract.PaymentRefundFailedMessage: Overlay(
         fields={
             "payment_id": {**_UUID, "description": "Absent when the booking has no payment."},
             "refund_id": {**_UUID, "description": "Absent when no refund was created."},
             "reason": {
-                "enum": sorted(REFUND_FAILED_REASONS),
+                "enum": sorted(contract.REFUND_FAILED_REASONS),
                 "description": (
                     "`not_charged` (the payment failed, or never existed: the booking is then "
                     "closed); `over_refund` (more than is still refundable); `declined` by the "
