@@ -53,6 +53,13 @@ def _percentile(ordered: Sequence[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def _expect(ok: bool, problem: str, problems: list[str]) -> bool:
+    """`ok`, after noting `problem` when it is not."""
+    if not ok:
+        problems.append(problem)
+    return ok
+
+
 def build_report(run: Run, started: float, timed_out: bool) -> DemoReport:
     problems: list[str] = []
     requests = run.requests
@@ -88,32 +95,29 @@ def build_report(run: Run, started: float, timed_out: bool) -> DemoReport:
     replayed = False
     if run.extras:
         target = run.rerequest
-        replayed = (
+        replayed = _expect(
             target is not None
             and len(target.terminal) == 1
-            and target.terminal_deliveries >= target.expected_terminal_deliveries
+            and target.terminal_deliveries >= target.expected_terminal_deliveries,
+            "the re-request did not replay the outcome with its ce_id",
+            problems,
         )
-        if not replayed:
-            problems.append("the re-request did not replay the outcome with its ce_id")
-
     invalid_rejected: bool | None = None
-    if run.invalid is not None:
-        invalid = run.invalid
-        invalid_rejected = (
+    if (invalid := run.invalid) is not None:
+        invalid_rejected = _expect(
             list(invalid.terminal.values()) == ["invalid_request"]
             and not invalid.initiated
-            and not invalid.dead_letters
+            and not invalid.dead_letters,
+            "the invalid request was not answered by exactly one invalid_request",
+            problems,
         )
-        if not invalid_rejected:
-            problems.append("the invalid request was not answered by exactly one invalid_request")
     poison_dead_lettered: bool | None = None
-    if run.poison is not None:
-        poison = run.poison
-        poison_dead_lettered = (
-            len(poison.dead_letters) == 1 and not poison.terminal and not poison.initiated
+    if (poison := run.poison) is not None:
+        poison_dead_lettered = _expect(
+            len(poison.dead_letters) == 1 and not poison.terminal and not poison.initiated,
+            "the poison message did not reach the dead-letter topic (once)",
+            problems,
         )
-        if not poison_dead_lettered:
-            problems.append("the poison message did not reach the dead-letter topic (once)")
     dead_letters = sum(len(b.dead_letters) for b in run.by_id.values()) + run.foreign_dead_letters
     if run.foreign_dead_letters:
         problems.append(f"{run.foreign_dead_letters} unexpected dead letter(s) of this run")
