@@ -19,6 +19,7 @@ from payment.adapters.kafka.cloudevents import (
     H_TYPE,
     MAX_ATTRIBUTE_BYTES,
     MAX_TRACESTATE_CHARS,
+    SEQUENCE_DIGITS,
     SPECVERSION,
 )
 from payment.application.messages import (
@@ -89,8 +90,12 @@ def cloudevents_headers(spec: MessageSpec) -> Schema:
         }
         properties[H_SEQUENCE] = {
             "type": "string",
-            "pattern": "^[1-9][0-9]*$",
-            "description": f"The event's version in its payment stream, decimal{absent}.",
+            "pattern": "^[0-9]+$",
+            "description": (
+                f"The event's version in its payment stream, decimal, zero-padded to"
+                f" {SEQUENCE_DIGITS} digits so that sequences sort as strings (earlier"
+                f" releases sent it unpadded){absent}."
+            ),
         }
     if spec.version is not None:
         properties[H_DATASCHEMA] = {
