@@ -64,7 +64,8 @@ lint: install
 asyncapi-check: install
 	$(BIN)/python tools/asyncapi/validate.py docs/asyncapi.yaml
 
-## The benchmarks of docs/performance.md (installs the dev extra: the eventsourcing peer, py-spy).
+## The benchmarks of docs/performance.md, ending in issue 15's table on Apache Kafka (each
+## target, its figure, met or what bounds it); installs the dev extra (the eventsourcing peer).
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python bench/run_all.py
