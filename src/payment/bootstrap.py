@@ -25,7 +25,7 @@ from payment.adapters.observability.instrumented import (
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.observability.telemetry import tracer_of, tracer_provider_resource
-from payment.adapters.postgres.outbox import RelayLeadership
+from payment.adapters.postgres.relay_lock import RelayLeadership
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
@@ -281,8 +281,12 @@ class Container(containers.DeclarativeContainer):
     )
     running_checks = providers.Singleton(RunningChecks, settings, control_pool, producer, consumer)
 
-    # Started in this order (the relay first, the consumer last), stopped in reverse.
-    running_relay = providers.Resource(lifecycle.running, relay, "outbox-relay", lifecycle.flush)
+    # Started in this order (the relay first, the consumer last), stopped in reverse
+    # within one bound: the consumer's drain, then what it leaves for the relay's flush.
+    stop_deadline = providers.Singleton(lifecycle.StopDeadline, DRAIN_TIMEOUT_S)
+    running_relay = providers.Resource(
+        lifecycle.running, relay, "outbox-relay", lifecycle.flush, stop_deadline
+    )
     running_workers = providers.Resource(
         lifecycle.running_in_background,
         reconciler=reconciler,
@@ -291,7 +295,9 @@ class Container(containers.DeclarativeContainer):
         log_budget=log_budget,
         refund_worker=refund_worker,
     )
-    running_consumer = providers.Resource(lifecycle.running, consumer, "consumer", lifecycle.drain)
+    running_consumer = providers.Resource(
+        lifecycle.running, consumer, "consumer", lifecycle.drain, stop_deadline
+    )
 
 
 def make_container(settings: Settings) -> Container:

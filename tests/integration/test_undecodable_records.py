@@ -37,7 +37,7 @@ from payment.adapters.observability.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.handlers import ExecutionPolicy
 from payment.application.handlers import Settings as HandlerSettings
-from payment.bootstrap import is_transient
+from payment.runtime.transient import is_transient
 from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.waiting import eventually
 

@@ -14,9 +14,14 @@ from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.observability.http import HealthServer
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.postgres.outbox import OutboxWaiter, wait_for_outbox_notification
-from payment.settings import DependencyUnavailable
+from payment.settings import DRAIN_TIMEOUT_S, DependencyUnavailable
 
 log = logging.getLogger("payment")
+
+# On SIGTERM, after the consumer's drain: how long the relay may flush the outbox, and then
+# finish its pass (README, "Exit codes" and the grace period).
+RELAY_FLUSH_S = 10.0
+RELAY_STOP_S = 1.0
 
 
 class Runnable(Protocol):
@@ -61,8 +66,28 @@ async def outbox_waiter(database_url: str) -> AsyncIterator[OutboxWaiter]:
         await waiter.aclose()
 
 
+class StopDeadline:
+    """How long the stop may still take: the consumer's drain bound, counted from the
+    moment the drain starts; the relay's flush fits in what the drain leaves of it."""
+
+    def __init__(self, seconds: float = DRAIN_TIMEOUT_S) -> None:
+        self._seconds = seconds
+        self._at: float | None = None
+
+    def start(self) -> None:
+        self._at = asyncio.get_running_loop().time() + self._seconds
+
+    def left(self) -> float:
+        if self._at is None:
+            return self._seconds
+        return max(0.0, self._at - asyncio.get_running_loop().time())
+
+
+Stopping = Callable[[Any, "asyncio.Task[None]", StopDeadline], Awaitable[None]]
+
+
 async def running(
-    component: Runnable, name: str, stopping: Callable[[Any], Awaitable[None]]
+    component: Runnable, name: str, stopping: Stopping, deadline: StopDeadline
 ) -> AsyncIterator[asyncio.Task[None]]:
     """`component` running as task `name`; at shutdown `stopping` ends it gracefully,
     unless a crash already cancelled it."""
@@ -71,21 +96,50 @@ async def running(
         yield task
     finally:
         if not task.done():
-            await stopping(component)
-            await task
+            await stopping(component, task, deadline)
 
 
-async def drain(consumer: KafkaInboxConsumer) -> None:
-    """The consumer's stop: the messages in flight are finished first."""
+async def drain(
+    consumer: KafkaInboxConsumer, task: asyncio.Task[None], deadline: StopDeadline
+) -> None:
+    """The consumer's stop: the messages in flight are finished first (within
+    DRAIN_TIMEOUT_S, the consumer's own bound)."""
     log.info("run: stopping: draining in-flight messages")
+    deadline.start()
     consumer.stop()
+    await ended_or_logged(task, "the consumer")
 
 
-async def flush(relay: KafkaOutboxRelay) -> None:
-    """The relay's stop: what is written is published first."""
+async def flush(relay: KafkaOutboxRelay, task: asyncio.Task[None], deadline: StopDeadline) -> None:
+    """The relay's stop: what is written is published first, within what the drain left
+    of the stop's bound (RELAY_FLUSH_S at most); a pass still waiting for
+    acknowledgements is then cut and its rows stay pending."""
     log.info("run: flushing the outbox relay")
-    await relay.flush()
+    await relay.flush(min(RELAY_FLUSH_S, deadline.left()))
     relay.stop()
+    await stop_within(task, RELAY_STOP_S)
+
+
+async def ended_or_logged(task: asyncio.Task[None], what: str) -> None:
+    """Wait for a stopping task; log, not raise, how it failed: the stop goes on.
+
+    With the broker gone the Kafka client's own close can fail, even with a
+    CancelledError of its own (not this task's); the work it leaves uncommitted is
+    handled again after the restart.
+    """
+    await asyncio.wait({task})
+    if task.cancelled():
+        log.warning("run: %s did not stop cleanly: its close was cancelled", what)
+    elif (error := task.exception()) is not None:
+        log.error("run: %s did not stop cleanly", what, exc_info=error)
+
+
+async def stop_within(task: asyncio.Task[None], seconds: float) -> None:
+    """Wait up to `seconds` for a stopping task to end, then cancel it."""
+    await asyncio.wait({task}, timeout=seconds)
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def running_in_background(**workers: Runnable) -> AsyncIterator[list[asyncio.Task[None]]]:
