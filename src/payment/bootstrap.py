@@ -35,8 +35,7 @@ from payment.adapters.processors.stripe import (
     SEARCH_LAG_S,
     StripeProcessor,
 )
-from payment.application.handlers import ExecutionPolicy
-from payment.application.handlers import Settings as HandlerSettings
+from payment.application.handlers import ExecutionPolicy, RequestPolicy
 from payment.application.reconciler import Reconciler
 from payment.application.refund_worker import RefundWorker
 from payment.application.refunds import Refunds
@@ -175,9 +174,9 @@ class Container(containers.DeclarativeContainer):
         config.review_after_s,
         config.processor,
     )
-    handler_settings = providers.Singleton(HandlerSettings, max_amount=config.max_amount)
+    request_policy = providers.Singleton(RequestPolicy, max_amount=config.max_amount)
     refunds = providers.Singleton(
-        Refunds, instrumented_uow_factory, limited_processor, clock, policy, handler_settings
+        Refunds, instrumented_uow_factory, limited_processor, clock, policy, request_policy
     )
 
     # -- runtime components ------------------------------------------------------------
@@ -219,7 +218,7 @@ class Container(containers.DeclarativeContainer):
             KafkaDeadLetterPublisher, producer, topics.provided.dead_letter, config.consumer_group
         ),
         metrics=metrics,
-        settings=handler_settings,
+        request_policy=request_policy,
         policy=policy,
         is_transient=providers.Object(is_transient),
         max_in_flight=config.max_in_flight,

@@ -25,8 +25,7 @@ from payment.adapters.observability.metrics import Metrics
 from payment.adapters.postgres.pool import Pool
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
-from payment.application.handlers import ExecutionPolicy
-from payment.application.handlers import Settings as HandlerSettings
+from payment.application.handlers import ExecutionPolicy, RequestPolicy
 from payment.runtime.transient import is_transient
 
 REQUESTS = "saga.request_payment"
@@ -154,7 +153,7 @@ async def test_requests_during_a_read_only_window_wait_and_all_complete(
         clock=SystemClock(),
         dead_letters=parked,
         metrics=Metrics(),
-        settings=HandlerSettings(),
+        request_policy=RequestPolicy(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
         retry_max_s=1.0,

@@ -35,8 +35,7 @@ from payment.adapters.kafka.topics import Topics, ensure_topics
 from payment.adapters.memory import MemoryUnitOfWorkFactory, SystemClock
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
-from payment.application.handlers import ExecutionPolicy
-from payment.application.handlers import Settings as HandlerSettings
+from payment.application.handlers import ExecutionPolicy, RequestPolicy
 from payment.runtime.transient import is_transient
 from support.broker import client_fetch_max_wait_ms, idempotent_producer
 from support.waiting import eventually
@@ -182,7 +181,7 @@ class Service:
             clock=SystemClock(),
             dead_letters=KafkaDeadLetterPublisher(producer, self.topics.dead_letter, GROUP),
             metrics=Metrics(),
-            settings=HandlerSettings(),
+            request_policy=RequestPolicy(),
             policy=ExecutionPolicy(),
             is_transient=is_transient,
         )

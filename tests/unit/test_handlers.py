@@ -21,8 +21,8 @@ from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
     ExecutionPolicy,
+    RequestPolicy,
     RequestResult,
-    Settings,
     execute_payment,
     reconcile_payment,
     request_payment,
@@ -446,13 +446,13 @@ async def test_card_numbers_in_the_ids_of_an_accepted_request_are_masked_on_ever
 async def test_the_configured_max_amount_applies(
     uow_factory: MemoryUnitOfWorkFactory, clock: FakeClock
 ) -> None:
-    settings = Settings(max_amount=10_000)
+    request_policy = RequestPolicy(max_amount=10_000)
 
     assert await request_payment(
-        request_cmd("BK-1", amount=10_000), uow_factory, clock, settings
+        request_cmd("BK-1", amount=10_000), uow_factory, clock, request_policy
     ) is (RequestResult.ACCEPTED)
     assert await request_payment(
-        request_cmd("BK-2", amount=10_001), uow_factory, clock, settings
+        request_cmd("BK-2", amount=10_001), uow_factory, clock, request_policy
     ) is (RequestResult.REJECTED)
 
 

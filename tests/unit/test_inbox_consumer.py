@@ -26,8 +26,7 @@ from payment.adapters.kafka.consumer import KafkaInboxConsumer
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory, SystemClock
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
-from payment.application.handlers import ExecutionPolicy
-from payment.application.handlers import Settings as HandlerSettings
+from payment.application.handlers import ExecutionPolicy, RequestPolicy
 from payment.runtime.transient import is_transient
 from support.waiting import eventually
 
@@ -150,7 +149,7 @@ def consumer(
         clock=SystemClock(),
         dead_letters=parked,
         metrics=Metrics(),
-        settings=HandlerSettings(),
+        request_policy=RequestPolicy(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
         **options,  # type: ignore[arg-type]
@@ -350,7 +349,7 @@ async def test_a_burst_of_requests_leaves_room_for_the_executor_and_waits_at_the
         clock=SystemClock(),
         dead_letters=ParkedRecords(),
         metrics=Metrics(),
-        settings=HandlerSettings(),
+        request_policy=RequestPolicy(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
         max_in_flight=8,

@@ -21,11 +21,11 @@ from payment.adapters.processors.fake import FakeProcessor
 from payment.application.commands import ExecutePayment, InboundRef
 from payment.application.handlers import (
     ExecutionPolicy,
+    RequestPolicy,
     RequestResult,
     execute_payment,
     request_payment,
 )
-from payment.application.handlers import Settings as HandlerSettings
 from payment.application.refunds import Refunds
 from payment.runtime.transient import is_transient
 from support.commands import request_cmd
@@ -82,7 +82,7 @@ def consumer(uows: MemoryUnitOfWorkFactory, gateway: FakeProcessor, parked: Park
         clock=clock,
         dead_letters=parked,
         metrics=Metrics(),
-        settings=HandlerSettings(),
+        request_policy=RequestPolicy(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
         refund_topic=REFUNDS,

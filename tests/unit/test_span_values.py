@@ -15,8 +15,7 @@ from payment.adapters.memory import MemoryUnitOfWorkFactory, SystemClock
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.observability.span_values import MAX_ATTRIBUTE_CHARS, untrusted_attribute
 from payment.adapters.processors.fake import FakeProcessor
-from payment.application.handlers import ExecutionPolicy
-from payment.application.handlers import Settings as HandlerSettings
+from payment.application.handlers import ExecutionPolicy, RequestPolicy
 from payment.application.validation import CARD_MASK, looks_like_card_number
 from payment.runtime.transient import is_transient
 
@@ -106,7 +105,7 @@ async def test_the_consumer_span_carries_no_card_number_and_no_huge_value() -> N
         clock=SystemClock(),
         dead_letters=Parked(),
         metrics=Metrics(),
-        settings=HandlerSettings(),
+        request_policy=RequestPolicy(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
         tracer=provider.get_tracer("test"),

@@ -28,7 +28,7 @@ from payment.application.gateway import ChargeGateway, Exchange, ExecutionPolicy
 from payment.application.handlers.execute import execute_payment, mark_handled
 from payment.application.handlers.outcome import apply_outcome, record_outcome, status_of
 from payment.application.handlers.request import (
-    Settings,
+    RequestPolicy,
     initiate_for,
     rejection_for,
     request_payment,
@@ -73,7 +73,7 @@ async def request_payments(
     cmds: Sequence[RequestPayment],
     uow_factory: UnitOfWorkFactory,
     clock: Clock,
-    settings: Settings = Settings(),
+    request_policy: RequestPolicy = RequestPolicy(),
 ) -> list[RequestOutcome]:
     """`request_payment` for each command; one transaction for the batch when it can.
 
@@ -84,7 +84,7 @@ async def request_payments(
     batch, single = _split(
         [(("m", c.inbound.source, c.inbound.message_id), ("b", c.booking_id)) for c in cmds]
     )
-    checked = {i: validate_request(cmds[i], max_amount=settings.max_amount) for i in batch}
+    checked = {i: validate_request(cmds[i], max_amount=request_policy.max_amount) for i in batch}
     # A request that breaks a rule may be a re-request for a booking that has a payment
     # (then dead-lettered, not refused): rare enough to go one by one, where it is looked
     # up. One whose booking id itself breaks the rules can have no payment.
@@ -113,7 +113,7 @@ async def request_payments(
     single += batch
     for i in sorted(single):
         try:
-            results[i] = await request_payment(cmds[i], uow_factory, clock, settings)
+            results[i] = await request_payment(cmds[i], uow_factory, clock, request_policy)
         except PaymentConflict as exc:
             results[i] = exc
     return [results[i] for i in range(len(cmds))]

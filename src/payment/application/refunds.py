@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from payment.application.commands import RefundPayment, SettleRefunds, TraceHeaders
 from payment.application.conflicts import retrying
 from payment.application.gateway import ExecutionPolicy
-from payment.application.handlers.request import Settings
+from payment.application.handlers.request import RequestPolicy
 from payment.application.messages import (
     OutboundMessage,
     RefundFailedReason,
@@ -84,13 +84,13 @@ class Refunds:
         processor: PaymentProcessor,
         clock: Clock,
         policy: ExecutionPolicy = ExecutionPolicy(),
-        settings: Settings = Settings(),
+        request_policy: RequestPolicy = RequestPolicy(),
     ) -> None:
         self._uow_factory = uow_factory
         self._processor = processor
         self._clock = clock
         self._policy = policy
-        self._settings = settings
+        self._request_policy = request_policy
 
     # -- saga.refund_payment -----------------------------------------------------------
 
@@ -100,7 +100,7 @@ class Refunds:
         The caller settles an accepted refund afterwards (`settle`); if it never gets to,
         the refund stays pending and the worker settles it.
         """
-        problem = validate_refund(cmd, max_amount=self._settings.max_amount)
+        problem = validate_refund(cmd, max_amount=self._request_policy.max_amount)
 
         async def handle(uow: UnitOfWork) -> tuple[RefundResult, uuid.UUID | None]:
             if not await uow.inbox.mark(

@@ -11,15 +11,15 @@ from payment.application.conflicts import MAX_CONFLICT_RETRIES
 from payment.application.gateway import ExecutionPolicy
 from payment.application.handlers.execute import execute_payment
 from payment.application.handlers.reconcile import reconcile_payment
-from payment.application.handlers.request import Settings, request_payment
+from payment.application.handlers.request import RequestPolicy, request_payment
 from payment.application.handlers.results import ExecuteResult, RequestResult
 
 __all__ = [
     "MAX_CONFLICT_RETRIES",
     "ExecuteResult",
     "ExecutionPolicy",
+    "RequestPolicy",
     "RequestResult",
-    "Settings",
     "execute_payment",
     "reconcile_payment",
     "request_payment",

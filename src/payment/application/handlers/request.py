@@ -25,7 +25,9 @@ from payment.domain.money import DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment
 
 
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
+class RequestPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """What a payment request must respect to be accepted (PAYMENT_MAX_AMOUNT)."""
+
     max_amount: int = DEFAULT_MAX_AMOUNT
 
 
@@ -33,14 +35,14 @@ async def request_payment(
     cmd: RequestPayment,
     uow_factory: UnitOfWorkFactory,
     clock: Clock,
-    settings: Settings = Settings(),
+    request_policy: RequestPolicy = RequestPolicy(),
 ) -> RequestResult:
     """Handle `saga.request_payment` (contract sections 3-4).
 
     Raises `PaymentConflict` for a re-request whose amount or currency differs from the
     booking's payment, or that breaks a rule of section 3: the caller dead-letters it.
     """
-    checked = validate_request(cmd, max_amount=settings.max_amount)
+    checked = validate_request(cmd, max_amount=request_policy.max_amount)
 
     async def handle(uow: UnitOfWork) -> RequestResult:
         if not await uow.inbox.mark(cmd.inbound.source, cmd.inbound.message_id, clock.now()):

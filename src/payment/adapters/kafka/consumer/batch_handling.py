@@ -117,7 +117,9 @@ class BatchHandler:
             cmds.append(cmd)
             items.append((record, event, span))
         decoded[:] = items
-        results = await request_payments(cmds, self.h.uow_factory, self.h.clock, self.h.settings)
+        results = await request_payments(
+            cmds, self.h.uow_factory, self.h.clock, self.h.request_policy
+        )
         tally: Counter[RequestResult] = Counter()
         for (record, event, span), cmd, result in zip(items, cmds, results, strict=True):
             with trace.use_span(span, end_on_exit=False):

@@ -37,8 +37,8 @@ from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
     ExecutionPolicy,
+    RequestPolicy,
     RequestResult,
-    Settings,
     execute_payment,
     request_payment,
 )
@@ -77,7 +77,7 @@ class Handlers:
     processor: PaymentProcessor
     clock: Clock
     metrics: Metrics
-    settings: Settings
+    request_policy: RequestPolicy
     policy: ExecutionPolicy
     is_transient: Callable[[BaseException], bool]
     backoff: Callable[[], Backoff]
@@ -203,7 +203,9 @@ class MessageHandler:
         span = trace.get_current_span()
         span.set_attribute("payment.booking_id", untrusted_attribute(cmd.booking_id))
         try:
-            result = await request_payment(cmd, self.h.uow_factory, self.h.clock, self.h.settings)
+            result = await request_payment(
+                cmd, self.h.uow_factory, self.h.clock, self.h.request_policy
+            )
         except PaymentConflict as exc:
             await self.conflict(record, cmd.inbound, exc, span)
             return

@@ -24,7 +24,7 @@ from payment.adapters.kafka.consumer.tolerant_fetch import TolerantFetch
 from payment.adapters.kafka.offset_reset import recover_out_of_range, start_from_beginning
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
 from payment.adapters.observability.metrics import Metrics
-from payment.application.handlers import ExecutionPolicy, Settings
+from payment.application.handlers import ExecutionPolicy, RequestPolicy
 from payment.application.ports import Clock, DeadLetters, UnitOfWorkFactory
 from payment.application.refunds import Refunds
 from payment.application.retry import Backoff
@@ -61,7 +61,7 @@ class KafkaInboxConsumer:
         clock: Clock,
         dead_letters: DeadLetters,
         metrics: Metrics,
-        settings: Settings,
+        request_policy: RequestPolicy,
         policy: ExecutionPolicy,
         is_transient: Callable[[BaseException], bool],
         max_in_flight: int = 256,
@@ -92,7 +92,7 @@ class KafkaInboxConsumer:
             processor=processor,
             clock=clock,
             metrics=metrics,
-            settings=settings,
+            request_policy=request_policy,
             policy=policy,
             is_transient=is_transient,
             backoff=backoff,
