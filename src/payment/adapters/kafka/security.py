@@ -17,6 +17,8 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
+from payment.domain.redaction import REDACTED
+
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = (62, 64)
 
@@ -35,7 +37,7 @@ class KafkaSecurity(msgspec.Struct, frozen=True, kw_only=True):
 
     def __repr__(self) -> str:
         # The password never reaches a log line, an error or a span.
-        password = "<set>" if self.sasl_password else None
+        password = REDACTED if self.sasl_password else None
         return (
             f"KafkaSecurity(protocol={self.protocol!r}, sasl_mechanism={self.sasl_mechanism!r},"
             f" sasl_username={self.sasl_username!r}, sasl_password={password!r},"

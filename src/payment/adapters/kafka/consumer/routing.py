@@ -12,7 +12,6 @@ import uuid
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import Span
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from payment.adapters.kafka.cloudevents import (
     InboundEvent,
@@ -24,6 +23,7 @@ from payment.adapters.kafka.cloudevents import (
 )
 from payment.adapters.kafka.consumer.undecodable import UndecodableRecord
 from payment.adapters.observability.span_values import untrusted_attribute
+from payment.adapters.observability.telemetry import W3C
 from payment.application.commands import (
     ExecutePayment,
     InboundRef,
@@ -32,8 +32,6 @@ from payment.application.commands import (
     TraceHeaders,
 )
 from payment.application.messages import PAYMENT_INITIATED, REFUND_PAYMENT, REQUEST_PAYMENT
-
-_W3C = TraceContextTextMapPropagator()
 
 
 class Route(enum.Enum):
@@ -140,7 +138,7 @@ def trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
     """
     if span.get_span_context().is_valid:
         carrier: dict[str, str] = {}
-        _W3C.inject(carrier, context=trace.set_span_in_context(span))
+        W3C.inject(carrier, context=trace.set_span_in_context(span))
         if "traceparent" in carrier:
             return TraceHeaders(
                 traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
