@@ -26,7 +26,8 @@ class Record:
 
 
 class LimitedProducer:
-    """Refuses any record larger than `limit` bytes, as aiokafka or the broker would."""
+    """Refuses any record larger than `limit` bytes, as aiokafka or the broker would, and
+    a record with neither key nor value, as aiokafka's `send` does."""
 
     def __init__(self, limit: int, *, down: bool = False) -> None:
         self.limit = limit
@@ -42,6 +43,8 @@ class LimitedProducer:
         timestamp_ms: int | None = None,
         headers: Headers | None = None,
     ) -> object:
+        if value is None and key is None:
+            raise AssertionError("Need at least one: key or value")  # aiokafka's words
         if self.down:
             raise KafkaConnectionError("broker down")
         size = len(key or b"") + len(value or b"")
@@ -119,6 +122,23 @@ async def test_dlq_headers_of_a_redriven_record_are_replaced_whatever_their_case
     [(_, _, _, headers)] = producer.sent
     assert [v for n, v in headers if n.lower() == "dlq_reason"] == [b"new"]
     assert [v for n, v in headers if n.lower() == "dlq_original_offset"] == [b"40"]
+
+
+async def test_a_record_with_neither_key_nor_value_is_parked_with_an_empty_value() -> None:
+    key, value, headers = await parked(record(None, key=None))
+    assert (key, value) == (None, b"")
+    assert header(headers, "dlq_reason") == b"poison"
+    assert header(headers, "dlq_original_offset") == b"40"
+
+
+async def test_a_keyless_value_too_large_to_park_leaves_an_empty_value() -> None:
+    producer = LimitedProducer(1_000)
+    await KafkaDeadLetterPublisher(producer, "dlq", "group").publish(
+        record(b"x" * 5_000, key=None), "too big"
+    )
+    [(_, key, value, headers)] = producer.sent
+    assert (key, value) == (None, b"")
+    assert header(headers, "dlq_value_dropped") == b"5000"
 
 
 # -- card numbers (contract section 3: never published) -------------------------------------
