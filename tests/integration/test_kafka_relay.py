@@ -25,6 +25,7 @@ from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType
 from payment.application.ports import OutboxRecord
 from support.broker import client_fetch_max_wait_ms, idempotent_producer
+from support.record_senders import FakeRecordQueue, Outgoing
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -277,42 +278,21 @@ async def test_per_key_order_holds_across_many_payments_and_partitions(
     assert all(seqs == list(range(1, versions + 1)) for seqs in sequences.values())
 
 
-class FailOnce:
+class FailOnce(FakeRecordQueue):
     """A real producer whose send of chosen (key, sequence) pairs fails the first time."""
 
     def __init__(self, producer: AIOKafkaProducer, failing: set[tuple[str, int]]) -> None:
         self._producer = producer
         self.failing = failing
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
-        assert key is not None and headers is not None
-        sequence = int(dict(headers)["ce_sequence"] or b"0")
-        if (key.decode(), sequence) in self.failing:
-            self.failing.discard((key.decode(), sequence))
+    async def deliver(self, record: Outgoing) -> object:
+        assert record.key is not None
+        sequence = int(dict(record.headers)["ce_sequence"] or b"0")
+        if (record.key.decode(), sequence) in self.failing:
+            self.failing.discard((record.key.decode(), sequence))
             raise KafkaTimeoutError()
         return await self._producer.send_and_wait(
-            topic, value=value, key=key, headers=list(headers)
-        )
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> asyncio.Future[object]:
-        return asyncio.ensure_future(
-            self.send_and_wait(topic, value, key, partition, timestamp_ms, headers)
+            record.topic, value=record.value, key=record.key, headers=record.headers
         )
 
 
