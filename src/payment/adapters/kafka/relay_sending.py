@@ -20,6 +20,7 @@ from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import LogBudget
+from payment.adapters.observability.span_attributes import send_attributes, send_span_name
 from payment.adapters.observability.span_values import untrusted_attribute
 from payment.adapters.observability.telemetry import context_from_trace
 from payment.application import failpoints
@@ -99,14 +100,11 @@ class RowSender:
                 else ("payment.booking_id", untrusted_attribute(message.key))
             )
             span = self._tracer.start_span(
-                f"publish {record.topic}",
+                send_span_name(record.topic),
                 context=context_from_trace(message.trace),
                 kind=SpanKind.PRODUCER,
                 attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "send",
-                    "messaging.destination.name": record.topic,
-                    "messaging.message.id": str(message.event_id),
+                    **send_attributes(record.topic, str(message.event_id)),
                     "cloudevents.event_id": str(message.event_id),
                     "cloudevents.event_type": message.type,
                     key_attribute: key_value,

@@ -29,6 +29,7 @@ from payment.adapters.kafka.consumer.routing import (
 )
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.span_attributes import process_attributes, process_span_name
 from payment.adapters.observability.span_values import untrusted_attribute
 from payment.adapters.observability.telemetry import context_from_trace, trace_headers_of_record
 from payment.application.commands import InboundRef, SettleRefunds
@@ -97,20 +98,13 @@ class MessageHandler:
 
     def span(self, record: ConsumerRecord[bytes, bytes]) -> Span:
         """The CONSUMER span of one message, continuing the sender's trace (not made current)."""
-        attributes: dict[str, str | int] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": record.topic,
-            "messaging.destination.partition.id": str(record.partition),
-            "messaging.kafka.offset": record.offset,
-        }
-        if self.h.consumer_group is not None:
-            attributes["messaging.consumer.group.name"] = self.h.consumer_group
         return self.h.tracer.start_span(
-            f"process {record.topic}",
+            process_span_name(record.topic),
             context=context_from_trace(trace_headers_of_record(record.headers or ())),
             kind=SpanKind.CONSUMER,
-            attributes=attributes,
+            attributes=process_attributes(
+                record.topic, record.partition, record.offset, self.h.consumer_group
+            ),
             record_exception=False,
             set_status_on_exception=False,
         )
