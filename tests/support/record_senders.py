@@ -5,8 +5,10 @@ queuing it, what `send` checks first (`queue`)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import inspect
 from typing import Any, NamedTuple
+
+from payment.adapters.kafka.producer import RecordSender
 
 
 class Outgoing(NamedTuple):
@@ -18,16 +20,16 @@ class Outgoing(NamedTuple):
     headers: list[tuple[str, bytes | None]]
 
 
-def _outgoing(
-    topic: str,
-    value: bytes | None = None,
-    key: bytes | None = None,
-    partition: int | None = None,
-    timestamp_ms: int | None = None,
-    headers: Sequence[tuple[str, bytes | None]] | None = None,
-) -> Outgoing:
-    """The record of a send, its arguments taken as `AIOKafkaProducer` takes them."""
-    return Outgoing(topic, key, value, list(headers or ()))
+# How the producer takes a send's arguments: the protocol's own signature.
+_SEND = inspect.signature(RecordSender.send_and_wait)
+
+
+def _outgoing(*args: Any, **kwargs: Any) -> Outgoing:
+    """The record of a send, its arguments bound as `RecordSender.send_and_wait` takes them."""
+    bound = _SEND.bind(None, *args, **kwargs)  # None for self
+    bound.apply_defaults()
+    sent = bound.arguments
+    return Outgoing(sent["topic"], sent["key"], sent["value"], list(sent["headers"] or ()))
 
 
 class FakeRecordQueue:
