@@ -1,46 +1,20 @@
-"""The Kafka producer the relay and the dead-letter publisher share, and what they need of it."""
+"""The Kafka producer the relay and the dead-letter publisher share (what they need of it:
+`RecordSender`, `RecordQueue` in application/ports.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+import logging
+from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaProducer
 
 from payment.adapters.kafka.security import KafkaSecurity, client_security
 
+log = logging.getLogger(__name__)
 
-class RecordSender(Protocol):
-    """The part of `AIOKafkaProducer` used here; a test can fake it."""
-
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
-        """Send one record; returns once the broker acknowledged it, raises if it did not."""
-        ...
-
-
-class RecordQueue(RecordSender, Protocol):
-    """A sender that can also queue a record and hand back its acknowledgement to await."""
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> asyncio.Future[object]:
-        """Queue one record; the future resolves when the broker acknowledged it (or fails)."""
-        ...
+# How long closing the producer waits for the acknowledgements of what it still holds.
+CLOSE_TIMEOUT_S = 5.0
 
 
 def create_producer(
@@ -80,9 +54,13 @@ async def producer_resource(
     *,
     enable_idempotence: bool = True,
     security: KafkaSecurity | None = None,
+    close_timeout_s: float = CLOSE_TIMEOUT_S,
 ) -> AsyncIterator[AIOKafkaProducer]:
     """A started producer, stopped (after flushing) when the generator closes.
 
+    The flush gives up after `close_timeout_s`: with the broker down it would wait for it
+    to come back (the idempotent producer retries without end). What is dropped then was
+    never acknowledged: the outbox rows stay pending and are sent after the restart.
     Shaped for a dependency-injector `Resource`.
     """
     producer = create_producer(
@@ -97,4 +75,10 @@ async def producer_resource(
     try:
         yield producer
     finally:
-        await producer.stop()
+        try:
+            async with asyncio.timeout(close_timeout_s):
+                await producer.stop()
+        except TimeoutError:
+            log.warning(
+                "producer: records unacknowledged %.0fs after closing were dropped", close_timeout_s
+            )
