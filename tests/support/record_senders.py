@@ -8,7 +8,7 @@ import asyncio
 import inspect
 from typing import Any, NamedTuple
 
-from payment.adapters.kafka.producer import RecordSender
+from payment.application.ports import RecordSender
 
 
 class Outgoing(NamedTuple):
