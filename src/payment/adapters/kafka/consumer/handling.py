@@ -272,8 +272,14 @@ class MessageHandler:
             self.count_requests(result, 1)
         else:
             tally[result] += 1
-        booking = untrusted_attribute(booking_id)
-        self._noted(span, event, result, _NOTABLE_REQUESTS, "request", booking_id=booking)
+        self._noted(
+            span,
+            event,
+            result,
+            _NOTABLE_REQUESTS,
+            "request",
+            lambda: {"booking_id": untrusted_attribute(booking_id)},
+        )
 
     def count_requests(self, result: RequestResult, count: int) -> None:
         metrics = self.h.metrics
@@ -300,7 +306,12 @@ class MessageHandler:
         else:
             self.h.metrics.executions.add(1, {"result": result.value})
         self._noted(
-            span, event, result, _NOTABLE_EXECUTIONS, "execution", payment_id=str(payment_id)
+            span,
+            event,
+            result,
+            _NOTABLE_EXECUTIONS,
+            "execution",
+            lambda: {"payment_id": str(payment_id)},
         )
 
     def _noted(
@@ -310,9 +321,10 @@ class MessageHandler:
         result: RequestResult | ExecuteResult,
         notable: frozenset[RequestResult] | frozenset[ExecuteResult],
         kind: str,
-        **subject: str,
+        subject: Callable[[], dict[str, str]],
     ) -> None:
-        """The result on the message's span, and a log line if notable (within budget)."""
+        """The result on the message's span, and a log line if notable (within budget), its
+        `subject` (what the message is about) worked out only then."""
         span.set_attribute("payment.result", result.value)
         if result in notable and self.h.budget.allow(f"{kind} {result.value}"):
             log.info(
@@ -320,7 +332,7 @@ class MessageHandler:
                 _LOGGED_AS[kind],
                 event.id[:80],
                 result.value,
-                extra={**subject, "result": result.value},
+                extra={**subject(), "result": result.value},
             )
 
 
