@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 N ?= 200
 
-.PHONY: install demo dev test test-fast test-sasl test-tansu lint bench
+.PHONY: install demo dev test test-fast test-sasl test-tansu coverage-layers mutation lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,24 @@ dev: install
 	$(BIN)/payment-service dev
 
 ## Second command: the whole test suite, exactly as CI runs it: every suite on Apache
-## Kafka (started by the tests; java and mvn needed), the e2e contract suite again through
-## Kafka's SASL_SSL listener, then the Tansu compatibility job
-## (the e2e contract suite on the broker of `payment-service dev`, whose demo test runs
-## in the first pass: `dev` uses Tansu unless told otherwise).
+## Kafka (started by the tests; java and mvn needed) under branch coverage, the services
+## the e2e tests start included; the e2e contract suite again through Kafka's SASL_SSL
+## listener, then the Tansu compatibility job (the e2e contract suite on the broker of
+## `payment-service dev`, whose demo test runs in the first pass: `dev` uses Tansu unless
+## told otherwise); last, coverage per layer, failing under the floors.
+## CI=true makes the chaos test refuse a CHAOS_KILLS below its floor.
 test: install
-	$(BIN)/pytest
+	rm -f .coverage .coverage.* coverage.json
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/pytest --cov --cov-report=
 	$(MAKE) test-sasl
 	$(MAKE) test-tansu
+	$(MAKE) coverage-layers
+
+## Coverage per layer of the last `make test` (or any run that left .coverage* here).
+coverage-layers:
+	-$(BIN)/coverage combine -q
+	$(BIN)/coverage json -q -o coverage.json
+	$(BIN)/python tools/ci/coverage_layers.py coverage.json
 
 ## The e2e contract suite through a SASL_SSL (SCRAM-SHA-512) listener of Apache Kafka
 ## and a PostgreSQL that accepts TLS only (sslmode=verify-full).
@@ -43,6 +53,13 @@ test-tansu: install
 ## The suite without the long tests (chaos, outages, real-stack scenarios).
 test-fast: install
 	$(BIN)/pytest -m 'not slow'
+
+## Mutation testing of the domain and application layers with mutmut (slow: run locally,
+## not in CI).
+mutation: install
+	$(BIN)/pip install --quiet 'mutmut>=3,<4'
+	$(BIN)/mutmut run
+	$(BIN)/mutmut results
 
 ## The checks the project declares (CI runs them before the tests).
 lint: install
