@@ -145,6 +145,7 @@ class Container(containers.DeclarativeContainer):
             success_rate=config.fake_success_rate,
             seed=config.fake_seed,
             latency_ms=config.fake_latency_ms,
+            ledger_path=config.fake_ledger_path,
         ),
         sandbox=providers.Singleton(
             StripeProcessor,
