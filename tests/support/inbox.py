@@ -34,24 +34,15 @@ def request(offset: int, body: bytes) -> ConsumerRecord[bytes, bytes]:
     """A `saga.request_payment` record at `offset` of PARTITION with a valid envelope."""
     envelope = {
         "ce_specversion": "1.0",
-        "ce_id": f"failure-path-{offset}",
+        "ce_id": f"req-{offset}",
         "ce_source": "saga-orchestrator",
         "ce_type": REQUEST_TOPIC,
         "content-type": "application/json",
     }
-    return ConsumerRecord(
-        topic=PARTITION.topic,
-        partition=PARTITION.partition,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=b"booking",
-        value=body,
-        checksum=None,
-        serialized_key_size=7,
-        serialized_value_size=len(body),
-        headers=[(name, value.encode()) for name, value in envelope.items()],
-    )
+    headers = [(name, value.encode()) for name, value in envelope.items()]
+    topic, partition = PARTITION
+    # topic, partition, offset, timestamp and its type, key, value, checksum, sizes, headers
+    return ConsumerRecord(topic, partition, offset, 0, 0, b"k", body, None, 1, len(body), headers)
 
 
 def booking(booking_id: str) -> bytes:
@@ -60,33 +51,33 @@ def booking(booking_id: str) -> bytes:
     ).encode()
 
 
-class OneFetchBroker:
-    """AIOKafkaConsumer's part the inbox uses: hands out `records` once, records commits."""
+class QueueBroker:
+    """AIOKafkaConsumer's part the inbox uses: hands out what is queued, records commits.
 
-    def __init__(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        self._records = records
+    No pause/resume: the inbox pauses requests only past its request room (192 in flight
+    by default), more than these tests send."""
+
+    def __init__(self, *records: ConsumerRecord[bytes, bytes]) -> None:
+        self.queue: asyncio.Queue[ConsumerRecord[bytes, bytes]] = asyncio.Queue()
+        for record in records:
+            self.queue.put_nowait(record)
         self.commits: list[int] = []
 
     async def getmany(self, timeout_ms: int = 0, max_records: int = 0) -> dict[Any, Any]:
-        fetched, self._records = self._records, []
-        if not fetched:
-            await asyncio.sleep(timeout_ms / 1000)
-        return {PARTITION: fetched} if fetched else {}
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                records = [await self.queue.get()]
+        except TimeoutError:
+            return {}
+        while not self.queue.empty():
+            records.append(self.queue.get_nowait())
+        return {PARTITION: records}
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(offsets[PARTITION])
 
     async def stop(self) -> None:
         pass
-
-    def pause(self, *partitions: TopicPartition) -> None:
-        pass
-
-    def resume(self, *partitions: TopicPartition) -> None:
-        pass
-
-    def paused(self) -> set[TopicPartition]:
-        return set()
 
 
 class ScriptedDeadLetters:
@@ -109,17 +100,22 @@ def outage_only(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError)
 
 
+# Retries in milliseconds, commits every 10 ms: failure paths run through in a moment.
+QUICK = {"retry_initial_s": 0.001, "retry_max_s": 0.005, "commit_interval_s": 0.01}
+
+
 @asynccontextmanager
 async def running_inbox(
-    broker: OneFetchBroker,
+    broker: QueueBroker,
     dead_letters: ScriptedDeadLetters,
     uows: UnitOfWorkFactory | None = None,
     *,
     is_transient: Callable[[BaseException], bool] = outage_only,
+    **options: float,
 ) -> AsyncIterator[KafkaInboxConsumer]:
     """A running consumer of PARTITION; stopped and drained on exit."""
 
-    async def join(listener: Any) -> OneFetchBroker:
+    async def join(listener: Any) -> QueueBroker:
         await listener.on_partitions_assigned({PARTITION})
         return broker
 
@@ -135,14 +131,12 @@ async def running_inbox(
         settings=HandlerSettings(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
-        retry_initial_s=0.001,
-        retry_max_s=0.005,
-        commit_interval_s=0.01,
+        **options,  # type: ignore[arg-type]
     )
     task = asyncio.create_task(inbox.run())
     try:
         yield inbox
     finally:
         inbox.stop()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(40):  # past the drain's 30 s
             await task

@@ -82,28 +82,29 @@ async def _requested(uows: RivalWins) -> ExecutePayment:
     )
 
 
-async def test_an_execution_whose_charge_start_loses_every_race_never_calls_the_gateway() -> None:
-    uows = RivalWins(first_lost=2)  # the request commits; every write after it loses
+async def _execution_giving_up(first_lost: int) -> tuple[RivalWins, ExecutePayment, FakeProcessor]:
+    """A requested payment whose execution loses every race from commit `first_lost` on."""
+    uows = RivalWins(first_lost=first_lost)
     cmd = await _requested(uows)
     gateway = FakeProcessor()
-
     with pytest.raises(RuntimeError, match="too many conflicting writers"):
         await execute_payment(cmd, uows, gateway, CLOCK, POLICY)
-
     assert uows.lost > 1
+    return uows, cmd, gateway
+
+
+async def test_an_execution_whose_charge_start_loses_every_race_never_calls_the_gateway() -> None:
+    # The request commits; every write after it loses.
+    uows, cmd, gateway = await _execution_giving_up(first_lost=2)
+
     assert gateway.calls == 0
     assert len(uows.db.streams[cmd.payment_id]) == 1  # PaymentInitiated only
 
 
 async def test_an_outcome_that_loses_every_race_leaves_the_charge_for_the_reconciler() -> None:
-    uows = RivalWins(first_lost=3)  # the request and the write-ahead ChargeStarted commit
-    cmd = await _requested(uows)
-    gateway = FakeProcessor()
+    # The request and the write-ahead ChargeStarted commit; recording the outcome loses.
+    uows, cmd, gateway = await _execution_giving_up(first_lost=3)
 
-    with pytest.raises(RuntimeError, match="too many conflicting writers"):
-        await execute_payment(cmd, uows, gateway, CLOCK, POLICY)
-
-    assert uows.lost > 1
     assert gateway.calls == 1
     payment = Payment.replay(uows.db.streams[cmd.payment_id])
     assert not payment.is_terminal  # in flight: the reconciler asks the gateway later

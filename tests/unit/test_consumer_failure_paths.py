@@ -14,7 +14,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
-from support.inbox import OneFetchBroker, ScriptedDeadLetters, booking, request, running_inbox
+from support.inbox import QUICK, QueueBroker, ScriptedDeadLetters, booking, request, running_inbox
 from support.waiting import eventually
 
 
@@ -37,11 +37,11 @@ class CommitsRaise(MemoryUnitOfWorkFactory):
 
 
 async def test_a_handler_failing_five_times_is_dead_lettered_as_handler_error() -> None:
-    broker = OneFetchBroker([request(40, booking("BK-40"))])
+    broker = QueueBroker(request(40, booking("BK-40")))
     dead_letters = ScriptedDeadLetters()
     uows = CommitsRaise()
 
-    async with running_inbox(broker, dead_letters, uows):
+    async with running_inbox(broker, dead_letters, uows, **QUICK):
         await eventually(lambda: 41 in broker.commits, what="offset 40 committed")
 
     assert uows.attempts == 5  # tried five times, not once more
@@ -52,13 +52,13 @@ async def test_a_handler_failing_five_times_is_dead_lettered_as_handler_error() 
 async def test_a_dead_letter_the_broker_refuses_is_retried_by_the_parking_itself(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    broker = OneFetchBroker([request(7, b"{not json")])
+    broker = QueueBroker(request(7, b"{not json"))
     dead_letters = ScriptedDeadLetters(
         KafkaConnectionError("broker away"), KafkaConnectionError("broker away")
     )
 
     with caplog.at_level(logging.WARNING, logger="payment"):
-        async with running_inbox(broker, dead_letters):
+        async with running_inbox(broker, dead_letters, **QUICK):
             await eventually(lambda: 8 in broker.commits, what="offset 7 committed")
 
     assert dead_letters.attempts == 3
@@ -72,12 +72,12 @@ async def test_a_dead_letter_the_broker_refuses_is_retried_by_the_parking_itself
 async def test_parking_that_raises_sends_the_whole_message_round_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    broker = OneFetchBroker([request(3, b"{not json")])
+    broker = QueueBroker(request(3, b"{not json"))
     # Not the broker's, not an outage: parking itself is broken this once.
     dead_letters = ScriptedDeadLetters(ValueError("cannot serialise the dead letter"))
 
     with caplog.at_level(logging.WARNING, logger="payment"):
-        async with running_inbox(broker, dead_letters):
+        async with running_inbox(broker, dead_letters, **QUICK):
             await eventually(lambda: 4 in broker.commits, what="offset 3 committed")
 
     assert dead_letters.attempts == 2

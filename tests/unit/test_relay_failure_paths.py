@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from payment.application.ports import OutboxRecord
 from support.waiting import eventually
 
 AT = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+Ack = asyncio.Future[object]
 
 
 class Clock:
@@ -38,23 +39,15 @@ class Producer:
     def __init__(self, silent: Collection[str] = ()) -> None:
         self.silent = set(silent)
         self.acked: list[str] = []
-        self.unanswered: list[asyncio.Future[object]] = []
+        self.unanswered: list[Ack] = []
 
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> asyncio.Future[object]:
-        assert key is not None
-        ack: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        if key.decode() in self.silent:
+    async def send(self, topic: str, value: bytes | None = None, **record: Any) -> Ack:
+        key = record["key"].decode()
+        ack: Ack = asyncio.get_running_loop().create_future()
+        if key in self.silent:
             self.unanswered.append(ack)
         else:
-            self.acked.append(key.decode())
+            self.acked.append(key)
             ack.set_result(None)
         return ack
 
