@@ -451,17 +451,8 @@ class _Sender:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, Sequence[tuple[str, bytes | None]]]] = []
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
-        self.sent.append((topic, key, list(headers or ())))
-        return None
+    async def send_and_wait(self, topic: str, value: bytes | None = None, **record: Any) -> None:
+        self.sent.append((topic, record.get("key"), list(record.get("headers") or ())))
 
 
 async def test_dead_letters_conform(published: Schema) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 import pytest
@@ -32,21 +32,13 @@ class FakeProducer:
         self.gate = gate
         self.entered = asyncio.Event()  # set once a send began: the claim is taken by then
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
+    async def send_and_wait(self, topic: str, value: bytes | None = None, **record: Any) -> Meta:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
             raise ConnectionError("broker down")
-        self.sent.append((topic, key, value, list(headers or ())))
+        self.sent.append((topic, record.get("key"), value, list(record.get("headers") or ())))
         return Meta(2, 100 + len(self.sent))
 
 
