@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 import psycopg
 import pytest
@@ -63,7 +63,7 @@ from e2e.harness import (
 from support.localstripe import API_KEY, LocalStripe
 from support.proxy import TcpProxy
 
-from .driver import TERMINAL_TYPES, ProcessorSetup, Published
+from .driver import TERMINAL_TYPES, ProcessorSetup, Published, RequestFields
 
 T = TypeVar("T")
 
@@ -269,27 +269,10 @@ class RealStackDriver:
 
     # -- the saga's side ---------------------------------------------------------------
 
-    def request(
-        self,
-        booking_id: str,
-        *,
-        amount: int,
-        currency: str,
-        payment_method: str,
-        saga_id: str | None = None,
-        customer_id: str | None = None,
-    ) -> str:
+    def request(self, booking_id: str, **fields: Unpack[RequestFields]) -> str:
         orch = self._orch
-        sent = self._run(
-            orch.request(
-                booking_id,
-                amount=amount,
-                currency=currency,
-                payment_method=self._gateway_method(payment_method),
-                saga_id=saga_id,
-                customer_id=customer_id,
-            )
-        )
+        method = self._gateway_method(fields["payment_method"])
+        sent = self._run(orch.request(booking_id, **{**fields, "payment_method": method}))
         assert sent.ce_id is not None
         self._sent[sent.ce_id] = sent
         return sent.ce_id
