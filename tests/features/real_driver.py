@@ -23,8 +23,8 @@ How each driver method is realised, and where the two processors differ:
   declined). Random outcomes exist only on the fake; the sandbox skips those scenarios.
 - A lost answer: on the sandbox the proxy forwards the next charge (`POST`) to localstripe
   and drops its response. The fake gateway lives inside the service process, so its
-  answer cannot be lost short of killing the process (which also forgets the fake's
-  ledger, turning the scenario into crash recovery): the fake skips that scenario.
+  answer cannot be lost short of killing the process (which turns the scenario into crash
+  recovery): the fake skips that scenario.
 - Charges: on the sandbox, localstripe's own ledger (PaymentIntents whose metadata names
   the booking). The fake keeps its ledger in a file of the scenario
   (`PAYMENT_FAKE_LEDGER_PATH`) that outlives the service process: the driver counts the
@@ -85,14 +85,13 @@ RECONCILE_INTERVAL_S = 0.2
 SETTLE_TIMEOUT_S = 240.0
 
 SKIP_RANDOM_ON_SANDBOX = (
-    "the sandbox gateway has no random mode: Stripe's test mode approves or declines by "
+    "cannot exist: the sandbox gateway has no random mode: Stripe's test mode approves or declines by "
     "the test card, so there is no seed or success rate to configure"
 )
 SKIP_LOST_ANSWER_ON_FAKE = (
-    "the fake gateway runs inside the service process: its answer cannot be lost without "
-    "killing the process, which also forgets the fake's ledger (that is crash recovery, "
-    "not reconciliation); the sandbox run covers this scenario with a proxy that drops "
-    "the gateway's answer"
+    "cannot exist: the fake gateway runs inside the service process, so its answer cannot "
+    "be lost short of killing the process (that is crash recovery, not reconciliation); "
+    "the sandbox run covers this scenario with a proxy that drops the gateway's answer"
 )
 
 # A payment is settled once it is terminal, or in flight with an unknown outcome recorded.
