@@ -85,8 +85,8 @@ RECONCILE_INTERVAL_S = 0.2
 SETTLE_TIMEOUT_S = 240.0
 
 SKIP_RANDOM_ON_SANDBOX = (
-    "cannot exist: the sandbox gateway has no random mode: Stripe's test mode approves or declines by "
-    "the test card, so there is no seed or success rate to configure"
+    "cannot exist: the sandbox gateway has no random mode: Stripe's test mode approves or "
+    "declines by the test card, so there is no seed or success rate to configure"
 )
 SKIP_LOST_ANSWER_ON_FAKE = (
     "cannot exist: the fake gateway runs inside the service process, so its answer cannot "

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         )
         if total < floor:
             failed.append(name)
-    print(f"\nleast covered files (statements and branches):")
+    print("\nleast covered files (statements and branches):")
     for percent, path in sorted(files)[:WORST_SHOWN]:
         print(f"  {percent:5.1f}%  {path}")
     if failed and enforce:
