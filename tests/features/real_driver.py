@@ -43,6 +43,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -183,8 +184,7 @@ class RealStackDriver:
         self._lose_answers = 0
         self._sent: dict[str, Sent] = {}
         self._known_intents: set[str] = set()
-        self._scenarios = 0
-        self._fake_ledger = log_dir / "fake-ledger-0.jsonl"
+        self._fake_ledger = log_dir / "fake-ledger-unused.jsonl"
         self._watchers: set[asyncio.Task[None]] = set()
 
     # -- the service -----------------------------------------------------------------
@@ -196,8 +196,8 @@ class RealStackDriver:
         self._setup = processor
         self._lose_answers = 0
         self._sent = {}
-        self._scenarios += 1
-        self._fake_ledger = self._log_dir / f"fake-ledger-{self._scenarios}.jsonl"
+        # The log directory is shared by the scenarios: each start has a ledger of its own.
+        self._fake_ledger = self._log_dir / f"fake-ledger-{uuid.uuid4().hex[:12]}.jsonl"
 
     def _environment(self) -> dict[str, str]:
         """PAYMENT_* overrides of this start: the processor swap is configuration alone."""
