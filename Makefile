@@ -4,15 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 N ?= 200
 
-.PHONY: install demo dev test test-fast test-sasl test-tansu coverage-layers mutation lint bench
+.PHONY: install lock demo dev test test-fast test-sasl test-tansu coverage-layers mutation lint asyncapi-check bench
 
-$(BIN)/.installed: pyproject.toml
+## The pinned versions of requirements.lock (every extra: the test extra brings otlp, whose
+## exporter test sends to an in-process receiver), then the project itself.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
+
+## Resolve requirements.lock again from pyproject.toml's bounds (after changing them).
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--custom-compile-command 'make lock' --quiet -o requirements.lock
 
 ## First command: a fresh clone to the service running with a demo of N payments.
 demo: install
@@ -61,15 +69,21 @@ mutation: install
 	$(BIN)/mutmut run
 	$(BIN)/mutmut results
 
-## The checks the project declares (CI runs them before the tests).
+## The checks the project declares (CI runs them before the tests): ruff, mypy --strict
+## (pyproject.toml), the import-linter contracts and docs/asyncapi.yaml against AsyncAPI 3.0.
 lint: install
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(MAKE) asyncapi-check
 
-## The benchmarks of docs/performance.md (installs the dev extra: the eventsourcing peer, py-spy).
+## docs/asyncapi.yaml against the vendored AsyncAPI 3.0.0 JSON schema (tools/asyncapi/).
+asyncapi-check: install
+	$(BIN)/python tools/asyncapi/validate.py docs/asyncapi.yaml
+
+## The benchmarks of docs/performance.md, ending in issue 15's table on Apache Kafka (each
+## target, its figure, met or what bounds it); installs the dev extra (the eventsourcing peer).
 bench: install
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python bench/run_all.py

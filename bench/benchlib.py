@@ -283,6 +283,22 @@ def backend_pids(server: str, database: str) -> list[int]:
     return [int(pid) for (pid,) in rows]
 
 
+def database_counters(server: str, database: str) -> tuple[int, int]:
+    """(transactions committed or rolled back in `database`, the server's WAL position).
+
+    The WAL position is the whole server's: other databases' writes count too.
+    """
+    with psycopg.connect(server, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit + xact_rollback,"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"
+            " FROM pg_stat_database WHERE datname = %s",
+            (database,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"

@@ -40,6 +40,7 @@ from benchlib import (
     cpu_by_pid,
     cpu_seconds,
     cpu_used,
+    database_counters,
     free_port,
     load,
     peak_rss_mb,
@@ -50,6 +51,7 @@ from benchlib import (
     table,
     tail,
 )
+from timeline import stages
 
 from payment.adapters.kafka.topics import Topics
 
@@ -84,6 +86,9 @@ class StepResult:
     load: str
     send_lag_ms: float  # how far the sender fell behind its schedule at worst
     service_wait_s: float = 0.0  # runnable but waiting for a CPU (other processes had them)
+    db_transactions: int = 0  # committed or rolled back in the bench database
+    wal_bytes: int = 0  # the server's WAL written meanwhile (other databases' too)
+    instances: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -120,6 +125,8 @@ class StepResult:
             f"{100 * self.service_wait_s / self.elapsed_s:.0f}%" if self.elapsed_s else "-",
             f"{1000 * self.db_cpu_s / per:.2f}",
             f"{1000 * self.broker_cpu_s / per:.2f}",
+            f"{self.db_transactions / per:.1f}",
+            f"{self.wal_bytes / per:,.0f}",
             f"{self.peak_rss_mb:.0f}",
             self.load,
         ]
@@ -137,6 +144,8 @@ HEADER = [
     "svc CPU wait",
     "PG ms/pay",
     "broker ms/pay",
+    "PG tx/pay",
+    "WAL B/pay",
     "peak RSS MB",
     "load 1/5/15",
 ]
@@ -164,7 +173,7 @@ class Orchestrator:
             bootstrap_servers=self._bootstrap,
             enable_idempotence=False,
             acks=1,
-            linger_ms=2,
+            linger_ms=0,  # the load generator adds no wait of its own (issue 15)
             max_batch_size=256 * 1024,
         )
         await self._producer.start()
@@ -282,9 +291,10 @@ class Orchestrator:
 class Probes:
     """The processes whose CPU a step accounts for."""
 
-    service_pid: int
+    service_pids: list[int]
     backend_pids: Callable[[], list[int]]
     broker_pid: int | None
+    database_counters: Callable[[], tuple[int, int]]
 
 
 async def measure(
@@ -296,16 +306,18 @@ async def measure(
     drain_s: float,
 ) -> StepResult:
     loop = asyncio.get_running_loop()
-    service0 = cpu_seconds(probes.service_pid)
-    wait0 = runqueue_wait_s(probes.service_pid)
+    service0 = sum(map(cpu_seconds, probes.service_pids))
+    wait0 = sum(map(runqueue_wait_s, probes.service_pids))
+    xacts0, wal0 = probes.database_counters()
     db0 = cpu_by_pid(probes.backend_pids())
     broker0 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
     own0 = time.process_time()
     t0 = loop.time()
     bookings, lag = await orchestrator.offer(f"{label}-{uuid.uuid4().hex[:6]}", rate, duration_s)
     answered = await orchestrator.wait_answered(bookings, drain_s)
-    service1 = cpu_seconds(probes.service_pid)
-    wait1 = runqueue_wait_s(probes.service_pid)
+    service1 = sum(map(cpu_seconds, probes.service_pids))
+    wait1 = sum(map(runqueue_wait_s, probes.service_pids))
+    xacts1, wal1 = probes.database_counters()
     # Backends that appeared during the step (the pool grew) count from zero: close enough.
     db1 = cpu_by_pid(probes.backend_pids())
     broker1 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
@@ -327,10 +339,13 @@ async def measure(
         db_cpu_s=cpu_used(db0, db1),
         broker_cpu_s=broker1 - broker0,
         orchestrator_cpu_s=own1 - own0,
-        peak_rss_mb=peak_rss_mb(probes.service_pid),
+        peak_rss_mb=max(map(peak_rss_mb, probes.service_pids)),
         load=load(),
         send_lag_ms=1000 * lag,
         service_wait_s=wait1 - wait0,
+        db_transactions=xacts1 - xacts0,
+        wal_bytes=wal1 - wal0,
+        instances=len(probes.service_pids),
     )
 
 
@@ -361,10 +376,18 @@ class Plan:
     # when it expires: both a latency per hop and a fixed CPU cost there).
     fetch_wait_ms: int | None = None
     broker: str | None = None  # kafka (default) or tansu
+    timeline: bool = False  # print where the last step's payments spent their time
+    instances: int = 1  # service processes in one consumer group
 
 
 async def _run_steps(
-    bootstrap: str, topics: Topics, run_id: str, probes: Probes, plan: Plan, fetch_wait_ms: int
+    bootstrap: str,
+    topics: Topics,
+    run_id: str,
+    probes: Probes,
+    plan: Plan,
+    fetch_wait_ms: int,
+    db_url: str,
 ) -> list[StepResult]:
     results: list[StepResult] = []
     tag = f"lat{plan.latency_ms:g}" if plan.latency_ms else "zero"
@@ -375,7 +398,7 @@ async def _run_steps(
         while rates:
             rate = rates.pop(0)
             label = f"{'sat' if plan.saturation else 'rate'}-{tag}-{rate:.0f}"
-            spy = _start_profile(plan, probes.service_pid) if not results else None
+            spy = _start_profile(plan, probes.service_pids[0]) if not results else None
             result = await measure(orchestrator, probes, label, rate, plan.duration_s, plan.drain_s)
             if spy is not None:
                 await asyncio.to_thread(spy.wait)
@@ -399,7 +422,24 @@ async def _run_steps(
                 await orchestrator.wait_answered(list(orchestrator.sent_at), plan.drain_s)
                 plan.bisect = False
                 rates = [passed + round((rate - passed) / 2 / 100) * 100]
+        if plan.timeline:
+            print(await _timeline(orchestrator, bootstrap, topics, db_url, results[-1]), flush=True)
     return results
+
+
+async def _timeline(
+    orchestrator: Orchestrator, bootstrap: str, topics: Topics, db_url: str, step: StepResult
+) -> str:
+    """The stages of the last step's payments (bench/timeline.py), on wall-clock time."""
+    wall = time.time() - asyncio.get_running_loop().time()
+    prefix = f"{step.label}-"
+    scheduled = {b: wall + t for b, t in orchestrator.sent_at.items() if b.startswith(prefix)}
+    received = {
+        b: scheduled[b] + orchestrator.latency[b] for b in scheduled if b in orchestrator.latency
+    }
+    return f"\ntimeline of {step.label}:\n" + await stages(
+        db_url, bootstrap, topics, scheduled, received
+    )
 
 
 def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:
@@ -446,7 +486,6 @@ def run(plan: Plan) -> list[StepResult]:
             "PAYMENT_DATABASE_URL": url,
             "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             **kafka.service_env(plan.fetch_wait_ms),
-            "PAYMENT_HTTP_PORT": str(free_port()),
             "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
             "PAYMENT_TOPIC_REQUEST": topics.request,
             "PAYMENT_TOPIC_INITIATED": topics.initiated,
@@ -456,30 +495,39 @@ def run(plan: Plan) -> list[StepResult]:
             "PAYMENT_FAKE_LATENCY_MS": f"{plan.latency_ms:g}",
             **plan.env,
         }
-        service = Service(env, f"bench-e2e-{run_id}")
+        services = [
+            Service({**env, "PAYMENT_HTTP_PORT": str(free_port())}, f"bench-e2e-{run_id}-{n}")
+            for n in range(plan.instances)
+        ]
         ok = False
         try:
-            service.migrate()
-            ready = service.start()
-            print(f"e2e: service ready after {ready:.1f} s (log {service.log.name})", flush=True)
+            services[0].migrate()
+            for service in services:
+                ready = service.start()
+                print(f"e2e: service ready after {ready:.1f} s ({service.log.name})", flush=True)
             probes = Probes(
-                service_pid=service.pid,
+                service_pids=[service.pid for service in services],
                 backend_pids=lambda: backend_pids(server, db),
                 broker_pid=kafka.pid,
+                database_counters=lambda: database_counters(server, db),
             )
             client_wait = kafka.client_fetch_wait_ms(plan.fetch_wait_ms)
-            results = asyncio.run(_run_steps(bootstrap, topics, run_id, probes, plan, client_wait))
-            if not service.alive():
-                raise BenchError("the service died during the run:\n" + tail(service.log.name))
+            results = asyncio.run(
+                _run_steps(bootstrap, topics, run_id, probes, plan, client_wait, url)
+            )
+            for service in services:
+                if not service.alive():
+                    raise BenchError("a service died during the run:\n" + tail(service.log.name))
             ok = True
         finally:
-            code = service.stop()
-            if ok and code != 0:
-                print(f"e2e: WARNING: the service exited with {code} on SIGTERM", flush=True)
-            if ok and code == 0 and not plan.keep_log:
-                service.discard_log()
-            else:
-                print(f"e2e: service log kept in {service.log.name}", flush=True)
+            for service in services:
+                code = service.stop()
+                if ok and code != 0:
+                    print(f"e2e: WARNING: the service exited with {code} on SIGTERM", flush=True)
+                if ok and code == 0 and not plan.keep_log:
+                    service.discard_log()
+                else:
+                    print(f"e2e: service log kept in {service.log.name}", flush=True)
     return results
 
 
@@ -519,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the first step, to FILE")
     parser.add_argument("--keep-log", action="store_true", help="keep the service log")
+    parser.add_argument("--instances", type=int, default=1, help="service processes, one group")
+    parser.add_argument(
+        "--timeline", action="store_true", help="where the last step's payments spent time"
+    )
     parser.add_argument(
         "--fetch-wait-ms", type=int, default=None, help="consumers' fetch wait (ms)"
     )
@@ -542,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         keep_log=args.keep_log,
         fetch_wait_ms=args.fetch_wait_ms,
         broker=args.broker,
+        timeline=args.timeline,
+        instances=args.instances,
     )
     print(f"e2e: load before {load()} on {os.cpu_count()} CPUs", flush=True)
     try:

@@ -3,6 +3,8 @@
 In-memory adapters and the fake processor, so nothing but the handlers is measured: the
 difference is what the spans (SDK on, nothing exported, as by default), the metrics and
 the lifecycle log lines (through the redacting handler, to /dev/null) add per payment.
+Then the CPU of one Prometheus scrape (`GET /metrics` without HTTP: collect and render
+every series), the cost the exposition format adds once per scrape interval.
 
     .venv/bin/python bench/observability_overhead.py --payments 5000
 """
@@ -79,16 +81,16 @@ async def payments(
     return (time.perf_counter() - started) / count
 
 
-async def main(count: int, log_format: str) -> None:
+async def main(count: int, log_format: str, scrapes: int) -> None:
     with open(os.devnull, "w") as devnull:  # noqa: ASYNC230 (once, before timing)
         handler = configure_logging("INFO", log_format, stream=devnull)
         try:
-            await compare(count, log_format)
+            await compare(count, log_format, scrapes)
         finally:
             logging.getLogger().removeHandler(handler)
 
 
-async def compare(count: int, log_format: str) -> None:
+async def compare(count: int, log_format: str, scrapes: int) -> None:
     logging.getLogger("payment").setLevel(logging.INFO)
 
     store = MemoryUnitOfWorkFactory()
@@ -106,11 +108,23 @@ async def compare(count: int, log_format: str) -> None:
     print(f"instrumented: {instrumented * 1e6:8.1f} us/payment (6 spans, 3 log lines)")
     print("              (the relay adds 2 spans and 2 log lines per payment, not measured)")
     print(f"overhead:     {(instrumented - bare) * 1e6:8.1f} us/payment")
+    scrape, size = await scrape_cpu(metrics, scrapes)
+    print(f"scrape:       {scrape * 1e6:8.1f} us CPU/scrape ({size} bytes, {scrapes} scrapes)")
+
+
+async def scrape_cpu(metrics: Metrics, scrapes: int) -> tuple[float, int]:
+    """CPU seconds of one render of every series, the mean of `scrapes` renders."""
+    text = await metrics.render()  # warm: the first collection allocates the series
+    started = time.process_time()
+    for _ in range(scrapes):
+        text = await metrics.render()
+    return (time.process_time() - started) / scrapes, len(text.encode())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--payments", type=int, default=5000)
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--scrapes", type=int, default=200)
     args = parser.parse_args()
-    asyncio.run(main(args.payments, args.log_format))
+    asyncio.run(main(args.payments, args.log_format, args.scrapes))

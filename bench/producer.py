@@ -6,6 +6,13 @@ distinct keys) and go to an Apache Kafka broker started here (Tansu with
 time per record, both ways in alternating rounds, acknowledgements awaited each time.
 
     .venv/bin/python bench/producer.py --records 5000 --rounds 3
+
+`--linger 0,5` measures instead how long a relay round waits for its acknowledgements
+with the service's producer (`create_producer`: acks=all, idempotent) at each linger:
+rounds of a few records, one producer per linger, taking turns round by round so that
+both see the same machine.
+
+    .venv/bin/python bench/producer.py --linger 0,5 --rounds 300 --records 4
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import time
 from aiokafka import AIOKafkaProducer
 from benchlib import broker
 
+from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import ensure_topics
 
 TOPIC = "bench-producer"
@@ -93,9 +101,50 @@ async def main(count: int, rounds: int) -> None:
     print(f"ratio: {one / many:.1f}x")
 
 
+async def ack_latency(lingers: list[int], count: int, rounds: int) -> None:
+    """Wall time from a round's first send to its last ack, per linger (ms)."""
+    with broker() as kafka:
+        await ensure_topics(kafka.bootstrap, [TOPIC], partitions=6)
+        producers = [
+            create_producer(
+                kafka.bootstrap, enable_idempotence=kafka.kind == "kafka", linger_ms=linger
+            )
+            for linger in lingers
+        ]
+        for producer in producers:
+            await producer.start()
+        waits: list[list[float]] = [[] for _ in lingers]
+        try:
+            for n in range(rounds):
+                for producer, found in zip(producers, waits, strict=True):
+                    started = time.perf_counter()
+                    acks = [
+                        await producer.send(
+                            TOPIC, VALUE, key=b"key-%d-%d" % (n, i), headers=HEADERS
+                        )
+                        for i in range(count)
+                    ]
+                    await asyncio.gather(*acks)
+                    found.append(1000 * (time.perf_counter() - started))
+                    await asyncio.sleep(0.005)
+        finally:
+            for producer in producers:
+                await producer.stop()
+    print(f"rounds of {count} records, {rounds} per linger, taking turns; ms to the last ack:")
+    for linger, found in zip(lingers, waits, strict=True):
+        ordered = sorted(found)
+        p95 = ordered[int(0.95 * (len(ordered) - 1))]
+        print(f"linger {linger:>3} ms: median {statistics.median(found):6.2f}, p95 {p95:6.2f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--linger", help="comma-separated lingers (ms): ack waits instead")
     args = parser.parse_args()
-    asyncio.run(main(args.records, args.rounds))
+    if args.linger:
+        lingers = [int(x) for x in args.linger.split(",")]
+        asyncio.run(ack_latency(lingers, args.records, args.rounds))
+    else:
+        asyncio.run(main(args.records, args.rounds))

@@ -177,11 +177,11 @@ async def test_relay_publishes_rows_in_order_with_cloudevents_headers(
         "content-type": b"application/json",
         "ce_dataschema": b"urn:payment-service:payment.initiated:1",
         "ce_subject": payment.encode(),
-        "ce_sequence": b"1",
+        "ce_sequence": b"0000000001",
         "traceparent": TRACEPARENT.encode(),
         "tracestate": b"vendor=1",
     }
-    assert headers_of(second)["ce_sequence"] == b"2"
+    assert headers_of(second)["ce_sequence"] == b"0000000002"
     assert headers_of(second)["ce_id"] == str(completed.event_id).encode()
 
     failed = by_topic[topics.failed]

@@ -367,7 +367,7 @@ def test_encode_outbound_gives_topic_key_value_and_headers() -> None:
         ("content-type", b"application/json"),
         ("ce_dataschema", b"urn:payment-service:payment.completed:1"),
         ("ce_subject", b"pay-1"),
-        ("ce_sequence", b"2"),
+        ("ce_sequence", b"0000000002"),  # zero-padded: sequences sort as strings
         ("traceparent", TRACEPARENT.encode()),
         ("tracestate", b"vendor=x"),
     ]

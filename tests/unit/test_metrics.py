@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from payment.adapters.observability.metrics import Metrics, prometheus_name
+from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.prometheus import prometheus_name
 
 _SAMPLE = re.compile(
     r"[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|[-+]?Inf)"
@@ -68,15 +69,23 @@ async def test_counters_and_histograms_render_cumulatively() -> None:
     name = "payment_processor_call_duration_seconds"
     labels_text = 'operation="charge",processor="fake",result="approved"'
     buckets = lines_of(text, f"{name}_bucket{{")
-    assert f'{name}_bucket{{{labels_text},le="0.005"}} 1' in buckets
-    assert f'{name}_bucket{{{labels_text},le="0.025"}} 3' in buckets
-    assert f'{name}_bucket{{{labels_text},le="10"}} 4' in buckets
-    assert f'{name}_bucket{{{labels_text},le="+Inf"}} 5' in buckets
-    assert f"{name}_count{{{labels_text}}} 5" in text
+    assert all(labels_text in line for line in buckets), buckets
+    by_bound = {_le_of(line): float(line.rsplit(" ", 1)[1]) for line in buckets}
+    assert by_bound["0.005"] == 1
+    assert by_bound["0.025"] == 3
+    assert by_bound["10.0"] == 4
+    assert by_bound["+Inf"] == 5
+    assert float(lines_of(text, f"{name}_count{{{labels_text}}} ")[0].rsplit(" ", 1)[1]) == 5
     [total] = lines_of(text, f"{name}_sum{{")
     assert float(total.rsplit(" ", 1)[1]) == pytest.approx(107.043)
-    counts = [int(line.rsplit(" ", 1)[1]) for line in buckets]
+    counts = [float(line.rsplit(" ", 1)[1]) for line in buckets]
     assert counts == sorted(counts)
+
+
+def _le_of(line: str) -> str:
+    match = re.search(r'le="([^"]+)"', line)
+    assert match is not None, line
+    return match.group(1)
 
 
 async def test_observed_gauges_come_from_collectors_run_at_scrape_time() -> None:

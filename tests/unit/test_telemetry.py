@@ -264,7 +264,7 @@ async def test_the_whole_payment_shares_the_request_trace(
     for span in spans:
         assert TOKEN not in repr(dict(span.attributes or {}))
     text = await metrics.render()
-    assert "payment_payments_initiated_total 1" in text
+    assert "\npayment_initiated_total 1.0\n" in text
     assert 'payment_outcomes_total{outcome="completed"} 1' in text
     assert 'payment_time_to_outcome_seconds_sum{outcome="completed"} 2' in text
 

@@ -28,6 +28,7 @@ from payment.adapters.kafka.cloudevents import (
     H_TYPE,
     MAX_ATTRIBUTE_BYTES,
     MAX_TRACESTATE_CHARS,
+    SEQUENCE_DIGITS,
     SPECVERSION,
 )
 from payment.adapters.kafka.topics import Topics
@@ -683,8 +684,12 @@ def _cloudevents_headers(spec: MessageSpec) -> Schema:
         }
         properties[H_SEQUENCE] = {
             "type": "string",
-            "pattern": "^[1-9][0-9]*$",
-            "description": f"The event's version in its payment stream, decimal{absent}.",
+            "pattern": "^[0-9]+$",
+            "description": (
+                f"The event's version in its payment stream, decimal, zero-padded to"
+                f" {SEQUENCE_DIGITS} digits so that sequences sort as strings (earlier"
+                f" releases sent it unpadded){absent}."
+            ),
         }
     if spec.version is not None:
         properties[H_DATASCHEMA] = {

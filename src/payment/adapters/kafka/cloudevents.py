@@ -25,6 +25,10 @@ MAX_VALUE_BYTES: Final = 64 * 1024
 # Bounds what an inbound attribute can make us store (the inbox key) or log.
 MAX_ATTRIBUTE_BYTES: Final = 1024
 MAX_TRACESTATE_CHARS: Final = 512
+# `ce_sequence` is the event's version in its payment stream, zero-padded to this many
+# digits so that sequences sort as strings (CloudEvents' sequence extension compares
+# them as strings); earlier releases sent them unpadded, which still decode.
+SEQUENCE_DIGITS: Final = 10
 
 H_SPECVERSION: Final = "ce_specversion"
 H_ID: Final = "ce_id"
@@ -221,6 +225,19 @@ def _time(text: str | None) -> datetime | None:
         raise PoisonMessage(f"{H_TIME} is not an RFC 3339 timestamp") from None
 
 
+def format_sequence(version: int) -> str:
+    """`ce_sequence` of the event at `version` of its stream: decimal, zero-padded."""
+    return f"{version:0{SEQUENCE_DIGITS}d}"
+
+
+def parse_sequence(text: str) -> int:
+    """The version a `ce_sequence` names, zero-padded or not (earlier releases); ValueError
+    for anything but ASCII decimal digits."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{H_SEQUENCE} is not a decimal number")
+    return int(text)
+
+
 def _trace_context(
     traceparent: str | None, tracestate: str | None
 ) -> tuple[str | None, str | None]:
@@ -305,7 +322,7 @@ def encode_outbound(
     if msg.subject is not None:
         headers.append((H_SUBJECT, msg.subject.encode()))
     if msg.sequence is not None:
-        headers.append((H_SEQUENCE, str(msg.sequence).encode()))
+        headers.append((H_SEQUENCE, format_sequence(msg.sequence).encode()))
     if msg.trace.traceparent is not None:
         headers.append((H_TRACEPARENT, msg.trace.traceparent.encode()))
         if msg.trace.tracestate is not None:

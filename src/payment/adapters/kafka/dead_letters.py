@@ -105,7 +105,8 @@ class KafkaDeadLetterPublisher:
             try:
                 await self._producer.send_and_wait(
                     self._topic,
-                    value=value,
+                    # aiokafka refuses a record with neither: an empty value stands in.
+                    value=b"" if value is None and key is None else value,
                     key=key,
                     headers=[*original, *dlq, *said, *dropped],
                 )

@@ -6,26 +6,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
-from aiokafka.errors import (
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-)
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Tracer
 
-from payment.adapters.kafka.cloudevents import encode_outbound
 from payment.adapters.kafka.key_backoff import KeyBackoff
 from payment.adapters.kafka.producer import RecordQueue
+from payment.adapters.kafka.relay_sending import RowSender
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
-from payment.adapters.observability.span_values import untrusted_attribute
-from payment.adapters.observability.telemetry import context_from_trace
 from payment.application import failpoints
 from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
 from payment.application.retry import Backoff
@@ -38,8 +30,6 @@ WaitForWork = Callable[[float], Awaitable[None]]
 Leadership = Callable[[], AbstractAsyncContextManager[object]]
 
 _FIRST_BACKOFF = 0.1
-# A record the producer (max_request_size) or the topic (max.message.bytes) refuses.
-_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 
 
 class KafkaOutboxRelay:
@@ -99,26 +89,24 @@ class KafkaOutboxRelay:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self._producer = producer
         self._uow_factory = uow_factory
-        self._topic_for = topics.outbound
         self._clock = clock
-        self._source = source
         self._batch_size = batch_size
         self._wait_for_work: WaitForWork = wait_for_work or _sleep
         self._poll_interval = poll_interval
         self._leadership = leadership
         self._leadership_term = leadership_term
-        self._ack_timeout = ack_timeout
         self._max_backoff = max_backoff
         self._keys = KeyBackoff(initial=min(_FIRST_BACKOFF, max_backoff), maximum=max_backoff)
-        self._tracer = tracer or trace.get_tracer(__name__)
-        self._budget = log_budget
+        self._sender = RowSender(
+            producer,
+            topics,
+            source=source,
+            ack_timeout=ack_timeout,
+            tracer=tracer or trace.get_tracer(__name__),
+            log_budget=log_budget,
+        )
         self._pass_lock = asyncio.Lock()
-        # Keys whose row a topic refused as too large: the producer batches a partition's
-        # records together, so such a row fails every row batched with it. These are sent
-        # alone until they go through, and the others no longer wait on them.
-        self._send_alone: set[str] = set()
         self._stopping = False
         self._leading = False
         # True only while `run` waits (for leadership, for work, out a backoff): the
@@ -126,8 +114,12 @@ class KafkaOutboxRelay:
         self._interruptible = False
         self._body: asyncio.Task[None] | None = None
         self.published = 0
-        self.send_failures = 0
         self.errors = 0
+
+    @property
+    def send_failures(self) -> int:
+        """Rows whose send failed (or that could not be encoded), since the start."""
+        return self._sender.failures
 
     @property
     def leading(self) -> bool:
@@ -203,7 +195,7 @@ class KafkaOutboxRelay:
             live = list(by_key.values())
             depth = 0
             while live:
-                sent = await self._send_round([chain[depth] for chain in live])
+                sent = await self._sender.send_round([chain[depth] for chain in live])
                 for chain, ok in zip(live, sent, strict=True):
                     key = chain[depth].message.key
                     if ok:
@@ -224,161 +216,6 @@ class KafkaOutboxRelay:
                 failpoints.hit("after_mark_published")
                 self.published += len(acked)
             return len(rows), len(rows) - len(acked)
-
-    async def _send_round(self, rows: Sequence[OutboxRecord]) -> list[bool]:
-        """Send one row of each of several keys; which of them were acknowledged.
-
-        Rows of keys a topic refused as too large go last, each alone (see `_send_alone`).
-        """
-        sent: dict[int, bool] = {}
-        together = [r for r in rows if r.message.key not in self._send_alone]
-        for row, ok in zip(together, await self._send_together(together), strict=True):
-            sent[row.position] = ok
-        for row in rows:
-            if row.message.key in self._send_alone:
-                (sent[row.position],) = await self._send_together([row], alone=True)
-        return [sent[row.position] for row in rows]
-
-    async def _send_together(
-        self, rows: Sequence[OutboxRecord], *, alone: bool = False
-    ) -> list[bool]:
-        """Send rows at once; which of them were acknowledged.
-
-        Every row is queued with the producer first (one PRODUCER span each, ended at its
-        acknowledgement), then the acknowledgements are awaited together, within
-        `ack_timeout`: no task or timer per row.
-        """
-        sending: list[tuple[OutboxRecord, Span, asyncio.Future[object]] | None] = []
-        for row in rows:
-            message = row.message
-            try:
-                record = encode_outbound(message, source=self._source, topic_for=self._topic_for)
-            except KeyError:
-                log.error("outbox relay: no topic for type %s (row %d)", message.type, row.position)
-                sending.append(None)
-                continue
-            except Exception:  # a row that cannot be encoded holds back its key only
-                log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
-                sending.append(None)
-                continue
-            # A rejection's key is the sender's booking id, unvalidated: bounded and masked.
-            key_attribute, key_value = (
-                ("payment.id", message.key)
-                if message.subject is not None
-                else ("payment.booking_id", untrusted_attribute(message.key))
-            )
-            span = self._tracer.start_span(
-                f"publish {record.topic}",
-                context=context_from_trace(message.trace),
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "send",
-                    "messaging.destination.name": record.topic,
-                    "messaging.message.id": str(message.event_id),
-                    "cloudevents.event_id": str(message.event_id),
-                    "cloudevents.event_type": message.type,
-                    key_attribute: key_value,
-                    "payment.outbox.position": row.position,
-                },
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-            failpoints.hit("before_publish")
-            try:
-                ack = await self._producer.send(
-                    record.topic, value=record.value, key=record.key, headers=record.headers
-                )
-            except Exception as exc:  # refused before queueing: the row's ack is the error
-                ack = asyncio.get_running_loop().create_future()
-                ack.set_exception(exc)
-            sending.append((row, span, ack))
-        acks = [item[2] for item in sending if item is not None]
-        if acks:
-            await asyncio.wait(acks, timeout=self._ack_timeout)
-        results: list[bool] = []
-        for item in sending:
-            if item is None:
-                results.append(False)
-                continue
-            row, span, ack = item
-            error: BaseException | None
-            if not ack.done():
-                ack.cancel()
-                error = TimeoutError()
-            else:
-                error = None if ack.cancelled() else ack.exception()
-                if ack.cancelled():
-                    error = TimeoutError()
-            results.append(self._acknowledged(row, span, error, alone=alone))
-        return results
-
-    def _acknowledged(
-        self, row: OutboxRecord, span: Span, error: BaseException | None, *, alone: bool
-    ) -> bool:
-        """End the row's span and log its fate; True if the broker acknowledged it."""
-        message = row.message
-        try:
-            if error is not None:
-                # Whatever the error, only this row's key is held back: the rows of the
-                # round that were acknowledged are still marked, and every span ends.
-                self.send_failures += 1
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                if isinstance(error, _TOO_LARGE) and not alone:
-                    # Maybe only batched with a row that is: it will be sent alone.
-                    self._send_alone.add(message.key)
-                    log.warning(
-                        "outbox relay: row %d (%s, key %s) was refused in a batch too large"
-                        " for its topic; sending it alone",
-                        row.position,
-                        message.type,
-                        message.key,
-                    )
-                    return False
-                if isinstance(error, _TOO_LARGE):
-                    # Not an outage: it fails the same way until the limit is raised.
-                    log.error(
-                        "outbox relay: row %d (%s, key %s) is larger than the producer or the "
-                        "topic accepts (%s): it stays unpublished and holds back the later "
-                        "events of key %s only; raise the topic's max.message.bytes (and "
-                        "the producer's max_request_size) to publish it",
-                        row.position,
-                        message.type,
-                        message.key,
-                        type(error).__name__,
-                        message.key,
-                    )
-                    return False
-                broker_trouble = isinstance(error, (KafkaError, TimeoutError))
-                log.log(
-                    logging.WARNING if broker_trouble else logging.ERROR,
-                    "outbox relay: send of row %d (%s, key %s) failed: %s",
-                    row.position,
-                    message.type,
-                    message.key,
-                    type(error).__name__,
-                    exc_info=None if broker_trouble else error,
-                )
-                return False
-            self._send_alone.discard(message.key)
-            if self._budget.allow(f"published {message.type}"):
-                with trace.use_span(span, end_on_exit=False):
-                    log.info(
-                        "published %s",
-                        message.type,
-                        extra={
-                            "payment_id"
-                            if message.subject is not None
-                            else "booking_id": message.key,
-                            "event_type": message.type,
-                            "ce_id": str(message.event_id),
-                            "sequence": message.sequence,
-                        },
-                    )
-        finally:
-            span.end()
-        failpoints.hit("after_publish")
-        return True
 
     async def _drain(self) -> None:
         while True:

@@ -1,10 +1,9 @@
-"""Spans, metrics and lifecycle log lines around any PaymentProcessor and any UnitOfWork.
+"""Spans, metrics and lifecycle log lines around any UnitOfWork.
 
 Decorators the composition root wraps around the real adapters, so the application layer
 stays free of OpenTelemetry and the memory and PostgreSQL adapters get the same
-instrumentation:
+instrumentation (the gateway's is `InstrumentedProcessor`, instrumented_processor.py):
 
-- `InstrumentedProcessor`: a CLIENT span per gateway call, its latency and its errors.
 - `InstrumentedUnitOfWork`: a span per database transaction (inside a trace only, so the
   relay's and the reconciler's polling start no traces of their own); the trace context
   stamped on outbox rows as they are written; and, once a transaction has committed, the
@@ -15,17 +14,14 @@ instrumentation:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
 from datetime import datetime
-from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Any, Self
 
 import msgspec
 from opentelemetry import context as otel_context
@@ -33,8 +29,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
+from payment.adapters.observability.instrumented_processor import InstrumentedProcessor
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
 from payment.adapters.observability.metrics import Metrics
+from payment.adapters.observability.span_attributes import ATTR_ERROR_TYPE, ATTR_PAYMENT_ID
 from payment.adapters.observability.telemetry import context_from_trace, current_trace_headers
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage
@@ -58,156 +56,16 @@ from payment.domain.events import (
     RefundFailed,
     RefundRequested,
 )
-from payment.domain.processor import (
-    Approved,
-    ChargeOutcome,
-    ChargeRequest,
-    Declined,
-    OutcomeUnknown,
-    PaymentProcessor,
-    ProcessorUnavailable,
-    RefundDeclined,
-    Refunded,
-    RefundOutcome,
-    RefundRequest,
-)
 
 log = logging.getLogger("payment.lifecycle")
 
-_T = TypeVar("_T")
-_Req = TypeVar("_Req", ChargeRequest, RefundRequest)
-
-# Span attributes of this service (no token, key or card data is ever one of them).
-ATTR_PAYMENT_ID: Final = "payment.id"
-ATTR_BOOKING_ID: Final = "payment.booking_id"
-ATTR_PROCESSOR: Final = "payment.processor"
-ATTR_OUTCOME: Final = "payment.outcome"
-ATTR_EVENT_TYPE: Final = "cloudevents.event_type"
-ATTR_ERROR_TYPE: Final = "error.type"
-
-
-# -- processor ---------------------------------------------------------------------------
-
-_ERROR_KINDS: Final = ("unavailable", "unknown", "timeout", "error")
-
-
-class InstrumentedProcessor:
-    """A PaymentProcessor that traces, times and counts every call of the one it wraps.
-
-    Results: `approved`, `declined`, `not_found` (a lookup that found nothing), or an
-    error kind: `unavailable` (no charge made), `unknown` (the charge may have happened),
-    `timeout` (cancelled: the handler's call timeout, or shutdown) and `error` (a bug).
-    """
-
-    def __init__(
-        self,
-        inner: PaymentProcessor,
-        tracer: Tracer,
-        metrics: Metrics,
-        *,
-        log_budget: LogBudget = UNLIMITED,
-    ) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._tracer = tracer
-        self._metrics = metrics
-        self._budget = log_budget
-        for operation in ("charge", "lookup", "refund", "lookup_refund"):
-            for kind in _ERROR_KINDS:
-                metrics.processor_errors.add(
-                    0, {"processor": self.name, "operation": operation, "kind": kind}
-                )
-
-    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
-        return await self._call("charge", request, self.inner.charge)
-
-    async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
-        return await self._call("lookup", request, self.inner.lookup)
-
-    async def refund(self, request: RefundRequest) -> RefundOutcome:
-        return await self._call("refund", request, self.inner.refund)
-
-    async def lookup_refund(self, request: RefundRequest) -> RefundOutcome | None:
-        return await self._call("lookup_refund", request, self.inner.lookup_refund)
-
-    async def _call(
-        self,
-        operation: str,
-        request: _Req,
-        call: Callable[[_Req], Awaitable[_T]],
-    ) -> _T:
-        ids = {"payment_id": str(request.payment_id), "booking_id": request.booking_id}
-        if isinstance(request, RefundRequest):
-            ids["refund_id"] = str(request.refund_id)
-        started = time.perf_counter()
-        result = "error"
-        with self._tracer.start_as_current_span(
-            f"{self.name} {operation}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                ATTR_PAYMENT_ID: ids["payment_id"],
-                ATTR_BOOKING_ID: request.booking_id,
-                ATTR_PROCESSOR: self.name,
-                "payment.operation": operation,
-                **({"payment.refund_id": ids["refund_id"]} if "refund_id" in ids else {}),
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                outcome = await call(request)
-            except ProcessorUnavailable:
-                result = "unavailable"
-                raise
-            except OutcomeUnknown:
-                result = "unknown"
-                raise
-            except asyncio.CancelledError:
-                result = "timeout"
-                raise
-            except Exception as exc:
-                span.set_attribute(ATTR_ERROR_TYPE, type(exc).__name__)
-                raise
-            else:
-                result = _result_of(outcome)
-                if isinstance(outcome, Declined | RefundDeclined):
-                    span.set_attribute("payment.decline_code", outcome.code)
-                return outcome
-            finally:
-                elapsed = time.perf_counter() - started
-                span.set_attribute(ATTR_OUTCOME, result)
-                labels = {"processor": self.name, "operation": operation}
-                self._metrics.processor_call_duration.record(elapsed, {**labels, "result": result})
-                if result in _ERROR_KINDS:
-                    span.set_status(Status(StatusCode.ERROR, result))
-                    self._metrics.processor_errors.add(1, {**labels, "kind": result})
-                    log.warning(
-                        "processor %s %s: %s after %.3fs",
-                        self.name,
-                        operation,
-                        result,
-                        elapsed,
-                        extra={**ids, "processor": self.name, "result": result},
-                    )
-                elif self._budget.allow(f"processor {operation}"):
-                    log.info(
-                        "processor %s %s: %s",
-                        self.name,
-                        operation,
-                        result,
-                        extra={**ids, "processor": self.name, "result": result},
-                    )
-
-
-def _result_of(outcome: object) -> str:
-    if isinstance(outcome, Approved):
-        return "approved"
-    if isinstance(outcome, Declined | RefundDeclined):
-        return "declined"
-    if isinstance(outcome, Refunded):
-        return "refunded"
-    return "not_found" if outcome is None else type(outcome).__name__.lower()
-
+__all__ = [
+    "InitiationTimes",
+    "InstrumentedProcessor",  # where the composition root has always found it
+    "InstrumentedUnitOfWork",
+    "InstrumentedUnitOfWorkFactory",
+    "reconcile_scope",
+]
 
 # -- unit of work ------------------------------------------------------------------------
 
@@ -357,16 +215,11 @@ class InstrumentedUnitOfWork:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         try:
-            await self._inner.__aexit__(exc_type, exc, tb)
+            await self._inner.__aexit__(*exc_info)
         finally:
-            self._end_span(exc)
+            self._end_span(exc_info[1])
 
     async def commit(self) -> None:
         await self._inner.commit()
@@ -400,40 +253,17 @@ class InstrumentedUnitOfWork:
         for event in self._events.appended:
             if isinstance(event, PaymentInitiated):
                 initiated += 1
-                if self._budget.allow("payment initiated"):
-                    log.info(
-                        "payment initiated",
-                        extra={
-                            "payment_id": str(event.payment_id),
-                            "booking_id": event.booking_id,
-                            "version": event.version,
-                        },
-                    )
+                self._lifecycle("payment initiated", event, booking_id=event.booking_id)
             elif isinstance(event, PaymentCompleted):
                 outcomes["completed", None] += 1
                 self._observe_latency(event, "completed")
-                if self._budget.allow("payment completed"):
-                    log.info(
-                        "payment completed",
-                        extra={
-                            "payment_id": str(event.payment_id),
-                            "processor": event.processor,
-                            "version": event.version,
-                        },
-                    )
+                self._lifecycle("payment completed", event, processor=event.processor)
             elif isinstance(event, PaymentFailed):
                 outcomes["failed", event.reason] += 1
                 self._observe_latency(event, "failed")
-                if self._budget.allow("payment failed"):
-                    log.info(
-                        "payment failed",
-                        extra={
-                            "payment_id": str(event.payment_id),
-                            "reason": event.reason,
-                            "decline_code": event.decline_code,
-                            "version": event.version,
-                        },
-                    )
+                self._lifecycle(
+                    "payment failed", event, reason=event.reason, decline_code=event.decline_code
+                )
             elif isinstance(event, RefundRequested | PaymentRefunded | RefundFailed):
                 self._observe_refund(event)
             elif isinstance(event, PaymentFlaggedForReview):
@@ -451,20 +281,23 @@ class InstrumentedUnitOfWork:
             )
             self._metrics.outcomes.add(count, labels)
 
+    def _lifecycle(self, message: str, event: AnyPaymentEvent, **fields: object) -> None:
+        """One lifecycle log line of `event`, within the log budget."""
+        if self._budget.allow(message):
+            extra = {"payment_id": str(event.payment_id), **fields, "version": event.version}
+            log.info(message, extra=extra)
+
     def _observe_refund(self, event: RefundRequested | PaymentRefunded | RefundFailed) -> None:
-        ids = {"payment_id": str(event.payment_id), "refund_id": str(event.refund_id)}
+        refund_id = str(event.refund_id)
         if isinstance(event, RefundRequested):
             self._metrics.refunds.add(1, {"result": "requested"})
-            if self._budget.allow("refund requested"):
-                log.info("refund requested", extra={**ids, "amount": event.amount})
+            self._lifecycle("refund requested", event, refund_id=refund_id, amount=event.amount)
         elif isinstance(event, PaymentRefunded):
             self._metrics.refunds.add(1, {"result": "refunded"})
-            if self._budget.allow("payment refunded"):
-                log.info("payment refunded", extra={**ids, "amount": event.amount})
+            self._lifecycle("payment refunded", event, refund_id=refund_id, amount=event.amount)
         else:
             self._metrics.refunds.add(1, {"result": "failed", "reason": event.reason})
-            if self._budget.allow("refund failed"):
-                log.info("refund failed", extra={**ids, "reason": event.reason})
+            self._lifecycle("refund failed", event, refund_id=refund_id, reason=event.reason)
 
     def _observe_latency(self, event: PaymentCompleted | PaymentFailed, outcome: str) -> None:
         started = self._events.initiated_at.take(event.payment_id)

@@ -157,16 +157,9 @@ class PropagatingTracer(Tracer):
     def __init__(self) -> None:
         self._ids = RandomIdGenerator()
 
+    # Kind, attributes, links, times and exception handling are what a span records: none.
     def start_span(
-        self,
-        name: str,
-        context: Context | None = None,
-        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-        attributes: Any = None,
-        links: Any = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
+        self, name: str, context: Context | None = None, *_: Any, **__: Any
     ) -> trace.Span:
         parent = trace.get_current_span(context).get_span_context()
         if parent.is_valid:
@@ -192,13 +185,9 @@ class PropagatingTracer(Tracer):
         self,
         name: str,
         context: Context | None = None,
-        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-        attributes: Any = None,
-        links: Any = None,
-        start_time: int | None = None,
-        record_exception: bool = True,
-        set_status_on_exception: bool = True,
+        *_: Any,
         end_on_exit: bool = True,
+        **__: Any,
     ) -> Iterator[trace.Span]:
         span = self.start_span(name, context)
         with trace.use_span(span, end_on_exit=end_on_exit) as current:

@@ -1,0 +1,148 @@
+"""Record to command: which handler a consumed record goes to, and the command it becomes.
+
+Written once for both paths: a record handled alone and a record handled in a batch
+decode and map the same way (the batch path only stamps its own trace on each command).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+from aiokafka.structs import ConsumerRecord
+from opentelemetry import trace
+from opentelemetry.trace import Span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from payment.adapters.kafka.cloudevents import (
+    InboundEvent,
+    PoisonMessage,
+    decode_initiated,
+    decode_record,
+    decode_refund,
+    decode_request,
+)
+from payment.adapters.kafka.consumer.undecodable import UndecodableRecord
+from payment.adapters.observability.span_values import untrusted_attribute
+from payment.application.commands import (
+    ExecutePayment,
+    InboundRef,
+    RefundPayment,
+    RequestPayment,
+    TraceHeaders,
+)
+from payment.application.messages import PAYMENT_INITIATED, REFUND_PAYMENT, REQUEST_PAYMENT
+
+_W3C = TraceContextTextMapPropagator()
+
+
+class Route(enum.Enum):
+    """The handler a record goes to, by its topic."""
+
+    REQUEST = REQUEST_PAYMENT
+    INITIATED = PAYMENT_INITIATED
+    REFUND = REFUND_PAYMENT
+
+
+class Topics:
+    """The consumed topics and the route of each."""
+
+    def __init__(self, request: str, initiated: str, refund: str | None) -> None:
+        self.request = request
+        self.initiated = initiated
+        self.refund = refund
+
+    def all(self) -> list[str]:
+        return [self.request, self.initiated, *([self.refund] if self.refund else [])]
+
+    def route(self, topic: str) -> Route:
+        """The route of `topic`, or `PoisonMessage` for a topic not consumed here."""
+        if topic == self.request:
+            return Route.REQUEST
+        if topic == self.initiated:
+            return Route.INITIATED
+        if self.refund is not None and topic == self.refund:
+            return Route.REFUND
+        raise PoisonMessage(f"unexpected topic {topic}")
+
+
+def decode(record: ConsumerRecord[bytes, bytes], route: Route) -> InboundEvent:
+    """The record's envelope, checked against its route's `ce_type`, or `PoisonMessage`.
+
+    A record the client library could not decode (see `undecodable.py`) is poison with
+    the reason found when it was read.
+    """
+    if isinstance(record, UndecodableRecord):
+        raise PoisonMessage(record.reason)
+    event = decode_record(record)
+    if event.type != route.value:
+        raise PoisonMessage(f"unexpected ce_type on {record.topic}")
+    return event
+
+
+def received_trace(event: InboundEvent) -> TraceHeaders:
+    return TraceHeaders(traceparent=event.traceparent, tracestate=event.tracestate)
+
+
+def request_command(event: InboundEvent, trace_headers: TraceHeaders) -> RequestPayment:
+    """The request's command, or `PoisonMessage` if its body does not decode."""
+    data = decode_request(event.data)
+    return RequestPayment(
+        inbound=InboundRef(source=event.source, message_id=event.id),
+        booking_id=data.booking_id,
+        amount=data.amount,
+        currency=data.currency,
+        payment_method=data.payment_method,
+        customer_id=data.customer_id,
+        saga_id=data.saga_id,
+        trace=trace_headers,
+    )
+
+
+def execute_command(event: InboundEvent, trace_headers: TraceHeaders) -> ExecutePayment:
+    """The initiated event's command, or `PoisonMessage` if its body does not decode."""
+    payment_id: uuid.UUID = decode_initiated(event.data)
+    return ExecutePayment(
+        inbound=InboundRef(source=event.source, message_id=event.id),
+        payment_id=payment_id,
+        trace=trace_headers,
+    )
+
+
+def refund_command(event: InboundEvent) -> RefundPayment:
+    """The refund request's command, or `PoisonMessage` if its body does not decode."""
+    data = decode_refund(event.data)
+    return RefundPayment(
+        inbound=InboundRef(source=event.source, message_id=event.id),
+        booking_id=data.booking_id,
+        amount=data.amount,
+        reason=data.reason,
+        saga_id=data.saga_id,
+        trace=received_trace(event),
+    )
+
+
+def tag_event(span: Span, event: InboundEvent) -> None:
+    """The message's CloudEvents attributes on its span: the sender's, so bounded and masked."""
+    event_id = untrusted_attribute(event.id)
+    span.set_attribute("messaging.message.id", event_id)
+    span.set_attribute("cloudevents.event_id", event_id)
+    span.set_attribute("cloudevents.event_source", untrusted_attribute(event.source))
+    span.set_attribute("cloudevents.event_type", untrusted_attribute(event.type))
+
+
+def trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
+    """The trace context outbound rows of this message carry: its CONSUMER span's.
+
+    (The single-message path stamps rows with the span in force when they are written;
+    a batch writes many messages' rows outside any one span, so each carries its own.)
+    Without a valid span (tracing off), the sender's context as received.
+    """
+    if span.get_span_context().is_valid:
+        carrier: dict[str, str] = {}
+        _W3C.inject(carrier, context=trace.set_span_in_context(span))
+        if "traceparent" in carrier:
+            return TraceHeaders(
+                traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
+            )
+    return received_trace(event)
