@@ -23,6 +23,8 @@ from hypothesis.stateful import (
     rule,
 )
 
+from payment.adapters.memory import MemoryUnitOfWorkFactory
+from payment.application.errors import ConcurrencyConflict
 from payment.domain.errors import IllegalTransition, StreamMismatch
 from payment.domain.events import (
     AnyPaymentEvent,
@@ -123,8 +125,9 @@ EVERY_COMMAND: dict[str, Command] = {
 
 
 def state(payment: Payment) -> dict[str, Any]:
-    """Everything the aggregate knows; its fields are immutable values, so a copy suffices."""
-    return dict(vars(payment))
+    """Everything the aggregate knows (but the events it has yet to hand to the unit of
+    work); its fields are immutable values, so a copy suffices."""
+    return {k: v for k, v in vars(payment).items() if k != "_unsaved"}
 
 
 def without_id(event: AnyPaymentEvent) -> AnyPaymentEvent:
@@ -134,7 +137,7 @@ def without_id(event: AnyPaymentEvent) -> AnyPaymentEvent:
 class Given:
     def __init__(self, history: Sequence[AnyPaymentEvent]) -> None:
         self.history = list(history)
-        self.payment = Payment.replay(self.history) if self.history else Payment(PAYMENT_ID)
+        self.payment = Payment.replay(self.history)
 
     def when(self, command: Command) -> When:
         return When(self, command)
@@ -217,9 +220,9 @@ def test_initiate_draws_a_fresh_idempotency_key_that_replay_keeps() -> None:
 
     first, second = new(), new()
 
-    assert first.idempotency_key is not None
+    assert first.idempotency_key.version == 4  # drawn at random
     assert first.idempotency_key != second.idempotency_key
-    assert first.initiated is not None
+    assert first.initiated.idempotency_key == first.idempotency_key
     assert Payment.replay([first.initiated]).idempotency_key == first.idempotency_key
 
 
@@ -326,8 +329,9 @@ def test_a_flagged_payment_still_records_attempts() -> None:
 # -- illegal transitions ---------------------------------------------------------------------
 
 
+# (A payment not initiated cannot take a command: there is none, as a Payment exists only
+# from its PaymentInitiated on; see the stream-mismatch tests below.)
 ENDED = {
-    "not-initiated": [],
     "completed": [initiated(), completed(2)],
     "failed": [initiated(), failed(2)],
     "completed-after-attempts": [initiated(), attempted(2, "approved"), completed(3)],
@@ -424,24 +428,74 @@ def test_replaying_a_broken_stream_is_a_mismatch(stream: list[AnyPaymentEvent]) 
         Payment.replay(stream)
 
 
-def test_an_event_for_a_new_payment_must_be_version_1_of_its_own_stream() -> None:
+def test_a_payment_starts_with_a_payment_initiated_at_version_1_and_only_there() -> None:
     with pytest.raises(StreamMismatch):
-        Payment(uuid.uuid4()).apply(initiated())
+        Payment(msgspec.structs.replace(initiated(), version=2))
+    with pytest.raises(StreamMismatch):
+        given(initiated()).payment.apply(msgspec.structs.replace(initiated(), version=2))
+
+
+def new_payment(currency: str) -> tuple[Payment, list[AnyPaymentEvent]]:
+    """A payment of 700 in `currency`, just initiated, and its PaymentInitiated."""
+    return Payment.initiate(
+        payment_id=PAYMENT_ID,
+        booking_id="BK-9",
+        money=Money.of(700, currency),
+        payment_method="tok",
+        saga_id=None,
+        customer_id=None,
+        at=T0,
+    )
+
+
+# -- pending events: decided once, handed to the unit of work once ---------------------------
+
+
+def test_the_events_a_payment_decides_are_collected_once_in_order() -> None:
+    payment, history = new_payment("JPY")
+    history += payment.record_attempt(processor="fake", result="unknown", detail="lost", at=T0)
+
+    assert list(payment.collect_events()) == history
+    assert list(payment.collect_events()) == []
+    later = payment.flag_for_review(detail="1h", at=LATER)
+    assert list(payment.collect_events()) == later
+
+
+def test_a_replayed_payment_has_nothing_to_save_and_a_refused_command_adds_nothing() -> None:
+    payment = given(initiated(), completed(2)).payment
+
+    assert list(payment.collect_events()) == []
+    with pytest.raises(IllegalTransition):
+        payment.complete(processor="fake", provider_reference="ch_2", at=LATER)
+    assert list(payment.collect_events()) == []
+
+
+async def test_the_unit_of_work_saves_what_a_payment_decided_after_the_version_it_loaded() -> None:
+    factory = MemoryUnitOfWorkFactory()
+    async with factory() as uow:
+        payment, created = new_payment("EUR")
+        await uow.save(payment)
+        await uow.commit()
+    async with factory() as uow:
+        first = await uow.load(PAYMENT_ID)
+        decided = first.record_attempt(processor="fake", result="approved", detail="ok", at=T0)
+        decided += first.complete(processor="fake", provider_reference="ch_1", at=T0)
+        await uow.save(first)
+        await uow.commit()
+    async with factory() as uow:
+        stale = Payment.replay(created)  # loaded before the save above
+        stale.fail(reason="declined", detail="no", at=LATER)
+        with pytest.raises(ConcurrencyConflict):
+            await uow.save(stale)
+
+    assert factory.db.streams[PAYMENT_ID] == [*created, *decided]
 
 
 # -- replay ----------------------------------------------------------------------------------
 
 
 def test_replay_of_stored_events_rebuilds_what_the_commands_left() -> None:
-    payment, history = Payment.initiate(
-        payment_id=PAYMENT_ID,
-        booking_id="BK-9",
-        money=Money.of(700, "JPY"),
-        payment_method="tok",
-        saga_id=None,
-        customer_id=None,
-        at=T0,
-    )
+    payment, history = new_payment("JPY")
     history += payment.record_attempt(processor="fake", result="unknown", detail="lost", at=T0)
     history += payment.flag_for_review(detail="1h", at=LATER)
     history += payment.record_attempt(processor="fake", result="declined", detail="d", at=LATER)
@@ -471,7 +525,7 @@ class PaymentLifecycle(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.payment = Payment(PAYMENT_ID)
+        self.payment = Payment(initiated())  # replaced by `initiate`, which runs first
         self.events: list[AnyPaymentEvent] = []
         self.rejected = 0
 

@@ -72,7 +72,7 @@ def flagged_payment() -> tuple[Payment, list[AnyPaymentEvent]]:
 # -- the aggregate: given a flagged payment, when resolved, then these events -------------
 
 
-def resolve(payment: Payment, outcome: str, answer: str, *, forced: bool = False) -> list[Any]:
+def resolve(payment: Payment, outcome: str, answer: str, *, forced: bool = False) -> Any:
     return payment.resolve_review(
         outcome=outcome,  # type: ignore[arg-type]
         resolved_by="alice",

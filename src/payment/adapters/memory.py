@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Self
 
 from payment.application.errors import (
@@ -14,7 +13,7 @@ from payment.application.errors import (
     DuplicateMessage,
 )
 from payment.application.messages import OutboundMessage
-from payment.application.ports import OutboxRecord, StreamAppend
+from payment.application.ports import OutboxRecord, StoresPayments, StreamAppend
 from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import PaymentStatus
 
@@ -298,7 +297,7 @@ class MemoryInbox:
         self._db.inbox.update(self.marks)
 
 
-class MemoryUnitOfWork:
+class MemoryUnitOfWork(StoresPayments):
     """A transaction over `MemoryDatabase`: buffered writes, checked and applied at commit."""
 
     def __init__(self, db: MemoryDatabase) -> None:
@@ -312,12 +311,7 @@ class MemoryUnitOfWork:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._done = True
         self.payments.release()
 

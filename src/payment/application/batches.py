@@ -20,38 +20,26 @@ import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from datetime import datetime
 
 from payment.application import failpoints
 from payment.application.commands import ExecutePayment, RequestPayment
 from payment.application.errors import RETRYABLE_CONFLICTS, PaymentConflict
-from payment.application.handlers import (
-    AttemptLog,
-    ExecuteResult,
-    ExecutionPolicy,
-    RequestResult,
+from payment.application.gateway import ChargeGateway, Exchange, ExecutionPolicy
+from payment.application.handlers.execute import execute_payment, mark_handled
+from payment.application.handlers.outcome import apply_outcome, record_outcome, status_of
+from payment.application.handlers.request import (
     Settings,
-    apply_outcome,
-    charge_payment,
-    execute_payment,
     initiate_for,
-    mark_handled,
-    record_outcome,
     rejection_for,
     request_payment,
 )
+from payment.application.handlers.results import ExecuteResult, RequestResult
 from payment.application.messages import OutboundMessage, initiated_message
-from payment.application.ports import Clock, StreamAppend, UnitOfWorkFactory
+from payment.application.ports import Clock, UnitOfWorkFactory
 from payment.application.validation import Valid, validate_request, well_formed_booking_id
 from payment.domain.errors import ChargeInProgress
-from payment.domain.events import AnyPaymentEvent
 from payment.domain.payment import Payment, PaymentStatus
-from payment.domain.processor import (
-    ChargeOutcome,
-    OutcomeUnknown,
-    PaymentProcessor,
-    ProcessorUnavailable,
-)
+from payment.domain.processor import PaymentProcessor
 
 RequestOutcome = RequestResult | PaymentConflict
 
@@ -148,7 +136,8 @@ async def _request_batch(
         )
         failpoints.hit("after_inbox_insert")
         outcomes: dict[int, RequestResult] = {}
-        initiated: dict[int, tuple[Payment, list[AnyPaymentEvent]]] = {}
+        initiated: dict[int, Payment] = {}
+        messages: dict[int, OutboundMessage] = {}
         for i in batch:
             cmd = cmds[i]
             valid = checked[i]
@@ -156,29 +145,20 @@ async def _request_batch(
                 outcomes[i] = RequestResult.DUPLICATE
             elif isinstance(valid, str):
                 outcomes[i] = RequestResult.REJECTED
+                messages[i] = rejection_for(cmd, valid, now)
             else:
                 initiated[i] = initiate_for(cmd, valid, now)
                 outcomes[i] = RequestResult.ACCEPTED
+                messages[i] = initiated_message(initiated[i], cmd.trace)
         if initiated:
             claimed = await uow.payments.claim_bookings(
-                [(cmds[i].booking_id, payment.id) for i, (payment, _) in initiated.items()], now
+                [(cmds[i].booking_id, payment.id) for i, payment in initiated.items()], now
             )
             taken = [i for i in initiated if cmds[i].booking_id not in claimed]
             if taken:
                 return taken  # leaving without commit rolls the batch back
-            await uow.events.append_many(
-                [StreamAppend(p.id, 0, events) for p, events in initiated.values()]
-            )
-        messages: list[OutboundMessage] = []
-        for i in batch:
-            cmd = cmds[i]
-            valid = checked[i]
-            if outcomes[i] is RequestResult.REJECTED:
-                assert isinstance(valid, str)
-                messages.append(rejection_for(cmd, valid, now))
-            elif i in initiated:
-                messages.append(initiated_message(initiated[i][0], cmd.trace))
-        await uow.outbox.add(messages)
+            await uow.save_all(list(initiated.values()))
+        await uow.outbox.add([messages[i] for i in sorted(messages)])
         await uow.commit()
     if initiated:
         failpoints.hit("after_initiated_commit")
@@ -187,8 +167,6 @@ async def _request_batch(
 
 
 # -- executions ----------------------------------------------------------------------------
-
-Final = ChargeOutcome | ProcessorUnavailable | OutcomeUnknown
 
 
 async def execute_payments(
@@ -209,6 +187,7 @@ async def execute_payments(
     recorded one message at a time, reading afresh.
     """
     enter = scope or _no_scope
+    gateway = ChargeGateway(processor, policy, clock)
     results: dict[int, ExecuteResult] = {}
     batch, single = _split(
         [(("m", c.inbound.source, c.inbound.message_id), ("p", c.payment_id)) for c in cmds]
@@ -220,17 +199,15 @@ async def execute_payments(
         to_charge: dict[int, Payment] = {}
         for i in batch:
             events = streams.get(cmds[i].payment_id)
-            if not events:
-                results[i] = ExecuteResult.NOT_FOUND
+            payment = Payment.replay(events) if events else None
+            if payment is None or payment.is_terminal:
+                results[i] = (
+                    ExecuteResult.NOT_FOUND if payment is None else ExecuteResult.ALREADY_TERMINAL
+                )
                 mark_only.append(i)
-                continue
-            payment = Payment.replay(events)
-            if payment.is_terminal:
-                results[i] = ExecuteResult.ALREADY_TERMINAL
-                mark_only.append(i)
-                continue
-            to_charge[i] = payment
-        chargers = await _start_charges(to_charge, uow_factory, clock, policy)
+            else:
+                to_charge[i] = payment
+        chargers = await _start_charges(to_charge, uow_factory, gateway)
         if chargers is None:  # lost a race: each of them one by one, reading afresh
             single += list(to_charge)
             chargers = {}
@@ -239,15 +216,12 @@ async def execute_payments(
                 # Another executor or reconciler is charging it and records the outcome.
                 results[i] = ExecuteResult.BUSY
                 mark_only.append(i)
-        charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment, uuid.UUID]] = {}
+        charges: dict[asyncio.Task[Exchange], tuple[int, Payment]] = {}
         for i, charger in chargers.items():
-            payment = to_charge[i]
-            task = asyncio.create_task(
-                _charge_in(enter(cmds[i]), payment, charger, processor, policy, clock.now())
-            )
-            charges[task] = (i, payment, charger)
+            task = asyncio.create_task(_charge_in(enter(cmds[i]), gateway, to_charge[i], charger))
+            charges[task] = (i, to_charge[i])
         try:
-            await _record_in_waves(cmds, charges, mark_only, uow_factory, processor, clock, results)
+            await _record_in_waves(cmds, charges, mark_only, uow_factory, gateway, results)
         finally:
             for task in charges:
                 task.cancel()
@@ -258,30 +232,24 @@ async def execute_payments(
 
 
 async def _start_charges(
-    payments: dict[int, Payment],
-    uow_factory: UnitOfWorkFactory,
-    clock: Clock,
-    policy: ExecutionPolicy,
+    payments: dict[int, Payment], uow_factory: UnitOfWorkFactory, gateway: ChargeGateway
 ) -> dict[int, uuid.UUID] | None:
     """`start_charge` for a batch in one transaction: the chargers of those that may be
     charged now (the others are another charger's); None if the optimistic lock refused."""
     chargers: dict[int, uuid.UUID] = {}
-    appends: list[StreamAppend] = []
-    now = clock.now()
+    now = gateway.clock.now()
     for i, payment in payments.items():
         charger = uuid.uuid4()
-        expected = payment.version
         try:
-            events = payment.start_charge(charger=charger, at=now, lease_s=policy.charge_lease_s)
+            payment.start_charge(charger=charger, at=now, lease_s=gateway.policy.charge_lease_s)
         except ChargeInProgress:
             continue
         chargers[i] = charger
-        appends.append(StreamAppend(payment.id, expected, events))
-    if not appends:
+    if not chargers:
         return chargers
     try:
         async with uow_factory() as uow:
-            await uow.events.append_many(appends)
+            await uow.save_all([payments[i] for i in chargers])
             await uow.commit()
     except RETRYABLE_CONFLICTS:
         return None
@@ -290,80 +258,68 @@ async def _start_charges(
 
 async def _charge_in(
     scope: AbstractContextManager[object],
+    gateway: ChargeGateway,
     payment: Payment,
     charger: uuid.UUID,
-    processor: PaymentProcessor,
-    policy: ExecutionPolicy,
-    now: datetime,
-) -> tuple[AttemptLog, Final]:
+) -> Exchange:
     with scope:
-        return await charge_payment(payment, processor, policy, now, charger)
+        return await gateway.charge(payment, charger)
 
 
 async def _record_in_waves(
     cmds: Sequence[ExecutePayment],
-    charges: dict[asyncio.Task[tuple[AttemptLog, Final]], tuple[int, Payment, uuid.UUID]],
+    charges: dict[asyncio.Task[Exchange], tuple[int, Payment]],
     mark_only: list[int],
     uow_factory: UnitOfWorkFactory,
-    processor: PaymentProcessor,
-    clock: Clock,
+    gateway: ChargeGateway,
     results: dict[int, ExecuteResult],
 ) -> None:
-    pending: set[asyncio.Task[tuple[AttemptLog, Final]]] = set(charges)
+    pending: set[asyncio.Task[Exchange]] = set(charges)
     marks = mark_only
     while pending or marks:
-        done: set[asyncio.Task[tuple[AttemptLog, Final]]] = set()
+        done: set[asyncio.Task[Exchange]] = set()
         if pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        wave = [(*charges[t], *t.result()) for t in done]
-        wave.sort(key=lambda item: item[0])
+        wave = sorted(((*charges[t], t.result()) for t in done), key=lambda item: item[0])
         try:
-            await _record_wave(cmds, wave, marks, uow_factory, processor, clock, results)
+            await _record_wave(cmds, wave, marks, uow_factory, gateway, results)
         except RETRYABLE_CONFLICTS:
-            for i, payment, charger, attempts, final in wave:
+            for i, payment, exchange in wave:
                 cmd = cmds[i]
                 results[i] = await record_outcome(
-                    payment.id, cmd.inbound, cmd.trace, attempts, final, uow_factory,
-                    processor, clock, charger=charger,
-                )  # fmt: skip
+                    uow_factory, gateway, payment.id, exchange, cmd.inbound, cmd.trace
+                )
             for i in marks:
-                await mark_handled(uow_factory, cmds[i].inbound, clock)
+                await mark_handled(uow_factory, cmds[i].inbound, gateway.clock)
         marks = []
 
 
 async def _record_wave(
     cmds: Sequence[ExecutePayment],
-    wave: Sequence[tuple[int, Payment, uuid.UUID, AttemptLog, Final]],
+    wave: Sequence[tuple[int, Payment, Exchange]],
     marks: Sequence[int],
     uow_factory: UnitOfWorkFactory,
-    processor: PaymentProcessor,
-    clock: Clock,
+    gateway: ChargeGateway,
     results: dict[int, ExecuteResult],
 ) -> None:
     async with uow_factory() as uow:
-        now = clock.now()
+        now = gateway.clock.now()
         keys = [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i, *_ in wave]
         keys += [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i in marks]
         fresh = await uow.inbox.mark_many(keys, now)
         outcomes: dict[int, ExecuteResult] = {}
-        appends: list[StreamAppend] = []
         statuses: list[tuple[uuid.UUID, PaymentStatus]] = []
         messages: list[OutboundMessage] = []
-        for i, payment, charger, attempts, final in wave:
+        for i, payment, exchange in wave:
             cmd = cmds[i]
+            outcomes[i], message = apply_outcome(payment, exchange, gateway.name, now, cmd.trace)
             # A redelivery still records what its calls gave (see record_outcome).
-            duplicate = (cmd.inbound.source, cmd.inbound.message_id) not in fresh
-            expected = payment.version
-            outcomes[i], new, status, message = apply_outcome(
-                payment, attempts, final, processor.name, now, cmd.trace, charger
-            )
-            if duplicate and message is None:
+            if message is None and (cmd.inbound.source, cmd.inbound.message_id) not in fresh:
                 outcomes[i] = ExecuteResult.DUPLICATE
-            appends.append(StreamAppend(payment.id, expected, new))
-            statuses.append((payment.id, status))
+            statuses.append((payment.id, status_of(payment)))
             if message is not None:
                 messages.append(message)
-        await uow.events.append_many(appends)
+        await uow.save_all([payment for _, payment, _ in wave])
         await uow.payments.set_statuses(statuses, now)
         await uow.outbox.add(messages)
         if messages:

@@ -13,6 +13,7 @@ from payment.application.validation import echo_safe
 from payment.domain.events import (
     FailureReason,
     PaymentCompleted,
+    PaymentEvent,
     PaymentFailed,
     PaymentRefunded,
     RefundFailed,
@@ -181,10 +182,48 @@ class OutboundMessage(msgspec.Struct, frozen=True, kw_only=True):
 _encoder = msgspec.json.Encoder()
 
 
+def _message(
+    kind: OutboundType,
+    data: msgspec.Struct,
+    *,
+    key: str,
+    subject: str | None,
+    at: datetime,
+    trace: TraceHeaders,
+    event: PaymentEvent | None = None,
+) -> OutboundMessage:
+    """The outbox row of `data`: announcing `event` of the payment's stream (its id and
+    version), or a fresh id with no sequence when no event stands behind it."""
+    return OutboundMessage(
+        event_id=uuid.uuid4() if event is None else event.event_id,
+        type=kind,
+        key=key,
+        subject=subject,
+        sequence=None if event is None else event.version,
+        time=at,
+        data=_encoder.encode(data),
+        trace=trace,
+        schema_version=MESSAGE_VERSIONS[kind],
+    )
+
+
+def _of_event(
+    payment: Payment,
+    kind: OutboundType,
+    event: PaymentEvent,
+    data: msgspec.Struct,
+    trace: TraceHeaders,
+) -> OutboundMessage:
+    """A message announcing one event of the payment's stream, keyed by the payment."""
+    key = str(payment.id)
+    return _message(
+        kind, data, key=key, subject=key, at=event.occurred_at, trace=trace, event=event
+    )
+
+
 def initiated_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
     """`payment.initiated` for a freshly initiated payment."""
     event = payment.initiated
-    assert event is not None and payment.money is not None
     data = PaymentInitiatedMessage(
         payment_id=str(payment.id),
         booking_id=payment.booking_id,
@@ -195,64 +234,42 @@ def initiated_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
         initiated_at=event.occurred_at,
         version=event.version,
     )
-    return OutboundMessage(
-        event_id=event.event_id,
-        type=PAYMENT_INITIATED,
-        key=str(payment.id),
-        subject=str(payment.id),
-        sequence=event.version,
-        time=event.occurred_at,
-        data=_encoder.encode(data),
-        trace=trace,
-        schema_version=MESSAGE_VERSIONS[PAYMENT_INITIATED],
-    )
+    return _of_event(payment, PAYMENT_INITIATED, event, data, trace)
 
 
 def outcome_message(payment: Payment, trace: TraceHeaders) -> OutboundMessage:
     """The terminal event of a payment as its contract message.
 
     A pure function of the stored events: a re-request re-publishes the same `event_id`
-    and the same data.
+    and the same data. Raises `ValueError` for a payment still in flight.
     """
-    outcome = payment.outcome
-    assert outcome is not None and payment.money is not None
-    data: PaymentCompletedMessage | PaymentFailedMessage
-    if isinstance(outcome, PaymentCompleted):
-        kind: OutboundType = PAYMENT_COMPLETED
-        data = PaymentCompletedMessage(
-            payment_id=str(payment.id),
-            booking_id=payment.booking_id,
-            saga_id=payment.saga_id,
-            amount=payment.money.amount,
-            currency=payment.money.currency,
-            processor=outcome.processor,
-            provider_reference=outcome.provider_reference,
-            completed_at=outcome.occurred_at,
-            version=outcome.version,
-        )
-    else:
-        assert isinstance(outcome, PaymentFailed)
-        kind = PAYMENT_FAILED
-        data = PaymentFailedMessage(
-            payment_id=str(payment.id),
-            booking_id=payment.booking_id,
-            saga_id=payment.saga_id,
-            reason=outcome.reason,
-            detail=outcome.detail,
-            failed_at=outcome.occurred_at,
-            version=outcome.version,
-        )
-    return OutboundMessage(
-        event_id=outcome.event_id,
-        type=kind,
-        key=str(payment.id),
-        subject=str(payment.id),
-        sequence=outcome.version,
-        time=outcome.occurred_at,
-        data=_encoder.encode(data),
-        trace=trace,
-        schema_version=MESSAGE_VERSIONS[kind],
-    )
+    match payment.outcome:
+        case PaymentCompleted() as completed:
+            data = PaymentCompletedMessage(
+                payment_id=str(payment.id),
+                booking_id=payment.booking_id,
+                saga_id=payment.saga_id,
+                amount=payment.money.amount,
+                currency=payment.money.currency,
+                processor=completed.processor,
+                provider_reference=completed.provider_reference,
+                completed_at=completed.occurred_at,
+                version=completed.version,
+            )
+            return _of_event(payment, PAYMENT_COMPLETED, completed, data, trace)
+        case PaymentFailed() as failed:
+            failure = PaymentFailedMessage(
+                payment_id=str(payment.id),
+                booking_id=payment.booking_id,
+                saga_id=payment.saga_id,
+                reason=failed.reason,
+                detail=failed.detail,
+                failed_at=failed.occurred_at,
+                version=failed.version,
+            )
+            return _of_event(payment, PAYMENT_FAILED, failed, failure, trace)
+        case None:
+            raise ValueError(f"payment {payment.id} is in flight: it has no outcome to announce")
 
 
 def rejection_message(
@@ -271,55 +288,36 @@ def rejection_message(
     Kafka key is the echoed booking id.
     """
     booking_id = echo_safe(booking_id)
-    data = PaymentFailedMessage(
-        booking_id=booking_id,
-        saga_id=None if saga_id is None else echo_safe(saga_id),
-        reason="invalid_request",
-        detail=detail,
-        failed_at=at,
-    )
-    return OutboundMessage(
-        event_id=uuid.uuid4(),
-        type=PAYMENT_FAILED,
-        key=booking_id,
-        subject=None,
-        sequence=None,
-        time=at,
-        data=_encoder.encode(data),
-        trace=trace,
-        schema_version=MESSAGE_VERSIONS[PAYMENT_FAILED],
-    )
+    saga_id = None if saga_id is None else echo_safe(saga_id)
+    return _no_payment_failed(booking_id, saga_id, "invalid_request", detail, at, trace)
 
 
 def cancelled_message(
     *, booking_id: str, saga_id: str | None, at: datetime, trace: TraceHeaders
 ) -> OutboundMessage:
     """`payment.failed` / `cancelled`: a payment request for a booking a refund closed."""
+    detail = "a refund for this booking arrived before its payment request: nothing charged"
+    return _no_payment_failed(booking_id, saga_id, "cancelled", detail, at, trace)
+
+
+def _no_payment_failed(
+    booking_id: str,
+    saga_id: str | None,
+    reason: PublishedFailureReason,
+    detail: str,
+    at: datetime,
+    trace: TraceHeaders,
+) -> OutboundMessage:
     data = PaymentFailedMessage(
-        booking_id=booking_id,
-        saga_id=saga_id,
-        reason="cancelled",
-        detail="a refund for this booking arrived before its payment request: nothing charged",
-        failed_at=at,
+        booking_id=booking_id, saga_id=saga_id, reason=reason, detail=detail, failed_at=at
     )
-    return OutboundMessage(
-        event_id=uuid.uuid4(),
-        type=PAYMENT_FAILED,
-        key=booking_id,
-        subject=None,
-        sequence=None,
-        time=at,
-        data=_encoder.encode(data),
-        trace=trace,
-        schema_version=MESSAGE_VERSIONS[PAYMENT_FAILED],
-    )
+    return _message(PAYMENT_FAILED, data, key=booking_id, subject=None, at=at, trace=trace)
 
 
 def refunded_message(
     payment: Payment, event: PaymentRefunded, trace: TraceHeaders
 ) -> OutboundMessage:
     """`payment.refunded` for a refund just recorded (`payment` as of that event)."""
-    assert payment.money is not None
     refund = payment.refunds[event.refund_id]
     data = PaymentRefundedMessage(
         payment_id=str(payment.id),
@@ -333,7 +331,7 @@ def refunded_message(
         refunded_at=event.occurred_at,
         version=event.version,
     )
-    return _payment_message(payment, PAYMENT_REFUNDED, event.event_id, event, data, trace)
+    return _of_event(payment, PAYMENT_REFUNDED, event, data, trace)
 
 
 def refund_failed_message(
@@ -351,7 +349,7 @@ def refund_failed_message(
         failed_at=event.occurred_at,
         version=event.version,
     )
-    return _payment_message(payment, PAYMENT_REFUND_FAILED, event.event_id, event, data, trace)
+    return _of_event(payment, PAYMENT_REFUND_FAILED, event, data, trace)
 
 
 def refund_refused_message(
@@ -380,35 +378,5 @@ def refund_refused_message(
         version=None if payment is None else payment.version,
     )
     key = booking_id if payment is None else str(payment.id)
-    return OutboundMessage(
-        event_id=uuid.uuid4(),
-        type=PAYMENT_REFUND_FAILED,
-        key=key,
-        subject=None if payment is None else key,
-        sequence=None,
-        time=at,
-        data=_encoder.encode(data),
-        trace=trace,
-        schema_version=MESSAGE_VERSIONS[PAYMENT_REFUND_FAILED],
-    )
-
-
-def _payment_message(
-    payment: Payment,
-    kind: OutboundType,
-    event_id: uuid.UUID,
-    event: PaymentRefunded | RefundFailed,
-    data: msgspec.Struct,
-    trace: TraceHeaders,
-) -> OutboundMessage:
-    return OutboundMessage(
-        event_id=event_id,
-        type=kind,
-        key=str(payment.id),
-        subject=str(payment.id),
-        sequence=event.version,
-        time=event.occurred_at,
-        data=_encoder.encode(data),
-        trace=trace,
-        schema_version=MESSAGE_VERSIONS[kind],
-    )
+    subject = None if payment is None else key
+    return _message(PAYMENT_REFUND_FAILED, data, key=key, subject=subject, at=at, trace=trace)

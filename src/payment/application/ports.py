@@ -1,9 +1,13 @@
-"""Ports the application needs: event store, payment index, outbox, inbox, unit of work, clock."""
+"""Every driven port of the service: event store, payment index, outbox, inbox, unit of
+work and clock; and on the broker's side, dead letters, record senders and the re-drive
+ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self
@@ -12,7 +16,7 @@ import msgspec
 
 from payment.application.messages import OutboundMessage
 from payment.domain.events import AnyPaymentEvent
-from payment.domain.payment import PaymentStatus
+from payment.domain.payment import Payment, PaymentStatus
 
 
 class StreamAppend(NamedTuple):
@@ -21,6 +25,13 @@ class StreamAppend(NamedTuple):
     stream_id: uuid.UUID
     expected_version: int
     events: Sequence[AnyPaymentEvent]
+
+    @classmethod
+    def unsaved(cls, payment: Payment) -> StreamAppend:
+        """The events `payment` decided since it was loaded, after the version it was
+        loaded at (`Payment.collect_events`: handed over once)."""
+        events = payment.collect_events()
+        return cls(payment.id, payment.version - len(events), events)
 
 
 class EventStore(Protocol):
@@ -220,6 +231,25 @@ class UnitOfWork(Protocol):
         """End it: roll back whatever was not committed."""
         ...
 
+    async def find(self, payment_id: uuid.UUID) -> Payment | None:
+        """The payment as its stored events (and those appended in this unit of work) make
+        it; None if it does not exist."""
+        ...
+
+    async def load(self, payment_id: uuid.UUID) -> Payment:
+        """`find` of a payment known to exist (`StreamMismatch` if it does not)."""
+        ...
+
+    async def save(self, payment: Payment) -> None:
+        """Append the events `payment` decided since it was loaded, after the version it
+        was loaded at (`EventStore.append`: `ConcurrencyConflict` if another writer came
+        first)."""
+        ...
+
+    async def save_all(self, payments: Sequence[Payment]) -> None:
+        """`save` of several distinct payments, all or nothing (`EventStore.append_many`)."""
+        ...
+
     async def commit(self) -> None:
         """Commit the transaction; the unit of work cannot be used afterwards."""
         ...
@@ -228,9 +258,121 @@ class UnitOfWork(Protocol):
 UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 
+class _HasEvents(Protocol):
+    @property
+    def events(self) -> EventStore: ...
+
+
+class StoresPayments:
+    """`UnitOfWork.find`, `load`, `save` and `save_all`, written once for every unit of
+    work (a mixin): payments go to and from its `events` store."""
+
+    async def find(self: _HasEvents, payment_id: uuid.UUID) -> Payment | None:
+        events = await self.events.load(payment_id)
+        return Payment.replay(events) if events else None
+
+    async def load(self: _HasEvents, payment_id: uuid.UUID) -> Payment:
+        return Payment.replay(await self.events.load(payment_id))
+
+    async def save(self: _HasEvents, payment: Payment) -> None:
+        await self.events.append(*StreamAppend.unsaved(payment))
+
+    async def save_all(self: _HasEvents, payments: Sequence[Payment]) -> None:
+        await self.events.append_many([StreamAppend.unsaved(p) for p in payments])
+
+
 class Clock(Protocol):
     """The time, injectable so tests control it."""
 
     def now(self) -> datetime:
         """The current time, timezone-aware UTC."""
+        ...
+
+
+# -- the broker's side ---------------------------------------------------------------------
+
+
+class ConsumedRecord(Protocol):
+    """What the service reads of a record consumed from the broker (aiokafka's
+    `ConsumerRecord` is one)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
+
+
+class DeadLetters(Protocol):
+    """Where a consumed record no handler can take is parked, with its reason."""
+
+    async def publish(self, record: ConsumedRecord, reason: str) -> None:
+        """Park the original record with its reason; returns once the broker acknowledged it."""
+        ...
+
+
+class RecordSender(Protocol):
+    """What the service needs of a broker producer (`AIOKafkaProducer`); a test can fake it."""
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> object:
+        """Send one record; returns once the broker acknowledged it, raises if it did not."""
+        ...
+
+
+class RecordQueue(RecordSender, Protocol):
+    """A sender that can also queue a record and hand back its acknowledgement to await."""
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> asyncio.Future[object]:
+        """Queue one record; the future resolves when the broker acknowledged it (or fails)."""
+        ...
+
+
+class RedriveClaim(Protocol):
+    """One dead letter held for re-driving."""
+
+    async def done(self, partition: int, offset: int) -> None:
+        """Record where the copy went; takes effect with the claim."""
+        ...
+
+
+class RedriveLedger(Protocol):
+    """Which dead letters were re-driven (see adapters/postgres/redrives.py)."""
+
+    def claim(
+        self,
+        dlq_topic: str,
+        dlq_partition: int,
+        dlq_offset: int,
+        *,
+        original_topic: str,
+        original_partition: int | None,
+        original_offset: int | None,
+    ) -> AbstractAsyncContextManager[RedriveClaim | None]:
+        """Hold the dead letter for re-driving, or None if it was re-driven already.
+
+        Commits when the block ends normally; a block that raises leaves no claim.
+        """
         ...

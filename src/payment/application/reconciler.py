@@ -5,26 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import timedelta
 
 from payment.application.commands import ReconcilePayment
 from payment.application.handlers import ExecuteResult, ExecutionPolicy, reconcile_payment
 from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.application.rounds import Rounds, Scope, no_scope
 from payment.domain.processor import PaymentProcessor
 
 log = logging.getLogger(__name__)
 
-# Entered around the reconciliation of one payment: where an adapter opens a trace span.
-Scope = Callable[[uuid.UUID], AbstractAsyncContextManager[object]]
 
-
-def _no_scope(payment_id: uuid.UUID) -> AbstractAsyncContextManager[object]:
-    return nullcontext()
-
-
-class Reconciler:
+class Reconciler(Rounds):
     """Asks the gateway about payments whose outcome is still unknown, several at a time.
 
     Each round claims stale payments oldest first (`PaymentIndex.claim_stale`: instances
@@ -50,15 +42,14 @@ class Reconciler:
     ) -> None:
         if parallelism < 1:
             raise ValueError("parallelism must be at least 1")
+        super().__init__("reconciler", interval_s, log)
         self._uow_factory = uow_factory
         self._processor = processor
         self._clock = clock
         self._policy = policy
         self._threshold = timedelta(seconds=threshold_s)
-        self._interval_s = interval_s
         self._parallelism = parallelism
-        self._scope: Scope = scope or _no_scope
-        self.actions: dict[str, int] = {}
+        self._scope: Scope = scope or no_scope
         self.running = 0
         self.most_running = 0
 
@@ -103,12 +94,12 @@ class Reconciler:
         except asyncio.CancelledError:
             raise
         except Exception:  # one payment's failure must not stop the others
-            self.actions["error"] = self.actions.get("error", 0) + 1
+            self.count("error")
             log.exception("reconciler: payment %s could not be reconciled", payment_id)
             return
         finally:
             self.running -= 1
-        self.actions[result.value] = self.actions.get(result.value, 0) + 1
+        self.count(result.value)
         if result is not ExecuteResult.ALREADY_TERMINAL:
             log.info(
                 "reconciler: payment %s -> %s",
@@ -116,15 +107,3 @@ class Reconciler:
                 result.value,
                 extra={"payment_id": str(payment_id), "result": result.value},
             )
-
-    async def run(self) -> None:
-        """Loop until cancelled; an error in one round is logged and the next round tries again."""
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the outermost loop: log, count, keep going
-                self.actions["error"] = self.actions.get("error", 0) + 1
-                log.exception("reconciler: round failed; retrying next interval")
-            await asyncio.sleep(self._interval_s)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from payment.application.commands import RefundPayment, SettleRefunds, TraceHeaders
-from payment.application.errors import RETRYABLE_CONFLICTS
-from payment.application.handlers import MAX_CONFLICT_RETRIES, ExecutionPolicy, Settings
+from payment.application.conflicts import retrying
+from payment.application.gateway import ExecutionPolicy
+from payment.application.handlers.request import Settings
 from payment.application.messages import (
     OutboundMessage,
     RefundFailedReason,
@@ -33,7 +33,13 @@ from payment.application.messages import (
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from payment.application.validation import validate_refund, well_formed_booking_id
 from payment.domain.errors import RefundRefused
-from payment.domain.events import AnyPaymentEvent, PaymentCompleted, PaymentRefunded, RefundFailed
+from payment.domain.events import (
+    AnyPaymentEvent,
+    PaymentCompleted,
+    PaymentFailed,
+    PaymentRefunded,
+    RefundFailed,
+)
 from payment.domain.money import Money
 from payment.domain.payment import Payment, PaymentStatus, Refund
 from payment.domain.processor import (
@@ -95,19 +101,18 @@ class Refunds:
         the refund stays pending and the worker settles it.
         """
         problem = validate_refund(cmd, max_amount=self._settings.max_amount)
-        for _ in range(MAX_CONFLICT_RETRIES):
-            try:
-                async with self._uow_factory() as uow:
-                    if not await uow.inbox.mark(
-                        cmd.inbound.source, cmd.inbound.message_id, self._clock.now()
-                    ):
-                        return RefundResult.DUPLICATE, None
-                    result, payment_id = await self._request_in(uow, cmd, problem)
-                    await uow.commit()
-                    return result, payment_id
-            except RETRYABLE_CONFLICTS:
-                continue  # another writer of the stream or booking won: read afresh
-        raise RuntimeError("refund_payment: too many conflicting writers for one payment")
+
+        async def handle(uow: UnitOfWork) -> tuple[RefundResult, uuid.UUID | None]:
+            if not await uow.inbox.mark(
+                cmd.inbound.source, cmd.inbound.message_id, self._clock.now()
+            ):
+                return RefundResult.DUPLICATE, None
+            result, payment_id = await self._request_in(uow, cmd, problem)
+            await uow.commit()
+            return result, payment_id
+
+        # Another writer of the stream or booking won: read afresh.
+        return await retrying(self._uow_factory, handle, "refund_payment")
 
     async def _request_in(
         self, uow: UnitOfWork, cmd: RefundPayment, problem: str | None
@@ -126,13 +131,12 @@ class Refunds:
                 await uow.outbox.add([self._refused(cmd, "not_charged", detail, None)])
                 return RefundResult.CLOSED, None
             # A payment request won the booking meanwhile: refund that payment.
-        payment = Payment.replay(await uow.events.load(payment_id))
+        payment = await uow.load(payment_id)
         if problem is not None:
             await uow.outbox.add([self._refused(cmd, "invalid_request", problem, payment)])
             return RefundResult.REJECTED, payment_id
-        expected = payment.version
         try:
-            events = payment.request_refund(
+            payment.request_refund(
                 refund_id=uuid.uuid4(),
                 amount=cmd.amount,
                 reason=cmd.reason,
@@ -144,7 +148,7 @@ class Refunds:
             return RefundResult.REFUSED, payment_id
         # The optimistic lock: a concurrent refund (or outcome) of this payment makes this
         # append fail, and the retry decides again on the state that includes it.
-        await uow.events.append(payment_id, expected, events)
+        await uow.save(payment)
         await uow.payments.set_refunds_pending(payment_id, now)
         return RefundResult.ACCEPTED, payment_id
 
@@ -182,37 +186,37 @@ class Refunds:
         path: an earlier call may have refunded, and its key may have expired).
         """
         async with self._uow_factory() as uow:
-            payment = Payment.replay(await uow.events.load(cmd.payment_id))
-        if not payment.pending_refunds:
-            return []
-        if payment.status is PaymentStatus.INITIATED:
-            return [SettleResult.WAITING]
-        if payment.status is PaymentStatus.FAILED:
-            return [await self._record(cmd.payment_id, cmd.trace, _not_charged)]
+            payment = await uow.load(cmd.payment_id)
         pending = payment.pending_refunds
-        outcomes = await asyncio.gather(
-            *(self._refund_at_gateway(payment, r, look_up_first) for r in pending)
-        )
-        results = []
-        for refund, outcome in zip(pending, outcomes, strict=True):
-            results.append(
-                await self._record(
-                    cmd.payment_id, cmd.trace, _outcome_of(refund.id, outcome, self._processor.name)
+        if not pending:
+            return []
+        match payment.outcome:
+            case None:
+                return [SettleResult.WAITING]
+            case PaymentFailed():
+                return [await self._record(cmd.payment_id, cmd.trace, _not_charged)]
+            case PaymentCompleted() as charged:
+                outcomes = await asyncio.gather(
+                    *(self._refund_at_gateway(payment, charged, r, look_up_first) for r in pending)
                 )
-            )
-        return results
+                name = self._processor.name
+                return [
+                    await self._record(
+                        cmd.payment_id, cmd.trace, _outcome_of(refund.id, outcome, name)
+                    )
+                    for refund, outcome in zip(pending, outcomes, strict=True)
+                ]
 
     async def _refund_at_gateway(
-        self, payment: Payment, refund: Refund, look_up_first: bool
+        self, payment: Payment, charged: PaymentCompleted, refund: Refund, look_up_first: bool
     ) -> RefundOutcome | None:
         """The gateway's answer for one refund, None when it gave none (still unknown)."""
-        assert payment.money is not None and isinstance(payment.outcome, PaymentCompleted)
         request = RefundRequest(
             refund_id=refund.id,
             payment_id=payment.id,
             booking_id=payment.booking_id,
             money=Money(amount=refund.amount, currency=payment.money.currency),
-            charge_reference=payment.outcome.provider_reference,
+            charge_reference=charged.provider_reference,
             idempotency_key=refund.requested.idempotency_key,
         )
         policy = self._policy
@@ -234,8 +238,7 @@ class Refunds:
             except ProcessorUnavailable:
                 if attempt == policy.max_attempts:
                     return None  # not made; a refund never fails for an outage
-                ceiling = min(policy.backoff_max_s, policy.backoff_initial_s * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(0, ceiling))
+                await asyncio.sleep(policy.backoff_s(attempt))
         return None
 
     async def _record(
@@ -246,37 +249,34 @@ class Refunds:
     ) -> SettleResult:
         """Apply `decide` to the payment as stored now, in one transaction with its outbox
         rows and refunds-pending mark; retried afresh when another writer came first."""
-        for _ in range(MAX_CONFLICT_RETRIES):
+
+        async def record(uow: UnitOfWork) -> SettleResult:
+            now = self._clock.now()
+            payment = await uow.load(payment_id)
             try:
-                async with self._uow_factory() as uow:
-                    now = self._clock.now()
-                    payment = Payment.replay(await uow.events.load(payment_id))
-                    expected = payment.version
-                    try:
-                        new = decide(payment, now)
-                    except _AlreadySettled:
-                        return SettleResult.SETTLED
-                    if not new:
-                        if not payment.pending_refunds:
-                            return SettleResult.SETTLED
-                        # No answer: to the back of the worker's queue (if still marked).
-                        await uow.payments.requeue_refunds(payment_id, now)
-                        await uow.commit()
-                        return SettleResult.UNKNOWN
-                    messages = [_message_of(payment, event, trace) for event in new]
-                    await uow.events.append(payment_id, expected, new)
-                    await uow.outbox.add([m for m in messages if m is not None])
-                    if not payment.pending_refunds:
-                        # Cleared only beside an append: the stream's lock orders it after
-                        # every refund request that marked it.
-                        await uow.payments.set_refunds_pending(payment_id, None)
-                    await uow.commit()
-                    if any(isinstance(e, PaymentRefunded) for e in new):
-                        return SettleResult.REFUNDED
-                    return SettleResult.FAILED
-            except RETRYABLE_CONFLICTS:
-                continue
-        raise RuntimeError("settle refunds: too many conflicting writers for one payment")
+                new = decide(payment, now)
+            except _AlreadySettled:
+                return SettleResult.SETTLED
+            if not new:
+                if not payment.pending_refunds:
+                    return SettleResult.SETTLED
+                # No answer: to the back of the worker's queue (if still marked).
+                await uow.payments.requeue_refunds(payment_id, now)
+                await uow.commit()
+                return SettleResult.UNKNOWN
+            messages = [_message_of(payment, event, trace) for event in new]
+            await uow.save(payment)
+            await uow.outbox.add([m for m in messages if m is not None])
+            if not payment.pending_refunds:
+                # Cleared only beside an append: the stream's lock orders it after every
+                # refund request that marked it.
+                await uow.payments.set_refunds_pending(payment_id, None)
+            await uow.commit()
+            if any(isinstance(e, PaymentRefunded) for e in new):
+                return SettleResult.REFUNDED
+            return SettleResult.FAILED
+
+        return await retrying(self._uow_factory, record, "settle refunds")
 
 
 # Applied to the payment as stored now: the events to record (raise _AlreadySettled when

@@ -12,22 +12,21 @@ from __future__ import annotations
 import msgspec
 
 from payment.application.commands import ResolveReview, TraceHeaders
-from payment.application.errors import RETRYABLE_CONFLICTS
+from payment.application.conflicts import retrying
+from payment.application.gateway import charge_request
 from payment.application.messages import outcome_message
-from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from payment.application.validation import mask_card_numbers
 from payment.domain.errors import IllegalTransition
 from payment.domain.events import GatewayAnswer, PaymentReviewResolved, ReviewOutcome
-from payment.domain.payment import Payment, PaymentStatus
+from payment.domain.payment import Payment
 from payment.domain.processor import (
     Approved,
-    ChargeRequest,
     Declined,
     PaymentProcessor,
     ProcessorError,
 )
 
-MAX_CONFLICT_RETRIES = 10
 OUTCOMES: tuple[ReviewOutcome, ...] = ("completed", "failed")
 
 
@@ -45,17 +44,8 @@ class ReviewLookup(msgspec.Struct, frozen=True, kw_only=True):
 
 async def look_up(payment: Payment, processor: PaymentProcessor) -> ReviewLookup:
     """The gateway's answer for `payment` (its one idempotency key); never raises."""
-    assert payment.money is not None and payment.idempotency_key is not None
-    request = ChargeRequest(
-        payment_id=payment.id,
-        booking_id=payment.booking_id,
-        money=payment.money,
-        payment_method=payment.payment_method,
-        idempotency_key=payment.idempotency_key,
-        customer_id=payment.customer_id,
-    )
     try:
-        found = await processor.lookup(request)
+        found = await processor.lookup(charge_request(payment))
     except ProcessorError as exc:
         return ReviewLookup(answer="unknown", detail=type(exc).__name__)
     match found:
@@ -83,10 +73,9 @@ async def resolve_review(
         raise IllegalTransition(f"outcome must be completed or failed, not {cmd.outcome!r}")
     outcome: ReviewOutcome = "completed" if cmd.outcome == "completed" else "failed"
     async with uow_factory() as uow:
-        stream = await uow.events.load(cmd.payment_id)
-    if not stream:
+        payment = await uow.find(cmd.payment_id)
+    if payment is None:
         raise NoSuchPayment(str(cmd.payment_id))
-    payment = Payment.replay(stream)
     # The aggregate refuses these too; checked here so the gateway is not asked in vain.
     if payment.is_terminal:
         raise IllegalTransition(f"payment is already {payment.status}: nothing to resolve")
@@ -97,31 +86,25 @@ async def resolve_review(
             "a review resolution names who resolved it (--by) and why (--reason)"
         )
     found = await look_up(payment, processor)
-    for _ in range(MAX_CONFLICT_RETRIES):
-        try:
-            async with uow_factory() as uow:
-                payment = Payment.replay(await uow.events.load(cmd.payment_id))
-                expected = payment.version
-                now = clock.now()
-                events = payment.resolve_review(
-                    outcome=outcome,
-                    # Free text from a person: never a card number in a stored event.
-                    resolved_by=mask_card_numbers(cmd.resolved_by.strip()),
-                    reason=mask_card_numbers(cmd.reason.strip()),
-                    gateway_answer=found.answer,
-                    gateway_reference=found.reference,
-                    processor=processor.name,
-                    forced=cmd.force,
-                    at=now,
-                )
-                await uow.events.append(payment.id, expected, events)
-                status = PaymentStatus.COMPLETED if outcome == "completed" else PaymentStatus.FAILED
-                await uow.payments.set_status(payment.id, status, now)
-                await uow.outbox.add([outcome_message(payment, TraceHeaders())])
-                await uow.commit()
-                resolution = events[0]
-                assert isinstance(resolution, PaymentReviewResolved)
-                return resolution, found
-        except RETRYABLE_CONFLICTS:
-            continue
-    raise RuntimeError("resolve_review: too many conflicting writers for one payment")
+
+    async def resolve(uow: UnitOfWork) -> PaymentReviewResolved:
+        payment = await uow.load(cmd.payment_id)
+        now = clock.now()
+        resolution = payment.resolve_review(
+            outcome=outcome,
+            # Free text from a person: never a card number in a stored event.
+            resolved_by=mask_card_numbers(cmd.resolved_by.strip()),
+            reason=mask_card_numbers(cmd.reason.strip()),
+            gateway_answer=found.answer,
+            gateway_reference=found.reference,
+            processor=processor.name,
+            forced=cmd.force,
+            at=now,
+        )
+        await uow.save(payment)
+        await uow.payments.set_status(payment.id, payment.status, now)
+        await uow.outbox.add([outcome_message(payment, TraceHeaders())])
+        await uow.commit()
+        return resolution.resolved
+
+    return await retrying(uow_factory, resolve, "resolve_review"), found

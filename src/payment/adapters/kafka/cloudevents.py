@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Final, NamedTuple, Protocol, TypeVar
+from typing import Annotated, Final, NamedTuple, TypeVar
 
 import msgspec
 
@@ -17,6 +17,7 @@ from payment.application.messages import (
     RequestPaymentMessage,
     dataschema_uri,
 )
+from payment.application.ports import ConsumedRecord
 
 SPECVERSION: Final = "1.0"
 CONTENT_TYPE: Final = "application/json"
@@ -88,23 +89,6 @@ class InboundEvent(msgspec.Struct, frozen=True, kw_only=True):
     partition: int
     offset: int
     key: bytes | None
-
-
-class ConsumedRecord(Protocol):
-    """What the codec reads of an aiokafka `ConsumerRecord`."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-    @property
-    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
 class EncodedRecord(NamedTuple):

@@ -9,8 +9,7 @@ from typing import Final
 
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
-from payment.adapters.kafka.cloudevents import ConsumedRecord
-from payment.adapters.kafka.producer import RecordSender
+from payment.application.ports import ConsumedRecord, RecordSender
 from payment.application.validation import mask_card_numbers
 
 log = logging.getLogger(__name__)

@@ -1,46 +1,13 @@
-"""The Kafka producer the relay and the dead-letter publisher share, and what they need of it."""
+"""The Kafka producer the relay and the dead-letter publisher share (what they need of it:
+`RecordSender`, `RecordQueue` in application/ports.py)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaProducer
 
 from payment.adapters.kafka.security import KafkaSecurity, client_security
-
-
-class RecordSender(Protocol):
-    """The part of `AIOKafkaProducer` used here; a test can fake it."""
-
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
-        """Send one record; returns once the broker acknowledged it, raises if it did not."""
-        ...
-
-
-class RecordQueue(RecordSender, Protocol):
-    """A sender that can also queue a record and hand back its acknowledgement to await."""
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> asyncio.Future[object]:
-        """Queue one record; the future resolves when the broker acknowledged it (or fails)."""
-        ...
 
 
 def create_producer(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Final, Protocol, cast
 
 import msgspec
@@ -45,10 +44,10 @@ from payment.adapters.kafka.dead_letters import (
     DLQ_REASON,
     DLQ_VALUE_DROPPED,
 )
-from payment.adapters.kafka.producer import RecordSender
 from payment.adapters.kafka.security import KafkaSecurity, client_security
 from payment.adapters.kafka.topics import partitions_of
 from payment.adapters.observability.logs import redact
+from payment.application.ports import RecordSender, RedriveLedger
 
 _SHOWN_CHARS: Final = 120
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -235,32 +234,6 @@ async def _read_to_end(
 
 
 # -- re-driving ----------------------------------------------------------------------------
-
-
-class RedriveClaim(Protocol):
-    async def done(self, partition: int, offset: int) -> None:
-        """Record where the copy went; takes effect with the claim."""
-        ...
-
-
-class RedriveLedger(Protocol):
-    """Which dead letters were re-driven (see adapters/postgres/redrives.py)."""
-
-    def claim(
-        self,
-        dlq_topic: str,
-        dlq_partition: int,
-        dlq_offset: int,
-        *,
-        original_topic: str,
-        original_partition: int | None,
-        original_offset: int | None,
-    ) -> AbstractAsyncContextManager[RedriveClaim | None]:
-        """Hold the dead letter for re-driving, or None if it was re-driven already.
-
-        Commits when the block ends normally; a block that raises leaves no claim.
-        """
-        ...
 
 
 class RedriveResult(msgspec.Struct, frozen=True, kw_only=True):

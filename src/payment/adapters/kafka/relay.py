@@ -14,12 +14,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka.key_backoff import KeyBackoff
-from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.relay_sending import RowSender
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
 from payment.application import failpoints
-from payment.application.ports import Clock, OutboxRecord, UnitOfWorkFactory
+from payment.application.ports import Clock, OutboxRecord, RecordQueue, UnitOfWorkFactory
 from payment.application.retry import Backoff
 
 log = logging.getLogger(__name__)

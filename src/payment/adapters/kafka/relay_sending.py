@@ -17,14 +17,13 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from payment.adapters.kafka.cloudevents import encode_outbound
-from payment.adapters.kafka.producer import RecordQueue
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.span_attributes import send_attributes, send_span_name
 from payment.adapters.observability.span_values import untrusted_attribute
 from payment.adapters.observability.telemetry import context_from_trace
 from payment.application import failpoints
-from payment.application.ports import OutboxRecord
+from payment.application.ports import OutboxRecord, RecordQueue
 
 log = logging.getLogger("payment.adapters.kafka.relay")
 

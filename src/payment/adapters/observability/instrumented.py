@@ -42,6 +42,7 @@ from payment.application.ports import (
     Outbox,
     OutboxRecord,
     PaymentIndex,
+    StoresPayments,
     StreamAppend,
     UnitOfWork,
     UnitOfWorkFactory,
@@ -158,7 +159,7 @@ class _TraceStampingOutbox:
         await self._inner.mark_published(positions, at)
 
 
-class InstrumentedUnitOfWork:
+class InstrumentedUnitOfWork(StoresPayments):
     """A UnitOfWork traced as one span, stamping outbox rows, observed once committed."""
 
     def __init__(

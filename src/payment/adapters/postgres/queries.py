@@ -157,7 +157,6 @@ def _refund_lines(history: PaymentHistory) -> list[str]:
         return [f"refunds: cannot replay the stream ({exc})"]
     if not payment.refunds:
         return []
-    assert payment.money is not None
     lines = [
         f"refunds ({len(payment.refunds)}): {payment.refunded_total} of {payment.money.amount} "
         f"{payment.money.currency} refunded, payment {payment.status}",

@@ -14,9 +14,10 @@ from payment.adapters.postgres.outbox import PostgresOutbox
 from payment.adapters.postgres.payment_index import PostgresPaymentIndex
 from payment.adapters.postgres.pool import Pool
 from payment.adapters.postgres.transaction import Transaction, finish
+from payment.application.ports import StoresPayments
 
 
-class PostgresUnitOfWork:
+class PostgresUnitOfWork(StoresPayments):
     """The UnitOfWork port on PostgreSQL, READ COMMITTED.
 
     Takes a connection from the pool on enter and gives it back on exit; exit without

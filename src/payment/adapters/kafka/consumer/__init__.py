@@ -10,11 +10,11 @@ concurrently, committed in order.
 - `rebalance.py`: partitions leaving and arriving.
 """
 
-from payment.adapters.kafka.consumer.dead_lettering import DeadLetters
 from payment.adapters.kafka.consumer.handling import MAX_HANDLER_ERRORS
 from payment.adapters.kafka.consumer.loop import MAX_BATCH, KafkaInboxConsumer
 from payment.adapters.kafka.consumer.offsets import PartitionProgress, commit_as_member
 from payment.adapters.kafka.consumer.undecodable import UndecodableRecord
+from payment.application.ports import DeadLetters
 
 __all__ = [
     "MAX_BATCH",

@@ -5,22 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 
 from payment.adapters.observability.metrics import Metrics
+from payment.application.ports import DeadLetters
 from payment.application.retry import Backoff
 
 log = logging.getLogger(__name__)
-
-
-class DeadLetters(Protocol):
-    async def publish(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-        """Park the original record with its reason; returns once the broker acknowledged it."""
-        ...
 
 
 class Parking:

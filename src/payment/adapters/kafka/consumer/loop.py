@@ -14,7 +14,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka.consumer.batch_handling import BatchHandler, Fetched
-from payment.adapters.kafka.consumer.dead_lettering import DeadLetters, Parking
+from payment.adapters.kafka.consumer.dead_lettering import Parking
 from payment.adapters.kafka.consumer.handling import Handlers, MessageHandler
 from payment.adapters.kafka.consumer.offsets import Offsets
 from payment.adapters.kafka.consumer.rebalance import Rebalance
@@ -25,7 +25,7 @@ from payment.adapters.kafka.offset_reset import recover_out_of_range, start_from
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
 from payment.adapters.observability.metrics import Metrics
 from payment.application.handlers import ExecutionPolicy, Settings
-from payment.application.ports import Clock, UnitOfWorkFactory
+from payment.application.ports import Clock, DeadLetters, UnitOfWorkFactory
 from payment.application.refunds import Refunds
 from payment.application.retry import Backoff
 from payment.domain.processor import PaymentProcessor
