@@ -56,8 +56,9 @@ from payment.adapters.postgres.connection_check import (
 from payment.adapters.postgres.errors import is_transient as is_transient_database_error
 from payment.adapters.postgres.migrations import MigrationError, check_schema, migrate
 from payment.adapters.postgres.monitoring import DatabaseStats, read_stats, stored_trace
-from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
+from payment.adapters.postgres.outbox import wait_for_outbox_notification
 from payment.adapters.postgres.pool import open_pool
+from payment.adapters.postgres.relay_lock import RelayLeadership
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
@@ -86,6 +87,34 @@ from payment.settings import (
 )
 
 log = logging.getLogger("payment")
+
+# On SIGTERM, after the consumer's drain: how long the relay may flush the outbox, and then
+# finish its pass (README, "Exit codes" and the grace period).
+RELAY_FLUSH_S = 10.0
+RELAY_STOP_S = 1.0
+
+
+async def ended_or_logged(task: asyncio.Task[None], what: str) -> None:
+    """Wait for a stopping task; log, not raise, how it failed: the stop goes on.
+
+    With the broker gone the Kafka client's own close can fail, even with a
+    CancelledError of its own (not this task's); the work it leaves uncommitted is
+    handled again after the restart.
+    """
+    await asyncio.wait({task})
+    if task.cancelled():
+        log.warning("run: %s did not stop cleanly: its close was cancelled", what)
+    elif (error := task.exception()) is not None:
+        log.error("run: %s did not stop cleanly", what, exc_info=error)
+
+
+async def stop_within(task: asyncio.Task[None], seconds: float) -> None:
+    """Wait up to `seconds` for a stopping task to end, then cancel it."""
+    await asyncio.wait({task}, timeout=seconds)
+    if not task.done():
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
 
 # Errors that mean "the database or the broker is unreachable right now": the consumer
 # retries these for as long as they last and never dead-letters because of them. Database
@@ -720,15 +749,19 @@ class Service:
                 for finished in done:
                     finished.result()
             log.info("run: stopping: draining in-flight messages")
+            # The relay's part of the stop fits in what the drain's bound leaves of it.
+            stop_by = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
             consumer.stop()
-            await consumer_task
+            await ended_or_logged(consumer_task, "the consumer")
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             log.info("run: flushing the outbox relay")
-            await relay.flush()
+            left = stop_by - asyncio.get_running_loop().time()
+            await relay.flush(min(RELAY_FLUSH_S, max(0.0, left)))
             relay.stop()
-            await relay_task
+            # A pass still waiting for acknowledgements is cut: its rows stay pending.
+            await stop_within(relay_task, RELAY_STOP_S)
             log.info("run: stopped cleanly")
 
 

@@ -19,7 +19,8 @@ from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics, ensure_topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
-from payment.adapters.postgres.outbox import RelayLeadership, wait_for_outbox_notification
+from payment.adapters.postgres.outbox import wait_for_outbox_notification
+from payment.adapters.postgres.relay_lock import RelayLeadership
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType

@@ -11,15 +11,13 @@ from datetime import UTC, datetime
 import pytest
 import pytest_asyncio
 
-from payment.adapters.postgres.outbox import (
-    OutboxWaiter,
+from payment.adapters.postgres.outbox import OutboxWaiter, listen_for_outbox, wait_for_outbox
+from payment.adapters.postgres.pool import Connection, Pool, connect_dedicated
+from payment.adapters.postgres.relay_lock import (
     RelayLeadership,
-    listen_for_outbox,
     release_relay_lock,
     try_acquire_relay_lock,
-    wait_for_outbox,
 )
-from payment.adapters.postgres.pool import Connection, Pool, connect_dedicated
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.application.messages import OutboundMessage
 from support.waiting import eventually

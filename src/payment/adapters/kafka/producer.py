@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaProducer
 
 from payment.adapters.kafka.security import KafkaSecurity, client_security
+
+log = logging.getLogger(__name__)
+
+# How long closing the producer waits for the acknowledgements of what it still holds.
+CLOSE_TIMEOUT_S = 5.0
 
 
 def create_producer(
@@ -47,9 +54,13 @@ async def producer_resource(
     *,
     enable_idempotence: bool = True,
     security: KafkaSecurity | None = None,
+    close_timeout_s: float = CLOSE_TIMEOUT_S,
 ) -> AsyncIterator[AIOKafkaProducer]:
     """A started producer, stopped (after flushing) when the generator closes.
 
+    The flush gives up after `close_timeout_s`: with the broker down it would wait for it
+    to come back (the idempotent producer retries without end). What is dropped then was
+    never acknowledged: the outbox rows stay pending and are sent after the restart.
     Shaped for a dependency-injector `Resource`.
     """
     producer = create_producer(
@@ -64,4 +75,10 @@ async def producer_resource(
     try:
         yield producer
     finally:
-        await producer.stop()
+        try:
+            async with asyncio.timeout(close_timeout_s):
+                await producer.stop()
+        except TimeoutError:
+            log.warning(
+                "producer: records unacknowledged %.0fs after closing were dropped", close_timeout_s
+            )

@@ -30,22 +30,15 @@ delivered on commit. `listen_for_outbox` and `wait_for_outbox` use it on a dedic
 connection (`pool.connect_dedicated`). A notification is a hint, not a queue: a relay still
 polls when `wait_for_outbox` times out (one lost connection loses notifications).
 
-One relay at a time
--------------------
-`try_acquire_relay_lock` takes a session-level advisory lock on a dedicated connection:
-across every instance at most one holds it, and it is released when that connection ends,
-a crashed process included, so a standby's next attempt succeeds. The holder must stop
-publishing as soon as that connection fails (its lock is gone then); a short overlap with
-the successor is possible and harmless (publication is at least once, consumers
-deduplicate by ce_id) but can reorder a payment's events while it lasts.
+One relay at a time: see relay_lock (the relay lock and `RelayLeadership`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from collections.abc import Collection, Sequence
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Final, cast
 
@@ -59,8 +52,6 @@ from payment.application.messages import OutboundMessage, OutboundType
 from payment.application.ports import OutboxRecord
 
 OUTBOX_CHANNEL: Final = "payment_outbox"
-# Arbitrary but fixed: every instance competes for the same key.
-RELAY_LOCK_KEY: Final = int.from_bytes(b"pay-rlay", "big")
 
 # One VALUES row per message (scalar parameters: see event_store), numbered so that the
 # positions follow the order given.
@@ -259,23 +250,6 @@ async def _one_notification(conn: Connection, seconds: float) -> bool:
     return False
 
 
-async def try_acquire_relay_lock(conn: Connection) -> bool:
-    """Try to become the one outbox relay across all instances; True if this session is.
-
-    `conn` must be a dedicated connection kept open for as long as the relay publishes
-    (never a pooled one: the lock belongs to the session and would travel with it). The
-    lock is re-entrant per session: call this again only after `release_relay_lock`.
-    """
-    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
-    row = await cur.fetchone()
-    return row is not None and bool(row[0])
-
-
-async def release_relay_lock(conn: Connection) -> None:
-    """Give up the relay role held by this session (closing the connection also does)."""
-    await conn.execute("SELECT pg_advisory_unlock(%s)", (RELAY_LOCK_KEY,))
-
-
 class OutboxWaiter:
     """The relay's `wait_for_work(seconds)`: LISTEN on a dedicated connection of its own.
 
@@ -312,44 +286,11 @@ def wait_for_outbox_notification(url: str) -> OutboxWaiter:
     return OutboxWaiter(url)
 
 
-class RelayLeadership:
-    """The relay's `leadership`: each entry holds the relay lock on a new dedicated connection.
-
-    Entering waits, trying every `retry_interval` seconds, until this instance holds the
-    lock; leaving (or cancellation while waiting) closes the connection, which releases it.
-    """
-
-    def __init__(self, url: str, *, retry_interval: float = 1.0) -> None:
-        self._url = url
-        self._retry_interval = retry_interval
-
-    def __call__(self) -> AbstractAsyncContextManager[object]:
-        return self._lead()
-
-    @asynccontextmanager
-    async def _lead(self) -> AsyncIterator[None]:
-        conn = await connect_dedicated(self._url)
-        try:
-            # Polled, not a blocking pg_advisory_lock: a backend left waiting in the server
-            # after this task is cancelled could take the lock and sit on it, unnoticed.
-            while True:
-                if await try_acquire_relay_lock(conn):
-                    break
-                await asyncio.sleep(self._retry_interval)
-            yield None
-        finally:
-            await conn.close()
-
-
 __all__ = [
     "OUTBOX_CHANNEL",
-    "RELAY_LOCK_KEY",
     "OutboxWaiter",
     "PostgresOutbox",
-    "RelayLeadership",
     "listen_for_outbox",
-    "release_relay_lock",
-    "try_acquire_relay_lock",
     "wait_for_outbox",
     "wait_for_outbox_notification",
 ]

@@ -20,20 +20,19 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import platformdirs
 
-from payment.devtools.embedded import (
+from payment.devtools.child_process import (
+    LOOPBACK,
     ChildProcess,
-    EmbeddedError,
     EmbeddedExtraMissing,
     EmbeddedStartError,
+    SupervisedProcess,
     free_port,
-    kafka_api_versions_answers,
-    wait_until,
 )
+from payment.devtools.embedded_broker import kafka_api_versions_answers
 
 __all__ = [
     "KAFKA_VERSION",
@@ -42,7 +41,6 @@ __all__ = [
     "kafka_libs",
 ]
 
-_LOOPBACK: Final = "127.0.0.1"
 _POM: Final = importlib.resources.files(__package__).joinpath("pom.xml").read_bytes()
 KAFKA_VERSION: Final = re.search(rb"<kafka.version>([^<]+)<", _POM).group(1).decode()  # type: ignore[union-attr]
 # Where the resolved jars are kept between runs (a fresh machine resolves them once).
@@ -220,7 +218,7 @@ def _probe(bootstrap: str, timeout: float) -> bool:
     return bool(outcome) and outcome[0] is None
 
 
-class ApacheKafkaBroker:
+class ApacheKafkaBroker(SupervisedProcess):
     """One KRaft node (combined broker and controller) on loopback, as a child process.
 
     Its log directory survives `stop()` and `kill()`, so `start()` again is a restart
@@ -231,7 +229,7 @@ class ApacheKafkaBroker:
         self,
         *,
         port: int | None = None,
-        host: str = _LOOPBACK,
+        host: str = LOOPBACK,
         data_dir: Path | None = None,
         properties: Mapping[str, str] | None = None,
         heap_mb: int = 768,
@@ -262,17 +260,7 @@ class ApacheKafkaBroker:
     @property
     def bootstrap_servers(self) -> str:
         """`host:port` of the running broker."""
-        if self._port is None or not self._child.running:
-            raise EmbeddedError("the Apache Kafka broker is not running")
-        return f"{self._host}:{self._port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def running(self) -> bool:
-        return self._child.running
+        return self._address("the Apache Kafka broker")
 
     def start(self, timeout: float = 120.0) -> None:
         """Start (or restart) the broker; return once it serves writes and groups."""
@@ -303,23 +291,16 @@ class ApacheKafkaBroker:
         )
         atexit.register(self.close)
         bootstrap = f"{self._host}:{self._port}"
-        try:
-            wait_until(
-                self._child,
-                lambda: kafka_api_versions_answers(self._host, self._port or 0),
-                timeout,
-                f"answer Kafka requests on {bootstrap}",
-            )
-            remaining = max(5.0, timeout - (time.monotonic() - began))
-            wait_until(
-                self._child,
-                lambda: _probe(bootstrap, 10.0),
-                remaining,
-                f"serve writes and consumer groups on {bootstrap}",
-            )
-        except BaseException:
-            self.kill()
-            raise
+        self._wait_started(
+            lambda: kafka_api_versions_answers(self._host, self._port or 0),
+            timeout,
+            f"answer Kafka requests on {bootstrap}",
+        )
+        self._wait_started(
+            lambda: _probe(bootstrap, 10.0),
+            max(5.0, timeout - (time.monotonic() - began)),
+            f"serve writes and consumer groups on {bootstrap}",
+        )
         self.started_in_s = time.monotonic() - began
 
     def _write_config(self) -> Path:
@@ -378,6 +359,9 @@ class ApacheKafkaBroker:
         """SIGKILL, as a crashed host would: what the OS had was written is kept."""
         self._child.stop(signal.SIGKILL, 10.0)
 
+    def _abandon(self) -> None:
+        self.kill()
+
     def close(self) -> None:
         """Stop the broker and remove the log directory if this object made it."""
         self.stop()
@@ -385,19 +369,3 @@ class ApacheKafkaBroker:
         if self._owns_dir and self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines the broker printed, for diagnostics."""
-        return self._child.tail(lines)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
