@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, get_args
+from typing import Any, get_args
 
 import msgspec
 import pytest
@@ -41,6 +41,7 @@ from payment.devtools import asyncapi
 from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT, Money
 from payment.domain.payment import Payment
+from support.records import ConsumedRecord, RecordingSender
 
 Schema = dict[str, Any]
 
@@ -438,36 +439,10 @@ def test_a_valid_request_record_conforms_and_decodes(published: Schema) -> None:
     assert _validate(published, spec["headers"], {**headers, "ce_time": "yesterday"})
 
 
-class _Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes | None]]
-
-
-class _Sender:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None, Sequence[tuple[str, bytes | None]]]] = []
-
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
-        self.sent.append((topic, key, list(headers or ())))
-        return None
-
-
 async def test_dead_letters_conform(published: Schema) -> None:
-    sender = _Sender()
+    sender = RecordingSender()
     publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
-    poison = _Record(
+    poison = ConsumedRecord(
         topic="saga.request_payment",
         partition=3,
         offset=42,
@@ -477,7 +452,7 @@ async def test_dead_letters_conform(published: Schema) -> None:
     )
     await publisher.publish(poison, "saga.request_payment data is not valid UTF-8 JSON")
 
-    ((topic, key, headers),) = sender.sent
+    ((topic, key, _, headers),) = sender.sent
     spec = _message(published, "DeadLetter")
     assert topic == _channel_of(published, "DeadLetter")["address"]
     assert key == poison.key
@@ -489,9 +464,9 @@ async def test_dead_letters_with_card_numbers_masked_conform(published: Schema) 
     card = b"4111 1111 1111 1111"
     for n in range(1, len(asyncapi.DLQ_MASKED_PARTS) + 1):
         for parts in itertools.combinations(asyncapi.DLQ_MASKED_PARTS, n):
-            sender = _Sender()
+            sender = RecordingSender()
             publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
-            poison = _Record(
+            poison = ConsumedRecord(
                 topic="saga.request_payment",
                 partition=0,
                 offset=1,
@@ -503,7 +478,7 @@ async def test_dead_letters_with_card_numbers_masked_conform(published: Schema) 
                 ],
             )
             await publisher.publish(poison, "poison")
-            ((_, _, headers),) = sender.sent
+            ((_, _, _, headers),) = sender.sent
             masked = _header_map(headers)
             assert masked[asyncapi.DLQ_CARD_NUMBERS_MASKED] == ",".join(parts)
             assert _validate(published, spec["headers"], masked) == []
