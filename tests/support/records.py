@@ -3,7 +3,6 @@ that keeps what it is asked to send."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -29,7 +28,7 @@ class SentRecord(NamedTuple):
 
 
 class RecordingSender:
-    """A `ports.RecordQueue` whose every record goes through `accept`: by default the record
+    """A `ports.RecordSender` whose every record goes through `accept`: by default the record
     is acknowledged at once and kept in `sent`. A test fake overrides `accept` to fail or
     wait first, without repeating the producer's signatures."""
 
@@ -46,20 +45,6 @@ class RecordingSender:
         headers: Headers | None = None,
     ) -> object:
         return await self.accept(SentRecord(topic, key, value, list(headers or ())))
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Headers | None = None,
-    ) -> asyncio.Future[object]:
-        """Queue the record: it is accepted (or refused) a moment later, as by aiokafka."""
-        return asyncio.ensure_future(
-            self.send_and_wait(topic, value, key, partition, timestamp_ms, headers)
-        )
 
     async def accept(self, record: SentRecord) -> object:
         """Acknowledge `record`; returns what `send_and_wait` returns."""
