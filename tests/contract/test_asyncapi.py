@@ -39,8 +39,9 @@ from payment.application.messages import (
 from payment.application.validation import Valid, validate_refund, validate_request
 from payment.devtools import asyncapi
 from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
-from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT, Money
+from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment
+from support.payments import initiate_payment
 from support.records import ConsumedRecord, RecordingSender
 
 Schema = dict[str, Any]
@@ -300,15 +301,7 @@ def test_refund_schema_accepts_exactly_what_validation_accepts(
 
 
 def _payment() -> Payment:
-    payment, _ = Payment.initiate(
-        payment_id=uuid.uuid4(),
-        booking_id="booking-1",
-        money=Money.of(1999, "EUR"),
-        payment_method="pm_card_visa",
-        saga_id="saga-1",
-        customer_id=None,
-        at=T0,
-    )
+    payment, _ = initiate_payment(booking_id="booking-1", amount=1999, saga_id="saga-1", at=T0)
     return payment
 
 
