@@ -45,6 +45,8 @@ from benchlib import (
     load,
     peak_rss_mb,
     percentile,
+    run_env,
+    run_topics,
     runqueue_wait_s,
     scratch_database,
     server_url,
@@ -470,13 +472,7 @@ def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:
 def run(plan: Plan) -> list[StepResult]:
     """Start the broker, a scratch database and the service; run the plan; clean up."""
     run_id = uuid.uuid4().hex[:8]
-    topics = Topics(
-        request=f"bench-{run_id}.saga.request_payment",
-        initiated=f"bench-{run_id}.payment.initiated",
-        completed=f"bench-{run_id}.payment.completed",
-        failed=f"bench-{run_id}.payment.failed",
-        dead_letter=f"bench-{run_id}.payment.dead_letter",
-    )
+    topics = run_topics(run_id)
     server = server_url()
     with broker(plan.broker) as kafka, scratch_database(server, "bench_e2e") as (db, url):
         bootstrap = kafka.bootstrap
@@ -486,12 +482,7 @@ def run(plan: Plan) -> list[StepResult]:
             "PAYMENT_DATABASE_URL": url,
             "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             **kafka.service_env(plan.fetch_wait_ms),
-            "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
-            "PAYMENT_TOPIC_REQUEST": topics.request,
-            "PAYMENT_TOPIC_INITIATED": topics.initiated,
-            "PAYMENT_TOPIC_COMPLETED": topics.completed,
-            "PAYMENT_TOPIC_FAILED": topics.failed,
-            "PAYMENT_TOPIC_DEAD_LETTER": topics.dead_letter,
+            **run_env(run_id, topics),
             "PAYMENT_FAKE_LATENCY_MS": f"{plan.latency_ms:g}",
             **plan.env,
         }
