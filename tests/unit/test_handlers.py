@@ -307,6 +307,12 @@ async def test_a_re_request_while_in_flight_publishes_nothing(
     assert list(uow_factory.db.bookings) == ["BK-1001"]
 
 
+# A re-request meets the payment still in flight, or finished.
+in_flight_or_finished = pytest.mark.parametrize(
+    "finished", [False, True], ids=["in-flight", "finished"]
+)
+
+
 async def re_request_is_a_conflict_that_changes_nothing(
     uow_factory: MemoryUnitOfWorkFactory,
     clock: FakeClock,
@@ -335,7 +341,7 @@ async def re_request_is_a_conflict_that_changes_nothing(
 @pytest.mark.parametrize(
     "change", [{"amount": 12_501}, {"currency": "USD"}, {"amount": 1, "currency": "JPY"}]
 )
-@pytest.mark.parametrize("finished", [False, True], ids=["in-flight", "finished"])
+@in_flight_or_finished
 async def test_a_re_request_for_other_money_is_a_conflict_and_changes_nothing(
     uow_factory: MemoryUnitOfWorkFactory,
     clock: FakeClock,
@@ -396,7 +402,7 @@ async def test_an_invalid_request_gets_one_invalid_request_failure_and_no_paymen
         {"saga_id": "s" * 65},
     ],
 )
-@pytest.mark.parametrize("finished", [False, True], ids=["in-flight", "finished"])
+@in_flight_or_finished
 async def test_an_invalid_re_request_is_a_conflict_and_never_fails_the_booking(
     uow_factory: MemoryUnitOfWorkFactory,
     clock: FakeClock,
