@@ -42,7 +42,8 @@ from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
 from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment
 from support.payments import initiate_payment
-from support.records import ConsumedRecord, RecordingSender
+from support.record_senders import FakeRecordQueue, Outgoing
+from support.records import ConsumedRecord
 
 Schema = dict[str, Any]
 
@@ -432,8 +433,19 @@ def test_a_valid_request_record_conforms_and_decodes(published: Schema) -> None:
     assert _validate(published, spec["headers"], {**headers, "ce_time": "yesterday"})
 
 
+class _Sender(FakeRecordQueue):
+    """Acknowledges every record at once and keeps it in `sent`."""
+
+    def __init__(self) -> None:
+        self.sent: list[Outgoing] = []
+
+    async def deliver(self, record: Outgoing) -> object:
+        self.sent.append(record)
+        return None
+
+
 async def test_dead_letters_conform(published: Schema) -> None:
-    sender = RecordingSender()
+    sender = _Sender()
     publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
     poison = ConsumedRecord(
         topic="saga.request_payment",
@@ -457,7 +469,7 @@ async def test_dead_letters_with_card_numbers_masked_conform(published: Schema) 
     card = b"4111 1111 1111 1111"
     for n in range(1, len(asyncapi.DLQ_MASKED_PARTS) + 1):
         for parts in itertools.combinations(asyncapi.DLQ_MASKED_PARTS, n):
-            sender = RecordingSender()
+            sender = _Sender()
             publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
             poison = ConsumedRecord(
                 topic="saga.request_payment",
