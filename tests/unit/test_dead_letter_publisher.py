@@ -11,6 +11,7 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.application.validation import looks_like_card_number
+from support.record_senders import FakeRecordQueue, Outgoing
 
 Headers = Sequence[tuple[str, bytes | None]]
 
@@ -25,30 +26,25 @@ class Record:
     headers: Headers
 
 
-class LimitedProducer:
-    """Refuses any record larger than `limit` bytes, as aiokafka or the broker would."""
+class LimitedProducer(FakeRecordQueue):
+    """Refuses any record larger than `limit` bytes, as aiokafka or the broker would, and
+    a record with neither key nor value, as aiokafka's `send` does."""
 
     def __init__(self, limit: int, *, down: bool = False) -> None:
         self.limit = limit
         self.down = down
-        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = []
+        self.sent: list[Outgoing] = []
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Headers | None = None,
-    ) -> object:
+    async def deliver(self, record: Outgoing) -> object:
+        if record.value is None and record.key is None:
+            raise AssertionError("Need at least one: key or value")  # aiokafka's words
         if self.down:
             raise KafkaConnectionError("broker down")
-        size = len(key or b"") + len(value or b"")
-        size += sum(len(n) + len(v or b"") for n, v in headers or ())
+        size = len(record.key or b"") + len(record.value or b"")
+        size += sum(len(n) + len(v or b"") for n, v in record.headers)
         if size > self.limit:
             raise MessageSizeTooLargeError(f"{size} bytes")
-        self.sent.append((topic, key, value, list(headers or ())))
+        self.sent.append(record)
         return object()
 
 
@@ -119,6 +115,23 @@ async def test_dlq_headers_of_a_redriven_record_are_replaced_whatever_their_case
     [(_, _, _, headers)] = producer.sent
     assert [v for n, v in headers if n.lower() == "dlq_reason"] == [b"new"]
     assert [v for n, v in headers if n.lower() == "dlq_original_offset"] == [b"40"]
+
+
+async def test_a_record_with_neither_key_nor_value_is_parked_with_an_empty_value() -> None:
+    key, value, headers = await parked(record(None, key=None))
+    assert (key, value) == (None, b"")
+    assert header(headers, "dlq_reason") == b"poison"
+    assert header(headers, "dlq_original_offset") == b"40"
+
+
+async def test_a_keyless_value_too_large_to_park_leaves_an_empty_value() -> None:
+    producer = LimitedProducer(1_000)
+    await KafkaDeadLetterPublisher(producer, "dlq", "group").publish(
+        record(b"x" * 5_000, key=None), "too big"
+    )
+    [(_, key, value, headers)] = producer.sent
+    assert (key, value) == (None, b"")
+    assert header(headers, "dlq_value_dropped") == b"5000"
 
 
 # -- card numbers (contract section 3: never published) -------------------------------------

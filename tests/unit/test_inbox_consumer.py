@@ -15,7 +15,7 @@ import asyncio
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -37,17 +37,24 @@ TP = TopicPartition(REQUESTS, 0)
 
 
 def request_record(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return cloudevent_record(TP, f"req-{offset}", "saga-orchestrator", offset, value)
+
+
+def cloudevent_record(
+    tp: TopicPartition, ce_id: str, source: str, offset: int, value: bytes
+) -> ConsumerRecord[bytes, bytes]:
+    """A binary-mode CloudEvent on `tp`'s topic, its `ce_type` the topic's name."""
     headers: Sequence[tuple[str, bytes]] = [
         ("ce_specversion", b"1.0"),
-        ("ce_id", f"req-{offset}".encode()),
-        ("ce_source", b"saga-orchestrator"),
-        ("ce_type", b"saga.request_payment"),
+        ("ce_id", ce_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", tp.topic.encode()),
         ("ce_time", b"2026-01-02T03:04:05Z"),
         ("content-type", b"application/json"),
     ]
     return ConsumerRecord(
-        topic=REQUESTS,
-        partition=TP.partition,
+        topic=tp.topic,
+        partition=tp.partition,
         offset=offset,
         timestamp=0,
         timestamp_type=0,
@@ -75,11 +82,19 @@ class ParkedRecords:
 
 
 class CommitsFail(MemoryUnitOfWorkFactory):
-    """The database drops the connection at the first `times` commits, then recovers."""
+    """The database refuses the first `times` commits with `error()` (by default it drops
+    the connection), then recovers."""
 
-    def __init__(self, times: float = math.inf) -> None:
+    def __init__(
+        self,
+        times: float = math.inf,
+        error: Callable[[], Exception] = lambda: psycopg.OperationalError(
+            "server closed the connection unexpectedly"
+        ),
+    ) -> None:
         super().__init__()
         self.left = times
+        self.error = error
         self.failed = 0
 
     def __call__(self) -> MemoryUnitOfWork:
@@ -87,11 +102,11 @@ class CommitsFail(MemoryUnitOfWorkFactory):
         if self.left > 0:
             self.left -= 1
 
-            async def lost() -> None:
+            async def refused() -> None:
                 self.failed += 1
-                raise psycopg.OperationalError("server closed the connection unexpectedly")
+                raise self.error()
 
-            uow.commit = lost  # type: ignore[method-assign]
+            uow.commit = refused  # type: ignore[method-assign]
         return uow
 
 
@@ -133,12 +148,13 @@ def consumer(
     uows: MemoryUnitOfWorkFactory,
     parked: ParkedRecords,
     broker: Broker | None = None,
+    assigned: frozenset[TopicPartition] = frozenset({TP}),
     **options: float,
 ) -> KafkaInboxConsumer:
     async def connect(listener: Any) -> Broker:
         if broker is None:
             raise AssertionError("the batch path needs no broker")
-        await listener.on_partitions_assigned({TP})
+        await listener.on_partitions_assigned(set(assigned))
         return broker
 
     return KafkaInboxConsumer(
@@ -208,39 +224,26 @@ async def test_a_stop_during_an_outage_drains_within_its_timeout() -> None:
     assert all(o[TP] <= 30 for o in broker.committed)
 
 
-class ReadOnlyCommits(MemoryUnitOfWorkFactory):
+def read_only_commits(times: int) -> CommitsFail:
     """The database is read-only (a failover, a maintenance switch) for `times` commits."""
-
-    def __init__(self, times: int) -> None:
-        super().__init__()
-        self.left = times
-        self.refused = 0
-
-    def __call__(self) -> MemoryUnitOfWork:
-        uow = super().__call__()
-        if self.left > 0:
-            self.left -= 1
-
-            async def read_only() -> None:
-                self.refused += 1
-                raise psycopg.errors.ReadOnlySqlTransaction(
-                    "cannot execute INSERT in a read-only transaction"
-                )
-
-            uow.commit = read_only  # type: ignore[method-assign]
-        return uow
+    return CommitsFail(
+        times,
+        lambda: psycopg.errors.ReadOnlySqlTransaction(
+            "cannot execute INSERT in a read-only transaction"
+        ),
+    )
 
 
 async def test_a_read_only_database_is_waited_out_and_never_dead_letters() -> None:
     # 25006 is an InternalError to psycopg, but an outage by its SQLSTATE: more refusals
     # than a handler error is allowed must still end in the payment, not a dead letter.
-    uows = ReadOnlyCommits(times=12)
+    uows = read_only_commits(times=12)
     parked = ParkedRecords()
     inbox = consumer(uows, parked, retry_initial_s=0.001, retry_max_s=0.005)
 
     await inbox._handle(request_record(40, valid("BK-40")))
 
-    assert uows.refused == 12
+    assert uows.failed == 12
     assert parked.parked == []
     assert list(uows.db.bookings) == ["BK-40"]
 
@@ -261,27 +264,7 @@ def initiated_record(offset: int) -> ConsumerRecord[bytes, bytes]:
             "version": 1,
         }
     ).encode()
-    headers = [
-        ("ce_specversion", b"1.0"),
-        ("ce_id", f"init-{offset}".encode()),
-        ("ce_source", b"payment-service"),
-        ("ce_type", b"payment.initiated"),
-        ("ce_time", b"2026-01-02T03:04:05Z"),
-        ("content-type", b"application/json"),
-    ]
-    return ConsumerRecord(
-        topic=INITIATED,
-        partition=0,
-        offset=offset,
-        timestamp=0,
-        timestamp_type=0,
-        key=b"k",
-        value=value,
-        checksum=None,
-        serialized_key_size=1,
-        serialized_value_size=len(value),
-        headers=headers,
-    )
+    return cloudevent_record(INITIATED_TP, f"init-{offset}", "payment-service", offset, value)
 
 
 class Fetches(Broker):
@@ -337,22 +320,11 @@ async def test_a_burst_of_requests_leaves_room_for_the_executor_and_waits_at_the
     ]
     broker = Fetches([*burst, (INITIATED_TP, [initiated_record(n) for n in range(4)])])
 
-    async def connect(listener: Any) -> Broker:
-        await listener.on_partitions_assigned({TP, INITIATED_TP})
-        return broker
-
-    inbox = KafkaInboxConsumer(
-        consumer_factory=connect,  # type: ignore[arg-type]
-        request_topic=REQUESTS,
-        initiated_topic=INITIATED,
-        uow_factory=uows,
-        processor=FakeProcessor(),
-        clock=SystemClock(),
-        dead_letters=ParkedRecords(),
-        metrics=Metrics(),
-        settings=HandlerSettings(),
-        policy=ExecutionPolicy(),
-        is_transient=is_transient,
+    inbox = consumer(
+        uows,
+        ParkedRecords(),
+        broker,
+        frozenset({TP, INITIATED_TP}),
         max_in_flight=8,
         max_batch=1,
     )

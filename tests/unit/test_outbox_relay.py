@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 
@@ -20,6 +20,7 @@ from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
 from payment.application.messages import OutboundMessage, OutboundType
+from support.record_senders import FakeRecordQueue, Outgoing
 from support.waiting import eventually
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -38,7 +39,7 @@ class Sent:
         self.sequence = int(headers["ce_sequence"])
 
 
-class FakeSender:
+class FakeSender(FakeRecordQueue):
     """Acknowledges every send unless `fails(key, sequence)` says the broker refused it.
 
     `fails` may also name the error the acknowledgement fails with; `refuses(key, sequence)`
@@ -55,19 +56,11 @@ class FakeSender:
         self.sent: list[Sent] = []
         self.attempts = 0
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
+    async def deliver(self, record: Outgoing) -> object:
         self.attempts += 1
         await asyncio.sleep(0)  # let concurrent chains interleave, as real acks do
-        assert key is not None and headers is not None
-        sent = Sent(topic, key, {n: v for n, v in headers if v is not None})
+        assert record.key is not None
+        sent = Sent(record.topic, record.key, {n: v for n, v in record.headers if v is not None})
         failure = self.fails(sent.key, sent.sequence)
         if isinstance(failure, Exception):
             raise failure
@@ -76,23 +69,12 @@ class FakeSender:
         self.sent.append(sent)
         return None
 
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> asyncio.Future[object]:
-        assert key is not None and headers is not None
-        refused = self.refuses(key.decode(), int(dict(headers)["ce_sequence"] or b"0"))
+    def queue(self, record: Outgoing) -> None:
+        assert record.key is not None
+        sequence = int(dict(record.headers)["ce_sequence"] or b"0")
+        refused = self.refuses(record.key.decode(), sequence)
         if refused is not None:
             raise refused
-        # Queued now, acknowledged (or refused) a moment later, like the real producer.
-        return asyncio.ensure_future(
-            self.send_and_wait(topic, value, key, partition, timestamp_ms, headers)
-        )
 
 
 def message(key: str, sequence: int, kind: OutboundType = "payment.initiated") -> OutboundMessage:

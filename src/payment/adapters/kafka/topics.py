@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -78,19 +79,29 @@ async def partitions_of(
     Asked of the cluster, not of a consumer: aiokafka's consumer knows the partitions of
     the topics it is subscribed to or assigned, and `topics()` does not change that.
     """
+    async with _admin(bootstrap_servers, security) as admin:
+        (described,) = await admin.describe_topics([topic])
+    if described["error_code"] != 0:
+        return []
+    return sorted(int(p["partition"]) for p in described["partitions"])
+
+
+@asynccontextmanager
+async def _admin(
+    bootstrap_servers: str | list[str], security: KafkaSecurity | None, **options: Any
+) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on the way out."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers,
         client_id="payment-service-admin",
+        **options,
         **client_security(security),
     )
     await admin.start()
     try:
-        (described,) = await admin.describe_topics([topic])
+        yield admin
     finally:
         await admin.close()
-    if described["error_code"] != 0:
-        return []
-    return sorted(int(p["partition"]) for p in described["partitions"])
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
@@ -133,14 +144,7 @@ async def ensure_topics(
     broker cannot be reached.
     """
     wanted = list(dict.fromkeys(names))
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers,
-        request_timeout_ms=timeout_ms,
-        client_id="payment-service-admin",
-        **client_security(security),
-    )
-    await admin.start()
-    try:
+    async with _admin(bootstrap_servers, security, request_timeout_ms=timeout_ms) as admin:
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
         if not missing:
@@ -158,8 +162,6 @@ async def ensure_topics(
         # Apache Kafka answers CreateTopics once the controller has recorded them; their
         # partitions get leaders a moment later, and until then clients are refused.
         await _wait_for_leaders(admin, missing, timeout_ms / 1000)
-    finally:
-        await admin.close()
     created: list[str] = []
     # create_topics reports per-topic errors in the response instead of raising.
     for topic, code, *_ in response.topic_errors:
@@ -202,21 +204,12 @@ async def check_topics(
     Raises aiokafka's `KafkaError` if the broker cannot be reached.
     """
     wanted = list(dict.fromkeys(names))
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers,
-        request_timeout_ms=timeout_ms,
-        client_id="payment-service-admin",
-        **client_security(security),
-    )
-    await admin.start()
-    try:
+    async with _admin(bootstrap_servers, security, request_timeout_ms=timeout_ms) as admin:
         # Listing first: a metadata request naming a missing topic would let a broker
         # with auto.create.topics.enable create it, with the broker's defaults.
         existing = set(await admin.list_topics())
         present = [name for name in wanted if name in existing]
         described = await admin.describe_topics(present) if present else []
-    finally:
-        await admin.close()
     return topic_problem(wanted, described)
 
 

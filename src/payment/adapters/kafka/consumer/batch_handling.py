@@ -7,7 +7,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -26,7 +28,7 @@ from payment.adapters.kafka.consumer.routing import (
 )
 from payment.adapters.observability.span_values import untrusted_attribute
 from payment.application.batches import execute_payments, request_payments
-from payment.application.commands import ExecutePayment, RequestPayment
+from payment.application.commands import ExecutePayment, RequestPayment, TraceHeaders
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import ExecuteResult, RequestResult
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Fetched = tuple[TopicPartition, ConsumerRecord[bytes, bytes]]
 Decoded = list[tuple[ConsumerRecord[bytes, bytes], InboundEvent, Span]]
+Command = TypeVar("Command", RequestPayment, ExecutePayment)
 
 
 class BatchHandler:
@@ -103,23 +106,12 @@ class BatchHandler:
 
     async def _requests(self, decoded: Decoded) -> list[ConsumerRecord[bytes, bytes]]:
         """Requests through `request_payments`; the records left for one by one handling."""
-        cmds: list[RequestPayment] = []
-        items: Decoded = []
-        alone: list[ConsumerRecord[bytes, bytes]] = []
-        for record, event, span in decoded:
-            try:
-                cmd = request_command(event, trace_of(span, event))
-            except PoisonMessage:
-                span.end()
-                alone.append(record)
-                continue
+        cmds, alone = _commands(decoded, request_command)
+        for (_, _, span), cmd in zip(decoded, cmds, strict=True):
             span.set_attribute("payment.booking_id", untrusted_attribute(cmd.booking_id))
-            cmds.append(cmd)
-            items.append((record, event, span))
-        decoded[:] = items
         results = await request_payments(cmds, self.h.uow_factory, self.h.clock, self.h.settings)
         tally: Counter[RequestResult] = Counter()
-        for (record, event, span), cmd, result in zip(items, cmds, results, strict=True):
+        for (record, event, span), cmd, result in zip(decoded, cmds, results, strict=True):
             with trace.use_span(span, end_on_exit=False):
                 if isinstance(result, PaymentConflict):
                     await self._single.conflict(record, cmd.inbound, result, span)
@@ -132,22 +124,11 @@ class BatchHandler:
 
     async def _executions(self, decoded: Decoded) -> list[ConsumerRecord[bytes, bytes]]:
         """Executions through `execute_payments`; the records left for one by one handling."""
-        cmds: list[ExecutePayment] = []
-        items: Decoded = []
+        cmds, alone = _commands(decoded, execute_command)
         spans: dict[int, Span] = {}  # by id() of the command
-        alone: list[ConsumerRecord[bytes, bytes]] = []
-        for record, event, span in decoded:
-            try:
-                cmd = execute_command(event, trace_of(span, event))
-            except PoisonMessage:
-                span.end()
-                alone.append(record)
-                continue
+        for (_, _, span), cmd in zip(decoded, cmds, strict=True):
             span.set_attribute("payment.id", str(cmd.payment_id))
-            cmds.append(cmd)
             spans[id(cmd)] = span
-            items.append((record, event, span))
-        decoded[:] = items
 
         def scope(cmd: ExecutePayment) -> AbstractContextManager[object]:
             # The gateway call is traced under its own message's span.
@@ -159,8 +140,31 @@ class BatchHandler:
         )
         elapsed = time.perf_counter() - started
         tally: Counter[ExecuteResult] = Counter()
-        for (_, event, span), cmd, result in zip(items, cmds, results, strict=True):
+        for (_, event, span), cmd, result in zip(decoded, cmds, results, strict=True):
             self._single.executed(event, cmd.payment_id, result, span, elapsed, tally)
         for result, count in tally.items():
             self.h.metrics.executions.add(count, {"result": result.value})
         return alone
+
+
+def _commands(
+    decoded: Decoded, build: Callable[[InboundEvent, TraceHeaders], Command]
+) -> tuple[list[Command], list[ConsumerRecord[bytes, bytes]]]:
+    """The command of each decoded record, and the records whose body does not decode.
+
+    Those are taken out of `decoded` (their spans ended) for one by one handling, so
+    `decoded` and the commands line up.
+    """
+    cmds: list[Command] = []
+    kept: Decoded = []
+    alone: list[ConsumerRecord[bytes, bytes]] = []
+    for record, event, span in decoded:
+        try:
+            cmds.append(build(event, trace_of(span, event)))
+        except PoisonMessage:
+            span.end()
+            alone.append(record)
+            continue
+        kept.append((record, event, span))
+    decoded[:] = kept
+    return cmds, alone

@@ -66,6 +66,8 @@ _NOTABLE_REQUESTS = frozenset(
 _NOTABLE_EXECUTIONS = frozenset(
     {ExecuteResult.DUPLICATE, ExecuteResult.NOT_FOUND, ExecuteResult.ALREADY_TERMINAL}
 )
+# How a notable result's log line names the message it came from.
+_LOGGED_AS = {"request": "request", "execution": "payment.initiated"}
 
 
 @dataclass(frozen=True)
@@ -266,18 +268,18 @@ class MessageHandler:
         span: Span,
         tally: Counter[RequestResult] | None = None,
     ) -> None:
-        span.set_attribute("payment.result", result.value)
         if tally is None:
             self.count_requests(result, 1)
         else:
             tally[result] += 1
-        if result in _NOTABLE_REQUESTS and self.h.budget.allow(f"request {result.value}"):
-            log.info(
-                "request %s: %s",
-                event.id[:80],
-                result.value,
-                extra={"booking_id": untrusted_attribute(booking_id), "result": result.value},
-            )
+        self._noted(
+            span,
+            event,
+            result,
+            _NOTABLE_REQUESTS,
+            "request",
+            lambda: {"booking_id": untrusted_attribute(booking_id)},
+        )
 
     def count_requests(self, result: RequestResult, count: int) -> None:
         metrics = self.h.metrics
@@ -297,19 +299,40 @@ class MessageHandler:
         elapsed: float,
         tally: Counter[ExecuteResult] | None = None,
     ) -> None:
-        span.set_attribute("payment.result", result.value)
         # Every message's duration (a batch's messages share theirs); counts per batch.
         self.h.metrics.execution_duration.record(elapsed, {"result": result.value})
         if tally is not None:
             tally[result] += 1
         else:
             self.h.metrics.executions.add(1, {"result": result.value})
-        if result in _NOTABLE_EXECUTIONS and self.h.budget.allow(f"execution {result.value}"):
+        self._noted(
+            span,
+            event,
+            result,
+            _NOTABLE_EXECUTIONS,
+            "execution",
+            lambda: {"payment_id": str(payment_id)},
+        )
+
+    def _noted(
+        self,
+        span: Span,
+        event: InboundEvent,
+        result: RequestResult | ExecuteResult,
+        notable: frozenset[RequestResult] | frozenset[ExecuteResult],
+        kind: str,
+        subject: Callable[[], dict[str, str]],
+    ) -> None:
+        """The result on the message's span, and a log line if notable (within budget), its
+        `subject` (what the message is about) worked out only then."""
+        span.set_attribute("payment.result", result.value)
+        if result in notable and self.h.budget.allow(f"{kind} {result.value}"):
             log.info(
-                "payment.initiated %s: %s",
+                "%s %s: %s",
+                _LOGGED_AS[kind],
                 event.id[:80],
                 result.value,
-                extra={"payment_id": str(payment_id), "result": result.value},
+                extra={**subject(), "result": result.value},
             )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import uuid
 
+import msgspec
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -85,41 +86,27 @@ def received_trace(event: InboundEvent) -> TraceHeaders:
 
 
 def request_command(event: InboundEvent, trace_headers: TraceHeaders) -> RequestPayment:
-    """The request's command, or `PoisonMessage` if its body does not decode."""
-    data = decode_request(event.data)
-    return RequestPayment(
-        inbound=InboundRef(source=event.source, message_id=event.id),
-        booking_id=data.booking_id,
-        amount=data.amount,
-        currency=data.currency,
-        payment_method=data.payment_method,
-        customer_id=data.customer_id,
-        saga_id=data.saga_id,
-        trace=trace_headers,
-    )
+    """The request's command, its fields the message's as received, or `PoisonMessage` if
+    its body does not decode."""
+    fields = msgspec.structs.asdict(decode_request(event.data))
+    return RequestPayment(inbound=_inbound(event), trace=trace_headers, **fields)
 
 
 def execute_command(event: InboundEvent, trace_headers: TraceHeaders) -> ExecutePayment:
     """The initiated event's command, or `PoisonMessage` if its body does not decode."""
     payment_id: uuid.UUID = decode_initiated(event.data)
-    return ExecutePayment(
-        inbound=InboundRef(source=event.source, message_id=event.id),
-        payment_id=payment_id,
-        trace=trace_headers,
-    )
+    return ExecutePayment(inbound=_inbound(event), payment_id=payment_id, trace=trace_headers)
 
 
 def refund_command(event: InboundEvent) -> RefundPayment:
-    """The refund request's command, or `PoisonMessage` if its body does not decode."""
-    data = decode_refund(event.data)
-    return RefundPayment(
-        inbound=InboundRef(source=event.source, message_id=event.id),
-        booking_id=data.booking_id,
-        amount=data.amount,
-        reason=data.reason,
-        saga_id=data.saga_id,
-        trace=received_trace(event),
-    )
+    """The refund request's command, its fields the message's as received, or
+    `PoisonMessage` if its body does not decode."""
+    fields = msgspec.structs.asdict(decode_refund(event.data))
+    return RefundPayment(inbound=_inbound(event), trace=received_trace(event), **fields)
+
+
+def _inbound(event: InboundEvent) -> InboundRef:
+    return InboundRef(source=event.source, message_id=event.id)
 
 
 def tag_event(span: Span, event: InboundEvent) -> None:
