@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 N ?= 200
 
-.PHONY: install lock demo dev test test-fast test-sasl test-tansu lint asyncapi-check bench
+.PHONY: install lock demo dev test test-fast test-sasl test-tansu coverage-layers mutation lint asyncapi-check bench
 
-## The pinned versions of requirements.lock (every extra but otlp), then the project itself.
+## The pinned versions of requirements.lock (every extra: the test extra brings otlp, whose
+## exporter test sends to an in-process receiver), then the project itself.
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -30,14 +31,24 @@ dev: install
 	$(BIN)/payment-service dev
 
 ## Second command: the whole test suite, exactly as CI runs it: every suite on Apache
-## Kafka (started by the tests; java and mvn needed), the e2e contract suite again through
-## Kafka's SASL_SSL listener, then the Tansu compatibility job
-## (the e2e contract suite on the broker of `payment-service dev`, whose demo test runs
-## in the first pass: `dev` uses Tansu unless told otherwise).
+## Kafka (started by the tests; java and mvn needed) under branch coverage, the services
+## the e2e tests start included; the e2e contract suite again through Kafka's SASL_SSL
+## listener, then the Tansu compatibility job (the e2e contract suite on the broker of
+## `payment-service dev`, whose demo test runs in the first pass: `dev` uses Tansu unless
+## told otherwise); last, coverage per layer, failing under the floors.
+## CI=true makes the chaos test refuse a CHAOS_KILLS below its floor.
 test: install
-	$(BIN)/pytest
+	rm -f .coverage .coverage.* coverage.json
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/pytest --cov --cov-report=
 	$(MAKE) test-sasl
 	$(MAKE) test-tansu
+	$(MAKE) coverage-layers
+
+## Coverage per layer of the last `make test` (or any run that left .coverage* here).
+coverage-layers:
+	-$(BIN)/coverage combine -q
+	$(BIN)/coverage json -q -o coverage.json
+	$(BIN)/python tools/ci/coverage_layers.py coverage.json
 
 ## The e2e contract suite through a SASL_SSL (SCRAM-SHA-512) listener of Apache Kafka
 ## and a PostgreSQL that accepts TLS only (sslmode=verify-full).
@@ -50,6 +61,13 @@ test-tansu: install
 ## The suite without the long tests (chaos, outages, real-stack scenarios).
 test-fast: install
 	$(BIN)/pytest -m 'not slow'
+
+## Mutation testing of the domain and application layers with mutmut (slow: run locally,
+## not in CI).
+mutation: install
+	$(BIN)/pip install --quiet 'mutmut>=3,<4'
+	$(BIN)/mutmut run
+	$(BIN)/mutmut results
 
 ## The checks the project declares (CI runs them before the tests): ruff, mypy --strict
 ## (pyproject.toml), the import-linter contracts and docs/asyncapi.yaml against AsyncAPI 3.0.

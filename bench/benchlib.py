@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from payment.adapters.kafka.topics import Topics
 from payment.devtools.apache_kafka import KAFKA_VERSION
 
 POSTGRES_ENV_VAR = "PAYMENT_BENCH_POSTGRES_URL"
@@ -129,6 +130,25 @@ def broker(kind: str | None = None) -> Iterator[Broker]:
             flush=True,
         )
         yield Broker(kafka.bootstrap_servers, kafka.pid, kind)
+
+
+# The topics a bench run names for itself (the refund topics it never uses keep theirs).
+RUN_TOPICS = ("request", "initiated", "completed", "failed", "dead_letter")
+
+
+def run_topics(run_id: str) -> Topics:
+    """The contract's names of RUN_TOPICS under the run's prefix: on a shared broker the
+    service must not replay older runs."""
+    contract = Topics()
+    return Topics(**{name: f"bench-{run_id}.{getattr(contract, name)}" for name in RUN_TOPICS})
+
+
+def run_env(run_id: str, topics: Topics) -> dict[str, str]:
+    """The service settings naming a run's own consumer group and topics."""
+    return {
+        "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
+        **{f"PAYMENT_TOPIC_{name.upper()}": getattr(topics, name) for name in RUN_TOPICS},
+    }
 
 
 def free_port() -> int:

@@ -45,6 +45,8 @@ from benchlib import (
     load,
     peak_rss_mb,
     percentile,
+    run_env,
+    run_topics,
     runqueue_wait_s,
     scratch_database,
     server_url,
@@ -296,6 +298,33 @@ class Probes:
     broker_pid: int | None
     database_counters: Callable[[], tuple[int, int]]
 
+    def read(self) -> Reading:
+        service_cpu_s = sum(map(cpu_seconds, self.service_pids))
+        service_wait_s = sum(map(runqueue_wait_s, self.service_pids))
+        transactions, wal_bytes = self.database_counters()
+        return Reading(
+            service_cpu_s=service_cpu_s,
+            service_wait_s=service_wait_s,
+            db_transactions=transactions,
+            wal_bytes=wal_bytes,
+            db_cpu_by_pid=cpu_by_pid(self.backend_pids()),
+            broker_cpu_s=cpu_seconds(self.broker_pid) if self.broker_pid else 0.0,
+            own_cpu_s=time.process_time(),
+        )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The probes' counters at one moment; a step accounts for the difference of two."""
+
+    service_cpu_s: float
+    service_wait_s: float
+    db_transactions: int
+    wal_bytes: int
+    db_cpu_by_pid: dict[int, float]
+    broker_cpu_s: float
+    own_cpu_s: float
+
 
 async def measure(
     orchestrator: Orchestrator,
@@ -306,22 +335,12 @@ async def measure(
     drain_s: float,
 ) -> StepResult:
     loop = asyncio.get_running_loop()
-    service0 = sum(map(cpu_seconds, probes.service_pids))
-    wait0 = sum(map(runqueue_wait_s, probes.service_pids))
-    xacts0, wal0 = probes.database_counters()
-    db0 = cpu_by_pid(probes.backend_pids())
-    broker0 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
-    own0 = time.process_time()
+    before = probes.read()
     t0 = loop.time()
     bookings, lag = await orchestrator.offer(f"{label}-{uuid.uuid4().hex[:6]}", rate, duration_s)
     answered = await orchestrator.wait_answered(bookings, drain_s)
-    service1 = sum(map(cpu_seconds, probes.service_pids))
-    wait1 = sum(map(runqueue_wait_s, probes.service_pids))
-    xacts1, wal1 = probes.database_counters()
     # Backends that appeared during the step (the pool grew) count from zero: close enough.
-    db1 = cpu_by_pid(probes.backend_pids())
-    broker1 = cpu_seconds(probes.broker_pid) if probes.broker_pid else 0.0
-    own1 = time.process_time()
+    after = probes.read()
     first_sent = orchestrator.sent_at[bookings[0]]
     end = orchestrator.last_outcome if answered else loop.time()
     latencies = sorted(
@@ -335,16 +354,16 @@ async def measure(
         answered=answered,
         elapsed_s=max(end - min(first_sent, t0 + 0.01), 1e-9),
         latencies_ms=latencies,
-        service_cpu_s=service1 - service0,
-        db_cpu_s=cpu_used(db0, db1),
-        broker_cpu_s=broker1 - broker0,
-        orchestrator_cpu_s=own1 - own0,
+        service_cpu_s=after.service_cpu_s - before.service_cpu_s,
+        db_cpu_s=cpu_used(before.db_cpu_by_pid, after.db_cpu_by_pid),
+        broker_cpu_s=after.broker_cpu_s - before.broker_cpu_s,
+        orchestrator_cpu_s=after.own_cpu_s - before.own_cpu_s,
         peak_rss_mb=max(map(peak_rss_mb, probes.service_pids)),
         load=load(),
         send_lag_ms=1000 * lag,
-        service_wait_s=wait1 - wait0,
-        db_transactions=xacts1 - xacts0,
-        wal_bytes=wal1 - wal0,
+        service_wait_s=after.service_wait_s - before.service_wait_s,
+        db_transactions=after.db_transactions - before.db_transactions,
+        wal_bytes=after.wal_bytes - before.wal_bytes,
         instances=len(probes.service_pids),
     )
 
@@ -470,13 +489,7 @@ def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:
 def run(plan: Plan) -> list[StepResult]:
     """Start the broker, a scratch database and the service; run the plan; clean up."""
     run_id = uuid.uuid4().hex[:8]
-    topics = Topics(
-        request=f"bench-{run_id}.saga.request_payment",
-        initiated=f"bench-{run_id}.payment.initiated",
-        completed=f"bench-{run_id}.payment.completed",
-        failed=f"bench-{run_id}.payment.failed",
-        dead_letter=f"bench-{run_id}.payment.dead_letter",
-    )
+    topics = run_topics(run_id)
     server = server_url()
     with broker(plan.broker) as kafka, scratch_database(server, "bench_e2e") as (db, url):
         bootstrap = kafka.bootstrap
@@ -486,12 +499,7 @@ def run(plan: Plan) -> list[StepResult]:
             "PAYMENT_DATABASE_URL": url,
             "PAYMENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             **kafka.service_env(plan.fetch_wait_ms),
-            "PAYMENT_CONSUMER_GROUP": f"bench-{run_id}",
-            "PAYMENT_TOPIC_REQUEST": topics.request,
-            "PAYMENT_TOPIC_INITIATED": topics.initiated,
-            "PAYMENT_TOPIC_COMPLETED": topics.completed,
-            "PAYMENT_TOPIC_FAILED": topics.failed,
-            "PAYMENT_TOPIC_DEAD_LETTER": topics.dead_letter,
+            **run_env(run_id, topics),
             "PAYMENT_FAKE_LATENCY_MS": f"{plan.latency_ms:g}",
             **plan.env,
         }

@@ -138,6 +138,7 @@ class Container(containers.DeclarativeContainer):
             success_rate=config.fake_success_rate,
             seed=config.fake_seed,
             latency_ms=config.fake_latency_ms,
+            ledger_path=config.fake_ledger_path,
         ),
         sandbox=_stripe_processor("sandbox", config, limits),
         stripe=_stripe_processor("stripe", config, limits),

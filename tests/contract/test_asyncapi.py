@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, get_args
+from typing import Any, get_args
 
 import msgspec
 import pytest
@@ -39,8 +39,11 @@ from payment.application.messages import (
 from payment.application.validation import Valid, validate_refund, validate_request
 from payment.devtools import asyncapi
 from payment.domain.events import FailureReason, PaymentRefunded, RefundFailed
-from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT, Money
+from payment.domain.money import CURRENCY_EXPONENTS, DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment
+from support.payments import initiate_payment
+from support.record_senders import FakeRecordQueue, Outgoing
+from support.records import ConsumedRecord
 
 Schema = dict[str, Any]
 
@@ -299,15 +302,7 @@ def test_refund_schema_accepts_exactly_what_validation_accepts(
 
 
 def _payment() -> Payment:
-    payment, _ = Payment.initiate(
-        payment_id=uuid.uuid4(),
-        booking_id="booking-1",
-        money=Money.of(1999, "EUR"),
-        payment_method="pm_card_visa",
-        saga_id="saga-1",
-        customer_id=None,
-        at=T0,
-    )
+    payment, _ = initiate_payment(booking_id="booking-1", amount=1999, saga_id="saga-1", at=T0)
     return payment
 
 
@@ -438,36 +433,21 @@ def test_a_valid_request_record_conforms_and_decodes(published: Schema) -> None:
     assert _validate(published, spec["headers"], {**headers, "ce_time": "yesterday"})
 
 
-class _Record(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes | None]]
+class _Sender(FakeRecordQueue):
+    """Acknowledges every record at once and keeps it in `sent`."""
 
-
-class _Sender:
     def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None, Sequence[tuple[str, bytes | None]]]] = []
+        self.sent: list[Outgoing] = []
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
-        self.sent.append((topic, key, list(headers or ())))
+    async def deliver(self, record: Outgoing) -> object:
+        self.sent.append(record)
         return None
 
 
 async def test_dead_letters_conform(published: Schema) -> None:
     sender = _Sender()
     publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
-    poison = _Record(
+    poison = ConsumedRecord(
         topic="saga.request_payment",
         partition=3,
         offset=42,
@@ -477,7 +457,7 @@ async def test_dead_letters_conform(published: Schema) -> None:
     )
     await publisher.publish(poison, "saga.request_payment data is not valid UTF-8 JSON")
 
-    ((topic, key, headers),) = sender.sent
+    ((topic, key, _, headers),) = sender.sent
     spec = _message(published, "DeadLetter")
     assert topic == _channel_of(published, "DeadLetter")["address"]
     assert key == poison.key
@@ -491,7 +471,7 @@ async def test_dead_letters_with_card_numbers_masked_conform(published: Schema) 
         for parts in itertools.combinations(asyncapi.DLQ_MASKED_PARTS, n):
             sender = _Sender()
             publisher = KafkaDeadLetterPublisher(sender, Topics().dead_letter, "payment-service")
-            poison = _Record(
+            poison = ConsumedRecord(
                 topic="saga.request_payment",
                 partition=0,
                 offset=1,
@@ -503,7 +483,7 @@ async def test_dead_letters_with_card_numbers_masked_conform(published: Schema) 
                 ],
             )
             await publisher.publish(poison, "poison")
-            ((_, _, headers),) = sender.sent
+            ((_, _, _, headers),) = sender.sent
             masked = _header_map(headers)
             assert masked[asyncapi.DLQ_CARD_NUMBERS_MASKED] == ",".join(parts)
             assert _validate(published, spec["headers"], masked) == []

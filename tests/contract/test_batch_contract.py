@@ -7,7 +7,7 @@ import uuid
 from collections import Counter
 
 import pytest
-from contract_builders import at, attempt, attempted, initiated, message, race
+from contract_builders import attempt, race
 
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.batches import execute_payments, request_payments
@@ -16,6 +16,7 @@ from payment.application.errors import ConcurrencyConflict, PaymentConflict
 from payment.application.handlers import ExecuteResult, RequestResult
 from payment.application.ports import StreamAppend, UnitOfWork, UnitOfWorkFactory
 from payment.domain.payment import PaymentStatus
+from support.events import at, attempted, initiated, message
 
 # -- event store -----------------------------------------------------------------------------
 

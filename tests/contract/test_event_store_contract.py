@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from contract_builders import attempted, every_event_type, initiated, race
+from contract_builders import race
 
 from payment.application.errors import ConcurrencyConflict
 from payment.application.ports import UnitOfWork, UnitOfWorkFactory
+from support.events import attempted, every_event_type, initiated
 
 
 async def test_an_unknown_stream_loads_empty(uow_factory: UnitOfWorkFactory) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from contract_builders import at, attempt, race
+from contract_builders import attempt, race
 
 from payment.application.ports import UnitOfWork, UnitOfWorkFactory
+from support.events import at
 
 
 async def _mark(uow: UnitOfWork, source: str = "saga", message_id: str = "m-1") -> bool:

@@ -6,11 +6,11 @@ import asyncio
 import uuid
 
 import pytest
-from contract_builders import at, message
 
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage
 from payment.application.ports import OutboxRecord, UnitOfWorkFactory
+from support.events import at, message
 
 
 async def _add(uow_factory: UnitOfWorkFactory, *messages: OutboundMessage) -> None:

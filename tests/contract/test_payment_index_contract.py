@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from contract_builders import at, race
+from contract_builders import race
 
 from payment.application.errors import BookingAlreadyClaimed
 from payment.application.ports import UnitOfWork, UnitOfWorkFactory
 from payment.domain.payment import PaymentStatus
+from support.events import at
 
 
 async def _claim(uow_factory: UnitOfWorkFactory, booking_id: str, seconds: float = 0) -> uuid.UUID:

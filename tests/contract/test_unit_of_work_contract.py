@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from contract_builders import at, initiated, message
 
 from payment.application.ports import UnitOfWork, UnitOfWorkFactory
+from support.events import at, initiated, message
 
 
 async def _write_a_handling(uow: UnitOfWork, stream: uuid.UUID) -> None:

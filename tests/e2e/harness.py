@@ -48,6 +48,7 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
 
 from support.broker import client_fetch_max_wait_ms, idempotent_producer, service_broker_env
+from support.database import fresh_database
 from support.net import free_port
 
 T = TypeVar("T")
@@ -1169,3 +1170,19 @@ async def open_stack(
         if stack.orchestrator is not None:
             await stack.orchestrator.stop()
         await asyncio.to_thread(stack.close)
+
+
+@contextlib.asynccontextmanager
+async def open_stack_on_a_fresh_database(
+    server_url: str, **stack_options: Any
+) -> AsyncIterator[ServiceStack]:
+    """`open_stack` on a database of its own, dropped afterwards (a module's second or
+    third service, beside the one on the module's database)."""
+    with fresh_database(server_url, prefix="payment_e2e") as url:
+        async with open_stack(database_url=url, **stack_options) as opened:
+            yield opened
+
+
+def new_booking(prefix: str) -> str:
+    """A booking id no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

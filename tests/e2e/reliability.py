@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from support.broker import client_fetch_max_wait_ms
@@ -59,6 +60,28 @@ def chaos_env(*, db_pool_max: int) -> dict[str, str]:
         "PAYMENT_DB_POOL_MAX": str(db_pool_max),
         "PAYMENT_LOG_LEVEL": "WARNING",
     }
+
+
+def run_length(name: str, default: int) -> int:
+    """A length knob of a chaos run (`CHAOS_KILLS`...): the environment's value, `default`
+    unless set. In CI (CI=true) a value under the default fails the run instead of quietly
+    making it shorter than what its docstring promises."""
+    value = int(os.environ.get(name, str(default)))
+    if value < default and os.environ.get("CI") == "true":
+        raise pytest.UsageError(f"{name}={value} is under the floor of {default} in CI")
+    return value
+
+
+def assert_exercised(summary: dict[str, int], *, lost_answers: bool) -> None:
+    """The run did what it is meant to test, so that its invariants say something: bookings
+    were processed to an outcome, the gateway charged, and (with a gateway that loses
+    answers) some answers were lost, so the reconciler had unknown outcomes to resolve."""
+    assert summary["bookings"] > 0, "no booking was sent"
+    assert summary["payments"] > 0, "no payment was recorded"
+    assert summary["terminal events (distinct ce_id)"] > 0, "no payment reached an outcome"
+    assert summary["gateway charges (succeeded intents)"] > 0, "the gateway charged nothing"
+    if lost_answers:
+        assert summary["gateway lost responses"] > 0, "no answer was lost: reconciler untried"
 
 
 def flaky_gateway() -> FakeStripe:

@@ -22,7 +22,6 @@ change the run.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import time
 from collections import Counter
@@ -43,11 +42,13 @@ from .reliability import (
     Audit,
     DatabaseState,
     Load,
+    assert_exercised,
     chaos_env,
     flaky_gateway,
     format_summary,
     read_topics,
     ready_or_exited,
+    run_length,
     settle,
 )
 
@@ -59,8 +60,9 @@ pytestmark = [
     ),
 ]
 
-KILLS = int(os.environ.get("CHAOS_KILLS", "55"))
-LOCALSTRIPE_KILLS = int(os.environ.get("CHAOS_LOCALSTRIPE_KILLS", "20"))
+# Shorter runs locally with these; CI refuses a value under the default (`run_length`).
+KILLS = run_length("CHAOS_KILLS", 55)
+LOCALSTRIPE_KILLS = run_length("CHAOS_LOCALSTRIPE_KILLS", 20)
 CHAOS_ENV = chaos_env(db_pool_max=8)
 
 
@@ -158,6 +160,7 @@ async def run_chaos(
     kills: int,
     rate_per_s: float,
     title: str,
+    every_failpoint: bool = False,
 ) -> None:
     started = time.monotonic()
     stack: ServiceStack = await make_stack(**gateway.env(), **CHAOS_ENV)
@@ -210,6 +213,10 @@ async def run_chaos(
     assert summary["lost requests"] == 0 and summary["double charges"] == 0
     # The chaos reached the interesting places: a good share of lives ended at a failpoint.
     assert sum(n for c, n in killer.causes.items() if c.startswith("failpoint")) >= kills // 5
+    assert_exercised(summary, lost_answers=bool(stats))
+    if every_failpoint:  # a run long enough to arm each point a few times
+        fired = {c.removeprefix("failpoint ") for c in killer.causes if c.startswith("failpoint")}
+        assert fired == set(failpoints.POINTS), f"never fired: {set(failpoints.POINTS) - fired}"
 
 
 async def test_kill_anywhere_loses_nothing_and_charges_once(
@@ -222,6 +229,7 @@ async def test_kill_anywhere_loses_nothing_and_charges_once(
         kills=KILLS,
         rate_per_s=5.0,
         title="chaos: kill -9 / failpoints under load (fake Stripe gateway)",
+        every_failpoint=True,
     )
 
 
@@ -241,7 +249,7 @@ async def test_kill_anywhere_against_localstripe(
         )
 
 
-SLOW_GATEWAY_KILLS = int(os.environ.get("CHAOS_SLOW_GATEWAY_KILLS", "20"))
+SLOW_GATEWAY_KILLS = run_length("CHAOS_SLOW_GATEWAY_KILLS", 20)
 
 
 async def test_kill_anywhere_with_a_slow_gateway(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from support.waiting import eventually_sync
+
 SERVICE = str(Path(sys.executable).with_name("payment-service"))
 pytestmark = pytest.mark.slow
 
@@ -49,6 +51,16 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _wait_all_gone(data_home: Path, ports: list[int]) -> None:
+    """Until no process of this run's embedded parts is left and none of `ports` listens:
+    they were told to stop, the wait is for the kernel to be done with them (at most 10 s)."""
+    eventually_sync(
+        lambda: not _children_of_data_dir(data_home) and not any(_listening(p) for p in ports),
+        10,
+        what="the embedded processes gone and their ports closed",
+    )
+
+
 def _ports(output: str) -> list[int]:
     return [int(p) for p in re.findall(r"listening on \S*?127\.0\.0\.1:(\d+)", output)]
 
@@ -74,7 +86,7 @@ def test_dev_demo_runs_every_request_to_a_terminal_event_and_leaves_nothing(
     assert re.search(r"result\s+OK", output), output[-4000:]
     ports = _ports(output)
     assert len(ports) == 2, output[:2000]  # one line each: PostgreSQL and the broker
-    time.sleep(0.5)
+    _wait_all_gone(tmp_path / "data", ports)
     assert _children_of_data_dir(tmp_path / "data") == []
     assert [p for p in ports if _listening(p)] == []
 
@@ -105,7 +117,7 @@ def test_dev_stops_everything_it_started_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, "".join(lines) + rest
-    time.sleep(0.5)
+    _wait_all_gone(tmp_path / "data", ports)
     assert _children_of_data_dir(tmp_path / "data") == []
     assert [p for p in ports if _listening(p)] == []
 
@@ -122,5 +134,5 @@ def test_dev_on_kafka_without_java_says_so_in_one_line(tmp_path: Path) -> None:
     errors = done.stderr.strip().splitlines()
     assert len(errors) == 1 and "`java`" in errors[0], done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    time.sleep(0.5)
+    _wait_all_gone(tmp_path / "data", [])
     assert _children_of_data_dir(tmp_path / "data") == []

@@ -21,15 +21,13 @@ import asyncio
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from support.fake_stripe import FakeStripe
-from support.fixtures import DatabaseFactory
 
-from .harness import ServiceTopics, open_stack
+from .harness import ServiceStack, StackFactory
 from .reliability import Audit, DatabaseState, Load, format_summary, read_topics, settle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
@@ -63,52 +61,38 @@ def gateway() -> Iterator[FakeStripe]:
         yield server
 
 
-async def _audit(
-    stack_database_url: str, load: Load, bootstrap: str, topics: ServiceTopics, gateway: FakeStripe
-) -> Audit:
+async def _audit(stack: ServiceStack, load: Load, gateway: FakeStripe) -> Audit:
     intents, stats = gateway.ledger()
     return Audit(
         bookings=load.bookings,
         requests=len(load.requests),
-        records=await read_topics(bootstrap, topics),
-        db=await DatabaseState.read(stack_database_url, stale_after_s=RECONCILE_AFTER_S),
+        records=await read_topics(stack.bootstrap, stack.topics),
+        db=await DatabaseState.read(stack.database_url, stale_after_s=RECONCILE_AFTER_S),
         intents=intents,
         gateway_stats=stats,
     )
 
 
 async def test_a_gateway_stall_under_load_settles_within_minutes_of_recovery(
-    kafka_bootstrap: str,
-    make_database: DatabaseFactory,
-    e2e_log_dir: Path,
-    gateway: FakeStripe,
-    capsys: pytest.CaptureFixture[str],
+    make_stack: StackFactory, gateway: FakeStripe, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    database_url = make_database(prefix="payment_e2e")
-    async with open_stack(
-        bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        log_dir=e2e_log_dir,
-        topic_prefix="brownout",
-        **gateway.env(),
-        **ENV,
-    ) as stack:
-        load = Load(stack.orch, rate_per_s=6.0, prefix="stall")
-        load.start()
-        await asyncio.sleep(15)
-        gateway.control(stall=True)
-        stalled_at = time.monotonic()
-        await asyncio.sleep(STALL_S)
-        gateway.control(stall=False)
-        recovered = time.monotonic()
-        await asyncio.sleep(10)
-        await load.stop()
-        await settle(stack, load, gateway, timeout_s=SETTLE_LIMIT_S)
-        settled_after = time.monotonic() - recovered
-        assert stack.service.running, stack.service.log_tail(60)
-        service_high_water = await _service_high_water(stack.service.base_url)
-        assert await stack.service.terminate() == 0
-        audit = await _audit(database_url, load, stack.bootstrap, stack.topics, gateway)
+    stack = await make_stack(topic_prefix="brownout", **gateway.env(), **ENV)
+    load = Load(stack.orch, rate_per_s=6.0, prefix="stall")
+    load.start()
+    await asyncio.sleep(15)
+    gateway.control(stall=True)
+    stalled_at = time.monotonic()
+    await asyncio.sleep(STALL_S)
+    gateway.control(stall=False)
+    recovered = time.monotonic()
+    await asyncio.sleep(10)
+    await load.stop()
+    await settle(stack, load, gateway, timeout_s=SETTLE_LIMIT_S)
+    settled_after = time.monotonic() - recovered
+    assert stack.service.running, stack.service.log_tail(60)
+    service_high_water = await _service_high_water(stack.service.base_url)
+    assert await stack.service.terminate() == 0
+    audit = await _audit(stack, load, gateway)
 
     stats = audit.gateway_stats
     rows = [
@@ -133,28 +117,17 @@ async def test_a_gateway_stall_under_load_settles_within_minutes_of_recovery(
 
 
 async def test_a_rate_limiting_gateway_slows_the_service_and_nothing_fails(
-    kafka_bootstrap: str,
-    make_database: DatabaseFactory,
-    e2e_log_dir: Path,
-    capsys: pytest.CaptureFixture[str],
+    make_stack: StackFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    database_url = make_database(prefix="payment_e2e")
     with FakeStripe(latency_ms=(5, 30), rate_limit=8) as gateway:
-        async with open_stack(
-            bootstrap=kafka_bootstrap,
-            database_url=database_url,
-            log_dir=e2e_log_dir,
-            topic_prefix="ratelimit",
-            **gateway.env(),
-            **ENV,
-        ) as stack:
-            load = Load(stack.orch, rate_per_s=12.0, prefix="429")
-            load.start()
-            await asyncio.sleep(20)
-            await load.stop()
-            await settle(stack, load, gateway, timeout_s=SETTLE_LIMIT_S)
-            assert await stack.service.terminate() == 0
-            audit = await _audit(database_url, load, stack.bootstrap, stack.topics, gateway)
+        stack = await make_stack(topic_prefix="ratelimit", **gateway.env(), **ENV)
+        load = Load(stack.orch, rate_per_s=12.0, prefix="429")
+        load.start()
+        await asyncio.sleep(20)
+        await load.stop()
+        await settle(stack, load, gateway, timeout_s=SETTLE_LIMIT_S)
+        assert await stack.service.terminate() == 0
+        audit = await _audit(stack, load, gateway)
 
     stats = audit.gateway_stats
     rows = [

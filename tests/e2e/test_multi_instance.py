@@ -14,7 +14,6 @@ by broker timestamp: `ce_sequence` never goes down along a key, starting at 1).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import Counter
@@ -32,17 +31,19 @@ from .reliability import (
     Audit,
     DatabaseState,
     Load,
+    assert_exercised,
     chaos_env,
     flaky_gateway,
     format_summary,
     read_topics,
     ready_or_exited,
+    run_length,
     settle,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-DURATION_S = float(os.environ.get("MULTI_INSTANCE_SECONDS", "90"))
+DURATION_S = run_length("MULTI_INSTANCE_SECONDS", 90)
 # The chaos phase lasts at least DURATION_S and until this many SIGKILLs: on a loaded
 # machine a restart can take longer than the pause between kills.
 MIN_KILLS = int(DURATION_S // 5)
@@ -130,3 +131,5 @@ async def test_three_instances_one_dying_every_few_seconds(
     problems = audit.violations()
     assert not problems, "\n".join(problems[:50])
     assert summary["lost requests"] == 0 and summary["double charges"] == 0
+    assert_exercised(summary, lost_answers=True)
+    assert causes["failpoint"] > 0, "no armed failpoint fired: only SIGKILLs were tested"

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from support.database import fresh_database
-
-from .harness import Received, ServiceStack, open_stack
+from .harness import (
+    Received,
+    ServiceStack,
+    new_booking,
+    open_stack,
+    open_stack_on_a_fresh_database,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,10 +42,6 @@ REFUNDED_FIELDS = {
     "refunded_at",
     "version",
 }
-
-
-def new_booking(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -66,16 +65,15 @@ async def slow_stack(
 ) -> AsyncIterator[ServiceStack]:
     """A service whose fake gateway takes two seconds per call (refunds sent meanwhile find
     the payment in flight)."""
-    with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
-        async with open_stack(
-            bootstrap=kafka_bootstrap,
-            database_url=url,
-            log_dir=e2e_log_dir,
-            topic_prefix="e2e-refund-slow",
-            PAYMENT_FAKE_LATENCY_MS="2000",
-            **BROKER_TIMINGS,
-        ) as opened:
-            yield opened
+    async with open_stack_on_a_fresh_database(
+        postgres_server_url,
+        bootstrap=kafka_bootstrap,
+        log_dir=e2e_log_dir,
+        topic_prefix="e2e-refund-slow",
+        PAYMENT_FAKE_LATENCY_MS="2000",
+        **BROKER_TIMINGS,
+    ) as opened:
+        yield opened
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -83,17 +81,16 @@ async def fail_stack(
     kafka_bootstrap: str, postgres_server_url: str, e2e_log_dir: Any
 ) -> AsyncIterator[ServiceStack]:
     """A service whose fake gateway declines every charge, after two seconds."""
-    with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
-        async with open_stack(
-            bootstrap=kafka_bootstrap,
-            database_url=url,
-            log_dir=e2e_log_dir,
-            topic_prefix="e2e-refund-fail",
-            PAYMENT_FAKE_MODE="fail",
-            PAYMENT_FAKE_LATENCY_MS="2000",
-            **BROKER_TIMINGS,
-        ) as opened:
-            yield opened
+    async with open_stack_on_a_fresh_database(
+        postgres_server_url,
+        bootstrap=kafka_bootstrap,
+        log_dir=e2e_log_dir,
+        topic_prefix="e2e-refund-fail",
+        PAYMENT_FAKE_MODE="fail",
+        PAYMENT_FAKE_LATENCY_MS="2000",
+        **BROKER_TIMINGS,
+    ) as opened:
+        yield opened
 
 
 async def _paid(stack: ServiceStack, booking: str, amount: int = 1000) -> Received:

@@ -18,8 +18,6 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from support.database import fresh_database
-
 from .harness import (
     RFC3339,
     EventLog,
@@ -27,8 +25,10 @@ from .harness import (
     Sent,
     ServiceStack,
     StackFactory,
+    new_booking,
     new_traceparent,
     open_stack,
+    open_stack_on_a_fresh_database,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,10 +75,6 @@ DLQ_HEADERS = (
 )
 
 
-def new_booking(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
 @pytest_asyncio.fixture(scope="module")
 async def stack(
     kafka_bootstrap: str, module_database_url: str, e2e_log_dir: Any
@@ -103,16 +99,15 @@ async def fail_stack(
 ) -> AsyncIterator[ServiceStack]:
     """A second service whose fake gateway declines every charge, taking two seconds
     (so a test can act while a charge is in flight, on a loaded machine too)."""
-    with fresh_database(postgres_server_url, prefix="payment_e2e") as url:
-        async with open_stack(
-            bootstrap=kafka_bootstrap,
-            database_url=url,
-            log_dir=e2e_log_dir,
-            topic_prefix="e2e-fail",
-            PAYMENT_FAKE_MODE="fail",
-            PAYMENT_FAKE_LATENCY_MS="2000",
-        ) as opened:
-            yield opened
+    async with open_stack_on_a_fresh_database(
+        postgres_server_url,
+        bootstrap=kafka_bootstrap,
+        log_dir=e2e_log_dir,
+        topic_prefix="e2e-fail",
+        PAYMENT_FAKE_MODE="fail",
+        PAYMENT_FAKE_LATENCY_MS="2000",
+    ) as opened:
+        yield opened
 
 
 # -- checks ------------------------------------------------------------------------------

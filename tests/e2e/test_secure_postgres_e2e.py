@@ -22,6 +22,7 @@ import pytest_asyncio
 from support.tls_postgres import TlsPostgres, tls_postgres
 
 from .harness import ServiceStack, ServiceTopics, open_stack, run_cli, service_env
+from .refusals import failure_line, secret_file
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +35,7 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgres]:
 
 @pytest.fixture(scope="module")
 def url_file(postgres: TlsPostgres, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secrets") / "database-url"
-    path.write_text(postgres.url() + "\n")
-    path.chmod(0o600)
-    return path
+    return secret_file(tmp_path_factory, "database-url", postgres.url())
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -118,18 +116,13 @@ def test_bad_database_security_stops_start_up_naming_the_setting(
     began = time.monotonic()
     done = run_cli("run", env=env, timeout_s=60)
     elapsed = time.monotonic() - began
-    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
-    # The failure is one line of its own (log lines before it, e.g. the fake
-    # processor's warning, are not failures), and no traceback.
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("payment-service:")]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("payment-service: configuration error: PAYMENT_DATABASE_URL: ")
-    assert expected in lines[0]
+    line = failure_line(done, 2)
+    assert line.startswith("payment-service: configuration error: PAYMENT_DATABASE_URL: ")
+    assert expected in line
     output = done.stdout + done.stderr
     assert postgres.password not in output and wrong_password not in output
     assert elapsed < 30, f"{case}: took {elapsed:.1f} s"
-    print(f"{case}: exit 2 after {elapsed:.2f} s: {lines[0]}")
+    print(f"{case}: exit 2 after {elapsed:.2f} s: {line}")
 
 
 def test_no_database_answering_is_a_dependency_failure(
@@ -142,12 +135,7 @@ def test_no_database_answering_is_a_dependency_failure(
         database_url=url, bootstrap=kafka_bootstrap, topics=ServiceTopics.unique("e2e-pgbad")
     )
     done = run_cli("run", env=env, timeout_s=60)
-    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
-    # The failure is one line of its own (log lines before it, e.g. the fake
-    # processor's warning, are not failures), and no traceback.
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("payment-service:")]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("payment-service: dependency unavailable: database "), lines
-    assert "connection refused" in lines[0] and "PAYMENT_DATABASE_URL" in lines[0], lines
+    line = failure_line(done, 3)
+    assert line.startswith("payment-service: dependency unavailable: database "), line
+    assert "connection refused" in line and "PAYMENT_DATABASE_URL" in line, line
     assert postgres.password not in done.stdout + done.stderr

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, TypeVar, Unpack
 
 from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
@@ -76,6 +76,16 @@ class Published:
         return self.type in TERMINAL_TYPES
 
 
+class RequestFields(TypedDict):
+    """A `saga.request_payment`'s fields besides the booking id."""
+
+    amount: int
+    currency: str
+    payment_method: str
+    saga_id: NotRequired[str | None]
+    customer_id: NotRequired[str | None]
+
+
 class PaymentsDriver(Protocol):
     """The service under test, as the booking saga sees it.
 
@@ -87,16 +97,7 @@ class PaymentsDriver(Protocol):
         """(Re)start the service with an empty store and this processor configuration."""
         ...
 
-    def request(
-        self,
-        booking_id: str,
-        *,
-        amount: int,
-        currency: str,
-        payment_method: str,
-        saga_id: str | None = None,
-        customer_id: str | None = None,
-    ) -> str:
+    def request(self, booking_id: str, **fields: Unpack[RequestFields]) -> str:
         """Send one `saga.request_payment` with a new `ce_id`; returns that `ce_id`."""
         ...
 
@@ -230,25 +231,12 @@ class MemoryDriver:
         self._by_booking: defaultdict[str, list[Published]] = defaultdict(list)
         self._seen_rows = 0
 
-    def request(
-        self,
-        booking_id: str,
-        *,
-        amount: int,
-        currency: str,
-        payment_method: str,
-        saga_id: str | None = None,
-        customer_id: str | None = None,
-    ) -> str:
+    def request(self, booking_id: str, **fields: Unpack[RequestFields]) -> str:
         message_id = str(uuid.uuid4())
         self._requests[message_id] = RequestPayment(
             inbound=InboundRef(source=SAGA_SOURCE, message_id=message_id),
             booking_id=booking_id,
-            amount=amount,
-            currency=currency,
-            payment_method=payment_method,
-            saga_id=saga_id,
-            customer_id=customer_id,
+            **fields,
         )
         self.redeliver(message_id)
         return message_id

@@ -23,13 +23,14 @@ How each driver method is realised, and where the two processors differ:
   declined). Random outcomes exist only on the fake; the sandbox skips those scenarios.
 - A lost answer: on the sandbox the proxy forwards the next charge (`POST`) to localstripe
   and drops its response. The fake gateway lives inside the service process, so its
-  answer cannot be lost short of killing the process (which also forgets the fake's
-  ledger, turning the scenario into crash recovery): the fake skips that scenario.
+  answer cannot be lost short of killing the process (which turns the scenario into crash
+  recovery): the fake skips that scenario.
 - Charges: on the sandbox, localstripe's own ledger (PaymentIntents whose metadata names
-  the booking). The fake's ledger is in the service process, out of reach: the driver
-  counts the distinct idempotency keys of the booking's payments that the service
-  recorded as having reached the gateway (its audit trail of attempts) — the same
-  definition as the memory driver's, but read from the service's own store.
+  the booking). The fake keeps its ledger in a file of the scenario
+  (`PAYMENT_FAKE_LEDGER_PATH`) that outlives the service process: the driver counts the
+  distinct idempotency keys charged for the booking there, as a gateway would see them,
+  and checks the service's own audit trail (the attempts it recorded as having reached
+  the gateway) says the same.
 - Reconciling: when a scenario loses an answer, the service is launched with
   `PAYMENT_RECONCILE_AFTER_S` of a few seconds; `reconcile()` waits for the running
   service's reconciler to resolve every payment in flight.
@@ -39,13 +40,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 import psycopg
 import pytest
@@ -61,7 +64,7 @@ from e2e.harness import (
 from support.localstripe import API_KEY, LocalStripe
 from support.proxy import TcpProxy
 
-from .driver import TERMINAL_TYPES, ProcessorSetup, Published
+from .driver import TERMINAL_TYPES, ProcessorSetup, Published, RequestFields
 
 T = TypeVar("T")
 
@@ -83,14 +86,13 @@ RECONCILE_INTERVAL_S = 0.2
 SETTLE_TIMEOUT_S = 240.0
 
 SKIP_RANDOM_ON_SANDBOX = (
-    "the sandbox gateway has no random mode: Stripe's test mode approves or declines by "
-    "the test card, so there is no seed or success rate to configure"
+    "cannot exist: the sandbox gateway has no random mode: Stripe's test mode approves or "
+    "declines by the test card, so there is no seed or success rate to configure"
 )
 SKIP_LOST_ANSWER_ON_FAKE = (
-    "the fake gateway runs inside the service process: its answer cannot be lost without "
-    "killing the process, which also forgets the fake's ledger (that is crash recovery, "
-    "not reconciliation); the sandbox run covers this scenario with a proxy that drops "
-    "the gateway's answer"
+    "cannot exist: the fake gateway runs inside the service process, so its answer cannot "
+    "be lost short of killing the process (that is crash recovery, not reconciliation); "
+    "the sandbox run covers this scenario with a proxy that drops the gateway's answer"
 )
 
 # A payment is settled once it is terminal, or in flight with an unknown outcome recorded.
@@ -106,8 +108,8 @@ WHERE p.status = 'INITIATED'
 _IN_FLIGHT = "SELECT count(*) FROM payment_payments WHERE status = 'INITIATED'"
 _UNPUBLISHED = "SELECT count(*) FROM payment_outbox WHERE published_at IS NULL"
 _OUTBOX_EVENTS = "SELECT event_id::text, count(*) FROM payment_outbox GROUP BY event_id"
-# The fake's charges, from the audit trail: idempotency keys of the booking's payments
-# with an attempt that reached the gateway (anything but "unavailable").
+# The service's audit trail of charges: idempotency keys of the booking's payments with an
+# attempt that reached the gateway (anything but "unavailable"); checked against the fake's.
 _RECORDED_CHARGES = """
 SELECT count(DISTINCT i.data->>'idempotency_key') FROM payment_events i
 WHERE i.event_type = 'PaymentInitiated' AND i.data->>'booking_id' = %s
@@ -182,6 +184,7 @@ class RealStackDriver:
         self._lose_answers = 0
         self._sent: dict[str, Sent] = {}
         self._known_intents: set[str] = set()
+        self._fake_ledger = log_dir / "fake-ledger-unused.jsonl"
         self._watchers: set[asyncio.Task[None]] = set()
 
     # -- the service -----------------------------------------------------------------
@@ -193,6 +196,8 @@ class RealStackDriver:
         self._setup = processor
         self._lose_answers = 0
         self._sent = {}
+        # The log directory is shared by the scenarios: each start has a ledger of its own.
+        self._fake_ledger = self._log_dir / f"fake-ledger-{uuid.uuid4().hex[:12]}.jsonl"
 
     def _environment(self) -> dict[str, str]:
         """PAYMENT_* overrides of this start: the processor swap is configuration alone."""
@@ -203,6 +208,7 @@ class RealStackDriver:
                 "PAYMENT_FAKE_MODE": setup.mode,
                 "PAYMENT_FAKE_SUCCESS_RATE": str(setup.success_rate),
                 "PAYMENT_FAKE_SEED": "" if setup.seed is None else str(setup.seed),
+                "PAYMENT_FAKE_LEDGER_PATH": str(self._fake_ledger),
             }
         else:
             assert self._proxy is not None
@@ -262,27 +268,10 @@ class RealStackDriver:
 
     # -- the saga's side ---------------------------------------------------------------
 
-    def request(
-        self,
-        booking_id: str,
-        *,
-        amount: int,
-        currency: str,
-        payment_method: str,
-        saga_id: str | None = None,
-        customer_id: str | None = None,
-    ) -> str:
+    def request(self, booking_id: str, **fields: Unpack[RequestFields]) -> str:
         orch = self._orch
-        sent = self._run(
-            orch.request(
-                booking_id,
-                amount=amount,
-                currency=currency,
-                payment_method=self._gateway_method(payment_method),
-                saga_id=saga_id,
-                customer_id=customer_id,
-            )
-        )
+        method = self._gateway_method(fields["payment_method"])
+        sent = self._run(orch.request(booking_id, **{**fields, "payment_method": method}))
         assert sent.ce_id is not None
         self._sent[sent.ce_id] = sent
         return sent.ce_id
@@ -366,7 +355,20 @@ class RealStackDriver:
             row = await cursor.fetchone()
             return int(row[0]) if row else 0
 
-        return self._run(recorded())
+        charged = self._fake_charges(booking_id)
+        audited = self._run(recorded())
+        assert charged == audited, (
+            f"{booking_id}: the fake's ledger holds {charged} charges, the service's audit"
+            f" trail {audited}"
+        )
+        return charged
+
+    def _fake_charges(self, booking_id: str) -> int:
+        """Distinct idempotency keys charged for the booking, from the fake's ledger file."""
+        if not self._fake_ledger.exists():
+            return 0
+        entries = [json.loads(line) for line in self._fake_ledger.read_text().splitlines()]
+        return len({e["idempotency_key"] for e in entries if e["booking_id"] == booking_id})
 
     def dead_lettered(self, message_id: str) -> bool:
         orch = self._orch

@@ -45,6 +45,14 @@ async def read_one(kafka_bootstrap: str, topic: str) -> ConsumerRecord[bytes, by
         await consumer.stop()
 
 
+async def topics_of_this_test(kafka_bootstrap: str, *, partitions: int) -> tuple[str, str]:
+    """A request topic and a dead-letter topic no other test uses, created."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
+    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=partitions)
+    return source, dead_letters
+
+
 def poison_reason(record: ConsumerRecord[bytes, bytes]) -> str:
     """Why the consumer would dead-letter `record` (which must be poison)."""
     try:
@@ -57,9 +65,7 @@ def poison_reason(record: ConsumerRecord[bytes, bytes]) -> str:
 async def test_dead_letter_keeps_original_bytes_and_headers_and_adds_dlq_headers(
     kafka_bootstrap: str, producer: AIOKafkaProducer
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
-    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=3)
+    source, dead_letters = await topics_of_this_test(kafka_bootstrap, partitions=3)
     value = b'{"booking_id": 42, "junk": "\xff\xfe"}'  # not even UTF-8
     original_headers = [
         ("ce_specversion", b"1.0"),
@@ -96,9 +102,7 @@ async def test_dead_letter_keeps_original_bytes_and_headers_and_adds_dlq_headers
 async def test_dead_letter_of_a_record_without_key_or_headers(
     kafka_bootstrap: str, producer: AIOKafkaProducer
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
-    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=1)
+    source, dead_letters = await topics_of_this_test(kafka_bootstrap, partitions=1)
     await producer.send_and_wait(source, value=b"x" * (70 * 1024))
     poisoned = await read_one(kafka_bootstrap, source)
 
@@ -120,9 +124,7 @@ async def test_dead_letter_of_a_record_without_key_or_headers(
 async def test_a_poison_request_carrying_a_card_number_is_parked_masked(
     kafka_bootstrap: str, producer: AIOKafkaProducer
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:12]}"
-    source, dead_letters = f"{prefix}.request", f"{prefix}.dead_letter"
-    await ensure_topics(kafka_bootstrap, [source, dead_letters], partitions=1)
+    source, dead_letters = await topics_of_this_test(kafka_bootstrap, partitions=1)
     # Undecodable (the amount is a string), with a card number as payment method.
     value = (
         b'{"booking_id": "booking-8", "amount": "100", "currency": "EUR",'

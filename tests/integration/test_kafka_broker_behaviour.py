@@ -34,7 +34,7 @@ from dependency_injector import providers
 from payment.adapters.kafka.consumer import commit_as_member
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.relay import KafkaOutboxRelay
-from payment.adapters.kafka.topics import Topics, ensure_topics
+from payment.adapters.kafka.topics import ensure_topics
 from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.processors.fake import FakeProcessor
@@ -46,6 +46,7 @@ from payment.service import Service
 from payment.settings import Settings
 from support.broker import client_fetch_max_wait_ms, is_tansu
 from support.service_settings import isolated_settings, topics_of
+from support.topics import unique_topics
 from support.waiting import eventually
 
 pytestmark = [
@@ -413,14 +414,8 @@ def _completed(key: str, sequence: int, data: bytes) -> OutboundMessage:
 async def test_an_outbox_row_too_large_for_its_topic_holds_back_only_its_key(
     kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    prefix = f"big{uuid.uuid4().hex[:8]}"
-    topics = Topics(
-        request=f"{prefix}.request",
-        initiated=f"{prefix}.initiated",
-        completed=f"{prefix}.completed",
-        failed=f"{prefix}.failed",
-        dead_letter=f"{prefix}.dead_letter",
-    )
+    prefix = f"big{uuid.uuid4().hex[:8]}"  # the keys of this test
+    topics = unique_topics("big")
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:  # an operator's limit on the topic, well below the producer's own 1 MiB

@@ -28,7 +28,6 @@ from payment.application.handlers import (
     execute_payment,
     request_payment,
 )
-from payment.application.messages import OutboundMessage
 from payment.application.ports import UnitOfWork
 from payment.domain.events import (
     ChargeAttempted,
@@ -36,6 +35,7 @@ from payment.domain.events import (
     PaymentCompleted,
     PaymentFailed,
 )
+from support.events import attempted, message
 from support.fixtures import DatabaseFactory
 
 CLOCK = SystemClock()
@@ -150,8 +150,8 @@ async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(
                     version = len(await uow.events.load(stream))
                     if version >= events_per_stream:
                         return
-                    await uow.events.append(stream, version, [_attempted(stream, version + 1)])
-                    await uow.outbox.add([_message(str(stream), version + 1)])
+                    await uow.events.append(stream, version, [attempted(stream, version + 1)])
+                    await uow.outbox.add([message(str(stream), sequence=version + 1)])
                     if rng.random() < 0.4:
                         await _send_now(uow)
                         await asyncio.sleep(rng.uniform(0.005, 0.03))
@@ -162,7 +162,7 @@ async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(
     async def laggard(n: int) -> None:
         # Draws a position, then commits well after faster writers drew later ones.
         async with pg_uow_factory() as uow:
-            await uow.outbox.add([_message(f"laggard-{n}", None)])
+            await uow.outbox.add([message(f"laggard-{n}", sequence=None)])
             await _send_now(uow)
             await asyncio.sleep(rng.uniform(0.02, 0.06))
             await uow.commit()
@@ -211,31 +211,6 @@ async def _send_now(uow: UnitOfWork) -> None:
     """Make the unit of work send its queued writes now (a read sees them, so it sends
     them first): the outbox row draws its position here, long before the commit."""
     await uow.events.load(uuid.uuid4())
-
-
-def _attempted(stream: uuid.UUID, version: int) -> ChargeAttempted:
-    return ChargeAttempted(
-        event_id=uuid.uuid4(),
-        payment_id=stream,
-        version=version,
-        occurred_at=CLOCK.now(),
-        attempt=version,
-        processor="fake",
-        result="unknown",
-        detail="test",
-    )
-
-
-def _message(key: str, sequence: int | None) -> OutboundMessage:
-    return OutboundMessage(
-        event_id=uuid.uuid4(),
-        type="payment.initiated",
-        key=key,
-        subject=key,
-        sequence=sequence,
-        time=CLOCK.now(),
-        data=b"{}",
-    )
 
 
 async def _applied(url: str) -> list[int]:

@@ -15,7 +15,7 @@ from payment.adapters.memory import SystemClock
 from payment.adapters.postgres.pool import Pool, open_pool
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWork, PostgresUnitOfWorkFactory
 from payment.application.errors import ConcurrencyConflict
-from payment.domain.events import ChargeAttempted
+from support.events import attempted
 
 CLOCK = SystemClock()
 
@@ -25,19 +25,6 @@ async def one_connection(pg_pool: Pool, database_url: str) -> AsyncIterator[Pool
     """A pool of a single connection, so consecutive units of work share it."""
     async with open_pool(database_url, min_size=1, max_size=1) as pool:
         yield pool
-
-
-def _event(stream: uuid.UUID, version: int) -> ChargeAttempted:
-    return ChargeAttempted(
-        event_id=uuid.uuid4(),
-        payment_id=stream,
-        version=version,
-        occurred_at=CLOCK.now(),
-        attempt=version,
-        processor="fake",
-        result="unknown",
-        detail="test",
-    )
 
 
 def _in_transaction(uow: PostgresUnitOfWork) -> bool:
@@ -62,7 +49,7 @@ async def test_reads_run_outside_a_transaction_until_the_first_write(
         assert not _in_transaction(uow)
         await uow.inbox.mark("saga", "m-1", CLOCK.now())
         assert _in_transaction(uow)
-        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.events.append(stream, 0, [attempted(stream, 1)])
         assert len(await uow.events.load(stream)) == 1
         await uow.commit()
         assert not _in_transaction(uow)
@@ -73,10 +60,10 @@ async def test_writes_without_a_result_wait_for_the_next_statement_or_the_commit
 ) -> None:
     stream = uuid.uuid4()
     async with PostgresUnitOfWork(one_connection) as uow:
-        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.events.append(stream, 0, [attempted(stream, 1)])
         # Nothing sent yet: no transaction, and a reader elsewhere sees nothing.
         assert not _in_transaction(uow)
-        await uow.events.append(stream, 1, [_event(stream, 2)])
+        await uow.events.append(stream, 1, [attempted(stream, 2)])
         # A read in the unit of work sees its own writes (they are sent first).
         assert len(await uow.events.load(stream)) == 2
         assert _in_transaction(uow)
@@ -91,12 +78,12 @@ async def test_a_deferred_conflict_surfaces_at_commit_and_nothing_commits(
 ) -> None:
     stream = uuid.uuid4()
     async with PostgresUnitOfWork(one_connection) as uow:
-        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.events.append(stream, 0, [attempted(stream, 1)])
         await uow.commit()
     with pytest.raises(ConcurrencyConflict):
         async with PostgresUnitOfWork(one_connection) as uow:
             assert await uow.inbox.mark("saga", "m-2", CLOCK.now())
-            await uow.events.append(stream, 0, [_event(stream, 1)])  # behind: version 1 exists
+            await uow.events.append(stream, 0, [attempted(stream, 1)])  # behind: version 1 exists
             await uow.commit()
     async with PostgresUnitOfWork(one_connection) as uow:
         assert len(await uow.events.load(stream)) == 1
@@ -109,7 +96,7 @@ async def test_the_connection_goes_back_idle_in_autocommit(
 ) -> None:
     stream = uuid.uuid4()
     async with PostgresUnitOfWork(one_connection) as uow:
-        await uow.events.append(stream, 0, [_event(stream, 1)])
+        await uow.events.append(stream, 0, [attempted(stream, 1)])
         await uow.commit()
     async with PostgresUnitOfWork(one_connection) as uow:
         await uow.events.load(stream)
@@ -124,8 +111,8 @@ async def test_the_connection_goes_back_idle_in_autocommit(
         async with PostgresUnitOfWork(one_connection) as uow:
             events = await uow.events.load(stream)
             if ending == "conflict":
-                await uow.events.append(stream, 0, [_event(stream, 1)])
-            await uow.events.append(stream, len(events), [_event(stream, len(events) + 1)])
+                await uow.events.append(stream, 0, [attempted(stream, 1)])
+            await uow.events.append(stream, len(events), [attempted(stream, len(events) + 1)])
             if ending in ("commit", "conflict"):
                 await uow.commit()  # a conflict of a queued append surfaces here
             elif ending == "error":

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from typing import Any
 
+import psycopg
 import pytest
 
 from payment.adapters.kafka.redrive import DeadLetter, RedriveResult, redrive
 from payment.adapters.postgres.migrations import migrate
 from payment.adapters.postgres.redrives import PostgresRedriveLedger
+from support.waiting import eventually
 
 DLQ = "payment.dead_letter"
 REQUESTS = "saga.request_payment"
@@ -30,21 +32,13 @@ class FakeProducer:
         self.gate = gate
         self.entered = asyncio.Event()  # set once a send began: the claim is taken by then
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes | None = None,
-        key: bytes | None = None,
-        partition: int | None = None,
-        timestamp_ms: int | None = None,
-        headers: Sequence[tuple[str, bytes | None]] | None = None,
-    ) -> object:
+    async def send_and_wait(self, topic: str, value: bytes | None = None, **record: Any) -> Meta:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
             raise ConnectionError("broker down")
-        self.sent.append((topic, key, value, list(headers or ())))
+        self.sent.append((topic, record.get("key"), value, list(record.get("headers") or ())))
         return Meta(2, 100 + len(self.sent))
 
 
@@ -147,12 +141,23 @@ async def test_two_concurrent_runs_redrive_a_dead_letter_once(database_url: str)
                 producer=fast,
             )
         )
-        await asyncio.sleep(0.2)
+        # Not a pause and a hope: PostgreSQL says the second run's claim waits on a lock.
+        await eventually(lambda: _waiting_on_a_lock(database_url), 10, what="second run blocked")
         assert not second.done(), "the second run waits for the first one's claim"
         gate.set()
         results = [await first, await second]
     assert [r[0].outcome for r in results] == ["redriven", "already_redriven"]
     assert len(slow.sent) + len(fast.sent) == 1
+
+
+async def _waiting_on_a_lock(database_url: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        row = await cursor.fetchone()
+        return row is not None and row[0] > 0
 
 
 async def test_a_failed_publication_leaves_no_claim(database_url: str) -> None:

@@ -45,6 +45,7 @@ from payment.application.handlers import RequestResult, reconcile_payment, reque
 from payment.cli import main
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import Approved
+from support.topics import unique_topics
 
 RELEASES = sorted(
     p.parent for p in (Path(__file__).parents[1] / "fixtures" / "releases").glob("*/paths.json")
@@ -115,17 +116,6 @@ def redelivered(request: dict[str, Any]) -> RequestPayment:
     )
 
 
-def unique_topics() -> Topics:
-    prefix = f"upgrade{uuid.uuid4().hex[:12]}"
-    return Topics(
-        request=f"{prefix}.request",
-        initiated=f"{prefix}.initiated",
-        completed=f"{prefix}.completed",
-        failed=f"{prefix}.failed",
-        dead_letter=f"{prefix}.dead_letter",
-    )
-
-
 async def read_all(
     bootstrap: str, topics: Topics, count: int
 ) -> list[ConsumerRecord[bytes, bytes]]:
@@ -153,7 +143,7 @@ async def read_all(
 
 @pytest_asyncio.fixture
 async def topics(kafka_bootstrap: str) -> AsyncIterator[Topics]:
-    made = unique_topics()
+    made = unique_topics("upgrade")
     await ensure_topics(kafka_bootstrap, made.names, partitions=1)
     yield made
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable
 
 
@@ -27,3 +28,14 @@ async def _holds(condition: Callable[[], object]) -> bool:
     if inspect.isawaitable(result):
         result = await result
     return bool(result)
+
+
+def eventually_sync(
+    condition: Callable[[], object], within: float = 5.0, *, every: float = 0.02, what: str = ""
+) -> None:
+    """`eventually` for tests without an event loop (subprocesses, files, ports)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or 'condition'} still false after {within}s")
+        time.sleep(every)

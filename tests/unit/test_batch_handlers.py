@@ -8,7 +8,6 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -41,22 +40,12 @@ from payment.domain.processor import (
     OutcomeUnknown,
     ProcessorUnavailable,
 )
+from support.clock import FakeClock
 from support.commands import SAGA, SELF, TRACE, request_cmd
 
 POLICY = ExecutionPolicy(
     call_timeout_s=0.5, max_attempts=2, backoff_initial_s=0.001, backoff_max_s=0.002
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.current = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
 
 
 def initiated_cmds(uows: MemoryUnitOfWorkFactory) -> list[ExecutePayment]:

@@ -17,7 +17,6 @@ from payment.adapters.memory import MemoryUnitOfWorkFactory
 from payment.application.commands import ReconcilePayment
 from payment.application.handlers import ExecuteResult, execute_payment, reconcile_payment
 from payment.domain.errors import ChargeInProgress, IllegalTransition
-from payment.domain.money import Money
 from payment.domain.payment import Payment, PaymentStatus
 from payment.domain.processor import (
     Approved,
@@ -25,6 +24,7 @@ from payment.domain.processor import (
     ChargeRequest,
     ProcessorUnavailable,
 )
+from support.payments import initiate_payment
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -59,15 +59,7 @@ class HeldGateway:
 
 
 def _payment() -> Payment:
-    payment, _ = Payment.initiate(
-        payment_id=uuid.uuid4(),
-        booking_id="BK-1",
-        money=Money(amount=100, currency="EUR"),
-        payment_method="pm_card_visa",
-        saga_id=None,
-        customer_id=None,
-        at=T0,
-    )
+    payment, _ = initiate_payment(at=T0)
     return payment
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +180,23 @@ def test_without_a_seed_one_is_drawn() -> None:
 
     assert len(seeds) > 1
     assert FakeProcessor(mode="random", seed=0).seed == 0
+
+
+async def test_a_ledger_file_outlives_the_process_and_is_read_back(tmp_path: Path) -> None:
+    ledger = tmp_path / "fake-ledger.jsonl"
+    first = FakeProcessor(mode="random", seed=7, ledger_path=str(ledger))
+    key = uuid.uuid4()
+    outcomes = [await first.charge(charge_request(f"BK-{i}")) for i in range(5)]
+    charged = await first.charge(charge_request("BK-keyed", key))
+    assert await first.charge(charge_request("BK-keyed", key)) == charged  # a replay
+
+    lines = ledger.read_text().splitlines()
+    assert len(lines) == 6  # one per charge decided, none per replay
+    assert [json.loads(line)["booking_id"] for line in lines][-1] == "BK-keyed"
+
+    # A restart, in another mode: the same key answers what the ledger says, once.
+    restarted = FakeProcessor(mode="fail", ledger_path=str(ledger))
+    assert await restarted.lookup(charge_request("BK-keyed", key)) == charged
+    assert await restarted.charge(charge_request("BK-keyed", key)) == charged
+    assert len(ledger.read_text().splitlines()) == 6
+    assert len(restarted.charges) == len(outcomes) + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import msgspec
@@ -45,6 +45,7 @@ from payment.domain.processor import (
     OutcomeUnknown,
     ProcessorUnavailable,
 )
+from support.clock import FakeClock
 from support.commands import SELF, TRACE, request_cmd
 
 POLICY = ExecutionPolicy(
@@ -58,19 +59,6 @@ TERMINAL = ("payment.completed", "payment.failed")
 
 
 # -- test doubles ----------------------------------------------------------------------------
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.current = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
 
 
 class ScriptedGateway:
@@ -319,21 +307,26 @@ async def test_a_re_request_while_in_flight_publishes_nothing(
     assert list(uow_factory.db.bookings) == ["BK-1001"]
 
 
-@pytest.mark.parametrize(
-    "change", [{"amount": 12_501}, {"currency": "USD"}, {"amount": 1, "currency": "JPY"}]
+# A re-request meets the payment still in flight, or finished.
+in_flight_or_finished = pytest.mark.parametrize(
+    "finished", [False, True], ids=["in-flight", "finished"]
 )
-@pytest.mark.parametrize("finished", [False, True], ids=["in-flight", "finished"])
-async def test_a_re_request_for_other_money_is_a_conflict_and_changes_nothing(
+
+
+async def re_request_is_a_conflict_that_changes_nothing(
     uow_factory: MemoryUnitOfWorkFactory,
     clock: FakeClock,
-    change: dict[str, Any],
     finished: bool,
-) -> None:
+    fields: dict[str, Any],
+) -> PaymentConflict:
+    """Re-request BK-1001 (initiated, and executed if `finished`) with `fields` changed:
+    the request raises PaymentConflict naming the payment, and no row, commit or inbox
+    entry is written. Returns the conflict."""
     payment_id = await initiate(uow_factory, clock)
     if finished:
         await execute_payment(execute_cmd(payment_id), uow_factory, FakeProcessor(), clock, POLICY)
     rows, commits = outbox(uow_factory), uow_factory.db.commits
-    cmd = request_cmd("BK-1001", **change)
+    cmd = request_cmd("BK-1001", **fields)
 
     with pytest.raises(PaymentConflict) as caught:
         await request_payment(cmd, uow_factory, clock)
@@ -342,6 +335,20 @@ async def test_a_re_request_for_other_money_is_a_conflict_and_changes_nothing(
     assert outbox(uow_factory) == rows
     assert uow_factory.db.commits == commits
     assert (cmd.inbound.source, cmd.inbound.message_id) not in uow_factory.db.inbox
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "change", [{"amount": 12_501}, {"currency": "USD"}, {"amount": 1, "currency": "JPY"}]
+)
+@in_flight_or_finished
+async def test_a_re_request_for_other_money_is_a_conflict_and_changes_nothing(
+    uow_factory: MemoryUnitOfWorkFactory,
+    clock: FakeClock,
+    change: dict[str, Any],
+    finished: bool,
+) -> None:
+    await re_request_is_a_conflict_that_changes_nothing(uow_factory, clock, finished, change)
 
 
 @pytest.mark.parametrize(
@@ -395,7 +402,7 @@ async def test_an_invalid_request_gets_one_invalid_request_failure_and_no_paymen
         {"saga_id": "s" * 65},
     ],
 )
-@pytest.mark.parametrize("finished", [False, True], ids=["in-flight", "finished"])
+@in_flight_or_finished
 async def test_an_invalid_re_request_is_a_conflict_and_never_fails_the_booking(
     uow_factory: MemoryUnitOfWorkFactory,
     clock: FakeClock,
@@ -404,23 +411,12 @@ async def test_an_invalid_re_request_is_a_conflict_and_never_fails_the_booking(
 ) -> None:
     # Contract 4.3: a booking that has a payment never gets a payment.failed it did not
     # earn; the broken request is dead-lettered, saying why.
-    payment_id = await initiate(uow_factory, clock)
-    if finished:
-        await execute_payment(execute_cmd(payment_id), uow_factory, FakeProcessor(), clock, POLICY)
-    rows, commits = outbox(uow_factory), uow_factory.db.commits
-    cmd = request_cmd("BK-1001", **fields)
-
-    with pytest.raises(PaymentConflict) as caught:
-        await request_payment(cmd, uow_factory, clock)
-
-    assert caught.value.payment_id == payment_id
-    assert caught.value.detail.startswith(
-        "re-request for a booking that has a payment breaks a rule: "
+    conflict = await re_request_is_a_conflict_that_changes_nothing(
+        uow_factory, clock, finished, fields
     )
-    assert "4242" not in caught.value.detail
-    assert outbox(uow_factory) == rows
-    assert uow_factory.db.commits == commits
-    assert (cmd.inbound.source, cmd.inbound.message_id) not in uow_factory.db.inbox
+
+    assert conflict.detail.startswith("re-request for a booking that has a payment breaks a rule: ")
+    assert "4242" not in conflict.detail
 
 
 async def test_card_numbers_in_the_ids_of_an_accepted_request_are_masked_on_every_event(

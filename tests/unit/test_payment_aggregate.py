@@ -40,6 +40,7 @@ from payment.domain.events import (
 )
 from payment.domain.money import Money
 from payment.domain.payment import Payment, PaymentStatus
+from support.payments import initiate_payment
 
 PAYMENT_ID = uuid.UUID("00000000-0000-4000-8000-000000000001")
 IDEMPOTENCY_KEY = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
@@ -207,15 +208,7 @@ def test_initiate_gives_a_payment_initiated_at_version_1() -> None:
 
 def test_initiate_draws_a_fresh_idempotency_key_that_replay_keeps() -> None:
     def new() -> Payment:
-        payment, _ = Payment.initiate(
-            payment_id=uuid.uuid4(),
-            booking_id="BK-1",
-            money=Money.of(1, "EUR"),
-            payment_method="tok",
-            saga_id=None,
-            customer_id=None,
-            at=T0,
-        )
+        payment, _ = initiate_payment(amount=1, payment_method="tok", at=T0)
         return payment
 
     first, second = new(), new()
@@ -437,13 +430,12 @@ def test_a_payment_starts_with_a_payment_initiated_at_version_1_and_only_there()
 
 def new_payment(currency: str) -> tuple[Payment, list[AnyPaymentEvent]]:
     """A payment of 700 in `currency`, just initiated, and its PaymentInitiated."""
-    return Payment.initiate(
+    return initiate_payment(
         payment_id=PAYMENT_ID,
         booking_id="BK-9",
-        money=Money.of(700, currency),
+        amount=700,
+        currency=currency,
         payment_method="tok",
-        saga_id=None,
-        customer_id=None,
         at=T0,
     )
 
@@ -539,10 +531,10 @@ class PaymentLifecycle(RuleBasedStateMachine):
     def initiate(
         self, amount: int, currency: str, saga_id: str | None, customer_id: str | None, at: datetime
     ) -> None:
-        self.payment, self.events = Payment.initiate(
+        self.payment, self.events = initiate_payment(
             payment_id=PAYMENT_ID,
-            booking_id="BK-1",
-            money=Money.of(amount, currency),
+            amount=amount,
+            currency=currency,
             payment_method="tok",
             saga_id=saga_id,
             customer_id=customer_id,

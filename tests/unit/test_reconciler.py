@@ -1,13 +1,20 @@
-"""The reconciler works a backlog in parallel, oldest first; instances share it without overlap."""
+"""The reconciler works a backlog in parallel, oldest first; instances share it without overlap.
+
+One payment's error is its own (the others are reconciled, the error counted); a round
+that fails as a whole is followed by the next round.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from payment.adapters.memory import MemoryUnitOfWorkFactory
+import psycopg
+
+from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
 from payment.application.handlers import ExecutionPolicy, request_payment
 from payment.application.reconciler import Reconciler
 from payment.domain.payment import Payment
@@ -18,6 +25,7 @@ from payment.domain.processor import (
     OutcomeUnknown,
 )
 from support.commands import request_cmd
+from support.waiting import eventually
 
 POLICY = ExecutionPolicy(call_timeout_s=None, max_attempts=1)
 
@@ -124,3 +132,68 @@ async def test_payments_still_unknown_end_the_round_and_wait_for_the_next() -> N
     assert await reconciler.run_once() == 5
     assert set(gateway.lookups.values()) == {2}
     assert not gateway.charges
+
+
+class OneLookupBreaks(CountingGateway):
+    """The gateway's client fails on one payment's lookup only (a bug, a bad answer)."""
+
+    def __init__(self, broken: uuid.UUID) -> None:
+        super().__init__()
+        self.broken = broken
+
+    async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
+        if request.payment_id == self.broken:
+            self.lookups[request.payment_id] += 1
+            raise ValueError("unparseable answer from the gateway")
+        return await super().lookup(request)
+
+
+async def test_one_payments_error_is_counted_and_the_others_are_reconciled() -> None:
+    uows, clock = MemoryUnitOfWorkFactory(), FakeClock()
+    ids = await _backlog(uows, clock, 4)
+    gateway = OneLookupBreaks(broken=ids[1])
+    reconciler = _reconciler(uows, gateway, clock, parallelism=2)
+
+    assert await reconciler.run_once() == 4
+
+    assert reconciler.actions == {"completed": 3, "error": 1}
+    assert gateway.lookups[ids[1]] == 1
+    assert not Payment.replay(uows.db.streams[ids[1]]).is_terminal
+    assert all(Payment.replay(uows.db.streams[pid]).is_terminal for pid in ids if pid != ids[1])
+
+
+class FirstClaimFails(MemoryUnitOfWorkFactory):
+    """The database drops the connection under the first round's claim, then recovers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        if not self.failed:
+            self.failed = True
+
+            async def lost(before: datetime, limit: int, at: datetime) -> list[uuid.UUID]:
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+            uow.payments.claim_stale = lost  # type: ignore[method-assign]
+        return uow
+
+
+async def test_a_failed_round_is_counted_and_the_next_round_reconciles() -> None:
+    uows, clock, gateway = FirstClaimFails(), FakeClock(), CountingGateway()
+    ids = await _backlog(uows, clock, 3)
+    uows.failed = False  # the backlog is written; the reconciler's first claim fails
+    reconciler = Reconciler(uows, gateway, clock, POLICY, threshold_s=60, interval_s=0.01)
+
+    running = asyncio.create_task(reconciler.run())
+    try:
+        await eventually(lambda: reconciler.actions.get("completed") == 3, what="all reconciled")
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    assert reconciler.actions == {"completed": 3, "error": 1}
+    assert all(Payment.replay(uows.db.streams[pid]).is_terminal for pid in ids)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -32,23 +31,13 @@ from payment.domain.processor import (
     RefundOutcome,
     RefundRequest,
 )
+from support.clock import FakeClock
 from support.commands import SELF, refund_cmd, request_cmd
 
 POLICY = ExecutionPolicy(
     call_timeout_s=0.05, max_attempts=2, backoff_initial_s=0.001, backoff_max_s=0.002
 )
 CHARGE = 12_500
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.current = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
 
 
 class World:

@@ -18,7 +18,6 @@ from payment.domain.events import (
     PaymentFailed,
     PaymentReviewResolved,
 )
-from payment.domain.money import Money
 from payment.domain.payment import MANUAL_REFERENCE, Payment, PaymentStatus
 from payment.domain.processor import (
     Approved,
@@ -27,6 +26,7 @@ from payment.domain.processor import (
     Declined,
     OutcomeUnknown,
 )
+from support.payments import initiate_payment
 
 AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -56,15 +56,7 @@ class Gateway:
 
 
 def flagged_payment() -> tuple[Payment, list[AnyPaymentEvent]]:
-    payment, events = Payment.initiate(
-        payment_id=uuid.uuid4(),
-        booking_id="b-1",
-        money=Money(amount=1000, currency="EUR"),
-        payment_method="pm_card_visa",
-        saga_id=None,
-        customer_id=None,
-        at=AT,
-    )
+    payment, events = initiate_payment(booking_id="b-1", amount=1000, at=AT)
     events += payment.flag_for_review(detail="outcome unknown for 3600s", at=AT)
     return payment, events
 
@@ -138,15 +130,7 @@ def test_a_forced_outcome_is_recorded_as_forced() -> None:
 
 
 def test_only_a_flagged_payment_in_flight_can_be_resolved() -> None:
-    payment, _ = Payment.initiate(
-        payment_id=uuid.uuid4(),
-        booking_id="b-2",
-        money=Money(amount=1, currency="EUR"),
-        payment_method="pm",
-        saga_id=None,
-        customer_id=None,
-        at=AT,
-    )
+    payment, _ = initiate_payment(booking_id="b-2", amount=1, payment_method="pm", at=AT)
     with pytest.raises(IllegalTransition, match="not flagged"):
         resolve(payment, "failed", "not_found")
     flagged, _ = flagged_payment()

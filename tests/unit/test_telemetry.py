@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -97,10 +98,11 @@ def test_console_on_request() -> None:
     assert span_exporters({"OTEL_TRACES_EXPORTER": "none"}) == []
 
 
-@pytest.mark.skipif(OTLP_INSTALLED, reason="the otlp extra is installed here")
 def test_otlp_without_its_package_warns_once_and_runs_on(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Whether or not the extra is installed here: its module cannot be imported.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
     with caplog.at_level(logging.WARNING, logger="payment.adapters.observability.telemetry"):
         exporters = span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
     assert exporters == []
@@ -110,9 +112,29 @@ def test_otlp_without_its_package_warns_once_and_runs_on(
 
 
 @pytest.mark.skipif(not OTLP_INSTALLED, reason="the otlp extra is not installed")
-def test_otlp_when_an_endpoint_is_set() -> None:
-    [exporter] = span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
-    assert type(exporter).__name__ == "OTLPSpanExporter"
+def test_otlp_when_an_endpoint_is_set_exports_spans_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from support.otlp_receiver import otlp_receiver  # needs the otlp extra
+
+    with otlp_receiver() as collector:
+        environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint}
+        for name, value in environ.items():  # the exporter reads OTEL_* itself
+            monkeypatch.setenv(name, value)
+        [exporter] = span_exporters(environ)
+        assert type(exporter).__name__ == "OTLPSpanExporter"
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("test").start_as_current_span(
+            "process saga.request_payment",
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "kafka", "messaging.kafka.offset": 7},
+        ):
+            pass
+        provider.shutdown()
+
+    [span] = collector.spans
+    assert collector.paths == ["/v1/traces"]
+    assert span.name == "process saga.request_payment"
+    assert span.attributes == {"messaging.system": "kafka", "messaging.kafka.offset": 7}
 
 
 def test_the_sdk_can_be_disabled() -> None:

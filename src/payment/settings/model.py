@@ -60,6 +60,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     fake_success_rate: float = 0.8
     fake_seed: int | None = None
     fake_latency_ms: float = 0.0
+    fake_ledger_path: str | None = None
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
     consumer_group: str = "payment-service"

@@ -88,22 +88,25 @@ class Transaction:
             raise RuntimeError("the unit of work is not active")
         return self._conn
 
+    async def _caught_up(self) -> Connection:
+        """The connection, the deferred writes sent first: what runs next must see them."""
+        conn = self._connection()
+        if self._deferred:
+            await self._flush(conn)
+        return conn
+
     async def read(
         self, query: QueryNoTemplate, params: Params | None = None
     ) -> AsyncCursor[TupleRow]:
         """Run a statement that only reads (after the deferred writes: it must see them)."""
-        conn = self._connection()
-        if self._deferred:
-            await self._flush(conn)
+        conn = await self._caught_up()
         return await conn.execute(query, params)
 
     async def write(
         self, query: QueryNoTemplate, params: Params | None = None
     ) -> AsyncCursor[TupleRow]:
         """Run a statement that writes, inside the transaction (opened now if need be)."""
-        conn = self._connection()
-        if self._deferred:
-            await self._flush(conn)
+        conn = await self._caught_up()
         if conn.autocommit:
             await conn.set_autocommit(False)
             # BEGIN and the statement in one round trip.

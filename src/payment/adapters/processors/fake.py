@@ -6,7 +6,10 @@ import asyncio
 import hashlib
 import random
 import uuid
+from pathlib import Path
 from typing import Literal
+
+import msgspec
 
 from payment.domain.processor import (
     Approved,
@@ -20,6 +23,16 @@ from payment.domain.processor import (
 )
 
 FakeMode = Literal["success", "fail", "random"]
+
+
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One charge the fake decided, as its ledger file keeps it (one JSON line each)."""
+
+    idempotency_key: uuid.UUID
+    booking_id: str
+    amount: int
+    outcome: ChargeOutcome
+
 
 # Realistic gateway decline codes, drawn from in `fail` and `random` modes.
 DECLINE_CODES: tuple[tuple[str, str], ...] = (
@@ -48,6 +61,7 @@ class FakeProcessor:
         success_rate: float = 0.8,
         seed: int | None = None,
         latency_ms: float = 0.0,
+        ledger_path: str | None = None,
     ) -> None:
         if mode not in ("success", "fail", "random"):
             raise ValueError(f"unknown fake mode {mode!r}")
@@ -61,6 +75,13 @@ class FakeProcessor:
         self._charged: dict[str, int] = {}  # provider reference -> amount charged
         self._refunds: dict[uuid.UUID, tuple[RefundRequest, RefundOutcome]] = {}
         self.calls = 0
+        # A ledger that outlives the process (tests audit it as a real gateway's): every
+        # charge decided is appended to the file, and a restart reads the file back.
+        self._ledger_file = Path(ledger_path) if ledger_path else None
+        if self._ledger_file is not None and self._ledger_file.exists():
+            for line in self._ledger_file.read_bytes().splitlines():
+                entry = msgspec.json.decode(line, type=LedgerEntry)
+                self._keep(entry.idempotency_key, entry.amount, entry.outcome)
 
     @property
     def charges(self) -> dict[uuid.UUID, ChargeOutcome]:
@@ -75,8 +96,22 @@ class FakeProcessor:
         if known is not None:
             return known
         outcome = self._decide(request)
-        self._ledger[request.idempotency_key] = outcome
+        if self._ledger_file is not None:
+            entry = LedgerEntry(
+                idempotency_key=request.idempotency_key,
+                booking_id=request.booking_id,
+                amount=request.money.amount,
+                outcome=outcome,
+            )
+            with self._ledger_file.open("ab") as ledger:
+                ledger.write(msgspec.json.encode(entry) + b"\n")
+        self._keep(request.idempotency_key, request.money.amount, outcome)
         return outcome
+
+    def _keep(self, key: uuid.UUID, amount: int, outcome: ChargeOutcome) -> None:
+        self._ledger[key] = outcome
+        if isinstance(outcome, Approved):
+            self._charged[outcome.provider_reference] = amount
 
     async def lookup(self, request: ChargeRequest) -> ChargeOutcome | None:
         return self._ledger.get(request.idempotency_key)
@@ -129,9 +164,7 @@ class FakeProcessor:
     def _decide(self, request: ChargeRequest) -> ChargeOutcome:
         draw = self._draw(request.booking_id)
         if self.mode == "success" or (self.mode == "random" and draw < self.success_rate):
-            reference = f"fake_{request.idempotency_key.hex[:24]}"
-            self._charged[reference] = request.money.amount
-            return Approved(provider_reference=reference)
+            return Approved(provider_reference=f"fake_{request.idempotency_key.hex[:24]}")
         code, message = DECLINE_CODES[int(draw * 1_000_003) % len(DECLINE_CODES)]
         return Declined(code=code, message=message)
 
