@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
@@ -120,7 +121,7 @@ async def connect_lock_session(
 class RelayLeadership:
     """The relay's `leadership`: each entry holds the relay lock on a new dedicated connection.
 
-    Entering waits, trying every `retry_interval` seconds, until this instance holds the
+    Entering waits, trying every half to whole `retry_interval` (jittered), until this instance holds the
     lock; leaving (or cancellation while waiting) closes the connection, which releases it.
     While the block runs, a heartbeat checks the connection every `heartbeat_interval`
     seconds; if it fails, the block is interrupted and `RelayLeadershipLost` raised.
@@ -154,7 +155,9 @@ class RelayLeadership:
             while True:
                 if await try_acquire_relay_lock(conn):
                     break
-                await asyncio.sleep(self._retry_interval)
+                # A poll, not a retry after a failure (no backoff: it bounds the takeover
+                # time), jittered so that standbys started together do not ask in lockstep.
+                await asyncio.sleep(self._retry_interval * (0.5 + random.random() / 2))
             async with _HeldLock(conn, self._heartbeat_interval):
                 yield None
         finally:
