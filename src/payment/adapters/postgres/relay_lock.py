@@ -121,8 +121,9 @@ async def connect_lock_session(
 class RelayLeadership:
     """The relay's `leadership`: each entry holds the relay lock on a new dedicated connection.
 
-    Entering waits, trying every half to whole `retry_interval` (jittered), until this instance holds the
-    lock; leaving (or cancellation while waiting) closes the connection, which releases it.
+    Entering waits, trying every half to whole `retry_interval` (jittered), until this
+    instance holds the lock; leaving (or cancellation while waiting) closes the connection,
+    which releases it.
     While the block runs, a heartbeat checks the connection every `heartbeat_interval`
     seconds; if it fails, the block is interrupted and `RelayLeadershipLost` raised.
     """
