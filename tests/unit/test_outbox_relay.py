@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from payment.adapters.kafka.key_backoff import KeyBackoff
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
@@ -99,6 +100,21 @@ def unpublished(uow_factory: MemoryUnitOfWorkFactory) -> list[int]:
     return [r.position for r in uow_factory.db.outbox if r.published_at is None]
 
 
+class KeyClock:
+    """The clock of the relay's per-key backoff: it moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stepped_backoff(clock: KeyClock) -> KeyBackoff:
+    """A failing key waits 10 ms of `clock`'s time before it is tried again."""
+    return KeyBackoff(initial=0.01, maximum=0.01, clock=clock, rng=lambda: 1.0)
+
+
 def relay(
     sender: FakeSender, uow_factory: Callable[[], MemoryUnitOfWork], **options: object
 ) -> KafkaOutboxRelay:
@@ -134,7 +150,8 @@ async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
         return (key, seq) in failures
 
     sender = FakeSender(fails)
-    r = relay(sender, uows)
+    keys_clock = KeyClock()
+    r = relay(sender, uows, key_backoff=stepped_backoff(keys_clock))
     assert await r.publish_pending() == (5, 2)
     # a2 failed, so a3 was never even tried: the broker can never hold a3 before a2.
     assert sorted((s.key, s.sequence) for s in sender.sent) == [("a", 1), ("b", 1), ("b", 2)]
@@ -143,9 +160,9 @@ async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
     assert r.send_failures == 1
 
     failures.clear()
-    # Key a backs off on its own (max_backoff=0.01): once due, its rows go in order.
+    # Key a backs off on its own (10 ms of its clock): once due, its rows go in order.
     assert await r.publish_pending() == (0, 0)
-    await asyncio.sleep(0.02)
+    keys_clock.now += 0.02
     assert await r.publish_pending() == (2, 0)
     assert [(s.key, s.sequence) for s in sender.sent if s.key == "a"] == [
         ("a", 1),
@@ -171,7 +188,10 @@ async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> Non
         ),
         refuses=lambda key, seq: ValueError("cannot queue") if (key, seq) in raising else None,
     )
-    r = relay(sender, uows, tracer=provider.get_tracer("test"))
+    keys_clock = KeyClock()
+    r = relay(
+        sender, uows, tracer=provider.get_tracer("test"), key_backoff=stepped_backoff(keys_clock)
+    )
 
     # No exception escapes the pass: what was acknowledged is marked, not sent again later.
     assert await r.publish_pending() == (6, 3)
@@ -185,7 +205,8 @@ async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> Non
 
     raising.clear()
     failing.clear()
-    await asyncio.sleep(0.02)  # keys a and b back off on their own (max_backoff=0.01)
+    assert await r.publish_pending() == (0, 0)  # keys a and b back off on their own
+    keys_clock.now += 0.02
     assert await r.publish_pending() == (3, 0)
     assert unpublished(uows) == []
     for key in ("a", "b"):

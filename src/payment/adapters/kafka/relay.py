@@ -83,6 +83,7 @@ class KafkaOutboxRelay:
         leadership_term: float = 60.0,
         ack_timeout: float = 30.0,
         max_backoff: float = 10.0,
+        key_backoff: KeyBackoff | None = None,
         tracer: Tracer | None = None,
         log_budget: LogBudget = UNLIMITED,
     ) -> None:
@@ -96,7 +97,9 @@ class KafkaOutboxRelay:
         self._leadership = leadership
         self._leadership_term = leadership_term
         self._max_backoff = max_backoff
-        self._keys = KeyBackoff(initial=min(_FIRST_BACKOFF, max_backoff), maximum=max_backoff)
+        if key_backoff is None:  # (not `or`: an empty KeyBackoff is falsy)
+            key_backoff = KeyBackoff(initial=min(_FIRST_BACKOFF, max_backoff), maximum=max_backoff)
+        self._keys = key_backoff
         self._sender = RowSender(
             producer,
             topics,
