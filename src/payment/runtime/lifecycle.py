@@ -97,6 +97,9 @@ async def running(
     finally:
         if not task.done():
             await stopping(component, task, deadline)
+        elif not task.cancelled() and task.exception() is not None:
+            # It ended on its own while the service was stopping: say so, or it is lost.
+            log.error("run: %s had failed: %r", name, task.exception())
 
 
 async def drain(

@@ -143,9 +143,11 @@ class KafkaInboxConsumer:
                 try:
                     fetched = await fetch.getmany(timeout_ms=200, max_records=500)
                 except NoOffsetForPartitionError as exc:
+                    fetch.forget([exc.args[0]])  # its position is no longer after a delivery
                     await start_from_beginning(consumer, exc.args[0], self._metrics)
                     continue
                 except OffsetOutOfRangeError as exc:
+                    fetch.forget(exc.args[0])
                     for tp, offset in exc.args[0].items():
                         await recover_out_of_range(consumer, tp, offset, self._metrics)
                     continue

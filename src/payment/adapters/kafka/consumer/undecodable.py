@@ -55,6 +55,9 @@ class Batches:
 
     records: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
     next_offset: int | None = None
+    # Reading stopped at a batch aiokafka cannot decode (its records may all be readable
+    # here: bytes after the last one, say).
+    stopped_at_bad_batch: bool = False
 
     @property
     def undecodable(self) -> list[UndecodableRecord]:
@@ -76,6 +79,7 @@ def read_batches(tp: TopicPartition, data: bytes, start: int) -> Batches:
         bad = _read_batch(tp, batch, start, read.records)
         read.next_offset = max(start, base + struct.unpack_from(">i", batch, 23)[0] + 1)
         if bad:
+            read.stopped_at_bad_batch = True
             break
     return read
 
@@ -90,7 +94,10 @@ def _read_batch(
     last = base + last_delta
 
     def skipped(error: str, first: int = base) -> bool:
-        """One dead letter for offsets `first`..`last` of the batch, at the last of them."""
+        """One dead letter for offsets `first`..`last` of the batch, at the last of them
+        (none when every record up to `last` was read: bytes after it only)."""
+        if out and out[-1].offset >= last:
+            return True
         if last >= start:
             where = f"offset {last}" if first == last else f"offsets {first}..{last}"
             reason = f"record batch: {where} cannot be decoded: {error}"
