@@ -15,16 +15,28 @@ import json
 import sys
 from pathlib import Path
 
-# (layer, path prefixes under src/payment/, floor in percent). Set from a run of unit,
-# contract, features and integration (domain 97.7, application 93.9, adapters 90.7,
-# bootstrap/cli 68.1, devtools 80.3 %; unit and contract alone after the merges of session 5:
-# domain 98.9, application 94.6); CI's run adds the e2e suite, which only raises them.
+# (layer, path prefixes under src/payment/, floor in percent). Set from CI's whole run at
+# the end of session 5 (e46ea9a: domain 98.9, application 95.8, adapters 94.5,
+# bootstrap/cli 92.7, devtools 88.7 %), about a point under for run-to-run variation.
+# A module under no prefix fails the check: a new package must name its layer.
 LAYERS: tuple[tuple[str, tuple[str, ...], float], ...] = (
-    ("domain", ("domain/",), 97.0),
-    ("application", ("application/",), 93.0),
-    ("adapters", ("adapters/",), 88.0),
-    ("bootstrap/cli", ("bootstrap", "cli.py", "settings.py", "__init__.py"), 65.0),
-    ("devtools", ("devtools/",), 75.0),
+    ("domain", ("domain/",), 98.0),
+    ("application", ("application/",), 95.0),
+    ("adapters", ("adapters/",), 93.5),
+    (
+        "bootstrap/cli",
+        (
+            "bootstrap",
+            "service.py",
+            "runtime/",
+            "cli/",
+            "settings/",
+            "__init__.py",
+            "__main__.py",
+        ),
+        91.5,
+    ),
+    ("devtools", ("devtools/",), 87.5),
 )
 WORST_SHOWN = 12
 
@@ -50,9 +62,12 @@ def main(argv: list[str]) -> int:
     report = json.loads(Path(args[0] if args else "coverage.json").read_text())
     totals: dict[str, list[int]] = {name: [0, 0, 0, 0] for name, _, _ in LAYERS}
     files: list[tuple[float, str]] = []
+    unassigned = []
     for path, data in report["files"].items():
         layer = _layer_of(path)
         if layer is None:
+            if "payment/" in path:
+                unassigned.append(path)  # a new module outside every layer's prefixes
             continue
         summary = data["summary"]
         counts = (
@@ -80,6 +95,9 @@ def main(argv: list[str]) -> int:
     print("\nleast covered files (statements and branches):")
     for percent, path in sorted(files)[:WORST_SHOWN]:
         print(f"  {percent:5.1f}%  {path}")
+    if unassigned:
+        print("\nin no layer (add their prefix to LAYERS): " + ", ".join(sorted(unassigned)))
+        failed.append("unassigned modules")
     if failed and enforce:
         print(f"\ncoverage: under the floor: {', '.join(failed)}", file=sys.stderr)
         return 1
