@@ -90,6 +90,30 @@ async def test_a_deferred_conflict_surfaces_at_commit_and_nothing_commits(
         assert await uow.inbox.mark("saga", "m-2", CLOCK.now())  # the mark was rolled back
 
 
+async def test_deferred_writes_alone_commit_in_one_message_all_or_nothing(
+    one_connection: Pool,
+) -> None:
+    taken, fresh = uuid.uuid4(), uuid.uuid4()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.append(taken, 0, [attempted(taken, 1)])
+        await uow.commit()
+    # No statement before the commit: the writes go in one message without BEGIN, which
+    # PostgreSQL runs as one implicit transaction. The second collides on (stream, version).
+    with pytest.raises(ConcurrencyConflict):
+        async with PostgresUnitOfWork(one_connection) as uow:
+            await uow.events.append(fresh, 0, [attempted(fresh, 1)])
+            await uow.events.append(taken, 0, [attempted(taken, 1)])
+            assert not _in_transaction(uow)
+            await uow.commit()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        assert await uow.events.load(fresh) == []
+        assert len(await uow.events.load(taken)) == 1
+        await uow.events.append(fresh, 0, [attempted(fresh, 1)])
+        await uow.commit()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        assert len(await uow.events.load(fresh)) == 1
+
+
 @pytest.mark.parametrize("ending", ["commit", "leave", "error", "conflict"])
 async def test_the_connection_goes_back_idle_in_autocommit(
     one_connection: Pool, ending: str
