@@ -58,6 +58,7 @@ from timeline import stages
 from payment.adapters.kafka.topics import Topics
 
 P99_LIMIT_MS = 250.0
+WARMUP_S = 30.0  # unmeasured seconds at the first step's rate (see Plan.warmup_s)
 DEFAULT_STEPS = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000)
 
 
@@ -385,7 +386,10 @@ class Plan:
     latency_ms: float = 0.0
     saturation: bool = False
     drain_s: float = 30.0
-    warmup_s: float = 3.0
+    # A freshly started JVM interprets, then compiles, Kafka's request paths: 200/s on a
+    # broker 3 s old cost it 3.3 ms of CPU per payment, 1.0-1.2 after 30-60 s (session 6),
+    # and the service waited for a CPU the broker's compiler had. Brokers users run are warm.
+    warmup_s: float = WARMUP_S
     env: dict[str, str] = field(default_factory=dict)
     bisect: bool = True
     profile: str | None = None  # py-spy raw (collapsed) stacks of the first measured step

@@ -7,7 +7,9 @@ In order: the event store against pgbench's ceiling (bench/event_store.py, conte
 peer, the `eventsourcing` library (bench/peer_eventsourcing.py); then the real service end
 to end on Apache Kafka (bench/e2e.py), each run with its own broker and database: 200/s
 and 1,000/s offered (latency), 3,000/s offered for 60 s (throughput), and 1,000/s with the
-fake gateway answering in 300 ms. Every row says what bounds it when its target is not
+fake gateway answering in 300 ms; and the floor (bench/floor.py): the same hops through a
+stand-in that only consumes, commits and sends on, at 200/s and 1,000/s. Every row says
+what bounds it when its target is not
 met: the figures of its own run (CPU per payment of each program against the machine's
 CPUs, the service's time runnable without a CPU). The machine's load average is printed
 with every figure: on a shared machine, read CPU per payment.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import event_store
+import floor
 import peer_eventsourcing
 from benchlib import BenchError, load, table
 
@@ -68,34 +71,45 @@ def machine_bound(run: e2e.StepResult) -> str:
     )
 
 
+def floor_bound(run: e2e.StepResult) -> str:
+    """What the floor (bench/floor.py) did at the same rate in this run."""
+    return (
+        f"the floor at {run.offered_rate:.0f}/s (consume, commit, send on; no service):"
+        f" p50 / p99 {run.p(50):.0f} / {run.p(99):.0f} ms,"
+        f" {run.cpu_ms_per_payment:.2f} ms of its CPU per payment"
+    )
+
+
 def issue_table(
     runs: list[e2e.StepResult],
     peer: peer_eventsourcing.PeerResult,
     store: list[event_store.StoreResult],
     sustain_s: float,
+    floors: list[e2e.StepResult],
 ) -> list[Line]:
     """Issue 15's table: each measure, its figure from this run, its target, whether met,
     and what bounds it when not."""
     at_200, at_1000, at_3000, slow = runs
+    floor_200, floor_1000 = floors
     answered = [r for r in runs[:3] if r.answered >= 0.95 * r.sent]
     most = max(answered, key=lambda r: r.throughput) if answered else at_1000
     ratio = most.throughput / peer.rate if peer.rate else float("nan")
     peak_rss = max(r.peak_rss_mb for r in runs)
     share_3000 = at_3000.answered / at_3000.sent if at_3000.sent else 0.0
 
-    def latency(run: e2e.StepResult, p50: float, p99: float) -> Line:
+    def latency(run: e2e.StepResult, p50: float, p99: float, floor: e2e.StepResult) -> Line:
         return Line(
             f"request -> outcome at {run.offered_rate:.0f}/s, p50 / p99",
             f"{run.p(50):.0f} / {run.p(99):.0f} ms ({run.throughput:.0f}/s)",
             f"<= {p50:.0f} / <= {p99:.0f} ms",
             run.p(50) <= p50 and run.p(99) <= p99,
-            machine_bound(run),
+            f"{machine_bound(run)}; {floor_bound(floor)}",
             run.load,
         )
 
     return [
-        latency(at_200, 15, 50),
-        latency(at_1000, 30, 100),
+        latency(at_200, 15, 50, floor_200),
+        latency(at_1000, 30, 100, floor_1000),
         Line(
             f"payments/s at 3000/s offered for {sustain_s:.0f} s (>= 95 % answered, p99 <= 1 s)",
             f"{at_3000.throughput:.0f}/s, {100 * share_3000:.0f} % answered,"
@@ -130,7 +144,8 @@ def issue_table(
             f" {1000 * at_1000.broker_cpu_s / (at_1000.answered or 1):.2f})",
             "<= 0.25 ms",
             at_1000.cpu_ms_per_payment <= 0.25,
-            "psycopg, aiokafka and the handlers' Python per record (docs/performance.md)",
+            "psycopg, aiokafka and the handlers' Python per record (docs/performance.md); "
+            + floor_bound(floor_1000),
             at_1000.load,
         ),
         Line(
@@ -187,15 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         at_1000 = e2e_run(1000, latency_s)
         at_3000 = e2e_run(3000, sustain_s)
         slow = e2e_run(1000, latency_s, latency_ms=300)
+        floors = floor.run([200, 1000], latency_s, e2e.WARMUP_S)
     except BenchError as exc:
         print(f"run_all: {exc}", file=sys.stderr)
         return 1
 
     runs = [at_200, at_1000, at_3000, slow]
     print()
-    print(table([r.row() for r in runs], e2e.HEADER))
+    print(table([r.row() for r in [*runs, *floors]], e2e.HEADER))
     print()
-    print(table([x.cells() for x in issue_table(runs, peer, store, sustain_s)], TABLE_HEADER))
+    lines = issue_table(runs, peer, store, sustain_s, floors)
+    print(table([x.cells() for x in lines], TABLE_HEADER))
     return 0
 
 
