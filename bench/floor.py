@@ -5,10 +5,10 @@ PostgreSQL transaction per fetched batch (a row per record, `synchronous_commit`
 sends every record on to the initiated topic with the service's own producer settings
 (`create_producer`: acks=all, idempotent, no linger) and waits for the acks; it consumes
 the initiated topic the same way and sends the outcome. Two consumer hops, two commits
-and two acknowledged sends per payment, in Python on uvloop with aiokafka and psycopg:
-what any consume-commit-produce service pays on this machine. The service pays that and
-its own work: the inbox, the event store, the outbox (a read and a mark per hop), the
-charge's write-ahead transaction and the charge.
+and two acknowledged sends per payment, in Python with asyncio, aiokafka and psycopg as
+the service runs them: what any consume-commit-produce service pays on this machine. The
+service pays that and its own work: the inbox, the event store, the outbox (a read and a
+mark per hop), the charge's write-ahead transaction and the charge.
 
 The load generator, the figures and the probes are bench/e2e.py's, so the rows compare
 with its rows line for line.
@@ -38,7 +38,6 @@ from benchlib import backend_pids, broker, database_counters, scratch_database, 
 import e2e
 from payment.adapters.kafka.producer import create_producer
 from payment.adapters.kafka.topics import Topics
-from payment.runtime import event_loop
 
 PARTITIONS = 6  # the service's default (PAYMENT_KAFKA_TOPIC_PARTITIONS)
 
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         bootstrap, db_url, request, initiated, completed, group = args.serve
         topics = Topics(request=request, initiated=initiated, completed=completed)
-        event_loop.run(serve(bootstrap, db_url, topics, group))
+        asyncio.run(serve(bootstrap, db_url, topics, group))
         return 0
     results = run(args.rate or [200.0], args.duration, args.warmup)
     print(table([r.row() for r in results], e2e.HEADER))
