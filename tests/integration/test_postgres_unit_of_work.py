@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, nullcontext
 
+import psycopg
 import pytest
 import pytest_asyncio
 from psycopg.pq import TransactionStatus
@@ -112,6 +113,30 @@ async def test_deferred_writes_alone_commit_in_one_message_all_or_nothing(
         await uow.commit()
     async with PostgresUnitOfWork(one_connection) as uow:
         assert len(await uow.events.load(fresh)) == 1
+
+
+async def test_a_value_that_cannot_be_bound_sends_nothing_and_keeps_the_deferred_writes(
+    one_connection: Pool,
+) -> None:
+    stream = uuid.uuid4()
+    async with PostgresUnitOfWork(one_connection) as uow:
+        await uow.events.append(stream, 0, [attempted(stream, 1)])
+        with pytest.raises(psycopg.DataError):
+            await uow.inbox.mark("saga", "nul\x00in the id", CLOCK.now())
+        assert not _in_transaction(uow)  # nothing was sent
+        await uow.commit()  # the append was still queued, and commits
+    async with PostgresUnitOfWork(one_connection) as uow:
+        assert len(await uow.events.load(stream)) == 1
+
+
+async def test_fewer_results_than_statements_is_an_error_not_a_misplaced_check(
+    one_connection: Pool,
+) -> None:
+    async with PostgresUnitOfWork(one_connection) as uow:
+        tx = uow.events._tx
+        tx.defer("-- a comment swallows the separator that follows it")
+        with pytest.raises(RuntimeError, match="fewer results"):
+            await tx.read("SELECT 1")
 
 
 @pytest.mark.parametrize("ending", ["commit", "leave", "error", "conflict"])

@@ -31,9 +31,11 @@ def create_pool(
     `acquire_timeout`: how long a unit of work waits for a free connection before
     psycopg_pool.PoolTimeout.
 
-    `prepare_threshold=0` makes every statement a server-side prepared statement from its
-    first use: the adapters run a handful of fixed statements thousands of times a second.
-    Pass None behind a connection pooler that cannot keep prepared statements.
+    `prepare_threshold=0` makes every statement sent on its own (reads, and a write inside
+    an open transaction) a server-side prepared statement from its first use: the adapters
+    run a handful of fixed statements thousands of times a second. Statements sent several
+    to a message are bound on the client (`transaction.Transaction`). Pass None behind a
+    connection pooler that cannot keep prepared statements.
     """
     return AsyncConnectionPool(
         url,

@@ -1,4 +1,4 @@
-"""The connection of one unit of work, and the transaction it opens at its first write."""
+"""The connection of one unit of work, and the transaction its writes commit in."""
 
 from __future__ import annotations
 
@@ -55,6 +55,10 @@ class Transaction:
     * A unit of work that only defers writes (the relay's marks, a charge's start) sends
       them in one message without BEGIN and COMMIT: PostgreSQL runs the statements of one
       simple-protocol message as one implicit transaction, all or nothing.
+    * The values are in the text PostgreSQL receives. A message that fails (a lost race
+      on a stream's version, routine under concurrency) is written to the server's error
+      log with them (`log_min_error_statement`, by default `error`), where prepared
+      statements showed `$1`: docs/operations.md says how to keep payment data out of it.
     * Rollback is psycopg's (it also deallocates the session's prepared statements: a
       rolled-back DDL could leave them pointing at a dropped object); rollbacks are off
       the hot path (lost races, rejected duplicates).
@@ -94,9 +98,19 @@ class Transaction:
             raise RuntimeError("the unit of work is not active")
         return self._conn
 
-    def _take_deferred(self) -> list[Deferred]:
-        deferred, self._deferred = self._deferred, []
-        return deferred
+    async def _send_deferred(
+        self, conn: Connection, then: list[Deferred], *, commit: bool = False
+    ) -> AsyncCursor[TupleRow]:
+        """The deferred writes and `then` in one message (see `_send`).
+
+        The queue is emptied once every statement is bound: a value that cannot be bound
+        sends nothing and leaves the deferred writes where they were.
+        """
+        statements = [*self._deferred, *then]
+        cur = AsyncClientCursor(conn)
+        texts = [cur.mogrify(item.query, item.params) for item in statements]
+        self._deferred = []
+        return await _send(cur, statements, texts, commit=commit)
 
     async def read(
         self, query: QueryNoTemplate, params: Params | None = None
@@ -104,7 +118,7 @@ class Transaction:
         """Run a statement that only reads (after the deferred writes: it must see them)."""
         conn = self._connection()
         if self._deferred:
-            return await _send(conn, [*self._take_deferred(), Deferred(query, params, None, None)])
+            return await self._send_deferred(conn, [Deferred(query, params, None, None)])
         return await conn.execute(query, params)
 
     async def write(
@@ -113,7 +127,7 @@ class Transaction:
         """Run a statement that writes, inside the transaction (opened now if need be)."""
         conn = self._connection()
         if self._deferred or not _in_transaction(conn):
-            return await _send(conn, [*self._take_deferred(), Deferred(query, params, None, None)])
+            return await self._send_deferred(conn, [Deferred(query, params, None, None)])
         return await conn.execute(query, params)
 
     def defer(
@@ -138,11 +152,10 @@ class Transaction:
         if conn.info.transaction_status is TransactionStatus.INERROR:
             # PostgreSQL would answer COMMIT with ROLLBACK; say so instead of pretending.
             raise RuntimeError("cannot commit: an earlier statement aborted the transaction")
-        deferred = self._take_deferred()
-        if deferred and any(item.check is not None for item in deferred):
-            await _send(conn, deferred)  # checked inside the transaction, then committed
-        elif deferred:
-            await _send(conn, deferred, commit=True)
+        if any(item.check is not None for item in self._deferred):
+            await self._send_deferred(conn, [])  # checked inside the transaction, then committed
+        elif self._deferred:
+            await self._send_deferred(conn, [], commit=True)
             return
         if _in_transaction(conn):
             await conn.commit()
@@ -153,23 +166,23 @@ def _in_transaction(conn: Connection) -> bool:
 
 
 async def _send(
-    conn: Connection, statements: list[Deferred], *, commit: bool = False
+    cur: AsyncClientCursor[TupleRow],
+    statements: list[Deferred],
+    texts: list[str],
+    *,
+    commit: bool = False,
 ) -> AsyncCursor[TupleRow]:
-    """Send the statements in one message, inside the transaction (opened by this message
-    if none is), and COMMIT after them if `commit`; checks each one's result in order.
-
-    Returns the cursor on the last statement's result. Bound on the client, so the
-    message may hold several statements; psycopg quotes every parameter.
+    """Send the bound statements (`texts`) in one message, inside the transaction (opened
+    by this message if none is), and COMMIT after them if `commit`; check each one's result
+    in order. Returns `cur` on the last statement's result.
     """
-    cur = AsyncClientCursor(conn)
-    texts = [cur.mogrify(item.query, item.params) for item in statements]
-    begin = not _in_transaction(conn)
+    begin = not _in_transaction(cur.connection)
     # Both: no BEGIN nor COMMIT; PostgreSQL runs the statements of one message as one
     # implicit transaction, committed as a whole or not at all.
     if begin and not commit:
-        texts.insert(0, "BEGIN")
+        texts = ["BEGIN", *texts]
     elif commit and not begin:
-        texts.append("COMMIT")
+        texts = [*texts, "COMMIT"]
     try:
         await cur.execute(";\n".join(texts))
     except psycopg.Error as exc:
@@ -178,13 +191,19 @@ async def _send(
                 raise mapped from None
         raise
     if begin and not commit:
-        cur.nextset()  # past BEGIN's result
+        _next_result(cur)  # past BEGIN's
     for n, item in enumerate(statements):
         if n:
-            cur.nextset()
+            _next_result(cur)
         if item.check is not None:
             item.check(cur)
     return cur
+
+
+def _next_result(cur: AsyncClientCursor[TupleRow]) -> None:
+    # Fewer results than statements would pair a check with another statement's result.
+    if not cur.nextset():
+        raise RuntimeError("PostgreSQL answered fewer results than statements were sent")
 
 
 async def finish(conn: Connection) -> None:

@@ -21,7 +21,7 @@ class PostgresUnitOfWork(StoresPayments):
     """The UnitOfWork port on PostgreSQL, READ COMMITTED.
 
     Takes a connection from the pool on enter and gives it back on exit; exit without
-    `commit` rolls back. The transaction itself opens at the first write (see
+    `commit` rolls back. The transaction opens at the first write sent (see
     `Transaction`): everything written commits together or not at all.
     """
 
