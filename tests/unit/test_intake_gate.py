@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from dependency_injector import providers
 
 from payment.adapters.kafka.consumer.intake_gate import (
     ALWAYS_OPEN,
@@ -16,6 +17,8 @@ from payment.adapters.kafka.consumer.intake_gate import (
     backlog_marks,
 )
 from payment.adapters.observability.metrics import Metrics
+from payment.bootstrap import make_container
+from payment.settings import Settings
 from support.waiting import eventually
 
 
@@ -55,6 +58,15 @@ def test_the_marks_follow_the_relay_pass_size() -> None:
     assert backlog_marks(500) == (2000, 1000)
     made = OutboxBacklogGate.for_relay(Readings(), 100, metrics=Metrics())
     assert (made.high, made.low) == (400, 200)
+
+
+def test_the_container_gives_the_consumer_a_gate_with_the_relays_marks() -> None:
+    container = make_container(Settings(processor="fake", relay_batch_size=100))
+    container.control_pool.override(providers.Object(object()))  # not opened here
+    made = container.intake_gate()
+    assert isinstance(made, OutboxBacklogGate) and (made.high, made.low) == (400, 200)
+    assert container.consumer.kwargs["intake"] is container.intake_gate
+    assert container.running_workers.kwargs["intake_gate"] is container.intake_gate  # probing
 
 
 def test_the_gate_opens_and_closes_only_past_its_marks() -> None:
