@@ -80,13 +80,12 @@ class OutboxBacklogGate:
     ) -> None:
         if not 0 <= low <= high:
             raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
-        self.high = high
-        self.low = low
+        self.high, self.low = high, low
         self._probe = probe
-        self._metrics = metrics
+        self._pauses = metrics.intake_pauses
         self._interval_s = interval_s
-        self._open = True
-        self._failing = False
+        # Open until a reading says otherwise; failing while probes fail (one warning).
+        self._open, self._failing = True, False
         # The last count read (at most high + 1), None before the first.
         self.backlog: int | None = None
 
@@ -110,7 +109,7 @@ class OutboxBacklogGate:
             log.info("intake gate: outbox backlog readable again (%d rows)", count)
         if self._open and count > self.high:
             self._open = False
-            self._metrics.intake_pauses.add(1)
+            self._pauses.add(1)
             log.warning(
                 "intake gate: outbox backlog over %d rows; pausing request intake until it"
                 " falls below %d",
