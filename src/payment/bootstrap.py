@@ -7,6 +7,7 @@ resources in order, supervises them and stops them in reverse; tests override pr
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from typing import Any
 
@@ -14,6 +15,7 @@ import msgspec
 from dependency_injector import containers, providers
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
+from payment.adapters.kafka.consumer.intake_gate import OutboxBacklogGate
 from payment.adapters.kafka.dead_letters import KafkaDeadLetterPublisher
 from payment.adapters.kafka.producer import producer_resource
 from payment.adapters.kafka.relay import KafkaOutboxRelay
@@ -25,6 +27,7 @@ from payment.adapters.observability.instrumented import (
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.observability.telemetry import tracer_of, tracer_provider_resource
+from payment.adapters.postgres.monitoring import unpublished_outbox_rows
 from payment.adapters.postgres.relay_lock import RelayLeadership
 from payment.adapters.postgres.retention import RetentionJob
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
@@ -205,6 +208,15 @@ class Container(containers.DeclarativeContainer):
         tracer=tracer,
         log_budget=log_budget,
     )
+    # Backpressure: the consumer admits no new request while the outbox backlog is high
+    # (marks from the relay's pass size), read by every instance from the database every
+    # 200 ms on the control pool, where handlers queueing for `pool` do not delay it.
+    intake_gate = providers.Singleton(
+        OutboxBacklogGate.for_relay,
+        providers.Callable(functools.partial, unpublished_outbox_rows, control_pool),
+        config.relay_batch_size,
+        metrics=metrics,
+    )
     consumer = providers.Singleton(
         KafkaInboxConsumer,
         consumer_factory=providers.Callable(
@@ -232,6 +244,7 @@ class Container(containers.DeclarativeContainer):
         joined=joined,
         refund_topic=topics.provided.refund,
         refunds=refunds,
+        intake=intake_gate,
     )
     reconciler = providers.Singleton(
         Reconciler,
@@ -294,6 +307,7 @@ class Container(containers.DeclarativeContainer):
         # The lifecycle summary is written each second even when no line follows.
         log_budget=log_budget,
         refund_worker=refund_worker,
+        intake_gate=intake_gate,
     )
     running_consumer = providers.Resource(
         lifecycle.running, consumer, "consumer", lifecycle.drain, stop_deadline

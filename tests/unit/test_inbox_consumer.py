@@ -23,6 +23,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from payment.adapters.kafka.consumer import KafkaInboxConsumer
+from payment.adapters.kafka.consumer.intake_gate import ALWAYS_OPEN, IntakeGate
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory, SystemClock
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.processors.fake import FakeProcessor
@@ -148,6 +149,7 @@ def consumer(
     parked: ParkedRecords,
     broker: Broker | None = None,
     assigned: frozenset[TopicPartition] = frozenset({TP}),
+    intake: IntakeGate = ALWAYS_OPEN,
     **options: float,
 ) -> KafkaInboxConsumer:
     async def connect(listener: Any) -> Broker:
@@ -168,6 +170,7 @@ def consumer(
         request_policy=RequestPolicy(),
         policy=ExecutionPolicy(),
         is_transient=is_transient,
+        intake=intake,
         **options,  # type: ignore[arg-type]
     )
 
@@ -346,6 +349,47 @@ async def test_a_burst_of_requests_leaves_room_for_the_executor_and_waits_at_the
         assert TP not in broker.paused_now
     finally:
         uows.gate.set()
+        inbox.stop()
+        async with asyncio.timeout(5):
+            await running
+
+
+class Gate:
+    """An intake gate opened and closed by the test (the outbox backlog's stand-in)."""
+
+    def __init__(self, *, admits_requests: bool) -> None:
+        self.admits_requests = admits_requests
+
+
+async def test_a_closed_intake_gate_holds_requests_and_lets_payment_initiated_through() -> None:
+    # The outbox backlog is high: requests fetched wait (their partition paused) with
+    # every slot free, while the executor's payment.initiated is handled, since executing
+    # drains the work. Once the gate opens, the held requests go.
+    uows = MemoryUnitOfWorkFactory()
+    gate = Gate(admits_requests=False)
+    broker = Fetches(
+        [
+            (TP, [request_record(n, valid(f"BK-{n}")) for n in range(5)]),
+            (INITIATED_TP, [initiated_record(n) for n in range(3)]),
+            (TP, [request_record(n, valid(f"BK-{n}")) for n in range(5, 10)]),
+        ]
+    )
+    inbox = consumer(uows, ParkedRecords(), broker, frozenset({TP, INITIATED_TP}), gate)
+    running = asyncio.create_task(inbox.run())
+    try:
+        await eventually(
+            lambda: sum(1 for key in uows.db.inbox if key[0] == "payment-service") == 3,
+            5,
+            what="payment.initiated handled while intake is closed",
+        )
+        assert uows.db.bookings == {}  # no request dispatched
+        assert inbox.backlog == 5 and TP in broker.paused_now
+        assert len(broker.fetches) == 1  # the next requests stay on the broker
+
+        gate.admits_requests = True
+        await eventually(lambda: len(uows.db.bookings) == 10, 5, what="every request handled")
+        assert inbox.backlog == 0 and TP not in broker.paused_now
+    finally:
         inbox.stop()
         async with asyncio.timeout(5):
             await running

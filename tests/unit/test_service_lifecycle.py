@@ -17,9 +17,11 @@ from payment.runtime.lifecycle import RELAY_FLUSH_S, supervise
 from payment.service import started
 from payment.settings import Settings
 
+WORKERS = ("reconciler", "retention", "log_budget", "refund_worker", "intake_gate")
+
 
 class Events(list[str]):
-    """What the stand-ins did, in order; `all_started` once the six components run."""
+    """What the stand-ins did, in order; `all_started` once every component runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,7 +29,7 @@ class Events(list[str]):
 
     def append(self, event: str) -> None:
         super().append(event)
-        if sum(e.endswith(" started") for e in self) == 6:
+        if sum(e.endswith(" started") for e in self) == 2 + len(WORKERS):
             self.all_started.set()
 
 
@@ -85,7 +87,7 @@ def container_with(events: Events, *, crash: bool = False) -> Container:
     container = make_container(Settings(processor="fake"))
     container.relay.override(providers.Object(Relay(events)))
     container.consumer.override(providers.Object(Consumer(events, crash=crash)))
-    for name in ("reconciler", "retention", "log_budget", "refund_worker"):
+    for name in WORKERS:
         getattr(container, name).override(providers.Object(Worker(name, events)))
     return container
 
@@ -96,9 +98,6 @@ async def run_components(container: Container, stop: asyncio.Event) -> None:
         workers = await started(running, container.running_workers)
         consumer = await started(running, container.running_consumer)
         await supervise(stop, (consumer, relay), workers)
-
-
-WORKERS = ("reconciler", "retention", "log_budget", "refund_worker")
 
 
 async def test_a_stop_drains_the_consumer_then_stops_the_workers_then_flushes_the_relay() -> None:
@@ -113,9 +112,13 @@ async def test_a_stop_drains_the_consumer_then_stops_the_workers_then_flushes_th
 
     stopping = events[events.index("consumer stopping") :]
     assert stopping[:2] == ["consumer stopping", "consumer drained"]
-    assert sorted(stopping[2:6]) == sorted(f"{name} cancelled" for name in WORKERS)
+    workers_stopped = 2 + len(WORKERS)
+    assert sorted(stopping[2:workers_stopped]) == sorted(f"{name} cancelled" for name in WORKERS)
     # The flush has what the drain left of its bound, at most RELAY_FLUSH_S.
-    assert stopping[6:] == [f"relay flushed within {RELAY_FLUSH_S:g} s", "relay stopped"]
+    assert stopping[workers_stopped:] == [
+        f"relay flushed within {RELAY_FLUSH_S:g} s",
+        "relay stopped",
+    ]
 
 
 async def test_a_component_that_fails_ends_the_service_with_its_error_and_no_flush() -> None:

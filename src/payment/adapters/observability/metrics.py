@@ -110,6 +110,10 @@ class Metrics:
             meter, "payment.consumer.records_skipped", "{message}",
             "records deleted from the log before this group handled them (lost)",
         )  # fmt: skip
+        self.intake_pauses = self._counter(
+            meter, "payment.consumer.intake_pauses", "{pause}",
+            "times request intake paused because the outbox backlog passed its high-water mark",
+        )  # fmt: skip
         # -- payments --------------------------------------------------------------------
         self.payments_initiated = self._counter(
             meter, "payment.initiated", "{payment}", "payments initiated (committed)",
@@ -162,6 +166,7 @@ class Metrics:
             self.requests_invalid,
             self.payments_initiated,
             self.payments_flagged,
+            self.intake_pauses,
         ):
             counter.add(0)
         self.outcomes.add(0, {"outcome": "completed"})

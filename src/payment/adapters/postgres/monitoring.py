@@ -1,4 +1,5 @@
-"""Read-only queries for metrics and readiness: outbox backlog, in-flight payments, traces."""
+"""Read-only queries for metrics, readiness and backpressure: outbox backlog, in-flight
+payments, traces."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ CROSS JOIN LATERAL (
 WHERE p.status = 'INITIATED'
 """
 
+# Request intake's backpressure (adapters/kafka/consumer/intake_gate.py) reads this several
+# times a second: the LIMIT bounds the count, and so its cost, however large the backlog.
+_UNPUBLISHED_UP_TO: Final = """
+SELECT count(*) FROM (
+    SELECT 1 FROM payment_outbox WHERE published_at IS NULL LIMIT %s
+) AS unpublished
+"""
+
 _STORED_TRACE: Final = """
 SELECT traceparent, tracestate FROM payment_outbox
 WHERE subject = %s AND traceparent IS NOT NULL
@@ -71,6 +80,16 @@ async def read_stats(pool: Pool) -> DatabaseStats:
         in_flight_oldest_age_s=max(float(in_flight[1] or 0.0), 0.0),
         review_pending=int(in_flight[2]),
     )
+
+
+async def unpublished_outbox_rows(pool: Pool, limit: int) -> int:
+    """How many outbox rows are unpublished, counted up to `limit` (served by the partial
+    index of unpublished rows). Raises psycopg's errors when the database cannot answer."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(_UNPUBLISHED_UP_TO, (limit,))
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def stored_trace(pool: Pool, payment_id: uuid.UUID) -> TraceHeaders | None:

@@ -8,6 +8,7 @@ concurrently, committed in order.
 - `dead_lettering.py`: parking poison messages;
 - `offsets.py`: what may be committed, and committing as a group member;
 - `rebalance.py`: partitions leaving and arriving.
+- `intake_gate.py`: request intake paused while the outbox backlog is high.
 """
 
 from payment.adapters.kafka.consumer.handling import MAX_HANDLER_ERRORS

@@ -16,6 +16,7 @@ from opentelemetry.trace import Tracer
 from payment.adapters.kafka.consumer.batch_handling import BatchHandler, Fetched
 from payment.adapters.kafka.consumer.dead_lettering import Parking
 from payment.adapters.kafka.consumer.handling import Handlers, MessageHandler
+from payment.adapters.kafka.consumer.intake_gate import ALWAYS_OPEN, IntakeGate
 from payment.adapters.kafka.consumer.offsets import Offsets
 from payment.adapters.kafka.consumer.rebalance import Rebalance
 from payment.adapters.kafka.consumer.routing import Topics
@@ -47,7 +48,8 @@ class KafkaInboxConsumer:
 
     Requests may hold at most three quarters of the slots, and wait for room without
     holding up the fetch loop (their partitions paused): a burst of requests stays on the
-    broker and leaves room for payment.initiated (`_admit_requests`).
+    broker and leaves room for payment.initiated (`_admit_requests`). They wait the same
+    way while `intake` is closed (the outbox backlog is high: intake_gate.py).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class KafkaInboxConsumer:
         joined: asyncio.Event | None = None,
         refund_topic: str | None = None,
         refunds: Refunds | None = None,
+        intake: IntakeGate = ALWAYS_OPEN,
     ) -> None:
         self._consumer_factory = consumer_factory
         self._topics = Topics(request_topic, initiated_topic, refund_topic)
@@ -112,6 +115,7 @@ class KafkaInboxConsumer:
         # so a burst of requests cannot starve the executor (see `_admit_requests`).
         self._request_room = max(1, max_in_flight - max_in_flight // 4)
         self._requests_in_flight = 0
+        self._intake = intake
         # Requests fetched but not yet admitted; their partitions are paused meanwhile.
         self._held: list[Fetched] = []
         self._paused = False
@@ -192,14 +196,14 @@ class KafkaInboxConsumer:
         return True
 
     async def _admit_requests(self) -> None:
-        """Dispatch held requests while requests hold fewer than their share of the slots
-        and slots are free; never waits. While some are left, the request partitions are
-        paused: the broker keeps the burst, not this process, and the loop goes on
-        fetching payment.initiated, whose handling frees the way.
+        """Dispatch held requests while requests hold fewer than their share of the slots,
+        slots are free and the intake gate is open; never waits. While some are left, the
+        request partitions are paused: the broker keeps the burst, not this process, and
+        the loop goes on fetching payment.initiated, whose handling frees the way.
         """
         while self._held and not self._stopping.is_set():
             room = min(self._request_room - self._requests_in_flight, self._slots.free)
-            if room <= 0:
+            if room <= 0 or not self._intake.admits_requests:
                 break
             chunk = self._held[: min(room, self._max_batch)]
             del self._held[: len(chunk)]
