@@ -1,6 +1,6 @@
 """Every benchmark in one run, one after the other, and issue 15's table against its targets.
 
-    .venv/bin/python bench/run_all.py            # about 12 minutes
+    .venv/bin/python bench/run_all.py            # about 10 minutes
     .venv/bin/python bench/run_all.py --quick    # shorter steps, about 6 minutes
 
 In order: the event store against pgbench's ceiling (bench/event_store.py, context); the
