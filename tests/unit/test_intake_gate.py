@@ -13,6 +13,7 @@ from dependency_injector import providers
 
 from payment.adapters.kafka.consumer.intake_gate import (
     ALWAYS_OPEN,
+    EPISODE_QUIET_S,
     OutboxBacklogGate,
     backlog_marks,
 )
@@ -86,21 +87,32 @@ def test_the_gate_opens_and_closes_only_past_its_marks() -> None:
         assert g.admits_requests is admits, count
 
 
-def test_each_pause_and_resume_is_logged_once_with_the_count_and_pauses_are_counted(
+def test_an_overload_episode_warns_once_and_its_flaps_are_counted_not_logged(
     warnings: pytest.LogCaptureFixture,
 ) -> None:
     metrics = Metrics()
-    g = gate(metrics=metrics)
-    for count in (2001, 2001, 1500, 999, 500, 2001):
+    now = [0.0]
+    g = OutboxBacklogGate(
+        Readings(), high=2000, low=1000, metrics=metrics, interval_s=0, clock=lambda: now[0]
+    )
+    for count in (2001, 2001, 1500, 999, 500):  # one pause, one resume
         g.observe(count)
+    now[0] += EPISODE_QUIET_S - 1
+    for count in (2001, 999):  # a flap within the episode
+        g.observe(count)
+    now[0] += EPISODE_QUIET_S  # open long enough: the next pause is a new episode
+    g.observe(2001)
 
-    lines = [r.getMessage() for r in warnings.records]
-    assert len([line for line in lines if "pausing request intake" in line]) == 2
-    assert [line for line in lines if "resuming" in line] == [
+    lines = [(r.levelno, r.getMessage()) for r in warnings.records]
+    pausing = [level for level, line in lines if "pausing request intake" in line]
+    resuming = [line for level, line in lines if "resuming" in line]
+    assert pausing == [logging.WARNING, logging.WARNING]
+    assert resuming == [
         "intake gate: outbox backlog down to 999 rows; resuming request intake"
+        " (pauses within 60 s are logged at DEBUG)"
     ]
     text = asyncio.run(metrics.render())
-    assert "payment_consumer_intake_pauses_total 2" in text
+    assert "payment_consumer_intake_pauses_total 3" in text
 
 
 async def test_a_failed_probe_keeps_the_last_state_and_warns_once_per_outage(

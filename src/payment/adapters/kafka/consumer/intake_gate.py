@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S: Final = 0.2
 # A probe that does not answer within this counts as failed (the gate keeps its state).
 PROBE_TIMEOUT_S: Final = 2.0
+# Under sustained overload the gate closes and opens again every second or so. A pause
+# that comes this long after the last resume starts an overload episode: a warning, and
+# an info line at its first resume; the flaps that follow within it are debug lines
+# (payment_consumer_intake_pauses_total counts every pause).
+EPISODE_QUIET_S: Final = 60.0
 
 # Counts unpublished outbox rows, up to `limit` (a bounded count stays cheap however
 # large the backlog); raises when the database cannot be asked.
@@ -77,6 +83,7 @@ class OutboxBacklogGate:
         low: int,
         metrics: Metrics,
         interval_s: float = PROBE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 <= low <= high:
             raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
@@ -88,6 +95,9 @@ class OutboxBacklogGate:
         self._open, self._failing = True, False
         # The last count read (at most high + 1), None before the first.
         self.backlog: int | None = None
+        self._clock = clock
+        self._last_resume: float | None = None
+        self._episode_announced = False
 
     @classmethod
     def for_relay(
@@ -110,7 +120,12 @@ class OutboxBacklogGate:
         if self._open and count > self.high:
             self._open = False
             self._pauses.add(1)
-            log.warning(
+            quiet = self._last_resume is None or (
+                self._clock() - self._last_resume >= EPISODE_QUIET_S
+            )
+            self._episode_announced = quiet
+            log.log(
+                logging.WARNING if quiet else logging.DEBUG,
                 "intake gate: outbox backlog over %d rows; pausing request intake until it"
                 " falls below %d",
                 self.high,
@@ -118,7 +133,15 @@ class OutboxBacklogGate:
             )
         elif not self._open and count < self.low:
             self._open = True
-            log.info("intake gate: outbox backlog down to %d rows; resuming request intake", count)
+            self._last_resume = self._clock()
+            log.log(
+                logging.INFO if self._episode_announced else logging.DEBUG,
+                "intake gate: outbox backlog down to %d rows; resuming request intake (pauses"
+                " within %.0f s are logged at DEBUG)",
+                count,
+                EPISODE_QUIET_S,
+            )
+            self._episode_announced = False
 
     def probe_failed(self, error: BaseException) -> None:
         """A reading that could not be taken: the state stays; logged once per outage."""
