@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S: Final = 0.2
 # A probe that does not answer within this counts as failed (the gate keeps its state).
 PROBE_TIMEOUT_S: Final = 2.0
-# Under sustained overload the gate closes and opens again every second or so. A pause
+# Under sustained overload the gate closes and opens again every few seconds. A pause
 # that comes this long after the last resume starts an overload episode: a warning, and
 # an info line at its first resume; the flaps that follow within it are debug lines
 # (payment_consumer_intake_pauses_total counts every pause).
