@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 import psycopg
-from psycopg import AsyncCursor, errors
-from psycopg.rows import TupleRow
+from psycopg import errors
 
 from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
@@ -44,7 +43,8 @@ ORDER BY stream_id, version
 _APPEND_MANY = b"""
 INSERT INTO payment_events
     (stream_id, version, event_id, event_type, schema_version, data, occurred_at)
-SELECT r.stream_id, r.version, r.event_id, r.event_type, r.schema_version, r.data, r.occurred_at
+SELECT r.stream_id, CASE WHEN r.expected = 0 OR g.found THEN r.version END,
+       r.event_id, r.event_type, r.schema_version, r.data, r.occurred_at
 FROM json_to_recordset(%s::json) AS r(
     stream_id uuid, version integer, expected integer, event_id uuid, event_type text,
     schema_version integer, data jsonb, occurred_at timestamptz
@@ -54,16 +54,17 @@ LEFT JOIN LATERAL (
     WHERE e.stream_id = r.stream_id AND e.version = r.expected
     LIMIT 1
 ) AS g ON true
-WHERE r.expected = 0 OR g.found
 ORDER BY r.stream_id, r.version
 """
 
 # All events in one statement, one VALUES row each: scalar parameters cost psycopg about a
 # tenth of what arrays for unnest() do, and a handler appends one to three events. The
-# WHERE guard refuses an append to a stream that is *behind* `expected_version` (nothing
-# would collide there); a stream that is ahead of it collides on (stream_id, version), and
-# a concurrent uncommitted append of the same version makes this statement wait for that
-# transaction, then collide or go ahead.
+# guard refuses an append to a stream that is *behind* `expected_version` (nothing would
+# collide there) by giving the row no version, which the NOT NULL column refuses: an error,
+# not a row count to look at, so the unit of work's last message can carry its COMMIT. A
+# stream that is ahead of it collides on (stream_id, version), and a concurrent uncommitted
+# append of the same version makes this statement wait for that transaction, then collide
+# or go ahead.
 _EVENT_ROW = "(%s::integer, %s::uuid, %s::text, %s::integer, %s::jsonb, %s::timestamptz)"
 
 
@@ -73,12 +74,12 @@ def _append_sql(rows: int) -> bytes:
     return f"""
 INSERT INTO payment_events
     (stream_id, version, event_id, event_type, schema_version, data, occurred_at)
-SELECT %s::uuid, e.version, e.event_id, e.event_type, e.schema_version, e.data, e.occurred_at
+SELECT %s::uuid,
+       CASE WHEN %s::integer = 0 OR EXISTS (
+           SELECT FROM payment_events WHERE stream_id = %s::uuid AND version = %s::integer
+       ) THEN e.version END,
+       e.event_id, e.event_type, e.schema_version, e.data, e.occurred_at
 FROM (VALUES {values}) AS e(version, event_id, event_type, schema_version, data, occurred_at)
-WHERE %s::integer = 0
-   OR EXISTS (
-        SELECT FROM payment_events WHERE stream_id = %s::uuid AND version = %s::integer
-   )
 ORDER BY e.version
 """.encode()
 
@@ -110,7 +111,7 @@ class PostgresEventStore:
         _check(stream_id, expected_version, events)
         if not events:
             return
-        params: list[object] = [stream_id]
+        params: list[object] = [stream_id, expected_version, stream_id, expected_version]
         for e in events:
             kind = event_type(e)
             params += (
@@ -121,17 +122,10 @@ class PostgresEventStore:
                 encode_event(e).decode(),
                 e.occurred_at,
             )
-        params += (expected_version, stream_id, expected_version)
         # Sent with the next statement or the commit (Transaction.defer); a conflict
-        # surfaces there. Appending to a new stream needs no look at the row count: its
-        # guard always holds, so such a unit of work commits in the same round trip.
+        # surfaces there.
         self._tx.defer(
-            _append_sql(len(events)),
-            params,
-            check=_rows_check(len(events), stream_id, expected_version)
-            if expected_version
-            else None,
-            translate=_conflict_of(stream_id, expected_version),
+            _append_sql(len(events)), params, translate=_conflict_of(stream_id, expected_version)
         )
 
     async def append_many(self, appends: Sequence[StreamAppend]) -> None:
@@ -161,35 +155,27 @@ class PostgresEventStore:
         self._tx.defer(
             _APPEND_MANY,
             (json_rows(rows),),
-            check=_rows_check(len(rows), first.stream_id, first.expected_version)
-            if any(a.expected_version for a in appends)
-            else None,
             translate=_conflict_of(first.stream_id, first.expected_version),
         )
-
-
-def _rows_check(
-    count: int, stream_id: uuid.UUID, expected_version: int
-) -> Callable[[AsyncCursor[TupleRow]], None]:
-    """Fewer rows than events: a stream was behind its expected version."""
-
-    def check(cur: AsyncCursor[TupleRow]) -> None:
-        if cur.rowcount != count:
-            raise ConcurrencyConflict(stream_id, expected_version)
-
-    return check
 
 
 def _conflict_of(
     stream_id: uuid.UUID, expected_version: int
 ) -> Callable[[psycopg.Error], Exception | None]:
-    """A unique violation of (stream, version): another writer appended first."""
+    """A unique violation of (stream, version): another writer appended first. A version
+    left NULL by the guard: the stream is behind the expected version."""
 
     def translate(exc: psycopg.Error) -> Exception | None:
-        if (
+        ahead = (
             isinstance(exc, errors.UniqueViolation)
             and exc.diag.constraint_name == STREAM_VERSION_CONSTRAINT
-        ):
+        )
+        behind = (
+            isinstance(exc, errors.NotNullViolation)
+            and exc.diag.table_name == "payment_events"
+            and exc.diag.column_name == "version"
+        )
+        if ahead or behind:
             return ConcurrencyConflict(stream_id, expected_version)
         return None
 

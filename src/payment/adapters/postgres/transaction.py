@@ -13,7 +13,6 @@ from psycopg.rows import TupleRow
 
 from payment.adapters.postgres.pool import Connection
 
-Check = Callable[[AsyncCursor[TupleRow]], None]
 Translate = Callable[[psycopg.Error], Exception | None]
 
 
@@ -22,7 +21,6 @@ class Deferred(NamedTuple):
 
     query: QueryNoTemplate
     params: Params | None
-    check: Check | None
     translate: Translate | None
 
 
@@ -50,8 +48,8 @@ class Transaction:
     * A write whose result nobody waits for (`defer`: events, statuses, outbox rows) is
       not sent at once: it goes in the message of the next statement, or of the COMMIT.
       Its errors then surface from that statement or from `commit`, which the handlers
-      treat alike (a lost race retries the whole unit of work). A deferred write with a
-      `check` of its result is sent, checked, and only then committed.
+      treat alike (a lost race retries the whole unit of work). So a deferred write must
+      fail by an error, never by a row count (the event store's version guard does).
     * A unit of work that only defers writes (the relay's marks, a charge's start) sends
       them in one message without BEGIN and COMMIT: PostgreSQL runs the statements of one
       simple-protocol message as one implicit transaction, all or nothing.
@@ -113,12 +111,17 @@ class Transaction:
         return await _send(cur, statements, texts, commit=commit)
 
     async def read(
-        self, query: QueryNoTemplate, params: Params | None = None
+        self, query: QueryNoTemplate, params: Params | None = None, *, last: bool = False
     ) -> AsyncCursor[TupleRow]:
-        """Run a statement that only reads (after the deferred writes: it must see them)."""
+        """Run a statement that only reads (after the deferred writes: it must see them).
+
+        `last`: the unit of work commits right after this read, so the deferred writes,
+        the read and the commit go in one message (the relay marks what the broker
+        acknowledged with its next read). Nothing may be written after it.
+        """
         conn = self._connection()
         if self._deferred:
-            return await self._send_deferred(conn, [Deferred(query, params, None, None)])
+            return await self._send_deferred(conn, [Deferred(query, params, None)], commit=last)
         return await conn.execute(query, params)
 
     async def write(
@@ -127,7 +130,7 @@ class Transaction:
         """Run a statement that writes, inside the transaction (opened now if need be)."""
         conn = self._connection()
         if self._deferred or not _in_transaction(conn):
-            return await self._send_deferred(conn, [Deferred(query, params, None, None)])
+            return await self._send_deferred(conn, [Deferred(query, params, None)])
         return await conn.execute(query, params)
 
     def defer(
@@ -135,16 +138,14 @@ class Transaction:
         query: QueryNoTemplate,
         params: Params | None = None,
         *,
-        check: Check | None = None,
         translate: Translate | None = None,
     ) -> None:
         """Queue a write whose result the caller does not wait for (see the class doc).
 
-        `check(cursor)` may raise once its result is known, before anything commits;
         `translate(error)` may turn the statement's database error into another one.
         """
         self._connection()
-        self._deferred.append(Deferred(query, params, check, translate))
+        self._deferred.append(Deferred(query, params, translate))
 
     async def commit(self) -> None:
         """Commit what was written; the transaction must not have failed."""
@@ -152,9 +153,7 @@ class Transaction:
         if conn.info.transaction_status is TransactionStatus.INERROR:
             # PostgreSQL would answer COMMIT with ROLLBACK; say so instead of pretending.
             raise RuntimeError("cannot commit: an earlier statement aborted the transaction")
-        if any(item.check is not None for item in self._deferred):
-            await self._send_deferred(conn, [])  # checked inside the transaction, then committed
-        elif self._deferred:
+        if self._deferred:
             await self._send_deferred(conn, [], commit=True)
             return
         if _in_transaction(conn):
@@ -173,8 +172,8 @@ async def _send(
     commit: bool = False,
 ) -> AsyncCursor[TupleRow]:
     """Send the bound statements (`texts`) in one message, inside the transaction (opened
-    by this message if none is), and COMMIT after them if `commit`; check each one's result
-    in order. Returns `cur` on the last statement's result.
+    by this message if none is), and COMMIT after them if `commit`. Returns `cur` on the
+    last statement's result (a read's rows).
     """
     begin = not _in_transaction(cur.connection)
     # Both: no BEGIN nor COMMIT; PostgreSQL runs the statements of one message as one
@@ -192,16 +191,13 @@ async def _send(
         raise
     if begin and not commit:
         _next_result(cur)  # past BEGIN's
-    for n, item in enumerate(statements):
-        if n:
-            _next_result(cur)
-        if item.check is not None:
-            item.check(cur)
+    for _ in statements[1:]:
+        _next_result(cur)
     return cur
 
 
 def _next_result(cur: AsyncClientCursor[TupleRow]) -> None:
-    # Fewer results than statements would pair a check with another statement's result.
+    # Fewer results than statements would hand a read's caller another statement's result.
     if not cur.nextset():
         raise RuntimeError("PostgreSQL answered fewer results than statements were sent")
 
