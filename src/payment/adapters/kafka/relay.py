@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -29,6 +30,9 @@ WaitForWork = Callable[[float], Awaitable[None]]
 Leadership = Callable[[], AbstractAsyncContextManager[object]]
 
 _FIRST_BACKOFF = 0.1
+# At most this long between a pass and the mark of what it published, when no new row
+# brings the next read sooner (under load, the next read comes within milliseconds).
+_MARK_WITHIN = 0.1
 
 
 class KafkaOutboxRelay:
@@ -109,6 +113,9 @@ class KafkaOutboxRelay:
             log_budget=log_budget,
         )
         self._pass_lock = asyncio.Lock()
+        # Rows the broker acknowledged that the next pass's read marks (see `_serve`).
+        self._unmarked: list[int] = []
+        self._unmarked_at = datetime.min
         self._stopping = False
         self._leading = False
         # True only while `run` waits (for leadership, for work, out a backoff): the
@@ -173,15 +180,29 @@ class KafkaOutboxRelay:
             log.exception("outbox relay: flush failed")
         return self.published - before
 
-    async def publish_pending(self) -> tuple[int, int]:
+    async def publish_pending(self, *, mark_with_next_read: bool = False) -> tuple[int, int]:
         """One pass: send up to `batch_size` pending rows, mark the acknowledged ones.
 
         Returns (rows read, rows not published because a send failed). Broker errors are
-        counted, not raised; database errors propagate.
+        counted, not raised; database errors propagate. `mark_with_next_read`: the marks
+        go with the next pass's read, one round trip for both (`run` does this; it marks
+        what is left when it stops leading).
         """
         async with self._pass_lock:
-            async with self._uow_factory() as uow:
-                rows = await uow.outbox.pending(self._batch_size, self._keys.waiting())
+            marking, self._unmarked = self._unmarked, []
+            try:
+                async with self._uow_factory() as uow:
+                    if marking:
+                        await uow.outbox.mark_published(marking, self._unmarked_at)
+                    rows = await uow.outbox.pending(
+                        self._batch_size, self._keys.waiting(), last=bool(marking)
+                    )
+                    await uow.commit()
+            except BaseException:
+                self._unmarked = marking  # marking twice is harmless; not marking is not
+                raise
+            if marking:
+                self._marked(marking)
             by_key: dict[str, list[OutboxRecord]] = {}
             for row in sorted(rows, key=lambda r: r.position):
                 by_key.setdefault(row.message.key, []).append(row)
@@ -211,13 +232,27 @@ class KafkaOutboxRelay:
                     chain for chain, ok in zip(live, sent, strict=True) if ok and len(chain) > depth
                 ]
             acked.sort()
-            if acked:
-                async with self._uow_factory() as uow:
-                    await uow.outbox.mark_published(acked, self._clock.now())
-                    await uow.commit()
-                failpoints.hit("after_mark_published")
-                self.published += len(acked)
+            if acked and mark_with_next_read:
+                self._unmarked, self._unmarked_at = acked, self._clock.now()
+            elif acked:
+                await self._mark(acked, self._clock.now())
             return len(rows), len(rows) - len(acked)
+
+    async def _mark(self, positions: list[int], at: datetime) -> None:
+        async with self._uow_factory() as uow:
+            await uow.outbox.mark_published(positions, at)
+            await uow.commit()
+        self._marked(positions)
+
+    def _marked(self, positions: list[int]) -> None:
+        failpoints.hit("after_mark_published")
+        self.published += len(positions)
+
+    async def _mark_unmarked(self) -> None:
+        async with self._pass_lock:
+            if self._unmarked:
+                await self._mark(self._unmarked, self._unmarked_at)
+                self._unmarked = []
 
     async def _drain(self) -> None:
         while True:
@@ -263,26 +298,44 @@ class KafkaOutboxRelay:
     async def _serve(self) -> None:
         """Publish while leading: until stopped, or the leadership term ends."""
         term_ends = time.monotonic() + self._leadership_term
-        while not self._stopping:
-            fetched, failed = await self.publish_pending()
-            if failed and fetched == failed:
-                # Nothing went out: new rows, or the first failing key coming due.
-                await self._interruptibly(
-                    self._wait_for_work(self._until_a_key_is_due(self._poll_interval))
-                )
-            else:
-                # A short pass read everything committed before it: with notifications, a
-                # row committed since has announced itself (the wait returns at once), so
-                # asking again now would mostly find nothing. Polling must ask again.
-                notified = self._wait_for_work is not _sleep
-                if not fetched or (notified and fetched < self._batch_size):
-                    timeout = self._poll_interval
-                    if self._keys:
-                        timeout = self._until_a_key_is_due(timeout)
-                    await self._interruptibly(self._wait_for_work(timeout))
-            # Checked under load too, so a lost lock is noticed within a term regardless.
-            if self._leadership is not None and time.monotonic() >= term_ends:
-                return
+        try:
+            while not self._stopping:
+                fetched, failed = await self.publish_pending(mark_with_next_read=True)
+                if failed and fetched == failed:
+                    # Nothing went out: new rows, or the first failing key coming due.
+                    await self._interruptibly(
+                        self._wait_for_work(self._until_a_key_is_due(self._wait_limit()))
+                    )
+                else:
+                    # A short pass read everything committed before it: with notifications,
+                    # a row committed since has announced itself (the wait returns at once),
+                    # so asking again now would mostly find nothing. Polling must ask again.
+                    notified = self._wait_for_work is not _sleep
+                    if not fetched or (notified and fetched < self._batch_size):
+                        timeout = self._wait_limit()
+                        if self._keys:
+                            timeout = self._until_a_key_is_due(timeout)
+                        await self._interruptibly(self._wait_for_work(timeout))
+                # Checked under load too, so a lost lock is noticed within a term regardless.
+                if self._leadership is not None and time.monotonic() >= term_ends:
+                    return
+        finally:
+            await self._mark_before_leaving()
+
+    def _wait_limit(self) -> float:
+        """How long `_serve` may wait for work: `poll_interval`, shorter while the last
+        pass's marks wait for the next read (they are due within `_MARK_WITHIN`)."""
+        if self._unmarked:
+            return min(self._poll_interval, _MARK_WITHIN)
+        return self._poll_interval
+
+    async def _mark_before_leaving(self) -> None:
+        """Mark what the last pass left for its next read: another leader would send it
+        again. If the database fails now, the next pass or `flush` marks them."""
+        try:
+            await self._mark_unmarked()
+        except Exception:  # leaving anyway; the rows stay queued in `_unmarked`
+            log.warning("outbox relay: could not mark %d published rows", len(self._unmarked))
 
     async def _interruptibly(self, awaitable: Awaitable[_T]) -> _T:
         self._interruptible = True

@@ -149,11 +149,13 @@ class PostgresOutbox:
             )
         self._tx.defer(_add_sql(len(messages)), params)
 
-    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+    async def pending(
+        self, limit: int, skip_keys: Collection[str] = (), *, last: bool = False
+    ) -> list[OutboxRecord]:
         if skip_keys:
-            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit))
+            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit), last=last)
         else:
-            cur = await self._tx.read(_PENDING, (limit,))
+            cur = await self._tx.read(_PENDING, (limit,), last=last)
         return [
             OutboxRecord(
                 position=position,
