@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from contract_builders import attempt, race
 
+from payment.application.errors import DuplicateMessage
 from payment.application.ports import UnitOfWork, UnitOfWorkFactory
 from support.events import at
 
@@ -52,3 +53,36 @@ async def test_of_two_concurrent_handlings_of_one_message_exactly_one_commits(
     outcome = await race(uow_factory, _mark, _mark)
     assert sorted(outcome) == [False, True]
     assert not await attempt(uow_factory, _mark)
+
+
+async def _mark_new(uow: UnitOfWork) -> None:
+    await uow.inbox.mark_new([("saga", "m-1")], at(0))
+
+
+async def test_a_message_expected_new_is_marked_and_a_duplicate_fails_its_unit_of_work(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    assert await attempt(uow_factory, _mark_new)
+    assert not await _mark_one(uow_factory, "m-1")  # marked by mark_new
+    # A duplicate among new messages fails the whole unit of work (here or at commit),
+    # and nothing of it is kept.
+    with pytest.raises(DuplicateMessage):
+        async with uow_factory() as uow:
+            await uow.inbox.mark_new([("saga", "m-2"), ("saga", "m-1"), ("saga", "m-2")], at(1))
+            await uow.commit()
+    assert await _mark_one(uow_factory, "m-2")
+
+
+async def test_of_two_concurrent_handlings_expecting_a_new_message_exactly_one_commits(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    outcome = await race(uow_factory, _mark_new, _mark_new)
+    assert sorted(outcome) == [False, True]
+
+
+async def _mark_one(uow_factory: UnitOfWorkFactory, message_id: str) -> bool:
+    """`mark` in a unit of work of its own, committed: False for a duplicate."""
+    async with uow_factory() as uow:
+        fresh = await uow.inbox.mark("saga", message_id, at(2))
+        await uow.commit()
+    return fresh

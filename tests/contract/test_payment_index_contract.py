@@ -67,6 +67,25 @@ async def test_a_booking_is_claimed_once_in_one_unit_of_work(
             await uow.commit()
 
 
+async def test_a_booking_expected_free_is_claimed_or_its_unit_of_work_fails(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    payment_id = uuid.uuid4()
+    async with uow_factory() as uow:
+        await uow.payments.claim_free_booking("booking-1", payment_id, at(0))
+        await uow.commit()
+    # Taken: the unit of work fails (here or at commit) and keeps nothing of itself.
+    with pytest.raises(BookingAlreadyClaimed) as raised:
+        async with uow_factory() as uow:
+            await uow.payments.set_status(payment_id, PaymentStatus.COMPLETED, at(1))
+            await uow.payments.claim_free_booking("booking-1", uuid.uuid4(), at(1))
+            await uow.commit()
+    assert raised.value.booking_id == "booking-1"
+    async with uow_factory() as uow:
+        assert await uow.payments.payment_for_booking("booking-1") == payment_id
+        assert await uow.payments.in_flight_since(at(5), 10) == [payment_id]  # not COMPLETED
+
+
 async def test_of_two_concurrent_claims_exactly_one_wins(uow_factory: UnitOfWorkFactory) -> None:
     first, second = uuid.uuid4(), uuid.uuid4()
 

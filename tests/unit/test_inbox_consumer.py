@@ -298,15 +298,15 @@ class SlowRequests(MemoryUnitOfWorkFactory):
 
     def __call__(self) -> MemoryUnitOfWork:
         uow = super().__call__()
-        mark = uow.inbox.mark
+        mark_new = uow.inbox.mark_new
 
-        async def gated(source: str, message_id: str, at: Any) -> bool:
-            if source == "saga-orchestrator":
+        async def gated(keys: Any, at: Any) -> None:
+            if any(source == "saga-orchestrator" for source, _ in keys):
                 self.waiting += 1
                 await self.gate.wait()
-            return await mark(source, message_id, at)
+            await mark_new(keys, at)
 
-        uow.inbox.mark = gated  # type: ignore[method-assign]
+        uow.inbox.mark_new = gated  # type: ignore[method-assign]
         return uow
 
 

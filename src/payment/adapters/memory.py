@@ -128,6 +128,11 @@ class MemoryPaymentIndex:
         self.claims[booking_id] = (payment_id, at)
         self.status[payment_id] = (PaymentStatus.INITIATED, at)
 
+    async def claim_free_booking(
+        self, booking_id: str, payment_id: uuid.UUID, at: datetime
+    ) -> None:
+        await self.claim_booking(booking_id, payment_id, at)
+
     async def claim_bookings(
         self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
     ) -> set[str]:
@@ -291,6 +296,12 @@ class MemoryInbox:
         self, keys: Sequence[tuple[str, str]], at: datetime
     ) -> set[tuple[str, str]]:
         return {key for key in keys if await self.mark(key[0], key[1], at)}
+
+    async def mark_new(self, keys: Sequence[tuple[str, str]], at: datetime) -> None:
+        for source, message_id in keys:
+            if (source, message_id) in self._db.inbox:
+                raise DuplicateMessage("message already handled")
+            self.marks.setdefault((source, message_id), at)
 
     def check(self) -> bool:
         return not any(key in self._db.inbox for key in self.marks)

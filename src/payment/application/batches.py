@@ -306,16 +306,16 @@ async def _record_wave(
         now = gateway.clock.now()
         keys = [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i, *_ in wave]
         keys += [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i in marks]
-        fresh = await uow.inbox.mark_many(keys, now)
+        # Redeliveries are rare (after a crash, a rebalance): expecting none lets the wave
+        # go in one message; one fails it, and the wave is recorded one by one instead,
+        # where it shows as a duplicate.
+        await uow.inbox.mark_new(keys, now)
         outcomes: dict[int, ExecuteResult] = {}
         statuses: list[tuple[uuid.UUID, PaymentStatus]] = []
         messages: list[OutboundMessage] = []
         for i, payment, exchange in wave:
             cmd = cmds[i]
             outcomes[i], message = apply_outcome(payment, exchange, gateway.name, now, cmd.trace)
-            # A redelivery still records what its calls gave (see record_outcome).
-            if message is None and (cmd.inbound.source, cmd.inbound.message_id) not in fresh:
-                outcomes[i] = ExecuteResult.DUPLICATE
             statuses.append((payment.id, status_of(payment)))
             if message is not None:
                 messages.append(message)

@@ -77,6 +77,19 @@ class PaymentIndex(Protocol):
         """
         ...
 
+    async def claim_free_booking(
+        self, booking_id: str, payment_id: uuid.UUID, at: datetime
+    ) -> None:
+        """`claim_booking` for a booking expected to be free: the store need not answer
+        before the unit of work commits (it can then send everything in one message).
+
+        If the booking has a payment after all, the unit of work fails with
+        `BookingAlreadyClaimed`, here or at the latest from `commit`, and keeps nothing:
+        the caller handles the request again the careful way. One such claim per unit of
+        work: a store that finds out at commit may not tell which of several failed.
+        """
+        ...
+
     async def claim_bookings(
         self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
     ) -> set[str]:
@@ -203,6 +216,17 @@ class Inbox(Protocol):
         """`mark` for several (source, id) keys; the keys marked now.
 
         The others were recorded before (duplicates); a key given twice is marked once.
+        """
+        ...
+
+    async def mark_new(self, keys: Sequence[tuple[str, str]], at: datetime) -> None:
+        """`mark_many` for messages expected to be new: the store need not answer before
+        the unit of work commits (it can then send everything in one message).
+
+        If one was handled before after all (or is by a concurrent unit of work that
+        commits), the unit of work fails with `DuplicateMessage`, here or at the latest
+        from `commit`, and keeps nothing: the caller handles the messages again the
+        careful way, where they show as duplicates.
         """
         ...
 

@@ -6,6 +6,9 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
+import psycopg
+from psycopg import errors
+
 from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.errors import BookingAlreadyClaimed
@@ -19,6 +22,14 @@ INSERT INTO payment_payments (payment_id, booking_id, status, created_at, update
 VALUES (%s, %s, 'INITIATED', %s, %s)
 ON CONFLICT (booking_id) DO NOTHING
 """
+
+# claim_free_booking: no ON CONFLICT, so a taken booking is an error (see the port).
+_CLAIM_FREE = """
+INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
+VALUES (%s, %s, 'INITIATED', %s, %s)
+"""
+
+_BOOKING_KEY = "payment_payments_booking_id_key"
 
 # Bookings in a fixed order: two batches sharing bookings cannot deadlock.
 _CLAIM_MANY = b"""
@@ -110,6 +121,16 @@ class PostgresPaymentIndex:
         cur = await self._tx.write(_CLAIM, (payment_id, booking_id, at, at))
         if cur.rowcount != 1:
             raise BookingAlreadyClaimed(booking_id)
+
+    async def claim_free_booking(
+        self, booking_id: str, payment_id: uuid.UUID, at: datetime
+    ) -> None:
+        def taken(exc: psycopg.Error) -> Exception | None:
+            if isinstance(exc, errors.UniqueViolation) and exc.diag.constraint_name == _BOOKING_KEY:
+                return BookingAlreadyClaimed(booking_id)
+            return None
+
+        self._tx.defer(_CLAIM_FREE, (payment_id, booking_id, at, at), translate=taken)
 
     async def claim_bookings(
         self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime

@@ -10,7 +10,11 @@ import msgspec
 from payment.application import failpoints
 from payment.application.commands import RequestPayment
 from payment.application.conflicts import retrying
-from payment.application.errors import BookingAlreadyClaimed, PaymentConflict
+from payment.application.errors import (
+    RETRYABLE_CONFLICTS,
+    BookingAlreadyClaimed,
+    PaymentConflict,
+)
 from payment.application.handlers.results import RequestResult
 from payment.application.messages import (
     OutboundMessage,
@@ -43,6 +47,11 @@ async def request_payment(
     booking's payment, or that breaks a rule of section 3: the caller dead-letters it.
     """
     checked = validate_request(cmd, max_amount=request_policy.max_amount)
+    if not isinstance(checked, str):
+        try:
+            return await _request_new(cmd, checked, uow_factory, clock)
+        except RETRYABLE_CONFLICTS:
+            pass  # a duplicate, a booking that has a payment, a lost race: as below
 
     async def handle(uow: UnitOfWork) -> RequestResult:
         if not await uow.inbox.mark(cmd.inbound.source, cmd.inbound.message_id, clock.now()):
@@ -56,6 +65,26 @@ async def request_payment(
 
     # A lost race (for the booking, say): a fresh transaction sees the winner.
     return await retrying(uow_factory, handle, "request_payment")
+
+
+async def _request_new(
+    cmd: RequestPayment, checked: Valid, uow_factory: UnitOfWorkFactory, clock: Clock
+) -> RequestResult:
+    """The common case, a new message for a free booking, with nothing to read first: the
+    unit of work goes in one message. Anything else fails it (`DuplicateMessage`,
+    `BookingAlreadyClaimed`) and nothing of it is kept; the caller then takes the careful
+    way, which reads and answers duplicates and re-requests."""
+    async with uow_factory() as uow:
+        now = clock.now()
+        await uow.inbox.mark_new([(cmd.inbound.source, cmd.inbound.message_id)], now)
+        failpoints.hit("after_inbox_insert")
+        payment = initiate_for(cmd, checked, now)
+        await uow.payments.claim_free_booking(cmd.booking_id, payment.id, now)
+        await uow.save(payment)
+        await uow.outbox.add([initiated_message(payment, cmd.trace)])
+        await uow.commit()
+    failpoints.hit("after_initiated_commit")
+    return RequestResult.ACCEPTED
 
 
 async def _request_in(
