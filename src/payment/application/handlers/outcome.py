@@ -39,15 +39,22 @@ async def record_outcome(
     """Record `exchange` with the message that caused it; `known`: the payment as loaded
     before it (see `loaded_once`)."""
     current = loaded_once(payment_id, known)
+    # The first try expects a new message (the common case): its unit of work then goes in
+    # one message, and a redelivery fails it (DuplicateMessage) for a careful try.
+    expect_new = True
 
     async def record(uow: UnitOfWork) -> ExecuteResult:
+        nonlocal expect_new
         now = gateway.clock.now()
         # A redelivery handled before still records what its calls gave: a known outcome
         # is the gateway's answer under the payment's one key (the payment would wait for
         # the reconciler otherwise), and its attempts end its ChargeStarted's lease.
-        duplicate = inbound is not None and not await uow.inbox.mark(
-            inbound.source, inbound.message_id, now
-        )
+        duplicate = False
+        if inbound is not None and expect_new:
+            expect_new = False
+            await uow.inbox.mark_new([(inbound.source, inbound.message_id)], now)
+        elif inbound is not None:
+            duplicate = not await uow.inbox.mark(inbound.source, inbound.message_id, now)
         payment = await current(uow)
         if payment.is_terminal:
             # Another execution recorded the outcome first (same idempotency key, so the
