@@ -223,19 +223,3 @@ async def test_a_stream_behind_its_expected_version_fails_the_message_that_commi
     async with PostgresUnitOfWork(one_connection) as uow:
         assert (len(await uow.events.load(behind)), await uow.events.load(fresh)) == (1, [])
         assert await uow.inbox.mark("saga", "m-3", CLOCK.now())
-
-
-async def test_a_last_read_carries_the_deferred_writes_and_the_commit(
-    one_connection: Pool, pg_pool: Pool
-) -> None:
-    stream = uuid.uuid4()
-    async with PostgresUnitOfWork(one_connection) as uow:
-        await uow.events.append(stream, 0, [attempted(stream, 1)])
-        cur = await uow.events._tx.read(
-            "SELECT count(*) FROM payment_events WHERE stream_id = %s", (stream,), last=True
-        )
-        assert await cur.fetchone() == (1,)  # the read saw the write
-        assert not _in_transaction(uow)
-        async with PostgresUnitOfWork(pg_pool) as elsewhere:  # committed already
-            assert len(await elsewhere.events.load(stream)) == 1
-        await uow.commit()  # nothing left to send

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import pytest
@@ -17,7 +18,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from payment.adapters.kafka.key_backoff import KeyBackoff
-from payment.adapters.kafka.relay import _MARK_WITHIN as MARK_WITHIN
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
@@ -282,8 +282,7 @@ async def test_run_wakes_up_when_told_and_stop_interrupts_the_wait() -> None:
     wake = asyncio.Event()
 
     async def wait_for_work(seconds: float) -> None:
-        # 3600 s, or less while a pass's marks wait for the next read (see below).
-        assert seconds in (3600, MARK_WITHIN)
+        assert seconds == 3600
         await wake.wait()
         wake.clear()
 
@@ -319,57 +318,61 @@ class LockLeadership:
             yield None
 
 
-async def test_a_pass_can_leave_its_marks_to_the_next_read() -> None:
-    # What `run` does: the marks of one pass and the read of the next are one round trip.
-    uows = MemoryUnitOfWorkFactory()
+class MarksWaitUntilTold(MemoryUnitOfWorkFactory):
+    """Marks wait for `go` (reads do not): a mark still under way while the relay goes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        mark = uow.outbox.mark_published
+
+        async def held(positions: Any, at: Any) -> None:
+            await self.go.wait()
+            await mark(positions, at)
+
+        uow.outbox.mark_published = held  # type: ignore[method-assign]
+        return uow
+
+
+async def test_a_pass_can_leave_its_marks_to_a_task_while_the_next_passes_go_on() -> None:
+    # What `run` does: a pass ends at the acknowledgements; while its marks are under
+    # way the next pass leaves their keys out (not sent twice), the other keys go out.
+    uows = MarksWaitUntilTold()
     await add(uows, message("a", 1), message("b", 1))
     sender = FakeSender()
     r = relay(sender, uows)
-    assert await r.publish_pending(mark_with_next_read=True) == (2, 0)
-    assert (unpublished(uows), r.published) == ([1, 2], 0)
-    await add(uows, message("a", 2))
-    assert await r.publish_pending() == (1, 0)  # marks 1 and 2 first, so reads only 3
-    assert (unpublished(uows), r.published) == ([], 3)
-    assert [s.sequence for s in sender.sent if s.key == "a"] == [1, 2]
+    assert await r.publish_pending(mark_in_background=True) == (2, 0)
+    await add(uows, message("a", 2), message("c", 1))
+    assert await r.publish_pending(mark_in_background=True) == (1, 0)  # c only
+    assert (unpublished(uows), r.published) == ([1, 2, 3, 4], 0)
+    uows.go.set()
+    await eventually(lambda: unpublished(uows) == [3])
+    assert await r.publish_pending() == (1, 0)  # a 2, now that a 1 is marked
+    assert (unpublished(uows), r.published) == ([], 4)
+    assert [(s.key, s.sequence) for s in sender.sent] == [("a", 1), ("b", 1), ("c", 1), ("a", 2)]
 
 
-async def test_marks_left_for_a_read_that_failed_go_with_the_one_after() -> None:
+async def test_a_background_mark_that_failed_is_tried_again_and_nothing_is_sent_twice() -> None:
     uows = FlakyUnitsOfWork(failures=0)
     await add(uows, message("a", 1))
     sender = FakeSender()
     r = relay(sender, uows)
-    await r.publish_pending(mark_with_next_read=True)
-    uows.failures = 1
-    with pytest.raises(ConnectionError):
-        await r.publish_pending()
+    uows.failures = 0
+    await r.publish_pending(mark_in_background=True)
+    uows.failures = 1  # the mark's unit of work
+    await asyncio.sleep(0.01)
     assert unpublished(uows) == [1]
-    assert await r.publish_pending() == (0, 0)
-    assert (unpublished(uows), len(sender.sent)) == ([], 1)  # marked, never sent again
+    assert await r.publish_pending() == (0, 0)  # tries the mark again; leaves key a out
+    await eventually(lambda: not unpublished(uows))
+    assert len(sender.sent) == 1
 
 
-async def test_run_marks_what_it_published_though_no_new_row_comes() -> None:
-    uows = MemoryUnitOfWorkFactory()
-    never = asyncio.Event()
-
-    async def wait_for_work(seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await never.wait()
-
-    r = KafkaOutboxRelay(
-        FakeSender(), uows, Topics(), FixedClock(), wait_for_work=wait_for_work, poll_interval=3600
-    )
-    await add(uows, message("a", 1))
-    task = asyncio.create_task(r.run())
-    try:
-        await eventually(lambda: not unpublished(uows), 10 * MARK_WITHIN, what="the row marked")
-    finally:
-        r.stop()
-        await asyncio.wait_for(task, 1)
-
-
-async def test_stopping_marks_what_the_last_pass_published() -> None:
-    uows = MemoryUnitOfWorkFactory()
+async def test_run_ends_only_once_its_marks_are_committed() -> None:
+    # Another leader would publish the rows again: `run` settles its marks before leaving.
+    uows = MarksWaitUntilTold()
     never = asyncio.Event()
 
     async def wait_for_work(seconds: float) -> None:
@@ -380,8 +383,10 @@ async def test_stopping_marks_what_the_last_pass_published() -> None:
     await add(uows, message("a", 1))
     task = asyncio.create_task(r.run())
     await eventually(lambda: len(sender.sent) == 1)
-    assert unpublished(uows) == [1]
     r.stop()
+    await asyncio.sleep(0.05)
+    assert (task.done(), unpublished(uows)) == (False, [1])  # the mark is under way
+    uows.go.set()
     await asyncio.wait_for(task, 1)
     assert (unpublished(uows), r.published) == ([], 1)
 

@@ -248,9 +248,7 @@ class MemoryOutbox:
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         self.pending_rows.extend(messages)
 
-    async def pending(
-        self, limit: int, skip_keys: Collection[str] = (), *, last: bool = False
-    ) -> list[OutboxRecord]:
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
         return [
             r
             for r in self._db.outbox

@@ -179,18 +179,12 @@ class Outbox(Protocol):
         """Queue messages for publication; they become visible when the unit of work commits."""
         ...
 
-    async def pending(
-        self, limit: int, skip_keys: Collection[str] = (), *, last: bool = False
-    ) -> list[OutboxRecord]:
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
         """Unpublished rows, oldest first, but for those whose key is in `skip_keys`.
 
         Never skips a row otherwise: a row committed later by a slower transaction is
         returned by a later call. Rows of one stream come back in the order they were
         written. (`skip_keys`: keys backing off, so that their rows cannot fill `limit`.)
-        The rows marked by `mark_published` earlier in the unit of work are not among them.
-
-        `last`: the unit of work only commits after this call, so the adapter may commit
-        its earlier writes together with the read (the relay's marks: one round trip).
         """
         ...
 

@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka.key_backoff import KeyBackoff
+from payment.adapters.kafka.relay_marks import BackgroundMarks
 from payment.adapters.kafka.relay_sending import RowSender
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
@@ -30,9 +31,6 @@ WaitForWork = Callable[[float], Awaitable[None]]
 Leadership = Callable[[], AbstractAsyncContextManager[object]]
 
 _FIRST_BACKOFF = 0.1
-# At most this long between a pass and the mark of what it published, when no new row
-# brings the next read sooner (under load, the next read comes within milliseconds).
-_MARK_WITHIN = 0.1
 
 
 class KafkaOutboxRelay:
@@ -113,9 +111,8 @@ class KafkaOutboxRelay:
             log_budget=log_budget,
         )
         self._pass_lock = asyncio.Lock()
-        # Rows the broker acknowledged that the next pass's read marks (see `_serve`).
-        self._unmarked: list[int] = []
-        self._unmarked_at = datetime.min
+        # What `run`'s passes published, marked beside the next passes.
+        self._marks = BackgroundMarks(self._mark)
         self._stopping = False
         self._leading = False
         # True only while `run` waits (for leadership, for work, out a backoff): the
@@ -180,29 +177,20 @@ class KafkaOutboxRelay:
             log.exception("outbox relay: flush failed")
         return self.published - before
 
-    async def publish_pending(self, *, mark_with_next_read: bool = False) -> tuple[int, int]:
+    async def publish_pending(self, *, mark_in_background: bool = False) -> tuple[int, int]:
         """One pass: send up to `batch_size` pending rows, mark the acknowledged ones.
 
         Returns (rows read, rows not published because a send failed). Broker errors are
-        counted, not raised; database errors propagate. `mark_with_next_read`: the marks
-        go with the next pass's read, one round trip for both (`run` does this; it marks
-        what is left when it stops leading).
+        counted, not raised; database errors propagate. `mark_in_background`: the pass
+        ends at the acknowledgements, and the marks commit beside the next passes
+        (`BackgroundMarks`; `run` does this, and settles them when it stops leading).
         """
         async with self._pass_lock:
-            marking, self._unmarked = self._unmarked, []
-            try:
-                async with self._uow_factory() as uow:
-                    if marking:
-                        await uow.outbox.mark_published(marking, self._unmarked_at)
-                    rows = await uow.outbox.pending(
-                        self._batch_size, self._keys.waiting(), last=bool(marking)
-                    )
-                    await uow.commit()
-            except BaseException:
-                self._unmarked = marking  # marking twice is harmless; not marking is not
-                raise
-            if marking:
-                self._marked(marking)
+            self._marks.start()  # again, if the last one failed
+            async with self._uow_factory() as uow:
+                rows = await uow.outbox.pending(
+                    self._batch_size, self._keys.waiting() | self._marks.keys()
+                )
             by_key: dict[str, list[OutboxRecord]] = {}
             for row in sorted(rows, key=lambda r: r.position):
                 by_key.setdefault(row.message.key, []).append(row)
@@ -232,8 +220,8 @@ class KafkaOutboxRelay:
                     chain for chain, ok in zip(live, sent, strict=True) if ok and len(chain) > depth
                 ]
             acked.sort()
-            if acked and mark_with_next_read:
-                self._unmarked, self._unmarked_at = acked, self._clock.now()
+            if acked and mark_in_background:
+                self._marks.add(acked, list(by_key), self._clock.now())
             elif acked:
                 await self._mark(acked, self._clock.now())
             return len(rows), len(rows) - len(acked)
@@ -242,17 +230,8 @@ class KafkaOutboxRelay:
         async with self._uow_factory() as uow:
             await uow.outbox.mark_published(positions, at)
             await uow.commit()
-        self._marked(positions)
-
-    def _marked(self, positions: list[int]) -> None:
         failpoints.hit("after_mark_published")
         self.published += len(positions)
-
-    async def _mark_unmarked(self) -> None:
-        async with self._pass_lock:
-            if self._unmarked:
-                await self._mark(self._unmarked, self._unmarked_at)
-                self._unmarked = []
 
     async def _drain(self) -> None:
         while True:
@@ -300,11 +279,11 @@ class KafkaOutboxRelay:
         term_ends = time.monotonic() + self._leadership_term
         try:
             while not self._stopping:
-                fetched, failed = await self.publish_pending(mark_with_next_read=True)
+                fetched, failed = await self.publish_pending(mark_in_background=True)
                 if failed and fetched == failed:
                     # Nothing went out: new rows, or the first failing key coming due.
                     await self._interruptibly(
-                        self._wait_for_work(self._until_a_key_is_due(self._wait_limit()))
+                        self._wait_for_work(self._until_a_key_is_due(self._poll_interval))
                     )
                 else:
                     # A short pass read everything committed before it: with notifications,
@@ -312,7 +291,7 @@ class KafkaOutboxRelay:
                     # so asking again now would mostly find nothing. Polling must ask again.
                     notified = self._wait_for_work is not _sleep
                     if not fetched or (notified and fetched < self._batch_size):
-                        timeout = self._wait_limit()
+                        timeout = self._poll_interval
                         if self._keys:
                             timeout = self._until_a_key_is_due(timeout)
                         await self._interruptibly(self._wait_for_work(timeout))
@@ -322,20 +301,13 @@ class KafkaOutboxRelay:
         finally:
             await self._mark_before_leaving()
 
-    def _wait_limit(self) -> float:
-        """How long `_serve` may wait for work: `poll_interval`, shorter while the last
-        pass's marks wait for the next read (they are due within `_MARK_WITHIN`)."""
-        if self._unmarked:
-            return min(self._poll_interval, _MARK_WITHIN)
-        return self._poll_interval
-
     async def _mark_before_leaving(self) -> None:
-        """Mark what the last pass left for its next read: another leader would send it
-        again. If the database fails now, the next pass or `flush` marks them."""
+        """Settle the background marks: another leader would publish those rows again.
+        If the database fails now, they stay queued for this relay's next term."""
         try:
-            await self._mark_unmarked()
-        except Exception:  # leaving anyway; the rows stay queued in `_unmarked`
-            log.warning("outbox relay: could not mark %d published rows", len(self._unmarked))
+            await self._marks.settle()
+        except Exception:  # leaving anyway
+            log.warning("outbox relay: could not mark %d published rows", len(self._marks))
 
     async def _interruptibly(self, awaitable: Awaitable[_T]) -> _T:
         self._interruptible = True

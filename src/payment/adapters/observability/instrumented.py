@@ -152,10 +152,8 @@ class _TraceStampingOutbox:
         await self._inner.add(messages)
         self.written.extend(messages)
 
-    async def pending(
-        self, limit: int, skip_keys: Collection[str] = (), *, last: bool = False
-    ) -> list[OutboxRecord]:
-        return await self._inner.pending(limit, skip_keys, last=last)
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+        return await self._inner.pending(limit, skip_keys)
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
         await self._inner.mark_published(positions, at)

@@ -149,13 +149,11 @@ class PostgresOutbox:
             )
         self._tx.defer(_add_sql(len(messages)), params)
 
-    async def pending(
-        self, limit: int, skip_keys: Collection[str] = (), *, last: bool = False
-    ) -> list[OutboxRecord]:
+    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
         if skip_keys:
-            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit), last=last)
+            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit))
         else:
-            cur = await self._tx.read(_PENDING, (limit,), last=last)
+            cur = await self._tx.read(_PENDING, (limit,))
         return [
             OutboxRecord(
                 position=position,

@@ -111,17 +111,12 @@ class Transaction:
         return await _send(cur, statements, texts, commit=commit)
 
     async def read(
-        self, query: QueryNoTemplate, params: Params | None = None, *, last: bool = False
+        self, query: QueryNoTemplate, params: Params | None = None
     ) -> AsyncCursor[TupleRow]:
-        """Run a statement that only reads (after the deferred writes: it must see them).
-
-        `last`: the unit of work commits right after this read, so the deferred writes,
-        the read and the commit go in one message (the relay marks what the broker
-        acknowledged with its next read). Nothing may be written after it.
-        """
+        """Run a statement that only reads (after the deferred writes: it must see them)."""
         conn = self._connection()
         if self._deferred:
-            return await self._send_deferred(conn, [Deferred(query, params, None)], commit=last)
+            return await self._send_deferred(conn, [Deferred(query, params, None)])
         return await conn.execute(query, params)
 
     async def write(
