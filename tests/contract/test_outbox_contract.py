@@ -71,6 +71,19 @@ async def test_pending_leaves_out_the_keys_it_is_told_to_skip(
         ] * 3 + ["payment-good", "booking-x"]
 
 
+async def test_pending_leaves_out_the_positions_it_is_told_to_skip(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # Rows the relay published whose mark is not committed yet; the rows after them count.
+    await _add(uow_factory, *(message("payment-1", sequence=n) for n in range(1, 4)))
+    async with uow_factory() as uow:
+        first, second, third = await uow.outbox.pending(10)
+        rows = await uow.outbox.pending(1, skip_positions={first.position, second.position})
+        assert rows == [third]
+        rows = await uow.outbox.pending(10, {"payment-2"}, {second.position})
+        assert rows == [first, third]
+
+
 async def test_pending_is_oldest_first_and_limited(uow_factory: UnitOfWorkFactory) -> None:
     for sequence in range(1, 6):
         await _add(uow_factory, message("payment-1", sequence=sequence))

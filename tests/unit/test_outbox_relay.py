@@ -338,21 +338,21 @@ class MarksWaitUntilTold(MemoryUnitOfWorkFactory):
 
 
 async def test_a_pass_can_leave_its_marks_to_a_task_while_the_next_passes_go_on() -> None:
-    # What `run` does: a pass ends at the acknowledgements; while its marks are under
-    # way the next pass leaves their keys out (not sent twice), the other keys go out.
+    # What `run` does: a pass ends at the acknowledgements; while its marks are under way
+    # the next pass leaves those rows out (not sent twice), and sends the rows after them.
     uows = MarksWaitUntilTold()
     await add(uows, message("a", 1), message("b", 1))
     sender = FakeSender()
     r = relay(sender, uows)
     assert await r.publish_pending(mark_in_background=True) == (2, 0)
     await add(uows, message("a", 2), message("c", 1))
-    assert await r.publish_pending(mark_in_background=True) == (1, 0)  # c only
+    assert await r.publish_pending(mark_in_background=True) == (2, 0)  # a 2 and c 1
     assert (unpublished(uows), r.published) == ([1, 2, 3, 4], 0)
+    assert await r.publish_pending() == (0, 0)
     uows.go.set()
-    await eventually(lambda: unpublished(uows) == [3])
-    assert await r.publish_pending() == (1, 0)  # a 2, now that a 1 is marked
-    assert (unpublished(uows), r.published) == ([], 4)
-    assert [(s.key, s.sequence) for s in sender.sent] == [("a", 1), ("b", 1), ("c", 1), ("a", 2)]
+    await eventually(lambda: not unpublished(uows))
+    assert r.published == 4
+    assert [(s.key, s.sequence) for s in sender.sent] == [("a", 1), ("b", 1), ("a", 2), ("c", 1)]
 
 
 async def test_a_background_mark_that_failed_is_tried_again_and_nothing_is_sent_twice() -> None:
@@ -365,7 +365,7 @@ async def test_a_background_mark_that_failed_is_tried_again_and_nothing_is_sent_
     uows.failures = 1  # the mark's unit of work
     await asyncio.sleep(0.01)
     assert unpublished(uows) == [1]
-    assert await r.publish_pending() == (0, 0)  # tries the mark again; leaves key a out
+    assert await r.publish_pending() == (0, 0)  # tries the mark again; leaves row 1 out
     await eventually(lambda: not unpublished(uows))
     assert len(sender.sent) == 1
 

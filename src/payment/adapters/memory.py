@@ -248,13 +248,16 @@ class MemoryOutbox:
     async def add(self, messages: Sequence[OutboundMessage]) -> None:
         self.pending_rows.extend(messages)
 
-    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
+    async def pending(
+        self, limit: int, skip_keys: Collection[str] = (), skip_positions: Collection[int] = ()
+    ) -> list[OutboxRecord]:
         return [
             r
             for r in self._db.outbox
             if r.published_at is None
             and r.position not in self.published
             and r.message.key not in skip_keys
+            and r.position not in skip_positions
         ][:limit]
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:

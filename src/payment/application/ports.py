@@ -179,12 +179,16 @@ class Outbox(Protocol):
         """Queue messages for publication; they become visible when the unit of work commits."""
         ...
 
-    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
-        """Unpublished rows, oldest first, but for those whose key is in `skip_keys`.
+    async def pending(
+        self, limit: int, skip_keys: Collection[str] = (), skip_positions: Collection[int] = ()
+    ) -> list[OutboxRecord]:
+        """Unpublished rows, oldest first, but for those whose key is in `skip_keys` or
+        whose position is in `skip_positions`.
 
         Never skips a row otherwise: a row committed later by a slower transaction is
         returned by a later call. Rows of one stream come back in the order they were
-        written. (`skip_keys`: keys backing off, so that their rows cannot fill `limit`.)
+        written. (`skip_keys`: keys backing off, so that their rows cannot fill `limit`;
+        `skip_positions`: rows the broker acknowledged whose mark is not committed yet.)
         """
         ...
 

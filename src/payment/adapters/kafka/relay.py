@@ -189,7 +189,7 @@ class KafkaOutboxRelay:
             self._marks.start()  # again, if the last one failed
             async with self._uow_factory() as uow:
                 rows = await uow.outbox.pending(
-                    self._batch_size, self._keys.waiting() | self._marks.keys()
+                    self._batch_size, self._keys.waiting(), self._marks.positions()
                 )
             by_key: dict[str, list[OutboxRecord]] = {}
             for row in sorted(rows, key=lambda r: r.position):
@@ -221,7 +221,7 @@ class KafkaOutboxRelay:
                 ]
             acked.sort()
             if acked and mark_in_background:
-                self._marks.add(acked, list(by_key), self._clock.now())
+                self._marks.add(acked, self._clock.now())
             elif acked:
                 await self._mark(acked, self._clock.now())
             return len(rows), len(rows) - len(acked)

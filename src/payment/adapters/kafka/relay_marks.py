@@ -15,7 +15,6 @@ Mark = Callable[[list[int], datetime], Awaitable[None]]
 
 class _Acknowledged(NamedTuple):
     positions: list[int]
-    keys: frozenset[str]
     at: datetime
 
 
@@ -25,8 +24,8 @@ class BackgroundMarks:
     A mark is a write, committed with `synchronous_commit` on: a round trip and a WAL
     flush. The relay's next pass reads, sends and waits for acknowledgements meanwhile.
     Until a row's mark has committed the row is still pending in the table, so the passes
-    leave out its key (`keys()`): the row is not sent twice, and a later row of the same
-    payment waits for that one mark, not for a whole pass.
+    leave it out (`positions()`): it is not sent twice. A later row of the same key may go
+    at once: the broker has acknowledged its predecessor.
 
     Batches are marked in the order they were acknowledged, one transaction each. A mark
     that fails stays queued (the rows were acknowledged: marking them later is right) and
@@ -43,13 +42,13 @@ class BackgroundMarks:
         """Rows acknowledged and not marked yet."""
         return sum(len(batch.positions) for batch in self._queue)
 
-    def keys(self) -> set[str]:
-        """The keys of the rows not marked yet (passes leave them out)."""
-        return {key for batch in self._queue for key in batch.keys}
+    def positions(self) -> set[int]:
+        """The rows not marked yet (passes leave them out)."""
+        return {position for batch in self._queue for position in batch.positions}
 
-    def add(self, positions: Sequence[int], keys: Sequence[str], at: datetime) -> None:
+    def add(self, positions: Sequence[int], at: datetime) -> None:
         """Queue an acknowledged batch, published `at`, and start marking."""
-        self._queue.append(_Acknowledged(list(positions), frozenset(keys), at))
+        self._queue.append(_Acknowledged(list(positions), at))
         self.start()
 
     def start(self) -> None:

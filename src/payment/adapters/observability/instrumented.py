@@ -152,8 +152,10 @@ class _TraceStampingOutbox:
         await self._inner.add(messages)
         self.written.extend(messages)
 
-    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
-        return await self._inner.pending(limit, skip_keys)
+    async def pending(
+        self, limit: int, skip_keys: Collection[str] = (), skip_positions: Collection[int] = ()
+    ) -> list[OutboxRecord]:
+        return await self._inner.pending(limit, skip_keys, skip_positions)
 
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
         await self._inner.mark_published(positions, at)

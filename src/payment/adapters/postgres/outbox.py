@@ -105,7 +105,7 @@ _PENDING_SKIPPING = """
 SELECT position, event_id, type, key, subject, sequence, time, data, traceparent, tracestate,
        schema_version
 FROM payment_outbox
-WHERE published_at IS NULL AND key <> ALL(%s::text[])
+WHERE published_at IS NULL AND key <> ALL(%s::text[]) AND position <> ALL(%s::bigint[])
 ORDER BY position
 LIMIT %s
 """
@@ -149,9 +149,12 @@ class PostgresOutbox:
             )
         self._tx.defer(_add_sql(len(messages)), params)
 
-    async def pending(self, limit: int, skip_keys: Collection[str] = ()) -> list[OutboxRecord]:
-        if skip_keys:
-            cur = await self._tx.read(_PENDING_SKIPPING, (list(skip_keys), limit))
+    async def pending(
+        self, limit: int, skip_keys: Collection[str] = (), skip_positions: Collection[int] = ()
+    ) -> list[OutboxRecord]:
+        if skip_keys or skip_positions:
+            params = (list(skip_keys), list(skip_positions), limit)
+            cur = await self._tx.read(_PENDING_SKIPPING, params)
         else:
             cur = await self._tx.read(_PENDING, (limit,))
         return [
