@@ -116,7 +116,7 @@ class Container(containers.DeclarativeContainer):
     # their own: behind a backlog of handlers queueing for `pool` they would stall
     # publication and report a busy instance as not ready.
     control_pool = providers.Resource(
-        database_pool, url=config.database_url, min_size=1, max_size=4
+        database_pool, url=config.database_url, min_size=1, max_size=5
     )
     control_uow_factory = providers.Singleton(PostgresUnitOfWorkFactory, control_pool)
     # Handlers see instrumented adapters: spans, trace stamping on outbox rows, metrics

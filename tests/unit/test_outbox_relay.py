@@ -337,6 +337,27 @@ class MarksWaitUntilTold(MemoryUnitOfWorkFactory):
         return uow
 
 
+class MarksFail(MemoryUnitOfWorkFactory):
+    """The first `failures` marks fail (reads do not)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        mark = uow.outbox.mark_published
+
+        async def failing(positions: Any, at: Any) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("database away")
+            await mark(positions, at)
+
+        uow.outbox.mark_published = failing  # type: ignore[method-assign]
+        return uow
+
+
 async def test_a_pass_can_leave_its_marks_to_a_task_while_the_next_passes_go_on() -> None:
     # What `run` does: a pass ends at the acknowledgements; while its marks are under way
     # the next pass leaves those rows out (not sent twice), and sends the rows after them.
@@ -360,7 +381,6 @@ async def test_a_background_mark_that_failed_is_tried_again_and_nothing_is_sent_
     await add(uows, message("a", 1))
     sender = FakeSender()
     r = relay(sender, uows)
-    uows.failures = 0
     await r.publish_pending(mark_in_background=True)
     uows.failures = 1  # the mark's unit of work
     await asyncio.sleep(0.01)
@@ -368,6 +388,40 @@ async def test_a_background_mark_that_failed_is_tried_again_and_nothing_is_sent_
     assert await r.publish_pending() == (0, 0)  # tries the mark again; leaves row 1 out
     await eventually(lambda: not unpublished(uows))
     assert len(sender.sent) == 1
+
+
+async def test_marks_that_fell_two_passes_behind_hold_the_next_pass() -> None:
+    uows = MarksWaitUntilTold()
+    await add(uows, *(message(f"k{n}", 1) for n in range(4)))
+    sender = FakeSender()
+    r = relay(sender, uows, batch_size=1)
+    for _ in range(3):
+        await r.publish_pending(mark_in_background=True)
+    fourth = asyncio.create_task(r.publish_pending(mark_in_background=True))
+    await asyncio.sleep(0.05)
+    assert (fourth.done(), len(sender.sent)) == (False, 3)
+    uows.go.set()
+    assert await asyncio.wait_for(fourth, 1) == (1, 0)
+    await eventually(lambda: not unpublished(uows))
+    assert r.published == 4
+
+
+async def test_leaving_marks_what_a_failed_mark_left_once() -> None:
+    uows = MarksFail(failures=1)
+    never = asyncio.Event()
+
+    async def wait_for_work(seconds: float) -> None:
+        await never.wait()
+
+    sender = FakeSender()
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=wait_for_work)
+    await add(uows, message("a", 1), message("b", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: len(sender.sent) == 2 and uows.failures == 0)
+    assert unpublished(uows) == [1, 2]  # the mark failed; nothing tries again until...
+    r.stop()  # ...leaving settles it
+    await asyncio.wait_for(task, 1)
+    assert (unpublished(uows), r.published, len(sender.sent)) == ([], 2, 2)
 
 
 async def test_run_ends_only_once_its_marks_are_committed() -> None:
@@ -539,7 +593,7 @@ async def test_a_row_that_keeps_failing_slows_only_its_own_key() -> None:
                 what=f"good {sequence} published while bad backs off",
             )
         # The bad key is held back, never dropped, and its rows never overtake each other.
-        # (What went out is marked with the relay's next read, within a tenth of a second.)
+        # (What went out is marked by a task of its own, beside the relay's next pass.)
         await eventually(lambda: unpublished(uows) == [1, 2], 1.0, what="the good rows marked")
         assert {s.key for s in sender.sent} == {"good", "good-1", "good-2", "good-3"}
     finally:

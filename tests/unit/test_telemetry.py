@@ -269,6 +269,26 @@ async def test_the_whole_payment_shares_the_request_trace(
     assert 'payment_time_to_outcome_seconds_sum{outcome="completed"} 2' in text
 
 
+async def test_a_duplicate_request_shows_as_a_conflict_not_an_error(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    # Its first try expects a new message and fails; the careful try answers DUPLICATE.
+    uows = InstrumentedUnitOfWorkFactory(
+        MemoryUnitOfWorkFactory(), tracer, Metrics(), db_system="memory"
+    )
+    cmd = request_cmd("bk-1")
+    with tracer.start_as_current_span("process request"):
+        assert await request_payment(cmd, uows, Clock()) is RequestResult.ACCEPTED
+        exporter.clear()
+        assert await request_payment(cmd, uows, Clock()) is RequestResult.DUPLICATE
+    transactions = [s for s in exporter.get_finished_spans() if s.name == "db transaction"]
+    assert [(s.attributes or {}).get("db.transaction.conflict") for s in transactions] == [
+        "DuplicateMessage",
+        None,
+    ]
+    assert {s.status.status_code.name for s in transactions} == {"UNSET"}
+
+
 async def test_without_a_span_the_outcome_still_carries_the_request_trace() -> None:
     # OTEL_SDK_DISABLED: no span is in force; the handlers pass the inbound trace along.
     store = MemoryUnitOfWorkFactory()

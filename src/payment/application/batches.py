@@ -113,7 +113,10 @@ async def request_payments(
     single += batch
     for i in sorted(single):
         try:
-            results[i] = await request_payment(cmds[i], uow_factory, clock, request_policy)
+            # Each is a duplicate, a re-request or a lost race: no optimistic first try.
+            results[i] = await request_payment(
+                cmds[i], uow_factory, clock, request_policy, careful=True
+            )
         except PaymentConflict as exc:
             results[i] = exc
     return [results[i] for i in range(len(cmds))]
@@ -304,12 +307,17 @@ async def _record_wave(
 ) -> None:
     async with uow_factory() as uow:
         now = gateway.clock.now()
-        keys = [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i, *_ in wave]
-        keys += [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i in marks]
-        # Redeliveries are rare (after a crash, a rebalance): expecting none lets the wave
-        # go in one message; one fails it, and the wave is recorded one by one instead,
-        # where it shows as a duplicate.
-        await uow.inbox.mark_new(keys, now)
+        # Messages that only need marking are mostly redeliveries (a payment already
+        # finished): marked the careful way. Those of charges rarely are (after a crash):
+        # expecting none lets the wave go in one message; one fails the wave, which is then
+        # recorded one by one, where it shows as a duplicate.
+        if marks:
+            await uow.inbox.mark_many(
+                [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i in marks], now
+            )
+        await uow.inbox.mark_new(
+            [(cmds[i].inbound.source, cmds[i].inbound.message_id) for i, *_ in wave], now
+        )
         outcomes: dict[int, ExecuteResult] = {}
         statuses: list[tuple[uuid.UUID, PaymentStatus]] = []
         messages: list[OutboundMessage] = []

@@ -27,7 +27,8 @@ class BookingAlreadyClaimed(ApplicationError):
 
 
 class DuplicateMessage(ApplicationError):
-    """A concurrent transaction recorded the same inbound message first (seen at commit)."""
+    """The inbound message was recorded as handled before: by a concurrent transaction
+    (seen at commit), or earlier when a unit of work expected it new (`Inbox.mark_new`)."""
 
 
 class PaymentConflict(ApplicationError):

@@ -18,7 +18,8 @@ module-level dict. The standard library only, so the application layer may call 
 
 The points (where they sit and what a crash there tests):
 
-- `after_inbox_insert`: request handled, its inbox mark written, nothing committed.
+- `after_inbox_insert`: request handled, its inbox mark written (or, on the first try of
+  a request expected new, queued with the unit of work's one message), nothing committed.
 - `after_initiated_commit`: payment initiated and committed, its offset not.
 - `before_charge`: payment loaded, gateway not called.
 - `after_charge`: the gateway answered, nothing recorded (the charge exists, our store

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TypeVar
@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka.key_backoff import KeyBackoff
-from payment.adapters.kafka.relay_marks import BackgroundMarks
+from payment.adapters.kafka.relay_marks import Acknowledged, BackgroundMarks
 from payment.adapters.kafka.relay_sending import RowSender
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
@@ -31,6 +31,10 @@ WaitForWork = Callable[[float], Awaitable[None]]
 Leadership = Callable[[], AbstractAsyncContextManager[object]]
 
 _FIRST_BACKOFF = 0.1
+# A pass waits for the background marks once they are this many passes behind.
+_MARKS_BEHIND = 2
+# How long leaving (a stop, the end of a term) waits for the last marks.
+_SETTLE_WITHIN = 5.0
 
 
 class KafkaOutboxRelay:
@@ -112,7 +116,7 @@ class KafkaOutboxRelay:
         )
         self._pass_lock = asyncio.Lock()
         # What `run`'s passes published, marked beside the next passes.
-        self._marks = BackgroundMarks(self._mark)
+        self._marks = BackgroundMarks(self._mark_batches, log_budget)
         self._stopping = False
         self._leading = False
         # True only while `run` waits (for leadership, for work, out a backoff): the
@@ -186,6 +190,8 @@ class KafkaOutboxRelay:
         (`BackgroundMarks`; `run` does this, and settles them when it stops leading).
         """
         async with self._pass_lock:
+            if len(self._marks) > _MARKS_BEHIND * self._batch_size:
+                await self._marks.settle()  # the marks fell behind: they first
             self._marks.start()  # again, if the last one failed
             async with self._uow_factory() as uow:
                 rows = await uow.outbox.pending(
@@ -227,16 +233,22 @@ class KafkaOutboxRelay:
             return len(rows), len(rows) - len(acked)
 
     async def _mark(self, positions: list[int], at: datetime) -> None:
+        await self._mark_batches([Acknowledged(positions, at)])
+
+    async def _mark_batches(self, batches: Sequence[Acknowledged]) -> None:
+        """Mark acknowledged batches published, in one transaction."""
         async with self._uow_factory() as uow:
-            await uow.outbox.mark_published(positions, at)
+            for batch in batches:
+                await uow.outbox.mark_published(batch.positions, batch.at)
             await uow.commit()
         failpoints.hit("after_mark_published")
-        self.published += len(positions)
+        self.published += sum(len(batch.positions) for batch in batches)
 
     async def _drain(self) -> None:
         while True:
             fetched, failed = await self.publish_pending()
             if not fetched and not self._keys:
+                await self._marks.settle()  # a retry `publish_pending` may have started
                 return
             if fetched == failed:  # nothing went out: wait for a failing key to come due
                 await asyncio.sleep(self._until_a_key_is_due(self._poll_interval))
@@ -305,9 +317,12 @@ class KafkaOutboxRelay:
         """Settle the background marks: another leader would publish those rows again.
         If the database fails now, they stay queued for this relay's next term."""
         try:
-            await self._marks.settle()
-        except Exception:  # leaving anyway
-            log.warning("outbox relay: could not mark %d published rows", len(self._marks))
+            async with asyncio.timeout(_SETTLE_WITHIN):
+                settled = await self._marks.settle()
+        except TimeoutError:
+            settled = False
+        if not settled:
+            log.warning("outbox relay: %d published rows left unmarked", len(self._marks))
 
     async def _interruptibly(self, awaitable: Awaitable[_T]) -> _T:
         self._interruptible = True

@@ -8,14 +8,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
+from payment.adapters.observability.log_budget import UNLIMITED, LogBudget
+
 log = logging.getLogger("payment.adapters.kafka.relay")
 
-Mark = Callable[[list[int], datetime], Awaitable[None]]
 
+class Acknowledged(NamedTuple):
+    """Rows the broker acknowledged together, published `at`."""
 
-class _Acknowledged(NamedTuple):
     positions: list[int]
     at: datetime
+
+
+# Marks acknowledged batches, all in one transaction; raises if it could not.
+Mark = Callable[[Sequence[Acknowledged]], Awaitable[None]]
 
 
 class BackgroundMarks:
@@ -27,16 +33,17 @@ class BackgroundMarks:
     leave it out (`positions()`): it is not sent twice. A later row of the same key may go
     at once: the broker has acknowledged its predecessor.
 
-    Batches are marked in the order they were acknowledged, one transaction each. A mark
+    One task marks at a time, everything queued when it starts in one transaction. A mark
     that fails stays queued (the rows were acknowledged: marking them later is right) and
     is tried again by the next `start()`; a crash loses the queue, and those rows are
     published again with the same `ce_id`, as after a crash between ack and mark.
     """
 
-    def __init__(self, mark: Mark) -> None:
+    def __init__(self, mark: Mark, log_budget: LogBudget = UNLIMITED) -> None:
         self._mark = mark
-        self._queue: list[_Acknowledged] = []
-        self._task: asyncio.Task[None] | None = None
+        self._budget = log_budget
+        self._queue: list[Acknowledged] = []
+        self._task: asyncio.Task[bool] | None = None
 
     def __len__(self) -> int:
         """Rows acknowledged and not marked yet."""
@@ -48,7 +55,7 @@ class BackgroundMarks:
 
     def add(self, positions: Sequence[int], at: datetime) -> None:
         """Queue an acknowledged batch, published `at`, and start marking."""
-        self._queue.append(_Acknowledged(list(positions), at))
+        self._queue.append(Acknowledged(list(positions), at))
         self.start()
 
     def start(self) -> None:
@@ -56,27 +63,29 @@ class BackgroundMarks:
         if self._queue and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._mark_queued(), name="outbox-relay-marks")
 
-    async def settle(self) -> None:
-        """Wait for the mark under way, then mark what is left here: when the relay stops
-        leading, its marks must not be left to another leader (who would publish again).
-        Database errors propagate; what could not be marked stays queued."""
-        if self._task is not None:
-            await self._task
+    async def settle(self) -> bool:
+        """Mark everything queued (the task's way, one mark at a time); False if a mark
+        failed, the rest then still queued. When the relay stops leading its marks must
+        not be left to another leader, who would publish those rows again."""
         while self._queue:
-            batch = self._queue[0]
-            await self._mark(batch.positions, batch.at)
-            del self._queue[0]
+            self.start()
+            assert self._task is not None
+            if not await self._task:
+                return False
+        return True
 
-    async def _mark_queued(self) -> None:
+    async def _mark_queued(self) -> bool:
         while self._queue:
-            batch = self._queue[0]
+            batches = list(self._queue)
             try:
-                await self._mark(batch.positions, batch.at)
-            except Exception as exc:  # the rows stay queued: the next pass tries again
-                log.warning(
-                    "outbox relay: marking %d published rows failed (%s); trying again",
-                    len(batch.positions),
-                    type(exc).__name__,
-                )
-                return
-            del self._queue[0]
+                await self._mark(batches)
+            except Exception as exc:  # the task's outermost handler: kept for a retry
+                if self._budget.allow("marks failed"):
+                    log.warning(
+                        "outbox relay: marking %d published rows failed (%s); trying again",
+                        sum(len(batch.positions) for batch in batches),
+                        type(exc).__name__,
+                    )
+                return False
+            del self._queue[: len(batches)]
+        return True

@@ -35,6 +35,7 @@ from payment.adapters.observability.metrics import Metrics
 from payment.adapters.observability.span_attributes import ATTR_ERROR_TYPE, ATTR_PAYMENT_ID
 from payment.adapters.observability.telemetry import context_from_trace, current_trace_headers
 from payment.application.commands import TraceHeaders
+from payment.application.errors import RETRYABLE_CONFLICTS
 from payment.application.messages import OutboundMessage
 from payment.application.ports import (
     EventStore,
@@ -240,7 +241,11 @@ class InstrumentedUnitOfWork(StoresPayments):
             span.set_attribute("payment.events", [type(e).__name__ for e in self._events.appended])
         if self._outbox.written:
             span.set_attribute("payment.outbox", [m.type for m in self._outbox.written])
-        if exc is not None:
+        if isinstance(exc, RETRYABLE_CONFLICTS):
+            # A lost race, or a first try that expected a new message (or a free booking)
+            # and found otherwise: the handler tries again, the careful way. Not an error.
+            span.set_attribute("db.transaction.conflict", type(exc).__name__)
+        elif exc is not None:
             span.set_attribute(ATTR_ERROR_TYPE, type(exc).__name__)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         if self._token is not None:

@@ -13,8 +13,8 @@ from payment.adapters.postgres.transaction import Transaction
 from payment.application.errors import DuplicateMessage
 
 # A concurrent uncommitted mark of the same message makes this wait for that transaction:
-# its commit turns this into "already handled", its rollback lets this one insert. So the
-# PostgreSQL inbox never needs DuplicateMessage at commit.
+# its commit turns this into "already handled", its rollback lets this one insert. So
+# `mark` and `mark_many` never need DuplicateMessage at commit (`mark_new` does).
 _MARK = """
 INSERT INTO payment_inbox (source, message_id, received_at) VALUES (%s, %s, %s)
 ON CONFLICT DO NOTHING

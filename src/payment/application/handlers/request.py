@@ -40,14 +40,18 @@ async def request_payment(
     uow_factory: UnitOfWorkFactory,
     clock: Clock,
     request_policy: RequestPolicy = RequestPolicy(),
+    *,
+    careful: bool = False,
 ) -> RequestResult:
     """Handle `saga.request_payment` (contract sections 3-4).
 
     Raises `PaymentConflict` for a re-request whose amount or currency differs from the
     booking's payment, or that breaks a rule of section 3: the caller dead-letters it.
+    A valid request is first tried as new (`_request_new`), unless `careful` (the caller
+    knows it is likely a duplicate or a re-request).
     """
     checked = validate_request(cmd, max_amount=request_policy.max_amount)
-    if not isinstance(checked, str):
+    if not isinstance(checked, str) and not careful:
         try:
             return await _request_new(cmd, checked, uow_factory, clock)
         except RETRYABLE_CONFLICTS:
