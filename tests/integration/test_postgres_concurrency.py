@@ -8,6 +8,7 @@ import uuid
 from collections import Counter, defaultdict
 
 import pytest
+from msgspec.structs import replace
 
 from payment.adapters.memory import SystemClock
 from payment.adapters.postgres.migrations import (
@@ -21,7 +22,7 @@ from payment.adapters.postgres.pool import Pool, connect_dedicated
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.commands import ExecutePayment, InboundRef, RequestPayment
-from payment.application.errors import ConcurrencyConflict
+from payment.application.errors import ConcurrencyConflict, PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
     RequestResult,
@@ -131,6 +132,30 @@ async def test_concurrent_requests_for_one_booking_create_one_payment(
     assert await _scalar(pg_pool, "SELECT count(*) FROM payment_inbox") == (
         1 if redelivered else 50
     )
+
+
+async def test_a_redelivery_and_a_re_request_fail_the_first_try_and_keep_nothing_of_it(
+    pg_uow_factory: PostgresUnitOfWorkFactory, pg_pool: Pool
+) -> None:
+    # The first try of a request is one message that expects a new message id and a free
+    # booking. A redelivery fails it on the inbox's key, a re-request on the booking's: the
+    # careful try then answers, and no row of the failed message stays (one payment, one
+    # event, one outbox row; an inbox row per distinct message id).
+    assert await request_payment(_request("booking-1", "r-1"), pg_uow_factory, CLOCK) is (
+        RequestResult.ACCEPTED
+    )
+    redelivered = await request_payment(_request("booking-1", "r-1"), pg_uow_factory, CLOCK)
+    re_requested = await request_payment(_request("booking-1", "r-2"), pg_uow_factory, CLOCK)
+    other = replace(_request("booking-1", "r-3"), amount=4300)
+    with pytest.raises(PaymentConflict):
+        await request_payment(other, pg_uow_factory, CLOCK)
+
+    assert (redelivered, re_requested) == (RequestResult.DUPLICATE, RequestResult.IN_FLIGHT)
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_payments") == 1
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_events") == 1
+    assert await _scalar(pg_pool, "SELECT count(*) FROM payment_outbox") == 1
+    inbox = "SELECT array_agg(message_id ORDER BY message_id) FROM payment_inbox"
+    assert await _scalar(pg_pool, inbox) == ["r-1", "r-2"]
 
 
 async def test_the_outbox_reader_sees_every_row_once_and_each_stream_in_order(

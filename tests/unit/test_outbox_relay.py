@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from payment.adapters.kafka import relay as relay_module
 from payment.adapters.kafka.key_backoff import KeyBackoff
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
@@ -443,6 +444,41 @@ async def test_run_ends_only_once_its_marks_are_committed() -> None:
     uows.go.set()
     await asyncio.wait_for(task, 1)
     assert (unpublished(uows), r.published) == ([], 1)
+
+
+async def test_leaving_waits_for_its_marks_a_bounded_time_then_leaves_them_to_the_next_leader(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database that hangs must not hold a stop for ever: after `_SETTLE_WITHIN` the mark
+    # is given up (cancelled, nothing of it commits later) and the row stays pending, to
+    # be published again, with the same ce_id, by whoever leads next.
+    monkeypatch.setattr(relay_module, "_SETTLE_WITHIN", 0.05)
+    uows = MarksWaitUntilTold()
+    never = asyncio.Event()
+
+    async def wait_for_work(seconds: float) -> None:
+        await never.wait()
+
+    sender = FakeSender()
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=wait_for_work)
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: len(sender.sent) == 1)
+    before = asyncio.all_tasks()
+    r.stop()
+    await asyncio.wait_for(task, 1)
+    assert (unpublished(uows), r.published) == ([1], 0)
+    assert "1 published rows left unmarked" in caplog.text
+    marks = [t for t in before if t.get_name() == "outbox-relay-marks"]
+    assert len(marks) == 1 and marks[0].cancelled()
+    uows.go.set()  # the database answers again: the given-up mark stays given up
+    await asyncio.sleep(0.01)
+    assert unpublished(uows) == [1]
+
+    again = FakeSender()
+    assert await relay(again, uows).publish_pending() == (1, 0)
+    assert unpublished(uows) == []
+    assert [s.ce_id for s in again.sent] == [s.ce_id for s in sender.sent]
 
 
 async def test_only_the_leader_publishes_and_a_standby_takes_over() -> None:
