@@ -8,11 +8,11 @@ peer, the `eventsourcing` library (bench/peer_eventsourcing.py); then the real s
 to end on Apache Kafka (bench/e2e.py), each run with its own broker and database: 200/s
 and 1,000/s offered (latency), 3,000/s offered for 60 s (throughput), and 1,000/s with the
 fake gateway answering in 300 ms; and the floor (bench/floor.py): the same hops through a
-stand-in that only consumes, commits and sends on, at 200/s, 1,000/s and 3,000/s. Every row says
-what bounds it when its target is not
-met: the figures of its own run (CPU per payment of each program against the machine's
-CPUs, the service's time runnable without a CPU). The machine's load average is printed
-with every figure: on a shared machine, read CPU per payment.
+stand-in that only consumes, commits and sends on, at 200/s, 1,000/s and 3,000/s. Every
+row says what bounds it when its target is not met: the figures of its own run (CPU per
+payment of each program against the machine's CPUs, the service's time runnable without
+a CPU). The machine's load average is printed with every figure: on a shared machine,
+read CPU per payment.
 """
 
 from __future__ import annotations
