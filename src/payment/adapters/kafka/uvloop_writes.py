@@ -9,12 +9,8 @@ not expect: the producer's sender task or the consumer's coordination routine en
 (aio-libs/aiokafka#1038, open). A broker restart under load is enough.
 
 `tolerate_closed_transports()` wraps the two methods of aiokafka's connection that write,
-so that this `RuntimeError`, on a transport that is closing, is handled as aiokafka handles
-an `OSError` there (the connection closed as broken, `KafkaConnectionError`). Any other
-`RuntimeError` still propagates. A method a later aiokafka no longer has is left alone: the
-test that shows uvloop's `RuntimeError` reaching aiokafka unwrapped says when this module
-can go. (Over TLS, uvloop's SSL layer catches that error itself and closes the connection,
-logging "Fatal error on SSL protocol": noisy, not fatal.)
+so that this `RuntimeError`, on a transport that is closing, is handled exactly as aiokafka
+handles an `OSError` there. Any other `RuntimeError` still propagates.
 """
 
 from __future__ import annotations
@@ -33,8 +29,8 @@ _WRITING_METHODS: Final = ("send", "_send_sasl_token")
 def tolerate_closed_transports() -> None:
     """Wrap aiokafka's writing methods (once; calling again changes nothing)."""
     for name in _WRITING_METHODS:
-        method = getattr(AIOKafkaConnection, name, None)
-        if method is not None and not getattr(method, _WRAPPED, False):
+        method = getattr(AIOKafkaConnection, name)
+        if not getattr(method, _WRAPPED, False):
             setattr(AIOKafkaConnection, name, _tolerant(method))
 
 
@@ -44,7 +40,7 @@ def _tolerant(write: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return write(conn, *args, **kwargs)
         except RuntimeError as exc:
-            writer = getattr(conn, "_writer", None)
+            writer = conn._writer
             if writer is None or not writer.transport.is_closing():
                 raise
             conn.close(reason=CloseReason.CONNECTION_BROKEN, exc=exc)
