@@ -25,7 +25,6 @@ def command(settings: Settings, args: argparse.Namespace) -> int:
 
 def run(settings: Settings) -> int:
     from payment.application import failpoints
-    from payment.runtime import event_loop
     from payment.service import Service, configure_logging, run_until_signalled
 
     try:
@@ -37,7 +36,7 @@ def run(settings: Settings) -> int:
     if armed:
         logging.getLogger("payment").warning("failpoints armed: %s", ", ".join(armed))
     service = Service(settings)
-    event_loop.run(run_until_signalled(service))
+    asyncio.run(run_until_signalled(service))
     return 0
 
 
