@@ -13,7 +13,7 @@ from test_handlers import (
     stream,
 )
 
-from payment.adapters.memory import MemoryUnitOfWorkFactory
+from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
 from payment.application.batches import execute_payments
 from payment.application.handlers import ExecuteResult, execute_payment
 from payment.domain.payment import Payment
@@ -52,3 +52,38 @@ async def test_a_redelivery_that_learns_nothing_new_still_changes_nothing() -> N
     assert kinds(stream(uows, payment_id))[-2:] == ["ChargeStarted", "ChargeAttempted"]
     assert Payment.replay(stream(uows, payment_id)).charge_lease is None
     assert uows.db.outbox == published
+
+
+class CountsExpectedNew(MemoryUnitOfWorkFactory):
+    """Counts the inbox marks made expecting the messages new (`Inbox.mark_new`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected_new = 0
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        mark_new = uow.inbox.mark_new
+
+        async def counting(*args: object) -> None:
+            self.expected_new += 1
+            await mark_new(*args)  # type: ignore[arg-type]
+
+        uow.inbox.mark_new = counting  # type: ignore[method-assign]
+        return uow
+
+
+async def test_a_wave_that_met_a_redelivery_records_it_the_careful_way_at_once() -> None:
+    # The wave expected its messages new and failed on the redelivered one; recorded one
+    # by one, that message is not expected new a second time.
+    uows, clock = CountsExpectedNew(), FakeClock()
+    gateway = ScriptedGateway("lost")
+    payment_id = await initiate(uows, clock)
+    cmd = execute_cmd(payment_id)
+    await execute_payment(cmd, uows, gateway, clock, POLICY)
+    before = uows.expected_new
+
+    [again] = await execute_payments([cmd], uows, gateway, clock, POLICY)
+
+    assert again is ExecuteResult.COMPLETED
+    assert uows.expected_new - before == 1  # the wave's, not the fallback's too

@@ -287,10 +287,17 @@ async def _record_in_waves(
         try:
             await _record_wave(cmds, wave, marks, uow_factory, gateway, results)
         except RETRYABLE_CONFLICTS:
+            # One of them was handled before (or a race was lost): no optimistic first try.
             for i, payment, exchange in wave:
                 cmd = cmds[i]
                 results[i] = await record_outcome(
-                    uow_factory, gateway, payment.id, exchange, cmd.inbound, cmd.trace
+                    uow_factory,
+                    gateway,
+                    payment.id,
+                    exchange,
+                    cmd.inbound,
+                    cmd.trace,
+                    careful=True,
                 )
             for i in marks:
                 await mark_handled(uow_factory, cmds[i].inbound, gateway.clock)

@@ -35,13 +35,16 @@ async def record_outcome(
     inbound: InboundRef | None,
     trace: TraceHeaders,
     known: Payment | None = None,
+    *,
+    careful: bool = False,
 ) -> ExecuteResult:
     """Record `exchange` with the message that caused it; `known`: the payment as loaded
-    before it (see `loaded_once`)."""
+    before it (see `loaded_once`). `careful`: the caller knows the message may have been
+    handled before (no first try that expects it new)."""
     current = loaded_once(payment_id, known)
     # The first try expects a new message (the common case): its unit of work then goes in
     # one message, and a redelivery fails it (DuplicateMessage) for a careful try.
-    expect_new = True
+    expect_new = not careful
 
     async def record(uow: UnitOfWork) -> ExecuteResult:
         nonlocal expect_new
