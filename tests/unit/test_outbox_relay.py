@@ -650,3 +650,155 @@ async def test_a_failing_key_whose_rows_are_gone_is_forgotten() -> None:
     assert await r.publish_pending() == (0, 0)
     assert len(r._keys) == 0
     await r.flush(grace_period=1.0)  # returns at once: nothing pending, nothing failing
+
+
+class AcksHeldFor(FakeSender):
+    """The broker acknowledges the rows of `keys` only once `go` is set."""
+
+    def __init__(self, *keys: str) -> None:
+        super().__init__()
+        self.keys = set(keys)
+        self.go = asyncio.Event()
+        self.queued: list[tuple[str, int]] = []
+
+    def queue(self, record: Outgoing) -> None:
+        assert record.key is not None
+        self.queued.append((record.key.decode(), int(dict(record.headers)["ce_sequence"] or b"0")))
+
+    async def deliver(self, record: Outgoing) -> object:
+        assert record.key is not None
+        if record.key.decode() in self.keys:
+            await self.go.wait()
+        return await super().deliver(record)
+
+
+class Announced:
+    """A `wait_for_work` that returns when a test announces a commit, as a notification."""
+
+    def __init__(self) -> None:
+        self.work = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        await self.work.wait()
+        self.work.clear()
+
+    def announce(self) -> None:
+        self.work.set()
+
+
+async def test_run_sends_rows_committed_while_an_earlier_pass_waits_for_its_acks() -> None:
+    # A pass hands its rows to a delivery and reads again when work is announced: a row
+    # committed meanwhile goes out at once, not after the earlier pass's acknowledgements.
+    # A later row of a key still under way waits for its predecessor's acknowledgement.
+    uows = MemoryUnitOfWorkFactory()
+    sender = AcksHeldFor("a")
+    announced = Announced()
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=announced)
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: sender.queued == [("a", 1)])
+    await add(uows, message("b", 1))
+    announced.announce()
+    await eventually(lambda: unpublished(uows) == [1])  # b acknowledged and marked; a not
+    await add(uows, message("a", 2, "payment.completed"))
+    announced.announce()
+    await asyncio.sleep(0.05)
+    assert sender.queued == [("a", 1), ("b", 1)]  # a 2 waits for a 1's acknowledgement
+    sender.go.set()
+    await eventually(lambda: not unpublished(uows))
+    assert sender.queued == [("a", 1), ("b", 1), ("a", 2)]
+    assert [(s.key, s.sequence) for s in sender.sent] == [("b", 1), ("a", 1), ("a", 2)]
+    r.stop()
+    await asyncio.wait_for(task, 1)
+    assert r.published == 3
+
+
+async def test_leaving_waits_for_the_deliveries_under_way_and_marks_them() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    sender = AcksHeldFor("a")
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=Announced())
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: sender.queued == [("a", 1)])
+    r.stop()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # another leader would send the row again
+    sender.go.set()
+    await asyncio.wait_for(task, 1)
+    assert (unpublished(uows), r.published) == ([], 1)
+
+
+async def test_a_delivery_that_raises_ends_the_term_and_its_rows_are_sent_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    uows = MemoryUnitOfWorkFactory()
+    sender = FakeSender()
+    r = relay(sender, uows)
+    real_send_round = r._sender.send_round
+    broken = [True]
+
+    async def send_round(rows: Any) -> list[bool]:
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("a fault of the relay's own")
+        return await real_send_round(rows)
+
+    r._sender.send_round = send_round  # type: ignore[method-assign]
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: not unpublished(uows))
+    r.stop()
+    await asyncio.wait_for(task, 1)
+    assert (r.errors, r.published, len(sender.sent)) == (1, 1, 1)
+    assert "a fault of the relay's own" in caplog.text
+
+
+async def test_cancelling_run_cuts_the_deliveries_under_way_and_leaves_their_rows_pending() -> None:
+    # The service's stop cancels the relay a moment after `stop()`: with the broker gone,
+    # a delivery waiting for acknowledgements must not hold the stop for its ack timeout.
+    uows = MemoryUnitOfWorkFactory()
+    sender = AcksHeldFor("a")
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=Announced())
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: sender.queued == [("a", 1)])
+    r.stop()
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    task.cancel()  # as `stop_within` does after its bound
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 1)
+    assert (unpublished(uows), r.published) == ([1], 0)
+
+
+async def test_leaving_waits_for_a_delivery_a_bounded_time_then_cuts_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "_SETTLE_WITHIN", 0.05)
+    uows = MemoryUnitOfWorkFactory()
+    sender = AcksHeldFor("a")
+    announced = Announced()
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=announced)
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: sender.queued == [("a", 1)])
+    await add(uows, message("b", 1))
+    announced.announce()
+    await eventually(lambda: unpublished(uows) == [1])
+    r.stop()  # the broker never acknowledges a 1
+    await asyncio.wait_for(task, 1)
+    assert (unpublished(uows), r.published) == ([1], 1)
+
+
+async def test_cancelling_run_without_a_stop_cuts_the_deliveries_at_once() -> None:
+    # An essential task crashed: everything is cancelled, and nothing waits for acks.
+    uows = MemoryUnitOfWorkFactory()
+    sender = AcksHeldFor("a")
+    r = KafkaOutboxRelay(sender, uows, Topics(), FixedClock(), wait_for_work=Announced())
+    await add(uows, message("a", 1))
+    task = asyncio.create_task(r.run())
+    await eventually(lambda: sender.queued == [("a", 1)])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 1)
+    assert (unpublished(uows), r.published) == ([1], 0)
