@@ -15,7 +15,6 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka.key_backoff import KeyBackoff
-from payment.adapters.kafka.relay_deliveries import Deliveries
 from payment.adapters.kafka.relay_marks import Acknowledged, BackgroundMarks
 from payment.adapters.kafka.relay_sending import RowSender
 from payment.adapters.kafka.topics import Topics
@@ -34,8 +33,6 @@ Leadership = Callable[[], AbstractAsyncContextManager[object]]
 _FIRST_BACKOFF = 0.1
 # A pass waits for the background marks once they are this many passes behind.
 _MARKS_BEHIND = 2
-# Passes whose rows may be waiting for their acknowledgements at once.
-_DELIVERIES_AT_ONCE = 4
 # How long leaving (a stop, the end of a term) waits for the last marks.
 _SETTLE_WITHIN = 5.0
 
@@ -48,9 +45,7 @@ class KafkaOutboxRelay:
     after the other, each only after the previous one was acknowledged; different keys
     are sent concurrently. So a failed send never lets a later event of its payment reach
     the broker before it: the rest of that key waits. A crash between ack and mark
-    re-publishes those rows with the same `ce_id`, which consumers deduplicate. `run`
-    does not wait for a pass's acknowledgements before the next pass: that one leaves the
-    rows under way out, and the later rows of their keys too (`Deliveries`).
+    re-publishes those rows with the same `ce_id`, which consumers deduplicate.
 
     A key whose send failed backs off on its own (`KeyBackoff`: full jitter, up to
     `max_backoff`): its rows are left out of the passes until it is due again, while the
@@ -104,7 +99,6 @@ class KafkaOutboxRelay:
         self._clock = clock
         self._batch_size = batch_size
         self._wait_for_work: WaitForWork = wait_for_work or _sleep
-        self._notified = wait_for_work is not None
         self._poll_interval = poll_interval
         self._leadership = leadership
         self._leadership_term = leadership_term
@@ -123,15 +117,12 @@ class KafkaOutboxRelay:
         self._pass_lock = asyncio.Lock()
         # What `run`'s passes published, marked beside the next passes.
         self._marks = BackgroundMarks(self._mark_batches, log_budget)
-        # What `run`'s passes are sending: the next pass reads meanwhile.
-        self._deliveries = Deliveries()
         self._stopping = False
         self._leading = False
         # True only while `run` waits (for leadership, for work, out a backoff): the
         # points where `stop` may cancel it without cutting a batch in half.
         self._interruptible = False
         self._body: asyncio.Task[None] | None = None
-        self._cancelled = False
         self.published = 0
         self.errors = 0
 
@@ -147,13 +138,11 @@ class KafkaOutboxRelay:
 
     async def run(self) -> None:
         """Publish until `stop()` (returns normally) or cancellation; never raises otherwise."""
-        self._cancelled = False
         body = asyncio.create_task(self._run_body(), name="outbox-relay")
         self._body = body
         try:
             await asyncio.wait([body])
         except asyncio.CancelledError:
-            self._cancelled = True  # not a stop: deliveries under way are cut, not awaited
             body.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await body
@@ -198,75 +187,50 @@ class KafkaOutboxRelay:
         Returns (rows read, rows not published because a send failed). Broker errors are
         counted, not raised; database errors propagate. `mark_in_background`: the pass
         ends at the acknowledgements, and the marks commit beside the next passes
-        (`BackgroundMarks`; `run` settles them when it stops leading).
+        (`BackgroundMarks`; `run` does this, and settles them when it stops leading).
         """
         async with self._pass_lock:
-            fetched, chains = await self._read_pass()
-            release = self._deliveries.hold(chains)
-            try:
-                failed = await self._deliver(chains, mark_in_background=mark_in_background)
-            finally:
-                release()
-            return fetched, failed
-
-    async def _read_pass(self) -> tuple[int, list[list[OutboxRecord]]]:
-        """Read up to `batch_size` pending rows: (how many, their chains to send now).
-
-        A chain is a key's rows in position order. Rows under way (`Deliveries`) and rows
-        waiting for their mark are left out, and so is every row of a key with a row under
-        way: it goes after that row's acknowledgement, on a later pass.
-        """
-        if len(self._marks) > _MARKS_BEHIND * self._batch_size:
-            await self._marks.settle()  # the marks fell behind: they first
-        self._marks.start()  # again, if the last one failed
-        skip_positions = self._marks.positions()
-        if self._deliveries.positions():
-            skip_positions = skip_positions | self._deliveries.positions()
-        async with self._uow_factory() as uow:
-            rows = await uow.outbox.pending(self._batch_size, self._keys.waiting(), skip_positions)
-        by_key: dict[str, list[OutboxRecord]] = {}
-        for row in sorted(rows, key=lambda r: r.position):
-            if not self._deliveries.holds(row.message.key):
+            if len(self._marks) > _MARKS_BEHIND * self._batch_size:
+                await self._marks.settle()  # the marks fell behind: they first
+            self._marks.start()  # again, if the last one failed
+            async with self._uow_factory() as uow:
+                rows = await uow.outbox.pending(
+                    self._batch_size, self._keys.waiting(), self._marks.positions()
+                )
+            by_key: dict[str, list[OutboxRecord]] = {}
+            for row in sorted(rows, key=lambda r: r.position):
                 by_key.setdefault(row.message.key, []).append(row)
-        if len(rows) < self._batch_size:
-            # Every pending row was read: a failing key due now without one (or one
-            # under way) has nothing left to send.
-            self._keys.forget_due(set(by_key) | self._deliveries.keys())
-        return len(rows), list(by_key.values())
-
-    async def _deliver(
-        self, chains: Sequence[Sequence[OutboxRecord]], *, mark_in_background: bool
-    ) -> int:
-        """Send the chains, a round at a time; mark the acknowledged rows. Returns how
-        many rows were not published."""
-        # Rounds: the first row of every key, then the second of every key whose first
-        # was acknowledged, and so on. A key stops at its first failure and backs off.
-        acked: list[int] = []
-        live = list(chains)
-        depth = 0
-        while live:
-            sent = await self._sender.send_round([chain[depth] for chain in live])
-            for chain, ok in zip(live, sent, strict=True):
-                key = chain[depth].message.key
-                if ok:
-                    acked.append(chain[depth].position)
-                    if depth == 0:
-                        self._keys.succeeded(key)
-                else:
-                    self._keys.failed(key)
-            depth += 1
-            live = [
-                chain for chain, ok in zip(live, sent, strict=True) if ok and len(chain) > depth
-            ]
-        acked.sort()
-        if acked and mark_in_background:
-            self._marks.add(acked, self._clock.now())
-        elif acked:
-            await self._mark(acked, self._clock.now())
-        return sum(len(chain) for chain in chains) - len(acked)
-
-    async def _deliver_in_background(self, chains: Sequence[Sequence[OutboxRecord]]) -> None:
-        await self._deliver(chains, mark_in_background=True)
+            if len(rows) < self._batch_size:
+                # Every pending row was read: a failing key due now without one has
+                # nothing left to send.
+                self._keys.forget_due(set(by_key))
+            if not rows:
+                return 0, 0
+            # Rounds: the first row of every key, then the second of every key whose first
+            # was acknowledged, and so on. A key stops at its first failure and backs off.
+            acked: list[int] = []
+            live = list(by_key.values())
+            depth = 0
+            while live:
+                sent = await self._sender.send_round([chain[depth] for chain in live])
+                for chain, ok in zip(live, sent, strict=True):
+                    key = chain[depth].message.key
+                    if ok:
+                        acked.append(chain[depth].position)
+                        if depth == 0:
+                            self._keys.succeeded(key)
+                    else:
+                        self._keys.failed(key)
+                depth += 1
+                live = [
+                    chain for chain, ok in zip(live, sent, strict=True) if ok and len(chain) > depth
+                ]
+            acked.sort()
+            if acked and mark_in_background:
+                self._marks.add(acked, self._clock.now())
+            elif acked:
+                await self._mark(acked, self._clock.now())
+            return len(rows), len(rows) - len(acked)
 
     async def _mark(self, positions: list[int], at: datetime) -> None:
         await self._mark_batches([Acknowledged(positions, at)])
@@ -282,7 +246,6 @@ class KafkaOutboxRelay:
 
     async def _drain(self) -> None:
         while True:
-            await self._deliveries.wait_all()  # `run`'s, when flushing beside it
             fetched, failed = await self.publish_pending()
             if not fetched and not self._keys:
                 await self._marks.settle()  # a retry `publish_pending` may have started
@@ -324,58 +287,31 @@ class KafkaOutboxRelay:
                 await self._interruptibly(asyncio.sleep(delay))
 
     async def _serve(self) -> None:
-        """Publish while leading: until stopped, or the leadership term ends.
-
-        A pass reads and hands its rows to a delivery of their own, then reads again as
-        soon as work is announced: up to `_DELIVERIES_AT_ONCE` passes wait for their
-        acknowledgements at once. Leaving lets them end and settles their marks.
-        """
+        """Publish while leading: until stopped, or the leadership term ends."""
         term_ends = time.monotonic() + self._leadership_term
         try:
             while not self._stopping:
-                self._deliveries.check()
-                if len(self._deliveries) >= _DELIVERIES_AT_ONCE:
-                    await self._deliveries.wait_one()
-                    continue
-                async with self._pass_lock:
-                    fetched, chains = await self._read_pass()
-                    if chains:
-                        self._deliveries.start(chains, self._deliver_in_background)
-                held = fetched - sum(len(chain) for chain in chains)
-                if held:
-                    # Rows of keys under way: they go once their predecessors are acked.
-                    await self._deliveries.wait_one()
-                elif not fetched or (self._notified and fetched < self._batch_size):
+                fetched, failed = await self.publish_pending(mark_in_background=True)
+                if failed and fetched == failed:
+                    # Nothing went out: new rows, or the first failing key coming due.
+                    await self._interruptibly(
+                        self._wait_for_work(self._until_a_key_is_due(self._poll_interval))
+                    )
+                else:
                     # A short pass read everything committed before it: with notifications,
-                    # a row committed since has announced itself (the wait returns at
-                    # once). Polling must ask again (the next pass leaves these rows out).
-                    timeout = self._poll_interval
-                    if self._keys:
-                        timeout = self._until_a_key_is_due(timeout)
-                    await self._interruptibly(self._wait_for_work(timeout))
+                    # a row committed since has announced itself (the wait returns at once),
+                    # so asking again now would mostly find nothing. Polling must ask again.
+                    notified = self._wait_for_work is not _sleep
+                    if not fetched or (notified and fetched < self._batch_size):
+                        timeout = self._poll_interval
+                        if self._keys:
+                            timeout = self._until_a_key_is_due(timeout)
+                        await self._interruptibly(self._wait_for_work(timeout))
                 # Checked under load too, so a lost lock is noticed within a term regardless.
                 if self._leadership is not None and time.monotonic() >= term_ends:
                     return
         finally:
-            try:
-                await self._end_deliveries()
-            finally:
-                await self._mark_before_leaving()
-
-    async def _end_deliveries(self) -> None:
-        """Let the deliveries under way end, within `_SETTLE_WITHIN`; cut them after it, or
-        at once if `run` is cancelled (a stop's bound holds with the broker gone)."""
-        if self._cancelled:
-            await self._deliveries.cut()
-            return
-        try:
-            async with asyncio.timeout(_SETTLE_WITHIN):
-                await self._deliveries.wait_all()
-        except TimeoutError:
-            await self._deliveries.cut()
-        except asyncio.CancelledError:
-            await self._deliveries.cut()
-            raise
+            await self._mark_before_leaving()
 
     async def _mark_before_leaving(self) -> None:
         """Settle the background marks: another leader would publish those rows again.
