@@ -25,6 +25,7 @@ def command(settings: Settings, args: argparse.Namespace) -> int:
 
 def run(settings: Settings) -> int:
     from payment.application import failpoints
+    from payment.runtime.garbage_collection import settle_start_up_objects
     from payment.service import Service, configure_logging, run_until_signalled
 
     try:
@@ -36,6 +37,7 @@ def run(settings: Settings) -> int:
     if armed:
         logging.getLogger("payment").warning("failpoints armed: %s", ", ".join(armed))
     service = Service(settings)
+    settle_start_up_objects()
     asyncio.run(run_until_signalled(service))
     return 0
 
