@@ -319,6 +319,17 @@ def database_counters(server: str, database: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this VM's CPUs wanted it, summed
+    over the CPUs, since boot (/proc/stat's `steal`; 0 where the kernel does not count
+    it). A step with much of it measured a slower machine, whatever the code did."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("cpu "):
+                return int(line.split()[8]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"

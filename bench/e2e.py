@@ -50,6 +50,7 @@ from benchlib import (
     runqueue_wait_s,
     scratch_database,
     server_url,
+    steal_seconds,
     table,
     tail,
 )
@@ -92,6 +93,7 @@ class StepResult:
     db_transactions: int = 0  # committed or rolled back in the bench database
     wal_bytes: int = 0  # the server's WAL written meanwhile (other databases' too)
     instances: int = 1
+    steal_s: float = 0.0  # the VM's CPU time taken by other guests meanwhile (all CPUs)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -131,6 +133,7 @@ class StepResult:
             f"{self.db_transactions / per:.1f}",
             f"{self.wal_bytes / per:,.0f}",
             f"{self.peak_rss_mb:.0f}",
+            f"{self.steal_s:.1f}",
             self.load,
         ]
 
@@ -150,6 +153,7 @@ HEADER = [
     "PG tx/pay",
     "WAL B/pay",
     "peak RSS MB",
+    "steal s",
     "load 1/5/15",
 ]
 
@@ -311,6 +315,7 @@ class Probes:
             db_cpu_by_pid=cpu_by_pid(self.backend_pids()),
             broker_cpu_s=cpu_seconds(self.broker_pid) if self.broker_pid else 0.0,
             own_cpu_s=time.process_time(),
+            steal_s=steal_seconds(),
         )
 
 
@@ -325,6 +330,7 @@ class Reading:
     db_cpu_by_pid: dict[int, float]
     broker_cpu_s: float
     own_cpu_s: float
+    steal_s: float
 
 
 async def measure(
@@ -366,6 +372,7 @@ async def measure(
         db_transactions=after.db_transactions - before.db_transactions,
         wal_bytes=after.wal_bytes - before.wal_bytes,
         instances=len(probes.service_pids),
+        steal_s=after.steal_s - before.steal_s,
     )
 
 
