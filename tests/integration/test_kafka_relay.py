@@ -13,6 +13,7 @@ import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaTimeoutError
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from payment.adapters.kafka.cloudevents import decode_record
@@ -264,6 +265,9 @@ async def test_per_key_order_holds_across_many_payments_and_partitions(
         sequences.setdefault(r.key, []).append(int(headers_of(r)["ce_sequence"]))
     assert all(len(p) == 1 for p in partitions.values())
     assert len({p for ps in partitions.values() for p in ps}) > 1  # really spread out
+    # Sent in batches per partition, each key still where any Kafka client puts it.
+    every = [0, 1, 2, 3]
+    assert all(ps == {DefaultPartitioner()(key, every, every)} for key, ps in partitions.items())
     assert all(seqs == list(range(1, versions + 1)) for seqs in sequences.values())
 
 

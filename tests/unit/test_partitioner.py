@@ -67,4 +67,7 @@ def test_without_available_partitions_any_partition_will_do() -> None:
 
 async def test_the_service_producer_uses_it() -> None:
     producer = create_producer("127.0.0.1:9")
-    assert producer._partitioner is key_partitioner
+    try:
+        assert producer._partitioner is key_partitioner
+    finally:
+        await producer.stop()

@@ -16,7 +16,8 @@ from aiokafka.errors import (
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from payment.adapters.kafka.cloudevents import encode_outbound
+from payment.adapters.kafka.cloudevents import EncodedRecord, encode_outbound
+from payment.adapters.kafka.partition_batches import queue_records
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.span_attributes import send_attributes, send_span_name
@@ -76,21 +77,22 @@ class RowSender:
         """Send rows at once; which of them were acknowledged.
 
         Every row is queued with the producer first (one PRODUCER span each, ended at its
-        acknowledgement), then the acknowledgements are awaited together, within
-        `ack_timeout`: no task or timer per row.
+        acknowledgement; the rows of a partition in one batch, `partition_batches`), then
+        the acknowledgements are awaited together, within `ack_timeout`: no task or timer
+        per row.
         """
-        sending: list[tuple[OutboxRecord, Span, asyncio.Future[object]] | None] = []
+        started: list[tuple[OutboxRecord, Span, EncodedRecord] | None] = []
         for row in rows:
             message = row.message
             try:
                 record = encode_outbound(message, source=self._source, topic_for=self._topic_for)
             except KeyError:
                 log.error("outbox relay: no topic for type %s (row %d)", message.type, row.position)
-                sending.append(None)
+                started.append(None)
                 continue
             except Exception:  # a row that cannot be encoded holds back its key only
                 log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
-                sending.append(None)
+                started.append(None)
                 continue
             # A rejection's key is the sender's booking id, unvalidated: bounded and masked.
             key_attribute, key_value = (
@@ -113,14 +115,17 @@ class RowSender:
                 set_status_on_exception=False,
             )
             failpoints.hit("before_publish")
-            try:
-                ack = await self._producer.send(
-                    record.topic, value=record.value, key=record.key, headers=record.headers
-                )
-            except Exception as exc:  # refused before queueing: the row's ack is the error
-                ack = asyncio.get_running_loop().create_future()
-                ack.set_exception(exc)
-            sending.append((row, span, ack))
+            started.append((row, span, record))
+        # One batch per partition (partition_batches.py); a row alone goes by itself.
+        queued = await queue_records(
+            self._producer,
+            [item[2] for item in started if item is not None],
+            batched=not alone,
+        )
+        acks_in_order = iter(queued)
+        sending = [
+            None if item is None else (item[0], item[1], next(acks_in_order)) for item in started
+        ]
         acks = [item[2] for item in sending if item is not None]
         if acks:
             await asyncio.wait(acks, timeout=self._ack_timeout)
