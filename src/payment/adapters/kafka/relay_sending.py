@@ -94,26 +94,15 @@ class RowSender:
                 log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
                 started.append(None)
                 continue
-            # A rejection's key is the sender's booking id, unvalidated: bounded and masked.
-            key_attribute, key_value = (
-                ("payment.id", message.key)
-                if message.subject is not None
-                else ("payment.booking_id", untrusted_attribute(message.key))
-            )
             span = self._tracer.start_span(
                 send_span_name(record.topic),
                 context=context_from_trace(message.trace),
                 kind=SpanKind.PRODUCER,
-                attributes={
-                    **send_attributes(record.topic, str(message.event_id)),
-                    "cloudevents.event_id": str(message.event_id),
-                    "cloudevents.event_type": message.type,
-                    key_attribute: key_value,
-                    "payment.outbox.position": row.position,
-                },
                 record_exception=False,
                 set_status_on_exception=False,
             )
+            if span.is_recording():
+                span.set_attributes(_send_span_attributes(row, record.topic))
             failpoints.hit("before_publish")
             started.append((row, span, record))
         # One batch per partition (partition_batches.py); a row alone goes by itself.
@@ -212,3 +201,22 @@ class RowSender:
             span.end()
         failpoints.hit("after_publish")
         return True
+
+
+def _send_span_attributes(row: OutboxRecord, topic: str) -> dict[str, str | int]:
+    """The attributes of a row's PRODUCER span (only worked out for a span that records)."""
+    message = row.message
+    event_id = str(message.event_id)
+    # A rejection's key is the sender's booking id, unvalidated: bounded and masked.
+    key_attribute, key_value = (
+        ("payment.id", message.key)
+        if message.subject is not None
+        else ("payment.booking_id", untrusted_attribute(message.key))
+    )
+    return {
+        **send_attributes(topic, event_id),
+        "cloudevents.event_id": event_id,
+        "cloudevents.event_type": message.type,
+        key_attribute: key_value,
+        "payment.outbox.position": row.position,
+    }

@@ -94,24 +94,25 @@ class InstrumentedProcessor:
         request: _Req,
         call: Callable[[_Req], Awaitable[_T]],
     ) -> _T:
-        ids = {"payment_id": str(request.payment_id), "booking_id": request.booking_id}
-        if isinstance(request, RefundRequest):
-            ids["refund_id"] = str(request.refund_id)
         started = time.perf_counter()
         result = "error"
         with self._tracer.start_as_current_span(
             f"{self.name} {operation}",
             kind=SpanKind.CLIENT,
-            attributes={
-                ATTR_PAYMENT_ID: ids["payment_id"],
-                ATTR_BOOKING_ID: request.booking_id,
-                ATTR_PROCESSOR: self.name,
-                ATTR_OPERATION: operation,
-                **({ATTR_REFUND_ID: ids["refund_id"]} if "refund_id" in ids else {}),
-            },
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
+            if span.is_recording():  # (the attributes cost more than a span that does not)
+                ids = _ids_of(request)
+                span.set_attributes(
+                    {
+                        ATTR_PAYMENT_ID: ids["payment_id"],
+                        ATTR_BOOKING_ID: request.booking_id,
+                        ATTR_PROCESSOR: self.name,
+                        ATTR_OPERATION: operation,
+                        **({ATTR_REFUND_ID: ids["refund_id"]} if "refund_id" in ids else {}),
+                    }
+                )
             try:
                 outcome = await call(request)
             except ProcessorUnavailable:
@@ -145,7 +146,7 @@ class InstrumentedProcessor:
                         operation,
                         result,
                         elapsed,
-                        extra={**ids, "processor": self.name, "result": result},
+                        extra={**_ids_of(request), "processor": self.name, "result": result},
                     )
                 elif self._budget.allow(f"processor {operation}"):
                     log.info(
@@ -153,8 +154,16 @@ class InstrumentedProcessor:
                         self.name,
                         operation,
                         result,
-                        extra={**ids, "processor": self.name, "result": result},
+                        extra={**_ids_of(request), "processor": self.name, "result": result},
                     )
+
+
+def _ids_of(request: ChargeRequest | RefundRequest) -> dict[str, str]:
+    """What a call is about, for its span and log lines."""
+    ids = {"payment_id": str(request.payment_id), "booking_id": request.booking_id}
+    if isinstance(request, RefundRequest):
+        ids["refund_id"] = str(request.refund_id)
+    return ids
 
 
 def _result_of(outcome: object) -> str:

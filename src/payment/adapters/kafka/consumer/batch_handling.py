@@ -108,7 +108,8 @@ class BatchHandler:
         """Requests through `request_payments`; the records left for one by one handling."""
         cmds, alone = _commands(decoded, request_command)
         for (_, _, span), cmd in zip(decoded, cmds, strict=True):
-            span.set_attribute("payment.booking_id", untrusted_attribute(cmd.booking_id))
+            if span.is_recording():
+                span.set_attribute("payment.booking_id", untrusted_attribute(cmd.booking_id))
         results = await request_payments(
             cmds, self.h.uow_factory, self.h.clock, self.h.request_policy
         )
@@ -129,7 +130,8 @@ class BatchHandler:
         cmds, alone = _commands(decoded, execute_command)
         spans: dict[int, Span] = {}  # by id() of the command
         for (_, _, span), cmd in zip(decoded, cmds, strict=True):
-            span.set_attribute("payment.id", str(cmd.payment_id))
+            if span.is_recording():
+                span.set_attribute("payment.id", str(cmd.payment_id))
             spans[id(cmd)] = span
 
         def scope(cmd: ExecutePayment) -> AbstractContextManager[object]:

@@ -97,17 +97,24 @@ class MessageHandler:
         self.h = handlers
 
     def span(self, record: ConsumerRecord[bytes, bytes]) -> Span:
-        """The CONSUMER span of one message, continuing the sender's trace (not made current)."""
-        return self.h.tracer.start_span(
+        """The CONSUMER span of one message, continuing the sender's trace (not made current).
+
+        Its attributes are worked out only if it records (`PropagatingTracer`'s spans do not).
+        """
+        span = self.h.tracer.start_span(
             process_span_name(record.topic),
             context=context_from_trace(trace_headers_of_record(record.headers or ())),
             kind=SpanKind.CONSUMER,
-            attributes=process_attributes(
-                record.topic, record.partition, record.offset, self.h.consumer_group
-            ),
             record_exception=False,
             set_status_on_exception=False,
         )
+        if span.is_recording():
+            span.set_attributes(
+                process_attributes(
+                    record.topic, record.partition, record.offset, self.h.consumer_group
+                )
+            )
+        return span
 
     async def handle(self, record: ConsumerRecord[bytes, bytes], *, counted: bool = False) -> None:
         with trace.use_span(

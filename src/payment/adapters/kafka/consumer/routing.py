@@ -108,7 +108,12 @@ def _inbound(event: InboundEvent) -> InboundRef:
 
 
 def tag_event(span: Span, event: InboundEvent) -> None:
-    """The message's CloudEvents attributes on its span: the sender's, so bounded and masked."""
+    """The message's CloudEvents attributes on its span: the sender's, so bounded and masked.
+
+    Worked out only for a span that records (masking costs more than a span that does not).
+    """
+    if not span.is_recording():
+        return
     event_id = untrusted_attribute(event.id)
     span.set_attribute("messaging.message.id", event_id)
     span.set_attribute("cloudevents.event_id", event_id)
