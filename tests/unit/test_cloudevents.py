@@ -146,6 +146,13 @@ def test_overlong_attribute_is_poison() -> None:
         decode_record(record(headers=replaced("ce_id", b"x" * 1025)))
 
 
+def test_an_attribute_is_measured_in_bytes_not_characters() -> None:
+    at_limit = "é" * 512  # 1,024 bytes in UTF-8
+    assert decode_record(record(headers=replaced("ce_id", at_limit.encode()))).id == at_limit
+    with pytest.raises(PoisonMessage, match="longer than 1024 bytes"):
+        decode_record(record(headers=replaced("ce_id", ("é" * 513).encode())))
+
+
 @pytest.mark.parametrize("version", [b"0.3", b"1", b"1.0 ", b"2.0"])
 def test_other_specversion_is_poison(version: bytes) -> None:
     with pytest.raises(PoisonMessage) as exc:

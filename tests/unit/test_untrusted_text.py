@@ -108,7 +108,7 @@ class Record:
 
 
 @pytest.mark.parametrize("name", ["ce_id", "ce_source", "ce_type", "ce_subject"])
-@pytest.mark.parametrize("char", [b"\x00", b"\n", b"\x1b", b"\xc2\x85"])
+@pytest.mark.parametrize("char", [b"\x00", b"\n", b"\x1b", b"\x7f", b"\xc2\x85"])
 def test_a_control_character_in_a_cloudevents_attribute_is_poison(name: str, char: bytes) -> None:
     headers: list[tuple[str, bytes | None]] = [
         ("ce_specversion", b"1.0"),

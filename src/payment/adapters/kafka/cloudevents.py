@@ -47,6 +47,8 @@ _REQUIRED: Final = (H_SPECVERSION, H_ID, H_SOURCE, H_TYPE)
 # An ambiguous envelope (two ids, two types…) cannot be deduplicated or routed safely.
 _SINGLE_VALUED: Final = (*_REQUIRED, H_TIME, H_SUBJECT, H_CONTENT_TYPE)
 _TRACE: Final = (H_TRACEPARENT, H_TRACESTATE)
+# What `_header_attributes` reads: every other header is passed over.
+_ENVELOPE: Final = frozenset((*_SINGLE_VALUED, *_TRACE))
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACESTATE = re.compile(r"[\x20-\x7e]*")
@@ -146,7 +148,7 @@ def _header_attributes(headers: Iterable[tuple[str, bytes | None]]) -> dict[str,
     ambiguous_trace: set[str] = set()
     for raw_name, raw_value in headers:
         name = raw_name.lower()
-        if name not in _SINGLE_VALUED and name not in _TRACE:
+        if name not in _ENVELOPE:
             continue  # other headers (ours or a platform's) do not concern the envelope
         if name in _TRACE:
             # W3C Trace Context: an unreadable or ambiguous context is dropped, never a
@@ -168,9 +170,10 @@ def _header_attributes(headers: Iterable[tuple[str, bytes | None]]) -> dict[str,
             raise PoisonMessage(f"empty header {name}")
         # Counted in bytes: ce_source + ce_id key the inbox's unique index, whose entries
         # PostgreSQL caps at ~2.7 KB; 1 KiB each keeps the pair well under it.
-        if len(text.encode()) > MAX_ATTRIBUTE_BYTES:
+        if len(raw_value) > MAX_ATTRIBUTE_BYTES:
             raise PoisonMessage(f"header {name} longer than {MAX_ATTRIBUTE_BYTES} bytes")
-        if _CONTROL.search(text):
+        # (Printable ASCII, the usual header, has no control character: no regex needed.)
+        if not (text.isascii() and text.isprintable()) and _CONTROL.search(text):
             # CloudEvents 1.0 String: control characters MUST NOT be used (and PostgreSQL
             # text, where the inbox keeps ce_source and ce_id, cannot hold a NUL at all).
             raise PoisonMessage(f"header {name} contains a control character")
