@@ -14,7 +14,7 @@ import msgspec
 import psycopg
 from psycopg import errors
 
-from payment.adapters.postgres.rows import json_rows
+from payment.adapters.postgres.rows import json_rows, uuid_array
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.errors import ConcurrencyConflict
 from payment.application.ports import StreamAppend
@@ -99,7 +99,7 @@ class PostgresEventStore:
     ) -> dict[uuid.UUID, list[AnyPaymentEvent]]:
         if not stream_ids:
             return {}
-        cur = await self._tx.read(_LOAD_MANY, (list(stream_ids),))
+        cur = await self._tx.read(_LOAD_MANY, (uuid_array(stream_ids),))
         found: dict[uuid.UUID, list[AnyPaymentEvent]] = {}
         for stream_id, kind, schema_version, data in await cur.fetchall():
             found.setdefault(stream_id, []).append(decode_stored(kind, schema_version, data))

@@ -45,7 +45,7 @@ from typing import Final, cast
 import psycopg
 
 from payment.adapters.postgres.pool import Connection, connect_dedicated
-from payment.adapters.postgres.rows import json_rows
+from payment.adapters.postgres.rows import int_array, json_rows
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType
@@ -153,7 +153,7 @@ class PostgresOutbox:
         self, limit: int, skip_keys: Collection[str] = (), skip_positions: Collection[int] = ()
     ) -> list[OutboxRecord]:
         if skip_keys or skip_positions:
-            params = (list(skip_keys), list(skip_positions), limit)
+            params = (list(skip_keys), int_array(skip_positions), limit)
             cur = await self._tx.read(_PENDING_SKIPPING, params)
         else:
             cur = await self._tx.read(_PENDING, (limit,))
@@ -190,7 +190,7 @@ class PostgresOutbox:
     async def mark_published(self, positions: Sequence[int], at: datetime) -> None:
         if not positions:
             return
-        self._tx.defer(_MARK_PUBLISHED, (at, list(positions)))
+        self._tx.defer(_MARK_PUBLISHED, (at, int_array(positions)))
 
 
 def _json_rows(messages: Sequence[OutboundMessage]) -> str:

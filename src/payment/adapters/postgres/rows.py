@@ -12,7 +12,8 @@ unnest() over arrays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -23,3 +24,17 @@ _encoder = msgspec.json.Encoder()
 def json_rows(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a JSON array of objects (keys are the recordset's column names)."""
     return _encoder.encode(rows).decode()
+
+
+def int_array(values: Iterable[int]) -> str:
+    """An array literal of integers (`{1,2,3}`), for a `%s::bigint[]` parameter.
+
+    psycopg binds a list element by element in Python (1.6 µs per integer, 5.3 per UUID
+    here); one text value costs 0.3 and 1.7. Digits, hex and dashes need no quoting.
+    """
+    return "{" + ",".join(str(int(v)) for v in values) + "}"
+
+
+def uuid_array(values: Iterable[uuid.UUID]) -> str:
+    """An array literal of UUIDs, for a `%s::uuid[]` parameter (see `int_array`)."""
+    return "{" + ",".join(str(v) for v in values) + "}"
