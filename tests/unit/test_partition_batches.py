@@ -41,6 +41,8 @@ class BatchingFake(FakeRecordQueue):
         self.one_by_one: list[Outgoing] = []
         self.missing_topics: set[str] = set()
         self.refuse_batches = False
+        # Partitions whose previous batch has not gone: send_batch waits (the broker away).
+        self.stuck: set[int] = set()
 
     def create_batch(self) -> Batch:
         return Batch(self.capacity)
@@ -48,6 +50,8 @@ class BatchingFake(FakeRecordQueue):
     async def send_batch(self, batch: Batch, topic: str, *, partition: int) -> Any:
         if self.refuse_batches:
             raise ProducerClosed()
+        if partition in self.stuck:
+            await asyncio.Event().wait()
         ack: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.batches.append((topic, partition, batch, ack))
         return ack
@@ -167,3 +171,39 @@ async def test_nothing_or_one_record(count: int) -> None:
     acks = await queue_records(producer, [record("a")] * count)
     assert len(acks) == count
     assert len(producer.batches) == count
+
+
+async def test_a_batch_the_producer_holds_past_the_deadline_fails_its_records_only() -> None:
+    producer = BatchingFake()
+    records = [record(f"pay-{n}") for n in range(30)]
+    every = sorted(PARTITIONS["payments.initiated"])
+    partition_of = [key_partitioner(r.key, every, every) for r in records]
+    producer.stuck = {partition_of[0]}
+    loop = asyncio.get_running_loop()
+    acks = await queue_records(producer, records, deadline=loop.time() + 0.05)
+    for partition, ack in zip(partition_of, acks, strict=True):
+        if partition in producer.stuck:
+            assert isinstance(ack.exception(), TimeoutError)
+        else:
+            assert not ack.done()  # queued, awaiting the broker
+    # Nothing of the held batch was queued.
+    assert all(p not in producer.stuck for _, p, _, _ in producer.batches)
+
+
+async def test_a_send_held_past_the_deadline_fails_that_record() -> None:
+    class Held(FakeRecordQueue):
+        async def deliver(self, record: Outgoing) -> object:
+            return None
+
+        async def send(self, *args: Any, **kwargs: Any) -> asyncio.Future[object]:
+            if kwargs["key"] == b"held":
+                await asyncio.Event().wait()
+            return await super().send(*args, **kwargs)
+
+    loop = asyncio.get_running_loop()
+    acks = await queue_records(
+        Held(), [record("held"), record("b")], batched=False, deadline=loop.time() + 0.05
+    )
+    assert isinstance(acks[0].exception(), TimeoutError)
+    await asyncio.wait([acks[1]])
+    assert acks[1].exception() is None

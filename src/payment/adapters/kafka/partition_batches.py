@@ -44,24 +44,32 @@ class BatchingProducer(Protocol):
 
 
 async def queue_records(
-    producer: RecordQueue, records: Sequence[EncodedRecord], *, batched: bool = True
+    producer: RecordQueue,
+    records: Sequence[EncodedRecord],
+    *,
+    batched: bool = True,
+    deadline: float | None = None,
 ) -> list[Ack]:
     """Queue `records`; each one's acknowledgement, in order.
 
     An error before queueing (no metadata for a topic, a closed producer) becomes the
     acknowledgement of the records it concerns, as `send()` raising does for one record.
+    So does `deadline` (event loop time) passing while the producer makes a record wait:
+    for a topic's metadata, or, with the broker away, for the batch queued before to go
+    (aiokafka queues one batch per partition at a time). Nothing is queued for those.
     Not `batched`, or with a producer without `send_batch`, each record goes by `send()`
     (which also refuses a record over the producer's `max_request_size` before queueing).
     """
     if not batched or not isinstance(producer, BatchingProducer):
-        return [await _send_one(producer, record) for record in records]
+        return [await _send_one(producer, record, deadline) for record in records]
     acks: list[Ack | None] = [None] * len(records)
     by_topic: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         by_topic.setdefault(record.topic, []).append(i)
     for topic, indexes in by_topic.items():
         try:
-            partitions = sorted(await producer.partitions_for(topic))
+            async with asyncio.timeout_at(deadline):
+                partitions = sorted(await producer.partitions_for(topic))
         except Exception as exc:  # every record of the topic fails alike
             for i in indexes:
                 acks[i] = _failed(exc)
@@ -72,7 +80,7 @@ async def queue_records(
             by_partition.setdefault(partition, []).append(i)
         for partition, members in by_partition.items():
             for batch_members, ack in await _queue_partition(
-                producer, records, topic, partition, members
+                producer, records, topic, partition, members, deadline
             ):
                 for i in batch_members:
                     acks[i] = ack
@@ -85,6 +93,7 @@ async def _queue_partition(
     topic: str,
     partition: int,
     members: list[int],
+    deadline: float | None,
 ) -> list[tuple[list[int], Ack]]:
     """The partition's records in as few batches as their size allows: (members, ack)."""
     queued: list[tuple[list[int], Ack]] = []
@@ -96,27 +105,34 @@ async def _queue_partition(
             timestamp=None, key=record.key, value=record.value, headers=record.headers
         )
         if appended is None:  # full: queue it and go on in a new one
-            queued.append((in_batch, await _send_batch(producer, batch, topic, partition)))
+            queued.append(
+                (in_batch, await _send_batch(producer, batch, topic, partition, deadline))
+            )
             batch, in_batch = producer.create_batch(), []
             # An empty batch takes any record (one too large for the broker fails alone).
             batch.append(timestamp=None, key=record.key, value=record.value, headers=record.headers)
         in_batch.append(i)
-    queued.append((in_batch, await _send_batch(producer, batch, topic, partition)))
+    queued.append((in_batch, await _send_batch(producer, batch, topic, partition, deadline)))
     return queued
 
 
-async def _send_batch(producer: BatchingProducer, batch: Any, topic: str, partition: int) -> Ack:
+async def _send_batch(
+    producer: BatchingProducer, batch: Any, topic: str, partition: int, deadline: float | None
+) -> Ack:
     try:
-        return await producer.send_batch(batch, topic, partition=partition)
+        # Cancelled while it waits, aiokafka has queued nothing of the batch.
+        async with asyncio.timeout_at(deadline):
+            return await producer.send_batch(batch, topic, partition=partition)
     except Exception as exc:  # refused before queueing: the batch's ack is the error
         return _failed(exc)
 
 
-async def _send_one(producer: RecordQueue, record: EncodedRecord) -> Ack:
+async def _send_one(producer: RecordQueue, record: EncodedRecord, deadline: float | None) -> Ack:
     try:
-        return await producer.send(
-            record.topic, value=record.value, key=record.key, headers=record.headers
-        )
+        async with asyncio.timeout_at(deadline):
+            return await producer.send(
+                record.topic, value=record.value, key=record.key, headers=record.headers
+            )
     except Exception as exc:  # refused before queueing: the record's ack is the error
         return _failed(exc)
 

@@ -106,10 +106,14 @@ class RowSender:
             failpoints.hit("before_publish")
             started.append((row, span, record))
         # One batch per partition (partition_batches.py); a row alone goes by itself.
+        # `ack_timeout` bounds the queueing and the acknowledgements together.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ack_timeout
         queued = await queue_records(
             self._producer,
             [item[2] for item in started if item is not None],
             batched=not alone,
+            deadline=deadline,
         )
         acks_in_order = iter(queued)
         sending = [
@@ -117,7 +121,7 @@ class RowSender:
         ]
         acks = [item[2] for item in sending if item is not None]
         if acks:
-            await asyncio.wait(acks, timeout=self._ack_timeout)
+            await asyncio.wait(acks, timeout=max(0.0, deadline - loop.time()))
         results: list[bool] = []
         for item in sending:
             if item is None:
