@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError, ProducerClosed
+from aiokafka.errors import KafkaTimeoutError, ProducerClosed, RecordTooLargeError
 
 from payment.adapters.kafka.cloudevents import EncodedRecord
 from payment.adapters.kafka.partition_batches import BatchingProducer, queue_records
@@ -207,3 +207,10 @@ async def test_a_send_held_past_the_deadline_fails_that_record() -> None:
     assert isinstance(acks[0].exception(), TimeoutError)
     await asyncio.wait([acks[1]])
     assert acks[1].exception() is None
+
+
+async def test_a_record_no_batch_takes_fails_and_is_never_acknowledged() -> None:
+    producer = BatchingFake(capacity=0)
+    acks = await queue_records(producer, [record("a"), record("b", "payments.completed")])
+    assert producer.batches == []  # nothing queued, not even an empty batch
+    assert all(isinstance(ack.exception(), RecordTooLargeError) for ack in acks)

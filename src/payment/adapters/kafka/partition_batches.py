@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from aiokafka.errors import RecordTooLargeError
+
 from payment.adapters.kafka.cloudevents import EncodedRecord
 from payment.adapters.kafka.partitioner import key_partitioner
 from payment.application.ports import RecordQueue
@@ -100,20 +102,28 @@ async def _queue_partition(
     batch = producer.create_batch()
     in_batch: list[int] = []
     for i in members:
-        record = records[i]
-        appended = batch.append(
-            timestamp=None, key=record.key, value=record.value, headers=record.headers
-        )
-        if appended is None:  # full: queue it and go on in a new one
-            queued.append(
-                (in_batch, await _send_batch(producer, batch, topic, partition, deadline))
-            )
-            batch, in_batch = producer.create_batch(), []
-            # An empty batch takes any record (one too large for the broker fails alone).
-            batch.append(timestamp=None, key=record.key, value=record.value, headers=record.headers)
+        if not _append(batch, records[i]):
+            if in_batch:  # full: queue it and go on in a new one
+                queued.append(
+                    (in_batch, await _send_batch(producer, batch, topic, partition, deadline))
+                )
+                batch, in_batch = producer.create_batch(), []
+            # aiokafka's empty batch takes any record (the broker may refuse it, alone);
+            # a record not in a batch must never get a batch's acknowledgement.
+            if not _append(batch, records[i]):
+                queued.append(([i], _failed(RecordTooLargeError("not taken by an empty batch"))))
+                continue
         in_batch.append(i)
-    queued.append((in_batch, await _send_batch(producer, batch, topic, partition, deadline)))
+    if in_batch:
+        queued.append((in_batch, await _send_batch(producer, batch, topic, partition, deadline)))
     return queued
+
+
+def _append(batch: Any, record: EncodedRecord) -> bool:
+    appended = batch.append(
+        timestamp=None, key=record.key, value=record.value, headers=record.headers
+    )
+    return appended is not None
 
 
 async def _send_batch(
