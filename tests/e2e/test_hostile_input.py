@@ -258,7 +258,12 @@ def rule_breaks(draw: st.DrawFn) -> tuple[dict[str, Any], bool, bool]:
     extras = draw(
         st.dictionaries(
             st.text(max_size=10).filter(lambda k: k not in body),
-            st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), junk_text),
+            st.one_of(
+                st.none(),
+                st.integers(),
+                st.floats(allow_nan=False, allow_infinity=False),
+                junk_text,
+            ),
             max_size=3,
         )
     )
