@@ -11,63 +11,12 @@ from aiokafka.errors import KafkaTimeoutError, ProducerClosed, RecordTooLargeErr
 from payment.adapters.kafka.cloudevents import EncodedRecord
 from payment.adapters.kafka.partition_batches import BatchingProducer, queue_records
 from payment.adapters.kafka.partitioner import key_partitioner
+from support.batching_producer import PARTITIONS, BatchingFake
 from support.record_senders import FakeRecordQueue, Outgoing
-
-PARTITIONS = {"payments.initiated": {0, 1, 2, 3, 4, 5}, "payments.completed": {0, 1, 2}}
 
 
 def record(key: str, topic: str = "payments.initiated") -> EncodedRecord:
     return EncodedRecord(topic, key.encode(), b'{"k":"' + key.encode() + b'"}', [("ce_id", b"1")])
-
-
-class Batch:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
-
-    def append(self, *, timestamp: Any, key: bytes, value: bytes, headers: Any) -> object:
-        if len(self.records) >= self.capacity:
-            return None
-        self.records.append((key, value, headers))
-        return object()
-
-
-class BatchingFake(FakeRecordQueue):
-    """Takes whole batches; `send` (one record) is counted apart."""
-
-    def __init__(self, capacity: int = 100) -> None:
-        self.capacity = capacity
-        self.batches: list[tuple[str, int, Batch, asyncio.Future[object]]] = []
-        self.one_by_one: list[Outgoing] = []
-        self.missing_topics: set[str] = set()
-        self.refuse_batches = False
-        # Partitions whose previous batch has not gone: send_batch waits (the broker away).
-        self.stuck: set[int] = set()
-
-    def create_batch(self) -> Batch:
-        return Batch(self.capacity)
-
-    async def send_batch(self, batch: Batch, topic: str, *, partition: int) -> Any:
-        if self.refuse_batches:
-            raise ProducerClosed()
-        if partition in self.stuck:
-            await asyncio.Event().wait()
-        ack: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self.batches.append((topic, partition, batch, ack))
-        return ack
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        if topic in self.missing_topics:
-            raise KafkaTimeoutError()
-        return PARTITIONS[topic]
-
-    async def deliver(self, record: Outgoing) -> object:
-        self.one_by_one.append(record)
-        return None
-
-    def ack_all(self) -> None:
-        for *_, ack in self.batches:
-            ack.set_result(None)
 
 
 def test_the_fake_is_a_batching_producer() -> None:

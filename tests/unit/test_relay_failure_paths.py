@@ -17,11 +17,14 @@ from typing import Any
 import psycopg
 import pytest
 
+from payment.adapters.kafka.key_backoff import KeyBackoff
+from payment.adapters.kafka.partitioner import key_partitioner
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
 from payment.application.messages import OutboundMessage
 from payment.application.ports import OutboxRecord
+from support.batching_producer import BatchingFake
 from support.waiting import eventually
 
 AT = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -79,7 +82,7 @@ def pending_keys(uows: MemoryUnitOfWorkFactory) -> list[str]:
     return [r.message.key for r in uows.db.outbox if r.published_at is None]
 
 
-def relay_of(producer: Producer, uows: Any, **options: Any) -> KafkaOutboxRelay:
+def relay_of(producer: Any, uows: Any, **options: Any) -> KafkaOutboxRelay:
     return KafkaOutboxRelay(producer, uows, Topics(), Clock(), max_backoff=0.01, **options)
 
 
@@ -160,3 +163,34 @@ async def test_a_database_error_during_the_shutdown_flush_ends_the_flush_not_the
 
     assert producer.acked == []
     assert pending_keys(uows) == ["pay-left"]  # left for the next leader
+
+
+async def test_a_batch_held_past_the_ack_timeout_fails_its_rows_and_backs_off_their_keys() -> None:
+    # With the broker away, aiokafka holds a partition's next batch until the one before
+    # has gone: the rows of that partition fail at `ack_timeout`, the others go out.
+    topic = Topics().outbound["payment.completed"]
+    every = [0, 1, 2]
+    keys = [f"pay-{n}" for n in range(12)]
+    partition_of = {k: key_partitioner(k.encode(), every, every) for k in keys}
+    stuck = partition_of["pay-0"]
+    held = [k for k in keys if partition_of[k] == stuck]
+    uows = await outbox_of(*(row(k) for k in keys))
+    producer = BatchingFake(partitions={topic: set(every)}, acks_at_once=True)
+    producer.stuck = {stuck}
+    now = [100.0]
+    backoff = KeyBackoff(initial=1.0, maximum=1.0, clock=lambda: now[0], rng=lambda: 1.0)
+    relay = relay_of(producer, uows, ack_timeout=0.05, key_backoff=backoff)
+
+    assert await relay.publish_pending() == (len(keys), len(held))
+
+    assert sorted(producer.keys()) == sorted(k.encode() for k in keys if k not in held)
+    assert producer.one_by_one == []  # the batched path, not `send()`
+    assert sorted(pending_keys(uows)) == sorted(held)
+    assert relay.send_failures == len(held)
+    # The held keys back off: the next pass leaves them out until they are due.
+    assert await relay.publish_pending() == (0, 0)
+    producer.stuck.clear()  # the broker is back
+    now[0] += 1.0
+    assert await relay.publish_pending() == (len(held), 0)
+    assert pending_keys(uows) == []
+    assert sorted(producer.keys()) == sorted(k.encode() for k in keys)
