@@ -281,9 +281,11 @@ async def test_run_survives_database_errors() -> None:
 async def test_run_wakes_up_when_told_and_stop_interrupts_the_wait() -> None:
     uows = MemoryUnitOfWorkFactory()
     wake = asyncio.Event()
+    waiting = asyncio.Event()
 
     async def wait_for_work(seconds: float) -> None:
         assert seconds == 3600
+        waiting.set()
         await wake.wait()
         wake.clear()
 
@@ -292,14 +294,16 @@ async def test_run_wakes_up_when_told_and_stop_interrupts_the_wait() -> None:
         sender, uows, Topics(), FixedClock(), wait_for_work=wait_for_work, poll_interval=3600
     )
     task = asyncio.create_task(r.run())
-    await asyncio.sleep(0.05)
+    # Its first pass found nothing and it waits (not a sleep: a slow machine may take
+    # longer to get there, and a row added before that pass would rightly go out).
+    await asyncio.wait_for(waiting.wait(), 5)
     await add(uows, message("a", 1))
     await asyncio.sleep(0.05)
     assert sender.sent == []  # no polling: only the wake-up publishes
     wake.set()
     await eventually(lambda: len(sender.sent) == 1)
     r.stop()
-    await asyncio.wait_for(task, 1)
+    await asyncio.wait_for(task, 5)
 
 
 class LockLeadership:
