@@ -174,6 +174,7 @@ async def test_a_batch_held_past_the_ack_timeout_fails_its_rows_and_backs_off_th
     partition_of = {k: key_partitioner(k.encode(), every, every) for k in keys}
     stuck = partition_of["pay-0"]
     held = [k for k in keys if partition_of[k] == stuck]
+    assert 0 < len(held) < len(keys)  # some rows held, some free
     uows = await outbox_of(*(row(k) for k in keys))
     producer = BatchingFake(partitions={topic: set(every)}, acks_at_once=True)
     producer.stuck = {stuck}
