@@ -270,8 +270,11 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         broker_pid, postmaster_pid = map(int, parent.stdout.readline().split())
+        # PostgreSQL's own children come and go (an autovacuum worker, the startup
+        # process): the two started must be running; the rest is whatever runs now.
+        assert alive(broker_pid) and alive(postmaster_pid)
         family = {broker_pid, postmaster_pid} | descendants(postmaster_pid)
-        assert all(alive(pid) for pid in family)
+        assert len(family) > 2  # the postmaster's children were found
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
