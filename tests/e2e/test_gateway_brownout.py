@@ -110,8 +110,8 @@ async def test_a_gateway_stall_under_load_settles_within_minutes_of_recovery(
     assert not problems, "\n".join(problems[:50])
     assert stats.get("stalled", 0) > 0
     assert service_high_water <= MAX_CONCURRENCY
-    # The gateway counts a timed-out call until it notices the caller hung up, by which
-    # time the freed slot may carry the next call: one more, at a moment's overlap.
+    # The gateway stops counting a call once its caller's connection is closed; a client
+    # may close it a moment after its slot carries the next call: one more, at most.
     assert stats["in_flight_max"] <= MAX_CONCURRENCY + 1
     assert settled_after <= SETTLE_LIMIT_S
 

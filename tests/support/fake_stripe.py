@@ -91,7 +91,8 @@ class Ledger:
         self.fail_with_500 = False
         self.tokens = 0.0
         self.refilled_at = time.monotonic()
-        self.in_flight = 0
+        # The connections of the API requests in flight (see Handler._enter).
+        self.in_flight: set[socket.socket] = set()
         self.intents: dict[str, dict[str, Any]] = {}
         self.by_payment: dict[str, list[str]] = {}
         self.refunds: dict[str, dict[str, Any]] = {}
@@ -148,6 +149,15 @@ def _limited(ledger: Ledger) -> bool:
     return True
 
 
+def _hung_up(connection: socket.socket) -> bool:
+    """True if the peer closed `connection` (nothing read from it)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and not connection.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):  # closed meanwhile by its own handler
+        return True
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: GatewayServer
@@ -173,14 +183,20 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(body)
                 return False
-            ledger.in_flight += 1
-            ledger.stats["in_flight_max"] = max(ledger.stats["in_flight_max"], ledger.in_flight)
+            # A request whose caller hung up no longer counts, from the moment it did: its
+            # handler may not have noticed yet (a stalled one looks every 20 ms), but the
+            # caller's next request can arrive before that.
+            ledger.in_flight = {c for c in ledger.in_flight if not _hung_up(c)}
+            ledger.in_flight.add(self.connection)
+            ledger.stats["in_flight_max"] = max(
+                ledger.stats["in_flight_max"], len(ledger.in_flight)
+            )
         return True
 
     def _leave(self) -> None:
         ledger = self.server.ledger
         with ledger.lock:
-            ledger.in_flight -= 1
+            ledger.in_flight.discard(self.connection)
 
     def _hang(self) -> None:
         """A stalled gateway: hold the request unanswered until the stall ends or the
