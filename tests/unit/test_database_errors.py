@@ -58,6 +58,15 @@ def test_a_lost_connection_without_a_state_is_transient() -> None:
     assert not is_transient(ValueError("not a database error"))
 
 
+@pytest.mark.parametrize("state", ["26000", "42P05"])
+def test_a_session_whose_prepared_statements_are_unknown_is_retried_on_a_fresh_one(
+    state: str,
+) -> None:
+    exc = errors.lookup(state)("prepared statement does not exist (or already does)")
+    assert is_transient(exc)
+    assert discards_connection(exc)
+
+
 def test_only_a_suspect_session_is_discarded() -> None:
     assert discards_connection(errors.AdminShutdown("terminating connection"))
     assert not discards_connection(errors.SerializationFailure("could not serialize"))

@@ -12,6 +12,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from payment.adapters.postgres.pool import Connection
+from payment.adapters.postgres.prepared_writes import SESSIONS, prepared_form
 
 Translate = Callable[[psycopg.Error], Exception | None]
 
@@ -53,6 +54,9 @@ class Transaction:
     * A unit of work that only defers writes (the relay's marks, a charge's start) sends
       them in one message without BEGIN and COMMIT: PostgreSQL runs the statements of one
       simple-protocol message as one implicit transaction, all or nothing.
+    * Each statement with values goes as `EXECUTE` of a statement the session prepared
+      at its first use, in the same message (prepared_writes.py): PostgreSQL parses and
+      plans it once per session instead of once per message.
     * The values are in the text PostgreSQL receives. A message that fails (a lost race
       on a stream's version, routine under concurrency) is written to the server's error
       log with them (`log_min_error_statement`, by default `error`), where prepared
@@ -106,9 +110,26 @@ class Transaction:
         """
         statements = [*self._deferred, *then]
         cur = AsyncClientCursor(conn)
-        texts = [cur.mogrify(item.query, item.params) for item in statements]
+        held = await SESSIONS.held(conn)
+        forms = [prepared_form(item.query) if item.params else None for item in statements]
+        prepares = SESSIONS.to_prepare(held, [form for form in forms if form is not None])
+        ready = held | {form.name for form in prepares}
+        texts = [
+            cur.mogrify(item.query, item.params)
+            if form is None or form.name not in ready
+            else cur.mogrify(form.execute, item.params)
+            for item, form in zip(statements, forms, strict=True)
+        ]
         self._deferred = []
-        return await _send(cur, statements, texts, commit=commit)
+        try:
+            result = await _send(
+                cur, statements, texts, [form.prepare for form in prepares], commit=commit
+            )
+        except BaseException:
+            SESSIONS.forget(conn)  # the PREPAREs before a failure ran; the others did not
+            raise
+        held.update(form.name for form in prepares)
+        return result
 
     async def read(
         self, query: QueryNoTemplate, params: Params | None = None
@@ -163,12 +184,14 @@ async def _send(
     cur: AsyncClientCursor[TupleRow],
     statements: list[Deferred],
     texts: list[str],
+    prepares: list[str],
     *,
     commit: bool = False,
 ) -> AsyncCursor[TupleRow]:
     """Send the bound statements (`texts`) in one message, inside the transaction (opened
-    by this message if none is), and COMMIT after them if `commit`. Returns `cur` on the
-    last statement's result (a read's rows).
+    by this message if none is), and COMMIT after them if `commit`. The `prepares` go
+    first (prepared_writes.py). Returns `cur` on the last statement's result (a read's
+    rows).
     """
     begin = not _in_transaction(cur.connection)
     # Both: no BEGIN nor COMMIT; PostgreSQL runs the statements of one message as one
@@ -177,6 +200,7 @@ async def _send(
         texts = ["BEGIN", *texts]
     elif commit and not begin:
         texts = [*texts, "COMMIT"]
+    texts = [*prepares, *texts]
     try:
         await cur.execute(";\n".join(texts))
     except psycopg.Error as exc:
@@ -184,6 +208,8 @@ async def _send(
             if item.translate is not None and (mapped := item.translate(exc)) is not None:
                 raise mapped from None
         raise
+    for _ in prepares:
+        _next_result(cur)  # past each PREPARE's
     if begin and not commit:
         _next_result(cur)  # past BEGIN's
     for _ in statements[1:]:
@@ -204,6 +230,7 @@ async def finish(conn: Connection) -> None:
     discards it.
     """
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        SESSIONS.forget(conn)  # psycopg's rollback may DEALLOCATE ALL
         await conn.rollback()
     if conn.info.transaction_status is TransactionStatus.IDLE and not conn.autocommit:
         await conn.set_autocommit(True)
