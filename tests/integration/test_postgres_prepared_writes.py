@@ -13,6 +13,7 @@ from payment.adapters.memory import SystemClock
 from payment.adapters.postgres.errors import discards_connection, is_transient
 from payment.adapters.postgres.pool import Pool, open_pool
 from payment.adapters.postgres.prepared_writes import NAME_PREFIX
+from payment.adapters.postgres.retention import purge_batch
 from payment.adapters.postgres.unit_of_work import PostgresUnitOfWork
 from payment.application.errors import ConcurrencyConflict
 from support.events import attempted
@@ -109,3 +110,24 @@ async def test_a_session_that_lost_its_statements_behind_our_back_is_retried_on_
     assert raised.value.sqlstate == "26000"
     assert is_transient(raised.value) and discards_connection(raised.value)
     await _write_a_stream_and_marks(one_connection, "m-2")  # the retry, on a new session
+
+
+async def test_a_purge_rolled_back_by_psycopg_leaves_the_session_known(
+    one_connection: Pool,
+) -> None:
+    await _write_a_stream_and_marks(one_connection, "m-1")
+    # The purge's transaction block rolls back on its error, and psycopg then deallocates
+    # every statement of the session (its own lock probe is prepared).
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        await purge_batch(one_connection, "SELECT 1 / 0", CLOCK.now(), 10)
+    assert await _ours(one_connection) == set()
+    await _write_a_stream_and_marks(one_connection, "m-2")
+
+
+async def test_a_pool_without_prepared_statements_sends_the_writes_as_they_are(
+    pg_pool: Pool, database_url: str
+) -> None:
+    async with open_pool(database_url, min_size=1, max_size=1, prepare_threshold=None) as pool:
+        await _write_a_stream_and_marks(pool, "m-1")
+        await _write_a_stream_and_marks(pool, "m-2")
+        assert await _ours(pool) == set()

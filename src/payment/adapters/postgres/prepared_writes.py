@@ -3,8 +3,9 @@
 A unit of work sends its writes bound on the client, several to one simple-protocol
 message (transaction.py): one round trip, and little of the service's CPU. PostgreSQL then
 parses, analyses and plans each of them every time: a third of its CPU at 50 payments/s,
-a fifth at 1,000/s (`perf`, docs/performance.md). So each write with values is prepared
-once per session, in the message of its first use, and sent as `EXECUTE name(values)`:
+a fifth at 1,000/s (`perf`, docs/performance.md). So each statement with values sent
+that way (the writes, and a read after them) is prepared once per session, in the message
+of its first use, and sent as `EXECUTE name(values)`:
 still one message, its values still bound on the client, and the server keeps the parse
 tree and, after a few executions, a generic plan.
 
@@ -13,10 +14,14 @@ pooling behind PgBouncer (docs/operations.md), so a session's statements stay wi
 connection. What each session holds is tracked per connection (`SessionStatements`), and
 forgotten whenever it may have changed behind our back: a failed message (its PREPAREs up
 to the failure ran, and PREPARE is not undone by a rollback) and a rollback (psycopg's
-sends DEALLOCATE ALL when it prepared statements of its own). The next message on that
-connection first reads `pg_prepared_statements`. A session that lost them all the same
-answers `invalid_sql_statement_name` (26000), which errors.py treats as a suspect
-connection: it is closed and the unit of work retried on a fresh one.
+sends DEALLOCATE ALL when it prepared statements of its own, as it does at
+`prepare_threshold=0`). The next message on that connection first reads
+`pg_prepared_statements`. So code that rolls back a pooled connection other than through
+the unit of work (`transaction.finish`) must `SESSIONS.forget` it (retention.py does), and
+none may run DISCARD, DEALLOCATE or DDL on one (psycopg deallocates everything after
+those too). A session that lost them all the same answers `invalid_sql_statement_name`
+(26000): errors.py treats that as an outage of the connection, which the unit of work
+closes; its caller retries as after any outage.
 """
 
 from __future__ import annotations

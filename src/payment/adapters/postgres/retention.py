@@ -31,6 +31,7 @@ from typing import Final
 import msgspec
 
 from payment.adapters.postgres.pool import Pool
+from payment.adapters.postgres.prepared_writes import SESSIONS
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,18 @@ async def purge_batch(pool: Pool, statement: str, before: datetime, limit: int) 
 
     Returns how many rows went, or None if another instance is purging right now.
     """
-    async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute(_TRY_LOCK, (RETENTION_LOCK_KEY,))
-        row = await cur.fetchone()
-        if row is None or not row[0]:
-            return None
-        cur = await conn.execute(statement, {"before": before, "limit": limit})
-        return cur.rowcount
+    async with pool.connection() as conn:
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(_TRY_LOCK, (RETENTION_LOCK_KEY,))
+                row = await cur.fetchone()
+                if row is None or not row[0]:
+                    return None
+                cur = await conn.execute(statement, {"before": before, "limit": limit})
+                return cur.rowcount
+        except BaseException:
+            SESSIONS.forget(conn)  # psycopg's rollback may DEALLOCATE ALL (prepared_writes.py)
+            raise
 
 
 async def purge_outbox(pool: Pool, before: datetime, *, batch: int) -> int | None:

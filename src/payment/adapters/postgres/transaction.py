@@ -54,9 +54,11 @@ class Transaction:
     * A unit of work that only defers writes (the relay's marks, a charge's start) sends
       them in one message without BEGIN and COMMIT: PostgreSQL runs the statements of one
       simple-protocol message as one implicit transaction, all or nothing.
-    * Each statement with values goes as `EXECUTE` of a statement the session prepared
-      at its first use, in the same message (prepared_writes.py): PostgreSQL parses and
-      plans it once per session instead of once per message.
+    * Each statement with values sent this way (the writes, and a read that follows
+      them) goes as `EXECUTE` of a statement the session prepared at its first use, in
+      the same message (prepared_writes.py): PostgreSQL parses and plans it once per
+      session instead of once per message. Not on a pool made with
+      `prepare_threshold=None` (no prepared statements at all).
     * The values are in the text PostgreSQL receives. A message that fails (a lost race
       on a stream's version, routine under concurrency) is written to the server's error
       log with them (`log_min_error_statement`, by default `error`), where prepared
@@ -110,8 +112,12 @@ class Transaction:
         """
         statements = [*self._deferred, *then]
         cur = AsyncClientCursor(conn)
-        held = await SESSIONS.held(conn)
-        forms = [prepared_form(item.query) if item.params else None for item in statements]
+        # Behind a pooler that keeps no prepared statements (prepare_threshold None), none.
+        preparing = conn.prepare_threshold is not None
+        held = await SESSIONS.held(conn) if preparing else set()
+        forms = [
+            prepared_form(item.query) if preparing and item.params else None for item in statements
+        ]
         prepares = SESSIONS.to_prepare(held, [form for form in forms if form is not None])
         ready = held | {form.name for form in prepares}
         texts = [
