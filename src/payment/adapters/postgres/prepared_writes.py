@@ -5,9 +5,9 @@ message (transaction.py): one round trip, and little of the service's CPU. Postg
 parses, analyses and plans each of them every time: a third of its CPU at 50 payments/s,
 a fifth at 1,000/s (`perf`, docs/performance.md). So each statement with values sent
 that way (the writes, and a read after them) is prepared once per session, in the message
-of its first use, and sent as `EXECUTE name(values)`:
-still one message, its values still bound on the client, and the server keeps the parse
-tree and, after a few executions, a generic plan.
+of its first use, and sent as `EXECUTE name(values)`: still one message, its values still
+bound on the client, and the server keeps the parse tree and, after a few executions, a
+generic plan.
 
 Prepared statements belong to the server session. The service already needs session
 pooling behind PgBouncer (docs/operations.md), so a session's statements stay with its
