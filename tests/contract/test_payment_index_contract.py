@@ -72,18 +72,41 @@ async def test_a_booking_expected_free_is_claimed_or_its_unit_of_work_fails(
 ) -> None:
     payment_id = uuid.uuid4()
     async with uow_factory() as uow:
-        await uow.payments.claim_free_booking("booking-1", payment_id, at(0))
+        await uow.payments.claim_free_bookings([("booking-1", payment_id)], at(0))
         await uow.commit()
     # Taken: the unit of work fails (here or at commit) and keeps nothing of itself.
     with pytest.raises(BookingAlreadyClaimed) as raised:
         async with uow_factory() as uow:
             await uow.payments.set_status(payment_id, PaymentStatus.COMPLETED, at(1))
-            await uow.payments.claim_free_booking("booking-1", uuid.uuid4(), at(1))
+            await uow.payments.claim_free_bookings([("booking-1", uuid.uuid4())], at(1))
             await uow.commit()
     assert raised.value.booking_id == "booking-1"
     async with uow_factory() as uow:
         assert await uow.payments.payment_for_booking("booking-1") == payment_id
         assert await uow.payments.in_flight_since(at(5), 10) == [payment_id]  # not COMPLETED
+
+
+async def test_bookings_expected_free_are_claimed_together_or_not_at_all(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with uow_factory() as uow:
+        await uow.payments.claim_free_bookings([("booking-1", first), ("booking-2", second)], at(0))
+        await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.payment_for_booking("booking-1") == first
+        assert await uow.payments.payment_for_booking("booking-2") == second
+    # One of them taken: the unit of work fails and keeps none of its claims.
+    with pytest.raises(BookingAlreadyClaimed):
+        async with uow_factory() as uow:
+            await uow.payments.claim_free_bookings(
+                [("booking-3", third), ("booking-2", uuid.uuid4())], at(1)
+            )
+            await uow.commit()
+    async with uow_factory() as uow:
+        assert await uow.payments.payment_for_booking("booking-3") is None
+        assert await uow.payments.payment_for_booking("booking-2") == second
+    await _claim(uow_factory, "booking-3")
 
 
 async def test_of_two_concurrent_claims_exactly_one_wins(uow_factory: UnitOfWorkFactory) -> None:

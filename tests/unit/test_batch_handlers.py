@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from payment.adapters.memory import MemoryUnitOfWorkFactory
+from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
 from payment.adapters.processors.fake import FakeProcessor
 from payment.application.batches import execute_payments, request_payments
 from payment.application.commands import (
@@ -94,6 +94,56 @@ async def test_a_batch_of_new_requests_initiates_each_payment_in_one_transaction
     assert [uows.db.bookings[c.booking_id] for c in cmds] == [uuid.UUID(m.key) for m in rows]
     assert all(m.trace == TRACE for m in rows)
     assert len(uows.db.inbox) == 20
+
+
+class CountsReads(MemoryUnitOfWorkFactory):
+    """Counts the unit-of-work calls that need the store's answer before commit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: Counter[str] = Counter()
+
+    def __call__(self) -> MemoryUnitOfWork:
+        uow = super().__call__()
+        for port, name in ((uow.inbox, "mark_many"), (uow.payments, "claim_bookings")):
+            setattr(port, name, self._counted(name, getattr(port, name)))
+        return uow
+
+    def _counted(self, name: str, call: Any) -> Any:
+        async def counted(*args: Any) -> Any:
+            self.reads[name] += 1
+            return await call(*args)
+
+        return counted
+
+
+async def test_a_batch_of_new_requests_asks_the_store_nothing_before_its_commit(
+    clock: FakeClock,
+) -> None:
+    # The common case goes in one message: no inbox or claim answer awaited first.
+    uows = CountsReads()
+
+    results = await request_payments([request_cmd(f"BK-{n}") for n in range(5)], uows, clock)
+
+    assert results == [RequestResult.ACCEPTED] * 5
+    assert uows.reads == Counter()
+    assert uows.db.commits == 1
+
+
+async def test_a_batch_with_a_redelivery_is_tried_as_new_once_then_the_careful_way(
+    clock: FakeClock,
+) -> None:
+    uows = CountsReads()
+    first = request_cmd("BK-1", message_id="m-1")
+    await request_payments([first], uows, clock)
+
+    results = await request_payments([request_cmd("BK-2"), first, request_cmd("BK-3")], uows, clock)
+
+    assert results == [RequestResult.ACCEPTED, RequestResult.DUPLICATE, RequestResult.ACCEPTED]
+    # The first try failed on the redelivery and kept nothing; the careful one read first.
+    assert uows.reads == Counter({"mark_many": 1, "claim_bookings": 1})
+    assert uows.db.commits == 2
+    assert sum(1 for r in uows.db.outbox if r.message.type == "payment.initiated") == 3
 
 
 async def test_redelivered_and_repeated_messages_in_a_batch_change_nothing(

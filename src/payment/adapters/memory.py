@@ -128,10 +128,11 @@ class MemoryPaymentIndex:
         self.claims[booking_id] = (payment_id, at)
         self.status[payment_id] = (PaymentStatus.INITIATED, at)
 
-    async def claim_free_booking(
-        self, booking_id: str, payment_id: uuid.UUID, at: datetime
+    async def claim_free_bookings(
+        self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
     ) -> None:
-        await self.claim_booking(booking_id, payment_id, at)
+        for booking_id, payment_id in claims:
+            await self.claim_booking(booking_id, payment_id, at)
 
     async def claim_bookings(
         self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime

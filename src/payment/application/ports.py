@@ -77,16 +77,17 @@ class PaymentIndex(Protocol):
         """
         ...
 
-    async def claim_free_booking(
-        self, booking_id: str, payment_id: uuid.UUID, at: datetime
+    async def claim_free_bookings(
+        self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
     ) -> None:
-        """`claim_booking` for a booking expected to be free: the store need not answer
-        before the unit of work commits (it can then send everything in one message).
+        """`claim_booking` for (booking id, payment id) pairs whose bookings are expected to
+        be free: the store need not answer before the unit of work commits (it can then
+        send everything in one message). Each booking at most once.
 
-        If the booking has a payment after all, the unit of work fails with
+        If one has a payment after all, the unit of work fails with
         `BookingAlreadyClaimed`, here or at the latest from `commit`, and keeps nothing:
-        the caller handles the request again the careful way. One such claim per unit of
-        work: a store that finds out at commit may not tell which of several failed.
+        the caller handles the requests again the careful way. A store that finds out at
+        commit may not tell which booking it was (`booking_id` is then empty).
         """
         ...
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import psycopg
@@ -23,7 +23,7 @@ VALUES (%s, %s, 'INITIATED', %s, %s)
 ON CONFLICT (booking_id) DO NOTHING
 """
 
-# claim_free_booking: no ON CONFLICT, so a taken booking is an error (see the port).
+# claim_free_bookings: no ON CONFLICT, so a taken booking is an error (see the port).
 _CLAIM_FREE = """
 INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
 VALUES (%s, %s, 'INITIATED', %s, %s)
@@ -32,6 +32,13 @@ VALUES (%s, %s, 'INITIATED', %s, %s)
 _BOOKING_KEY = "payment_payments_booking_id_key"
 
 # Bookings in a fixed order: two batches sharing bookings cannot deadlock.
+_CLAIM_MANY_FREE = b"""
+INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
+SELECT r.payment_id, r.booking_id, 'INITIATED', %s::timestamptz, %s::timestamptz
+FROM json_to_recordset(%s::json) AS r(payment_id uuid, booking_id text)
+ORDER BY r.booking_id
+"""
+
 _CLAIM_MANY = b"""
 INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
 SELECT r.payment_id, r.booking_id, 'INITIATED', %s::timestamptz, %s::timestamptz
@@ -122,15 +129,17 @@ class PostgresPaymentIndex:
         if cur.rowcount != 1:
             raise BookingAlreadyClaimed(booking_id)
 
-    async def claim_free_booking(
-        self, booking_id: str, payment_id: uuid.UUID, at: datetime
+    async def claim_free_bookings(
+        self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
     ) -> None:
-        def taken(exc: psycopg.Error) -> Exception | None:
-            if isinstance(exc, errors.UniqueViolation) and exc.diag.constraint_name == _BOOKING_KEY:
-                return BookingAlreadyClaimed(booking_id)
-            return None
-
-        self._tx.defer(_CLAIM_FREE, (payment_id, booking_id, at, at), translate=taken)
+        if len(claims) == 1:
+            ((booking_id, payment_id),) = claims
+            params: tuple[object, ...] = (payment_id, booking_id, at, at)
+            self._tx.defer(_CLAIM_FREE, params, translate=_taken(booking_id))
+        elif claims:
+            rows = json_rows([{"payment_id": pid, "booking_id": bid} for bid, pid in claims])
+            # The statement that failed does not say which booking was taken.
+            self._tx.defer(_CLAIM_MANY_FREE, (at, at, rows), translate=_taken(""))
 
     async def claim_bookings(
         self, claims: Sequence[tuple[str, uuid.UUID]], at: datetime
@@ -203,3 +212,14 @@ class PostgresPaymentIndex:
 def _uuid(value: object) -> uuid.UUID:
     assert isinstance(value, uuid.UUID)
     return value
+
+
+def _taken(booking_id: str) -> Callable[[psycopg.Error], Exception | None]:
+    """A unique violation of the booking key as `BookingAlreadyClaimed(booking_id)`."""
+
+    def translate(exc: psycopg.Error) -> Exception | None:
+        if isinstance(exc, errors.UniqueViolation) and exc.diag.constraint_name == _BOOKING_KEY:
+            return BookingAlreadyClaimed(booking_id)
+        return None
+
+    return translate

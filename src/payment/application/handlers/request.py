@@ -83,7 +83,7 @@ async def _request_new(
         await uow.inbox.mark_new([(cmd.inbound.source, cmd.inbound.message_id)], now)
         failpoints.hit("after_inbox_insert")
         payment = initiate_for(cmd, checked, now)
-        await uow.payments.claim_free_booking(cmd.booking_id, payment.id, now)
+        await uow.payments.claim_free_bookings([(cmd.booking_id, payment.id)], now)
         await uow.save(payment)
         await uow.outbox.add([initiated_message(payment, cmd.trace)])
         await uow.commit()
