@@ -11,6 +11,7 @@ so a sender that falls behind shows up in the figures instead of hiding them.
     .venv/bin/python bench/e2e.py --rate 1000 --duration 30
     .venv/bin/python bench/e2e.py --saturation
     .venv/bin/python bench/e2e.py --latency-ms 300 --rate 1000 --duration 30
+    .venv/bin/python bench/e2e.py --rate 50 --task-cpu   # the service's CPU per asyncio task
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -400,6 +404,7 @@ class Plan:
     env: dict[str, str] = field(default_factory=dict)
     bisect: bool = True
     profile: str | None = None  # py-spy raw (collapsed) stacks of the first measured step
+    task_cpu: bool = False  # CPU per asyncio task of the first measured step (task_cpu/)
     keep_log: bool = False
     # The consumers' fetch wait (the service's and the orchestrator's). None: the service's
     # default on Kafka (which answers as data arrives), 5 ms on Tansu (which answers only
@@ -429,9 +434,13 @@ async def _run_steps(
             rate = rates.pop(0)
             label = f"{'sat' if plan.saturation else 'rate'}-{tag}-{rate:.0f}"
             spy = _start_profile(plan, probes.service_pids[0]) if not results else None
+            first = not results
+            tasks = TaskCpu(run_id, probes.service_pids[0]) if plan.task_cpu and first else None
             result = await measure(orchestrator, probes, label, rate, plan.duration_s, plan.drain_s)
             if spy is not None:
                 await asyncio.to_thread(spy.wait)
+            if tasks is not None:
+                print(tasks.table(result.answered), flush=True)
             results.append(result)
             print(
                 f"e2e: {label}: {result.throughput:.0f}/s, p99 {result.p(99):.0f} ms,"
@@ -470,6 +479,42 @@ async def _timeline(
     return f"\ntimeline of {step.label}:\n" + await stages(
         db_url, bootstrap, topics, scheduled, received
     )
+
+
+class TaskCpu:
+    """The service's CPU per asyncio task over a step (`--task-cpu`): task_cpu/sitecustomize.py
+    in the service appends its totals to a file at each SIGUSR2, here at the step's start
+    and at its end."""
+
+    def __init__(self, run_id: str, pid: int) -> None:
+        self._path = task_cpu_file(run_id)
+        self._pid = pid
+        os.kill(pid, signal.SIGUSR2)
+
+    def table(self, payments: int) -> str:
+        """The step's CPU per task, per payment answered, largest first."""
+        os.kill(self._pid, signal.SIGUSR2)
+        time.sleep(0.5)  # the service's handler runs between two bytecodes of its loop
+        with open(self._path, encoding="utf-8") as lines:
+            *_, before, after = [json.loads(line) for line in lines]
+        os.unlink(self._path)
+        per = max(payments, 1)
+        total = 1000 * (after["cpu_s"] - before["cpu_s"])
+        spent = {n: ms - before["cpu_ms"].get(n, 0.0) for n, ms in after["cpu_ms"].items()}
+        runs = {n: k - before["runs"].get(n, 0) for n, k in after["runs"].items()}
+        rows = [
+            [name, f"{ms / per:.3f}", f"{runs.get(name, 0) / per:.2f}", f"{100 * ms / total:.1f}"]
+            for name, ms in sorted(spent.items(), key=lambda kv: -kv[1])[:20]
+            if ms > 0 and total > 0
+        ]
+        header = ["task or callback", "CPU ms/payment", "runs/payment", "% of the process"]
+        return f"\nservice CPU per task ({total / per:.3f} ms/payment in all):\n" + table(
+            rows, header
+        )
+
+
+def task_cpu_file(run_id: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"bench-task-cpu-{run_id}.jsonl")
 
 
 def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:
@@ -514,6 +559,10 @@ def run(plan: Plan) -> list[StepResult]:
             "PAYMENT_FAKE_LATENCY_MS": f"{plan.latency_ms:g}",
             **plan.env,
         }
+        if plan.task_cpu:
+            here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_cpu")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+            env["PAYMENT_BENCH_TASK_CPU"] = task_cpu_file(run_id)
         services = [
             Service({**env, "PAYMENT_HTTP_PORT": str(free_port())}, f"bench-e2e-{run_id}-{n}")
             for n in range(plan.instances)
@@ -585,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service")
     parser.add_argument("--profile", help="py-spy collapsed stacks of the first step, to FILE")
+    parser.add_argument(
+        "--task-cpu", action="store_true", help="the first step's service CPU per asyncio task"
+    )
     parser.add_argument("--keep-log", action="store_true", help="keep the service log")
     parser.add_argument("--instances", type=int, default=1, help="service processes, one group")
     parser.add_argument(
@@ -610,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=args.warmup,
         env=_env_pairs(args.env),
         profile=args.profile,
+        task_cpu=args.task_cpu,
         keep_log=args.keep_log,
         fetch_wait_ms=args.fetch_wait_ms,
         broker=args.broker,
