@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -440,7 +441,7 @@ async def _run_steps(
             if spy is not None:
                 await asyncio.to_thread(spy.wait)
             if tasks is not None:
-                print(tasks.table(result.answered), flush=True)
+                print(await tasks.table(result.answered), flush=True)
             results.append(result)
             print(
                 f"e2e: {label}: {result.throughput:.0f}/s, p99 {result.p(99):.0f} ms,"
@@ -491,13 +492,18 @@ class TaskCpu:
         self._pid = pid
         os.kill(pid, signal.SIGUSR2)
 
-    def table(self, payments: int) -> str:
+    async def table(self, payments: int) -> str:
         """The step's CPU per task, per payment answered, largest first."""
         os.kill(self._pid, signal.SIGUSR2)
-        time.sleep(0.5)  # the service's handler runs between two bytecodes of its loop
-        with open(self._path, encoding="utf-8") as lines:
-            *_, before, after = [json.loads(line) for line in lines]
+        for _ in range(50):  # the service writes between two bytecodes of its loop
+            await asyncio.sleep(0.1)
+            dumps = await asyncio.to_thread(_task_cpu_dumps, self._path)
+            if len(dumps) >= 2:
+                break
+        else:
+            return "\nservice CPU per task: the service wrote no totals"
         os.unlink(self._path)
+        before, after = dumps[-2:]
         per = max(payments, 1)
         total = 1000 * (after["cpu_s"] - before["cpu_s"])
         spent = {n: ms - before["cpu_ms"].get(n, 0.0) for n, ms in after["cpu_ms"].items()}
@@ -515,6 +521,12 @@ class TaskCpu:
 
 def task_cpu_file(run_id: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"bench-task-cpu-{run_id}.jsonl")
+
+
+def _task_cpu_dumps(path: str) -> list[dict[str, Any]]:
+    """The totals the service wrote so far, oldest first (a line still being written: not)."""
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
 def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:

@@ -32,13 +32,6 @@ VALUES (%s, %s, 'INITIATED', %s, %s)
 _BOOKING_KEY = "payment_payments_booking_id_key"
 
 # Bookings in a fixed order: two batches sharing bookings cannot deadlock.
-_CLAIM_MANY_FREE = b"""
-INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
-SELECT r.payment_id, r.booking_id, 'INITIATED', %s::timestamptz, %s::timestamptz
-FROM json_to_recordset(%s::json) AS r(payment_id uuid, booking_id text)
-ORDER BY r.booking_id
-"""
-
 _CLAIM_MANY = b"""
 INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
 SELECT r.payment_id, r.booking_id, 'INITIATED', %s::timestamptz, %s::timestamptz
@@ -46,6 +39,14 @@ FROM json_to_recordset(%s::json) AS r(payment_id uuid, booking_id text)
 ORDER BY r.booking_id
 ON CONFLICT (booking_id) DO NOTHING
 RETURNING booking_id
+"""
+
+# claim_free_bookings of several: the same order, and a taken booking is an error.
+_CLAIM_MANY_FREE = b"""
+INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
+SELECT r.payment_id, r.booking_id, 'INITIATED', %s::timestamptz, %s::timestamptz
+FROM json_to_recordset(%s::json) AS r(payment_id uuid, booking_id text)
+ORDER BY r.booking_id
 """
 
 # A closed booking's row names no payment.
@@ -138,7 +139,7 @@ class PostgresPaymentIndex:
             self._tx.defer(_CLAIM_FREE, params, translate=_taken(booking_id))
         elif claims:
             rows = json_rows([{"payment_id": pid, "booking_id": bid} for bid, pid in claims])
-            # The statement that failed does not say which booking was taken.
+            # Which booking was taken is only in the error's text (DETAIL): not parsed.
             self._tx.defer(_CLAIM_MANY_FREE, (at, at, rows), translate=_taken(""))
 
     async def claim_bookings(
