@@ -525,6 +525,8 @@ def task_cpu_file(run_id: str) -> str:
 
 def _task_cpu_dumps(path: str) -> list[dict[str, Any]]:
     """The totals the service wrote so far, oldest first (a line still being written: not)."""
+    if not os.path.exists(path):
+        return []  # the service has not answered a signal yet
     with open(path, encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.endswith("\n")]
 
