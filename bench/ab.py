@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,17 +99,28 @@ def tree(revision: str | None) -> Iterator[Path]:
 def run_once(side: Path, e2e_args: Sequence[str]) -> tuple[str, dict[str, float]]:
     """One e2e.py run with `side`'s code: its table row, and the measures in it."""
     env = {**os.environ, "PYTHONPATH": str(side / "src")}
-    done = subprocess.run(
-        [sys.executable, str(HERE / "e2e.py"), *e2e_args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"ab: e2e.py failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| rate-"))
-    return row, parse_row(done.stdout)
+    command = [sys.executable, str(HERE / "e2e.py"), *e2e_args]
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            stdout, stderr = child.communicate()
+        except BaseException:
+            # Interrupted: e2e.py stops its broker, service and database on SIGINT.
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    if child.returncode != 0:
+        raise SystemExit(f"ab: e2e.py failed ({child.returncode}):\n{stderr[-2000:]}")
+    row = next(line for line in stdout.splitlines() if line.startswith("| rate-"))
+    return row, parse_row(stdout)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that the run in progress and the worktrees are cleaned up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("e2e_args", nargs="*", help="after --: more e2e.py arguments")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     e2e_args = ["--rate", str(args.rate), "--duration", str(args.duration), *args.e2e_args]
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with tree(args.old) as a, tree(args.new) as b:
