@@ -42,13 +42,14 @@ def order(pairs: int) -> str:
 
 
 def parse_row(output: str) -> dict[str, float]:
-    """The measures of the first table row e2e.py printed (its HEADER, `| run | …`)."""
+    """The measures of the first row of e2e.py's results table (its HEADER, `| run | …`;
+    `--timeline` and `--task-cpu` print tables of their own before it)."""
     lines = [line for line in output.splitlines() if line.startswith("|")]
-    header = next((line for line in lines if line.startswith("| run ")), None)
-    if header is None:
+    at = next((n for n, line in enumerate(lines) if line.startswith("| run ")), None)
+    if at is None:
         raise ValueError("no e2e table in the output")
-    names = [cell.strip() for cell in header.strip("|").split("|")]
-    rows = [line for line in lines if not line.startswith(("| run ", "|-"))]
+    names = [cell.strip() for cell in lines[at].strip("|").split("|")]
+    rows = [line for line in lines[at + 1 :] if not line.startswith("|-")]
     if not rows:
         raise ValueError("no e2e row in the output")
     cells = dict(zip(names, (c.strip() for c in rows[0].strip("|").split("|")), strict=True))

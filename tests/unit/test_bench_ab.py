@@ -50,6 +50,12 @@ def test_a_row_of_e2e_is_read_by_its_header() -> None:
     assert measures["PG ms/pay"] == 0.48 and measures["broker ms/pay"] == 0.34
 
 
+def test_the_tables_printed_before_the_results_are_passed_over() -> None:
+    timeline = ab.table([["total: scheduled -> received", "20000", "64.6"]], ["stage", "n", "p50"])
+    measures = ab.parse_row(timeline + "\n" + e2e_output(p50=42, p99=96, cpu=0.66))
+    assert (measures["p50"], measures["p99"]) == (42, 96)
+
+
 def test_an_output_without_a_row_is_refused() -> None:
     for output in ("e2e: the broker did not start\n", ab.table([], e2e.HEADER)):
         try:
