@@ -18,6 +18,7 @@ from payment.domain.events import (
     PaymentRefunded,
     RefundFailed,
 )
+from payment.domain.ids import new_id
 from payment.domain.payment import Payment
 
 REQUEST_PAYMENT: Final = "saga.request_payment"
@@ -195,7 +196,7 @@ def _message(
     """The outbox row of `data`: announcing `event` of the payment's stream (its id and
     version), or a fresh id with no sequence when no event stands behind it."""
     return OutboundMessage(
-        event_id=uuid.uuid4() if event is None else event.event_id,
+        event_id=new_id() if event is None else event.event_id,
         type=kind,
         key=key,
         subject=subject,

@@ -40,6 +40,7 @@ from payment.domain.events import (
     PaymentRefunded,
     RefundFailed,
 )
+from payment.domain.ids import new_id
 from payment.domain.money import Money
 from payment.domain.payment import Payment, PaymentStatus, Refund
 from payment.domain.processor import (
@@ -137,7 +138,7 @@ class Refunds:
             return RefundResult.REJECTED, payment_id
         try:
             payment.request_refund(
-                refund_id=uuid.uuid4(),
+                refund_id=new_id(),
                 amount=cmd.amount,
                 reason=cmd.reason,
                 saga_id=cmd.saga_id,

@@ -37,6 +37,7 @@ from payment.domain.events import (
     RefundRequested,
     ReviewOutcome,
 )
+from payment.domain.ids import new_id
 from payment.domain.money import Money
 from payment.domain.refund import Refund, check_refund_failure, pending_refund, refund_amount
 from payment.domain.review import (
@@ -85,7 +86,7 @@ class Payment(PaymentState):
     ) -> tuple[Payment, list[AnyPaymentEvent]]:
         """A new payment and its `PaymentInitiated` event (version 1, not saved yet)."""
         event = PaymentInitiated(
-            event_id=event_id or uuid.uuid4(),
+            event_id=event_id or new_id(),
             payment_id=payment_id,
             version=1,
             occurred_at=at,
@@ -337,7 +338,7 @@ class Payment(PaymentState):
 
     def _stamp(self, at: datetime) -> _Stamp:
         return {
-            "event_id": uuid.uuid4(),
+            "event_id": new_id(),
             "payment_id": self.id,
             "version": self.version + 1,
             "occurred_at": at,

@@ -12,6 +12,7 @@ from psycopg import errors
 from payment.adapters.postgres.rows import json_rows
 from payment.adapters.postgres.transaction import Transaction
 from payment.application.errors import BookingAlreadyClaimed
+from payment.domain.ids import new_id
 from payment.domain.payment import PaymentStatus
 
 # ON CONFLICT instead of a unique violation: the loser learns it lost without aborting its
@@ -183,7 +184,7 @@ class PostgresPaymentIndex:
         self._tx.defer(_REQUEUE, (at, payment_id))
 
     async def close_booking(self, booking_id: str, at: datetime) -> uuid.UUID | None:
-        cur = await self._tx.write(_CLOSE, (uuid.uuid4(), booking_id, at, at))
+        cur = await self._tx.write(_CLOSE, (new_id(), booking_id, at, at))
         if cur.rowcount == 1:
             return None
         cur = await self._tx.read(_BOOKING_ROW, (booking_id,))

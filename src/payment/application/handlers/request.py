@@ -25,6 +25,7 @@ from payment.application.messages import (
 )
 from payment.application.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from payment.application.validation import Valid, validate_request, well_formed_booking_id
+from payment.domain.ids import new_id
 from payment.domain.money import DEFAULT_MAX_AMOUNT
 from payment.domain.payment import Payment
 
@@ -163,7 +164,7 @@ def rejection_for(cmd: RequestPayment, detail: str, at: datetime) -> OutboundMes
 def initiate_for(cmd: RequestPayment, checked: Valid, at: datetime) -> Payment:
     """A new payment for a valid request (its PaymentInitiated not saved yet)."""
     payment, _ = Payment.initiate(
-        payment_id=uuid.uuid4(),
+        payment_id=new_id(),
         booking_id=cmd.booking_id,
         money=checked.money,
         payment_method=checked.payment_method,
