@@ -120,14 +120,19 @@ def _counters(url: str) -> Counters:
 @contextmanager
 def ids_of_kind(make: MakeId) -> Iterator[None]:
     """Every module that took `new_id` from payment.domain.ids gets `make` for a while."""
-    patched = [m for m in list(sys.modules.values()) if getattr(m, "new_id", None) is ids.new_id]
+    original = ids.new_id
+    patched = [
+        m
+        for m in list(sys.modules.values())
+        if m is not ids and getattr(m, "new_id", None) is original
+    ]
     for module in patched:
         module.new_id = make  # type: ignore[attr-defined]
     try:
         yield
     finally:
         for module in patched:
-            module.new_id = ids.new_id  # type: ignore[attr-defined]
+            module.new_id = original  # type: ignore[attr-defined]
 
 
 async def _payments(

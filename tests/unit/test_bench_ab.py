@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
+from support.bench_scripts import load_bench_script
 
-# The bench scripts import their helpers as top-level modules (benchlib, timeline).
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.append(str(BENCH))
-
-
-def _load(script: str) -> ModuleType:
-    """A bench script under a name of its own (tests/e2e is a package named `e2e`)."""
-    name = f"bench_{script}"
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{script}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
-
-
-ab = _load("ab")
-e2e = _load("e2e")
+ab = load_bench_script("ab")
+e2e = load_bench_script("e2e")
 
 
 def e2e_output(p50: float, p99: float, cpu: float, rate: float = 998) -> str:

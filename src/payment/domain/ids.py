@@ -5,8 +5,11 @@ other sort next to each other. The B-tree indexes keyed on them (a payment's str
 event ids, the inbox entries of the events the service consumes itself) then grow at
 their right edge, where version 4's random ids touch a leaf page anywhere in the index
 for each insert: more pages dirty in memory, and each written to the WAL in full the
-first time it changes after a checkpoint. Ids that only travel (the gateway's
-idempotency keys) stay version 4.
+first time it changes after a checkpoint. Ids no index holds (the gateway's idempotency
+keys, a charge attempt's `charger`) stay version 4.
+
+The order is for the indexes only: nothing reads meaning into it, so a wall clock that
+steps back costs locality, not correctness (the 74 random bits keep the ids apart).
 """
 
 from __future__ import annotations
