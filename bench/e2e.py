@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -59,6 +60,7 @@ from benchlib import (
     table,
     tail,
 )
+from past_payments import write_past_payments
 from timeline import stages
 
 from payment.adapters.kafka.topics import Topics
@@ -414,6 +416,7 @@ class Plan:
     broker: str | None = None  # kafka (default) or tansu
     timeline: bool = False  # print where the last step's payments spent their time
     instances: int = 1  # service processes in one consumer group
+    past_payments: int = 0  # written into the store before the service starts (past_payments.py)
 
 
 async def _run_steps(
@@ -556,6 +559,13 @@ def _start_profile(plan: Plan, pid: int) -> subprocess.Popen[bytes] | None:
     )
 
 
+def service_id_kind() -> str:
+    """The ids the service under test makes: v7 since session 15 (payment.domain.ids), else v4.
+
+    The bench runs with the service's source first on its path (bench/ab.py's sides)."""
+    return "v7" if importlib.util.find_spec("payment.domain.ids") is not None else "v4"
+
+
 def run(plan: Plan) -> list[StepResult]:
     """Start the broker, a scratch database and the service; run the plan; clean up."""
     run_id = uuid.uuid4().hex[:8]
@@ -584,6 +594,10 @@ def run(plan: Plan) -> list[StepResult]:
         ok = False
         try:
             services[0].migrate()
+            if plan.past_payments:
+                kind = service_id_kind()
+                took = write_past_payments(url, kind, plan.past_payments, f"bench-e2e-{run_id}")
+                print(f"e2e: {plan.past_payments:,} past payments ({kind} ids) in {took:.0f} s")
             for service in services:
                 ready = service.start()
                 print(f"e2e: service ready after {ready:.1f} s ({service.log.name})", flush=True)
@@ -660,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fetch-wait-ms", type=int, default=None, help="consumers' fetch wait (ms)"
     )
     parser.add_argument(
+        "--past-payments",
+        type=int,
+        default=0,
+        help="payments in the store before the run, with ids of the kind the service makes",
+    )
+    parser.add_argument(
         "--broker",
         choices=("kafka", "tansu"),
         default=None,
@@ -682,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         broker=args.broker,
         timeline=args.timeline,
         instances=args.instances,
+        past_payments=args.past_payments,
     )
     print(f"e2e: load before {load()} on {os.cpu_count()} CPUs", flush=True)
     try:

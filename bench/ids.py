@@ -42,6 +42,7 @@ from benchlib import (
     table,
 )
 from event_store import HANDLER_BATCH
+from past_payments import write_past_payments
 
 from payment.adapters.memory import SystemClock
 from payment.adapters.postgres.migrations import migrate
@@ -55,47 +56,6 @@ from payment.domain import ids
 
 MakeId = Callable[[], uuid.UUID]
 KINDS: dict[str, MakeId] = {"v4": uuid.uuid4, "v7": ids.new_id}
-
-# An id of the kind for row i of n, in SQL: v4 random; v7 one millisecond per row, ending
-# `n` ms before now, then random bits (version and variant nibbles set).
-_SQL_ID = {
-    "v4": "gen_random_uuid()",
-    "v7": (
-        "(lpad(to_hex((extract(epoch FROM now()) * 1000)::bigint - {n} + i), 12, '0')"
-        " || '7' || substr(md5(random()::text), 1, 3)"
-        " || to_hex(8 + floor(random() * 4)::int) || substr(md5(random()::text), 1, 15))::uuid"
-    ),
-}
-
-_PREFILL = """
-CREATE TEMP TABLE past AS
-SELECT i, {pid} AS pid, {e1} AS e1, {e2} AS e2, {e3} AS e3,
-       now() - make_interval(secs => ({n} - i) / 1000.0) AS at
-FROM generate_series(1, {n}) AS i;
-
-INSERT INTO payment_payments (payment_id, booking_id, status, created_at, updated_at)
-SELECT pid, 'past-' || i, 'COMPLETED', at, at FROM past;
-
-INSERT INTO payment_events (stream_id, version, event_id, event_type, data, occurred_at)
-SELECT pid, v, e, t, jsonb_build_object(
-         'payment_id', pid, 'booking_id', 'past-' || i, 'amount', 1999, 'currency', 'EUR',
-         'payment_method', 'pm_card_visa', 'idempotency_key', gen_random_uuid(),
-         'provider_reference', 'fake_' || md5(pid::text)), at
-FROM past, LATERAL (VALUES (1, e1, 'PaymentInitiated'), (2, e2, 'ChargeStarted'),
-                           (3, e3, 'PaymentCompleted')) AS ev(v, e, t);
-
-INSERT INTO payment_outbox (event_id, type, key, subject, sequence, time, data,
-                            traceparent, published_at)
-SELECT e, t, pid::text, pid::text, v, at, convert_to(repeat('x', 280), 'UTF8'),
-       '00-' || md5(e::text) || '-' || substr(md5(pid::text), 1, 16) || '-01', at
-FROM past, LATERAL (VALUES (1, e1, 'payment.initiated'), (3, e3, 'payment.completed'))
-     AS ob(v, e, t);
-
-INSERT INTO payment_inbox (source, message_id, received_at)
-SELECT 'bench-orchestrator', gen_random_uuid()::text, at FROM past
-UNION ALL
-SELECT 'payment-service', e1::text, at FROM past;
-"""
 
 
 @dataclass(frozen=True)
@@ -192,15 +152,7 @@ def measure(kind: str, payments: int, tasks: int, seconds: float) -> list[str]:
     make = KINDS[kind]
     with scratch_database(server, f"bench_ids_{kind}") as (db, url):
         asyncio.run(migrate(url))
-        started = time.perf_counter()
-        with psycopg.connect(url, autocommit=True) as conn:
-            id_sql = {name: _SQL_ID[kind].format(n=payments) for name in ("pid", "e1", "e2", "e3")}
-            for statement in _PREFILL.format(n=payments, **id_sql).split(";\n"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("VACUUM ANALYZE")
-            conn.execute("CHECKPOINT")
-        prefill_s = time.perf_counter() - started
+        prefill_s = write_past_payments(url, kind, payments)
         numbers = itertools.count()  # booking numbers, unique across both runs
         with ids_of_kind(make):
             asyncio.run(_payments(url, server, db, make, tasks, 1.0, numbers))  # warm-up
