@@ -597,7 +597,10 @@ def run(plan: Plan) -> list[StepResult]:
             if plan.past_payments:
                 kind = service_id_kind()
                 took = write_past_payments(url, kind, plan.past_payments, f"bench-e2e-{run_id}")
-                print(f"e2e: {plan.past_payments:,} past payments ({kind} ids) in {took:.0f} s")
+                print(
+                    f"e2e: {plan.past_payments:,} past payments ({kind} ids) in {took:.0f} s",
+                    flush=True,
+                )
             for service in services:
                 ready = service.start()
                 print(f"e2e: service ready after {ready:.1f} s ({service.log.name})", flush=True)
