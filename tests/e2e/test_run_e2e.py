@@ -620,3 +620,24 @@ async def test_sigterm_drains_and_a_restart_loses_nothing(
         assert len(terminal) == 1, orch.events.summary(booking)
         assert next(iter(terminal.values())).kind == "completed"
     print(f"{drained}/{len(bookings)} outcomes published before the restart")
+
+
+# -- a native crash ----------------------------------------------------------------------
+
+
+async def test_a_native_crash_leaves_the_python_stacks_in_the_log(
+    make_stack: StackFactory,
+) -> None:
+    """A fault in a C extension kills the process before any logging runs; the log still
+    says where each thread was, so the crash can be placed (runtime/crash_reports.py)."""
+    stack = await make_stack()
+    service = stack.service
+    service.send_signal(signal.SIGSEGV)
+    code = await service.wait_exit(30)
+    log = service.log_text(current_start_only=True)
+    assert code == -signal.SIGSEGV, service.log_tail()
+    assert "Fatal Python error: Segmentation fault" in log, service.log_tail()
+    # The main thread was in the event loop, and the dump names its frames.
+    assert re.search(r'File ".*asyncio/base_events\.py", line \d+ in run_forever', log), (
+        service.log_tail()
+    )

@@ -25,6 +25,7 @@ def command(settings: Settings, args: argparse.Namespace) -> int:
 
 def run(settings: Settings) -> int:
     from payment.application import failpoints
+    from payment.runtime.crash_reports import report_native_crashes
     from payment.runtime.garbage_collection import settle_start_up_objects
     from payment.service import Service, configure_logging, run_until_signalled
 
@@ -33,6 +34,7 @@ def run(settings: Settings) -> int:
         armed = failpoints.arm_from_environment()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    report_native_crashes()
     configure_logging(settings)
     if armed:
         logging.getLogger("payment").warning("failpoints armed: %s", ", ".join(armed))
