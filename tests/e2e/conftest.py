@@ -75,16 +75,24 @@ def module_database_url(postgres_server_url: str) -> Iterator[str]:
         yield url
 
 
+# The stacks a test made through `make_stack`, for its report if it fails.
+_MADE_STACKS = pytest.StashKey[list[ServiceStack]]()
+
+
 @pytest_asyncio.fixture
 async def make_stack(
-    kafka_bootstrap: str, make_database: Callable[..., str], e2e_log_dir: Path
+    request: pytest.FixtureRequest,
+    kafka_bootstrap: str,
+    make_database: Callable[..., str],
+    e2e_log_dir: Path,
 ) -> AsyncIterator[StackFactory]:
     """Factory of test-owned stacks (`await make_stack(PAYMENT_FAKE_MODE="fail")`), each on
     its own fresh database and topics, torn down after the test."""
+    made = request.node.stash.setdefault(_MADE_STACKS, [])
     async with AsyncExitStack() as stacks:
 
         async def make(*, instances: int = 1, **overrides: str) -> ServiceStack:
-            return await stacks.enter_async_context(
+            stack = await stacks.enter_async_context(
                 open_stack(
                     bootstrap=kafka_bootstrap,
                     database_url=make_database(prefix="payment_e2e"),
@@ -93,12 +101,16 @@ async def make_stack(
                     **overrides,
                 )
             )
+            made.append(stack)
+            return stack
 
         yield make
 
 
 def _services_of(item: pytest.Item) -> list[ServiceProcess]:
     found: list[ServiceProcess] = []
+    for stack in item.stash.get(_MADE_STACKS, []):
+        found += stack.services
     for value in getattr(item, "funcargs", {}).values():
         candidates: list[Any] = [value]
         if isinstance(value, ServiceStack):
