@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -13,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka.errors import KafkaConnectionError
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -22,6 +24,9 @@ from payment.adapters.kafka.key_backoff import KeyBackoff
 from payment.adapters.kafka.relay import KafkaOutboxRelay
 from payment.adapters.kafka.topics import Topics
 from payment.adapters.memory import MemoryUnitOfWork, MemoryUnitOfWorkFactory
+from payment.adapters.observability.log_budget import LogBudget
+from payment.adapters.observability.telemetry import PropagatingTracer
+from payment.application.commands import TraceHeaders
 from payment.application.messages import OutboundMessage, OutboundType
 from support.record_senders import FakeRecordQueue, Outgoing
 from support.waiting import eventually
@@ -654,3 +659,74 @@ async def test_a_failing_key_whose_rows_are_gone_is_forgotten() -> None:
     assert await r.publish_pending() == (0, 0)
     assert len(r._keys) == 0
     await r.flush(grace_period=1.0)  # returns at once: nothing pending, nothing failing
+
+
+# -- spans when nothing records them ---------------------------------------------------
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+class CountingTracer(PropagatingTracer):
+    """The tracer of a service without an exporter, counting the spans it makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        self.started += 1
+        return super().start_span(*args, **kwargs)
+
+
+class PublishedLines(logging.Handler):
+    """The relay's "published" lines, with the trace id in force when each was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("published"):
+            trace_id = trace.get_current_span().get_span_context().trace_id
+            self.lines.append((record.getMessage(), f"{trace_id:032x}"))
+
+
+async def test_when_nothing_records_spans_a_row_gets_one_only_for_its_published_line() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    traced = msgspec.structs.replace(
+        message("a", 1), trace=TraceHeaders(traceparent=f"00-{TRACE_ID}-00f067aa0ba902b7-01")
+    )
+    await add(uows, traced, message("b", 1), message("c", 1))
+    tracer = CountingTracer()
+    one_line = LogBudget(per_second=1, clock=lambda: 0.0)  # the first line, then none
+    lines = PublishedLines()
+    relay_log = logging.getLogger("payment.adapters.kafka.relay")
+    level = relay_log.level
+    relay_log.addHandler(lines)
+    relay_log.setLevel(logging.INFO)
+    try:
+        r = relay(FakeSender(), uows, tracer=tracer, log_budget=one_line)
+        assert await r.publish_pending() == (3, 0)
+    finally:
+        relay_log.removeHandler(lines)
+        relay_log.setLevel(level)
+
+    assert unpublished(uows) == []
+    # The one line written is in the trace stored with its row; the rows without a line
+    # made no span at all (with a span per row this would be 3).
+    assert lines.lines == [("published payment.initiated", TRACE_ID)]
+    assert tracer.started == 1
+
+
+async def test_a_tracer_that_records_gets_a_span_per_row_whether_or_not_it_is_logged() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1), message("c", 1))
+    no_lines = LogBudget(per_second=1, clock=lambda: 0.0)
+    no_lines.allow("used up")
+    r = relay(FakeSender(), uows, tracer=provider.get_tracer("test"), log_budget=no_lines)
+
+    assert await r.publish_pending() == (3, 0)
+    assert len(exporter.get_finished_spans()) == 3

@@ -29,6 +29,7 @@ from payment.adapters.observability.telemetry import (
     configure_tracing,
     context_from_trace,
     current_trace_headers,
+    records_spans,
     span_exporters,
     trace_headers_of_record,
 )
@@ -173,6 +174,14 @@ def test_without_an_exporter_spans_record_nothing_and_carry_the_trace_on() -> No
     first, second = (r.get_span_context() for r in roots)
     assert first.is_valid and first.trace_flags.sampled
     assert first.trace_id != second.trace_id
+
+
+def test_only_the_tracers_that_never_record_are_said_not_to() -> None:
+    assert not records_spans(PropagatingTracerProvider().get_tracer("payment"))
+    assert not records_spans(trace.NoOpTracer())
+    assert records_spans(TracerProvider().get_tracer("payment"))
+    # The API's proxy may become a recording tracer once a provider is set.
+    assert records_spans(trace.get_tracer("payment"))
 
 
 # -- W3C helpers ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.span_attributes import send_attributes, send_span_name
 from payment.adapters.observability.span_values import untrusted_attribute
-from payment.adapters.observability.telemetry import context_from_trace
+from payment.adapters.observability.telemetry import context_from_trace, records_spans
 from payment.application import failpoints
 from payment.application.ports import OutboxRecord, RecordQueue
 
@@ -50,6 +50,10 @@ class RowSender:
         self._source = source
         self._ack_timeout = ack_timeout
         self._tracer = tracer
+        # A row's PRODUCER span times its send for an exporter; its record carries the
+        # trace context stored with the row, not the span's. When nothing records spans,
+        # a row gets one only for its "published" log line (the line's trace ids).
+        self._spans_recorded = records_spans(tracer)
         self._budget = log_budget
         # Keys whose row a topic refused as too large: the producer batches a partition's
         # records together, so such a row fails every row batched with it. These are sent
@@ -76,12 +80,13 @@ class RowSender:
     ) -> list[bool]:
         """Send rows at once; which of them were acknowledged.
 
-        Every row is queued with the producer first (one PRODUCER span each, ended at its
-        acknowledgement; the rows of a partition in one batch, `partition_batches`), then
+        Every row is queued with the producer first (one PRODUCER span each when spans are
+        recorded, ended at its acknowledgement; the rows of a partition in one batch,
+        `partition_batches`), then
         the acknowledgements are awaited together, within `ack_timeout`: no task or timer
         per row.
         """
-        started: list[tuple[OutboxRecord, Span, EncodedRecord] | None] = []
+        started: list[tuple[OutboxRecord, Span | None, EncodedRecord] | None] = []
         for row in rows:
             message = row.message
             try:
@@ -94,15 +99,7 @@ class RowSender:
                 log.exception("outbox relay: cannot encode row %d (%s)", row.position, message.type)
                 started.append(None)
                 continue
-            span = self._tracer.start_span(
-                send_span_name(record.topic),
-                context=context_from_trace(message.trace),
-                kind=SpanKind.PRODUCER,
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-            if span.is_recording():
-                span.set_attributes(_send_span_attributes(row, record.topic))
+            span = self._send_span(row, record.topic) if self._spans_recorded else None
             failpoints.hit("before_publish")
             started.append((row, span, record))
         # One batch per partition (partition_batches.py); a row alone goes by itself.
@@ -117,9 +114,10 @@ class RowSender:
         )
         acks_in_order = iter(queued)
         sending = [
-            None if item is None else (item[0], item[1], next(acks_in_order)) for item in started
+            None if item is None else (item[0], item[1], item[2].topic, next(acks_in_order))
+            for item in started
         ]
-        acks = [item[2] for item in sending if item is not None]
+        acks = [item[3] for item in sending if item is not None]
         if acks:
             await asyncio.wait(acks, timeout=max(0.0, deadline - loop.time()))
         results: list[bool] = []
@@ -127,7 +125,7 @@ class RowSender:
             if item is None:
                 results.append(False)
                 continue
-            row, span, ack = item
+            row, span, topic, ack = item
             error: BaseException | None
             if not ack.done():
                 ack.cancel()
@@ -136,11 +134,30 @@ class RowSender:
                 error = None if ack.cancelled() else ack.exception()
                 if ack.cancelled():
                     error = TimeoutError()
-            results.append(self._acknowledged(row, span, error, alone=alone))
+            results.append(self._acknowledged(row, span, topic, error, alone=alone))
         return results
 
+    def _send_span(self, row: OutboxRecord, topic: str) -> Span:
+        """The row's PRODUCER span, a child of the trace context stored with it."""
+        span = self._tracer.start_span(
+            send_span_name(topic),
+            context=context_from_trace(row.message.trace),
+            kind=SpanKind.PRODUCER,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        if span.is_recording():
+            span.set_attributes(_send_span_attributes(row, topic))
+        return span
+
     def _acknowledged(
-        self, row: OutboxRecord, span: Span, error: BaseException | None, *, alone: bool
+        self,
+        row: OutboxRecord,
+        span: Span | None,
+        topic: str,
+        error: BaseException | None,
+        *,
+        alone: bool,
     ) -> bool:
         """End the row's span and log its fate; True if the broker acknowledged it."""
         message = row.message
@@ -149,7 +166,8 @@ class RowSender:
                 # Whatever the error, only this row's key is held back: the rows of the
                 # round that were acknowledged are still marked, and every span ends.
                 self.failures += 1
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                if span is not None:
+                    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
                 if isinstance(error, _TOO_LARGE) and not alone:
                     # Maybe only batched with a row that is: it will be sent alone.
                     self._alone.add(message.key)
@@ -188,6 +206,8 @@ class RowSender:
                 return False
             self._alone.discard(message.key)
             if self._budget.allow(f"published {message.type}"):
+                if span is None:  # nothing records it: made for the line's trace ids
+                    span = self._send_span(row, topic)
                 with trace.use_span(span, end_on_exit=False):
                     log.info(
                         "published %s",
@@ -202,7 +222,8 @@ class RowSender:
                         },
                     )
         finally:
-            span.end()
+            if span is not None:
+                span.end()
         failpoints.hit("after_publish")
         return True
 

@@ -214,6 +214,13 @@ def tracer_provider_resource() -> Iterator[trace.TracerProvider | None]:
             provider.shutdown()
 
 
+def records_spans(tracer: Tracer) -> bool:
+    """False for the tracers whose spans are never recorded (`PropagatingTracer`, the API's
+    `NoOpTracer`): their spans only carry ids, so a span nothing else reads need not be
+    made. True for any other tracer (the SDK's may record, whatever its sampler says)."""
+    return not isinstance(tracer, (PropagatingTracer, trace.NoOpTracer))
+
+
 def tracer_of(provider: trace.TracerProvider | None) -> Tracer:
     """The service's tracer from `provider`, or one that records nothing."""
     if provider is None:
