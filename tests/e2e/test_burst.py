@@ -115,7 +115,7 @@ async def test_a_burst_of_requests_is_worked_off_with_bounded_memory(
                 ready = (await client.get("/health/ready")).status_code
             except httpx.TransportError:
                 ready = 0
-            # A service that died (a signal, say) has no /proc entry to read: say so.
+            # A service that died (by a signal, say) has no memory to read: say so.
             assert service.running, f"the service exited with {service.returncode} in the burst"
             samples.append(
                 (time.monotonic() - started, accepted, completed, ready, _kib(pid, "VmRSS"))

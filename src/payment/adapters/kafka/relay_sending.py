@@ -82,9 +82,8 @@ class RowSender:
 
         Every row is queued with the producer first (one PRODUCER span each when spans are
         recorded, ended at its acknowledgement; the rows of a partition in one batch,
-        `partition_batches`), then
-        the acknowledgements are awaited together, within `ack_timeout`: no task or timer
-        per row.
+        `partition_batches`), then the acknowledgements are awaited together, within
+        `ack_timeout`: no task or timer per row.
         """
         started: list[tuple[OutboxRecord, Span | None, EncodedRecord] | None] = []
         for row in rows:
