@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 
 from payment.adapters.kafka import relay as relay_module
 from payment.adapters.kafka.key_backoff import KeyBackoff
@@ -180,10 +181,16 @@ async def test_a_failed_send_holds_back_the_rest_of_its_key_only() -> None:
     assert r.published == 5
 
 
-async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> None:
+def recording_tracer() -> tuple[Tracer, InMemorySpanExporter]:
+    """An SDK tracer whose ended spans land in the exporter returned with it."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> None:
+    tracer, exporter = recording_tracer()
     uows = MemoryUnitOfWorkFactory()
     await add(uows, message("a", 1), message("b", 1), message("c", 1))
     await add(uows, message("a", 2), message("b", 2), message("c", 2))
@@ -196,9 +203,7 @@ async def test_an_error_that_is_not_the_brokers_holds_back_its_key_only() -> Non
         refuses=lambda key, seq: ValueError("cannot queue") if (key, seq) in raising else None,
     )
     keys_clock = KeyClock()
-    r = relay(
-        sender, uows, tracer=provider.get_tracer("test"), key_backoff=stepped_backoff(keys_clock)
-    )
+    r = relay(sender, uows, tracer=tracer, key_backoff=stepped_backoff(keys_clock))
 
     # No exception escapes the pass: what was acknowledged is marked, not sent again later.
     assert await r.publish_pending() == (6, 3)
@@ -719,14 +724,12 @@ async def test_when_nothing_records_spans_a_row_gets_one_only_for_its_published_
 
 
 async def test_a_tracer_that_records_gets_a_span_per_row_whether_or_not_it_is_logged() -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer, exporter = recording_tracer()
     uows = MemoryUnitOfWorkFactory()
     await add(uows, message("a", 1), message("b", 1), message("c", 1))
     no_lines = LogBudget(per_second=1, clock=lambda: 0.0)
     no_lines.allow("used up")
-    r = relay(FakeSender(), uows, tracer=provider.get_tracer("test"), log_budget=no_lines)
+    r = relay(FakeSender(), uows, tracer=tracer, log_budget=no_lines)
 
     assert await r.publish_pending() == (3, 0)
     assert len(exporter.get_finished_spans()) == 3
