@@ -10,6 +10,8 @@ shared. The order goes A B B A A B …: a machine that drifts over the series we
 both sides alike. Single runs on the 2-core machine spread wider than most changes
 (docs/performance.md), so what to read is the medians and how many pairs agree.
 Extra arguments after `--` go to every e2e.py run (say `-- --latency-ms 300`).
+`--outputs DIR` keeps each run's whole e2e.py output (`DIR/01-A.txt`, …): the tables of
+`--timeline` and `--task-cpu`, which the summary does not compare.
 """
 
 from __future__ import annotations
@@ -97,8 +99,17 @@ def tree(revision: str | None) -> Iterator[Path]:
             subprocess.run([*git, "remove", "--force", str(path)], check=False)
 
 
-def run_once(side: Path, e2e_args: Sequence[str]) -> tuple[str, dict[str, float]]:
-    """One e2e.py run with `side`'s code: its table row, and the measures in it."""
+def keep_output(directory: Path, turn: int, side: str, output: str) -> Path:
+    """Write one run's whole e2e.py output into `directory`, named by its turn and side."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{turn:02d}-{side}.txt"
+    path.write_text(output)
+    return path
+
+
+def run_once(side: Path, e2e_args: Sequence[str]) -> tuple[str, dict[str, float], str]:
+    """One e2e.py run with `side`'s code: its table row, the measures in it, and its
+    whole output."""
     env = {**os.environ, "PYTHONPATH": str(side / "src")}
     command = [sys.executable, str(HERE / "e2e.py"), *e2e_args]
     with subprocess.Popen(
@@ -117,7 +128,7 @@ def run_once(side: Path, e2e_args: Sequence[str]) -> tuple[str, dict[str, float]
     if child.returncode != 0:
         raise SystemExit(f"ab: e2e.py failed ({child.returncode}):\n{stderr[-2000:]}")
     row = next(line for line in stdout.splitlines() if line.startswith("| rate-"))
-    return row, parse_row(stdout)
+    return row, parse_row(stdout), stdout
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -131,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=3, help="runs of each side")
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--outputs", type=Path, help="keep each run's whole output in DIR")
     parser.add_argument("e2e_args", nargs="*", help="after --: more e2e.py arguments")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -138,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with tree(args.old) as a, tree(args.new) as b:
         print(f"ab: A = {args.old} ({a}), B = {args.new or 'this checkout'} ({b})", flush=True)
-        for side in order(args.pairs):
-            row, measures = run_once(a if side == "A" else b, e2e_args)
+        for turn, side in enumerate(order(args.pairs), start=1):
+            row, measures, output = run_once(a if side == "A" else b, e2e_args)
             runs[side].append(measures)
             print(f"{side} {row}", flush=True)
+            if args.outputs is not None:
+                print(f"  (kept in {keep_output(args.outputs, turn, side, output)})", flush=True)
     print()
     print(summary(runs["A"], runs["B"]))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from support.bench_scripts import load_bench_script
 
 ab = load_bench_script("ab")
@@ -53,3 +55,13 @@ def test_the_summary_gives_medians_their_ratio_and_the_pairs_that_agree() -> Non
     assert p50 == ["p50", "60.00", "45.00", "0.75", "2/3"]
     rate = [cell.strip() for cell in lines["payments/s"].strip("|").split("|")]
     assert rate[-1] == "3/3"  # more payments/s is better
+
+
+def test_a_kept_output_holds_the_tables_the_summary_passes_over(tmp_path: Path) -> None:
+    tasks = ab.table([["relay passes", "0.072"]], ["task", "ms/payment"])
+    output = tasks + "\n" + e2e_output(p50=42, p99=96, cpu=0.66)
+    first = ab.keep_output(tmp_path / "runs", 1, "A", output)
+    second = ab.keep_output(tmp_path / "runs", 2, "B", output)
+    assert (first.name, second.name) == ("01-A.txt", "02-B.txt")
+    assert "| relay passes | 0.072" in first.read_text()
+    assert first.read_text() == output
