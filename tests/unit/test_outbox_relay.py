@@ -733,3 +733,19 @@ async def test_a_tracer_that_records_gets_a_span_per_row_whether_or_not_it_is_lo
 
     assert await r.publish_pending() == (3, 0)
     assert len(exporter.get_finished_spans()) == 3
+
+
+async def test_when_nothing_records_spans_a_failed_send_still_holds_back_only_its_key() -> None:
+    uows = MemoryUnitOfWorkFactory()
+    await add(uows, message("a", 1), message("b", 1), message("a", 2))
+    tracer = CountingTracer()
+    sender = FakeSender(fails=lambda key, seq: key == "a")
+    r = relay(sender, uows, tracer=tracer)
+
+    # Row a/1 fails without a span to mark; b/1 goes out, a/2 stays behind a/1.
+    assert await r.publish_pending() == (3, 2)
+    assert [(s.key, s.sequence) for s in sender.sent] == [("b", 1)]
+    assert unpublished(uows) == [1, 3]
+    assert r.send_failures == 1
+    # The one line written ("published" for b/1, the default budget) is the only span.
+    assert tracer.started == 1
