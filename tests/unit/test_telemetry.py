@@ -29,8 +29,11 @@ from payment.adapters.observability.telemetry import (
     configure_tracing,
     context_from_trace,
     current_trace_headers,
+    W3C,
     records_spans,
     span_exporters,
+    start_span_continuing,
+    trace_headers_of,
     trace_headers_of_record,
 )
 from payment.adapters.processors.fake import FakeProcessor
@@ -201,6 +204,82 @@ def test_a_span_continues_a_valid_traceparent_and_starts_a_trace_otherwise(trace
         ) as span:
             assert f"{span.get_span_context().trace_id:032x}" != TRACE_ID
     assert current_trace_headers() is None
+
+
+SENT_HEADERS = [
+    TraceHeaders(traceparent=TRACEPARENT),
+    TraceHeaders(traceparent=TRACEPARENT[:-2] + "00"),  # not sampled
+    TraceHeaders(traceparent=TRACEPARENT, tracestate="vendor=1,other=x"),
+]
+
+
+@pytest.mark.parametrize("sent", SENT_HEADERS)
+def test_a_continuing_span_without_an_exporter_is_what_the_tracer_would_start(
+    sent: TraceHeaders,
+) -> None:
+    tracer = PropagatingTracerProvider().get_tracer("payment")
+    fast = start_span_continuing(tracer, "process", sent, kind=SpanKind.CONSUMER)
+    slow = tracer.start_span("process", context=context_from_trace(sent))
+    made, expected = fast.get_span_context(), slow.get_span_context()
+    assert not fast.is_recording()
+    assert (made.trace_id, made.trace_flags, made.trace_state, made.is_remote) == (
+        expected.trace_id,
+        expected.trace_flags,
+        expected.trace_state,
+        expected.is_remote,
+    )
+    assert f"{made.trace_id:032x}" == TRACE_ID
+    assert made.span_id not in (0, 0x00F067AA0BA902B7, expected.span_id)  # its own
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        None,
+        TraceHeaders(),
+        TraceHeaders(traceparent="garbage"),
+        TraceHeaders(traceparent=f"00-{'0' * 32}-00f067aa0ba902b7-01"),
+    ],
+)
+def test_a_continuing_span_without_a_valid_parent_starts_a_sampled_trace(
+    sent: TraceHeaders | None,
+) -> None:
+    tracer = PropagatingTracerProvider().get_tracer("payment")
+    made = start_span_continuing(tracer, "process", sent, kind=SpanKind.CONSUMER)
+    other = start_span_continuing(tracer, "process", sent, kind=SpanKind.CONSUMER)
+    context = made.get_span_context()
+    assert context.is_valid and context.trace_flags.sampled
+    assert context.trace_id != other.get_span_context().trace_id
+
+
+def test_a_continuing_span_of_a_recording_tracer_is_its_child_and_records(
+    tracer: Tracer, exporter: InMemorySpanExporter
+) -> None:
+    span = start_span_continuing(tracer, "process", SENT_HEADERS[2], kind=SpanKind.CONSUMER)
+    assert span.is_recording()
+    span.end()
+    (finished,) = exporter.get_finished_spans()
+    assert finished.kind is SpanKind.CONSUMER and trace_id_of(finished) == TRACE_ID
+    assert finished.parent is not None and finished.parent.span_id == 0x00F067AA0BA902B7
+    assert finished.context is not None
+    assert finished.context.trace_state.to_header() == "vendor=1,other=x"
+    off = start_span_continuing(
+        trace.NoOpTracer(), "process", SENT_HEADERS[0], kind=SpanKind.CONSUMER
+    )
+    # Tracing off: no span of its own; the sender's context passes as it came.
+    assert trace_headers_of(off) == SENT_HEADERS[0]
+
+
+@pytest.mark.parametrize("sent", SENT_HEADERS)
+def test_a_spans_headers_are_what_the_w3c_propagator_writes(sent: TraceHeaders) -> None:
+    tracer = PropagatingTracerProvider().get_tracer("payment")
+    span = tracer.start_span("process", context=context_from_trace(sent))
+    carrier: dict[str, str] = {}
+    W3C.inject(carrier, context=trace.set_span_in_context(span))
+    assert trace_headers_of(span) == TraceHeaders(
+        traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
+    )
+    assert trace_headers_of(trace.INVALID_SPAN) is None
 
 
 def test_record_trace_headers_are_read_leniently() -> None:

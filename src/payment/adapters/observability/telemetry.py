@@ -179,6 +179,21 @@ class PropagatingTracer(Tracer):
             )
         return trace.NonRecordingSpan(own)
 
+    def continuing(self, headers: TraceHeaders | None) -> trace.Span:
+        """`start_span` continuing `headers`, without building the parent's context for
+        the usual `traceparent` (telemetry's `start_span_continuing`)."""
+        plain = _plain_parent(headers)
+        if plain is None:
+            return self.start_span("", context_from_trace(headers))
+        trace_id, _, flags = plain
+        own = trace.SpanContext(
+            trace_id=trace_id,
+            span_id=self._ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(flags),
+        )
+        return trace.NonRecordingSpan(own)
+
     # The API declares its own (private) context-manager type; a generator one behaves alike.
     @contextlib.contextmanager
     def start_as_current_span(  # type: ignore[override]
@@ -239,23 +254,52 @@ def context_from_trace(headers: TraceHeaders | None) -> Context:
     """
     if headers is None or headers.traceparent is None:
         return Context()
-    # The usual case, version 00 without tracestate, without the propagator's per-call
-    # regex lookup (it runs for every consumed message and every published row).
-    match = _PLAIN_TRACEPARENT.fullmatch(headers.traceparent)
-    if match is not None and headers.tracestate is None:
-        trace_id, span_id = int(match[1], 16), int(match[2], 16)
-        if trace_id and span_id:
-            parent = trace.SpanContext(
-                trace_id=trace_id,
-                span_id=span_id,
-                is_remote=True,
-                trace_flags=trace.TraceFlags(int(match[3], 16)),
-            )
-            return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
+    plain = _plain_parent(headers)
+    if plain is not None:
+        trace_id, span_id, flags = plain
+        parent = trace.SpanContext(
+            trace_id=trace_id, span_id=span_id, is_remote=True, trace_flags=trace.TraceFlags(flags)
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
     carrier = {_TRACEPARENT: headers.traceparent}
     if headers.tracestate is not None:
         carrier[_TRACESTATE] = headers.tracestate
     return W3C.extract(carrier, context=Context())
+
+
+def _plain_parent(headers: TraceHeaders | None) -> tuple[int, int, int] | None:
+    """(trace id, span id, flags) of the usual case, a valid version 00 `traceparent`
+    without `tracestate`, read without the propagator's per-call regex lookup (it runs
+    for every consumed message); None for anything else (the propagator decides)."""
+    if headers is None or headers.traceparent is None or headers.tracestate is not None:
+        return None
+    match = _PLAIN_TRACEPARENT.fullmatch(headers.traceparent)
+    if match is None:
+        return None
+    trace_id, span_id = int(match[1], 16), int(match[2], 16)
+    if not (trace_id and span_id):
+        return None
+    return trace_id, span_id, int(match[3], 16)
+
+
+def start_span_continuing(
+    tracer: Tracer, name: str, headers: TraceHeaders | None, *, kind: trace.SpanKind
+) -> trace.Span:
+    """A span continuing the trace of a message's `headers` (not made current): what
+    `tracer.start_span(name, context_from_trace(headers), kind=kind)` gives.
+
+    Exceptions are neither recorded nor turned into a status by the span: its caller
+    says what failed. A `PropagatingTracer` makes it without the context in between.
+    """
+    if type(tracer) is PropagatingTracer:
+        return tracer.continuing(headers)
+    return tracer.start_span(
+        name,
+        context=context_from_trace(headers),
+        kind=kind,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
 
 
 def trace_headers_of_record(headers: Iterable[tuple[str, bytes | None]]) -> TraceHeaders:
@@ -282,12 +326,21 @@ def trace_headers_of_record(headers: Iterable[tuple[str, bytes | None]]) -> Trac
 
 def current_trace_headers() -> TraceHeaders | None:
     """W3C headers of the span in force, or None if there is none (no valid context)."""
-    carrier: dict[str, str] = {}
-    W3C.inject(carrier)
-    traceparent = carrier.get(_TRACEPARENT)
-    if traceparent is None:
+    return trace_headers_of(trace.get_current_span())
+
+
+def trace_headers_of(span: trace.Span) -> TraceHeaders | None:
+    """W3C headers naming `span` as the parent, or None for a span with no valid context.
+
+    Formatted as the W3C propagator's `inject` formats them, without a context to carry
+    them there: this runs once for every consumed message.
+    """
+    context = span.get_span_context()
+    if not context.is_valid:
         return None
-    return TraceHeaders(traceparent=traceparent, tracestate=carrier.get(_TRACESTATE) or None)
+    traceparent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    tracestate = context.trace_state.to_header() if context.trace_state else None
+    return TraceHeaders(traceparent=traceparent, tracestate=tracestate or None)
 
 
 def current_ids() -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from payment.adapters.kafka.consumer.routing import (
     Route,
     decode,
     execute_command,
+    received_trace,
     request_command,
     tag_event,
     trace_of,
@@ -71,7 +72,7 @@ class BatchHandler:
             except PoisonMessage:
                 alone.append(record)
                 continue
-            span = self._single.span(record)
+            span = self._single.span(record, received_trace(event))
             tag_event(span, event)
             decoded.append((record, event, span))
         # The batch handlers take records whose body does not decode out of `decoded` and

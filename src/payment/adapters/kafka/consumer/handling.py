@@ -31,8 +31,11 @@ from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.observability.span_attributes import process_attributes, process_span_name
 from payment.adapters.observability.span_values import untrusted_attribute
-from payment.adapters.observability.telemetry import context_from_trace, trace_headers_of_record
-from payment.application.commands import InboundRef, SettleRefunds
+from payment.adapters.observability.telemetry import (
+    start_span_continuing,
+    trace_headers_of_record,
+)
+from payment.application.commands import InboundRef, SettleRefunds, TraceHeaders
 from payment.application.errors import PaymentConflict
 from payment.application.handlers import (
     ExecuteResult,
@@ -96,17 +99,17 @@ class MessageHandler:
     def __init__(self, handlers: Handlers) -> None:
         self.h = handlers
 
-    def span(self, record: ConsumerRecord[bytes, bytes]) -> Span:
+    def span(self, record: ConsumerRecord[bytes, bytes], sent: TraceHeaders | None = None) -> Span:
         """The CONSUMER span of one message, continuing the sender's trace (not made current).
 
-        Its attributes are worked out only if it records (`PropagatingTracer`'s spans do not).
+        `sent` is the sender's trace context when the record's envelope is already decoded
+        (the batch path); otherwise it is read from the record's headers. The span's
+        attributes are worked out only if it records (`PropagatingTracer`'s spans do not).
         """
-        span = self.h.tracer.start_span(
-            process_span_name(record.topic),
-            context=context_from_trace(trace_headers_of_record(record.headers or ())),
-            kind=SpanKind.CONSUMER,
-            record_exception=False,
-            set_status_on_exception=False,
+        if sent is None:
+            sent = trace_headers_of_record(record.headers or ())
+        span = start_span_continuing(
+            self.h.tracer, process_span_name(record.topic), sent, kind=SpanKind.CONSUMER
         )
         if span.is_recording():
             span.set_attributes(

@@ -11,7 +11,6 @@ import uuid
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
-from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from payment.adapters.kafka.cloudevents import (
@@ -24,7 +23,7 @@ from payment.adapters.kafka.cloudevents import (
 )
 from payment.adapters.kafka.consumer.undecodable import UndecodableRecord
 from payment.adapters.observability.span_values import untrusted_attribute
-from payment.adapters.observability.telemetry import W3C
+from payment.adapters.observability.telemetry import trace_headers_of
 from payment.application.commands import (
     ExecutePayment,
     InboundRef,
@@ -128,11 +127,4 @@ def trace_of(span: Span, event: InboundEvent) -> TraceHeaders:
     a batch writes many messages' rows outside any one span, so each carries its own.)
     Without a valid span (tracing off), the sender's context as received.
     """
-    if span.get_span_context().is_valid:
-        carrier: dict[str, str] = {}
-        W3C.inject(carrier, context=trace.set_span_in_context(span))
-        if "traceparent" in carrier:
-            return TraceHeaders(
-                traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate")
-            )
-    return received_trace(event)
+    return trace_headers_of(span) or received_trace(event)
