@@ -25,11 +25,11 @@ from payment.adapters.observability.instrumented import (
 )
 from payment.adapters.observability.metrics import Metrics
 from payment.adapters.observability.telemetry import (
+    W3C,
     PropagatingTracerProvider,
     configure_tracing,
     context_from_trace,
     current_trace_headers,
-    W3C,
     records_spans,
     span_exporters,
     start_span_continuing,
