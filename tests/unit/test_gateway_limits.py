@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 
 import pytest
 
-from payment.adapters.processors.limits import AdaptiveRate, GatewayLimits, LimitedProcessor
+from payment.adapters.processors.limits import (
+    BURST_FROM_RATE,
+    BURST_S,
+    AdaptiveRate,
+    GatewayLimits,
+    LimitedProcessor,
+)
 from payment.domain.money import Money
 from payment.domain.processor import (
     Approved,
@@ -98,6 +105,59 @@ def test_calls_are_spaced_one_over_the_rate_apart() -> None:
     rate = AdaptiveRate(10.0, clock=time)
 
     assert [round(rate.reserve(), 6) for _ in range(4)] == [0.0, 0.1, 0.2, 0.3]
+
+
+def test_at_high_rates_a_batch_goes_at_once_up_to_the_burst_then_is_spaced() -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(10_000.0, clock=time)
+    turn = (1 + BURST_S) / 10_000.0
+
+    delays = [rate.reserve() for _ in range(300)]
+
+    at_once = sum(1 for d in delays if d == 0.0)
+    assert at_once == int(BURST_S / turn) + 1  # 244 calls of a batch without a timer
+    assert delays[at_once] == pytest.approx(at_once * turn - BURST_S)
+    assert delays[-1] - delays[-2] == pytest.approx(turn)
+    # Below BURST_FROM_RATE, plain spacing: one call at once, the next 1 / rate later.
+    slow = AdaptiveRate(BURST_FROM_RATE / 2, clock=time)
+    assert [slow.reserve() for _ in range(2)] == [0.0, pytest.approx(2 / BURST_FROM_RATE)]
+
+
+def _send_times(rate: AdaptiveRate, time: FakeTime, arrivals: list[float]) -> list[float]:
+    """When calls arriving at `arrivals` (ascending) are sent: each takes its turn on arrival."""
+    sent = []
+    for arrival in arrivals:
+        time.now = max(time.now, arrival)
+        sent.append(time.now + rate.reserve())
+    return sorted(sent)
+
+
+def _most_in_a_second(times: list[float]) -> int:
+    """The most calls in any half-open second (less a rounding hair), windows starting at a call."""
+    most, end = 0, 0
+    for start, first in enumerate(times):
+        while end < len(times) and times[end] < first + 1.0 - 1e-9:
+            end += 1
+        most = max(most, end - start)
+    return most
+
+
+@pytest.mark.parametrize("max_rate", [10.0, 500.0, 1_000.0, 2_000.0, 10_000.0])
+def test_no_second_holds_more_calls_than_the_rate_whatever_the_arrivals(max_rate: float) -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(max_rate, clock=time)
+    draw = random.Random(15)
+    arrivals: list[float] = []
+    at = 0.0
+    while len(arrivals) < 6 * max_rate:  # bursts, trickles and pauses, over several seconds
+        at += draw.choice([0.0, 0.0, 0.5 / max_rate, 2 / max_rate, 0.3, 1.2])
+        arrivals += [at] * draw.choice([1, 3, 50, int(max_rate / 4) or 1])
+
+    sent = _send_times(rate, time, arrivals)
+
+    assert _most_in_a_second(sent) <= max_rate
+    # And the rate is used: the calls are not spread over much longer than they must be.
+    assert sent[-1] - sent[0] < len(sent) / max_rate * (1 + BURST_S) + arrivals[-1]
 
 
 def test_a_throttle_pauses_until_retry_after_halves_the_rate_and_recovers_linearly() -> None:
