@@ -120,7 +120,7 @@ class AdaptiveRate:
         rate = self.rate()
         ahead = BURST_S if rate >= BURST_FROM_RATE else 0.0
         at = max(now, self._next_at - ahead, self._paused_until)
-        # `_next_at` is the next call's turn; a call sent ahead of its own does not move it.
+        # The next turn is one after this call's own turn (its send time, unless it went ahead).
         self._next_at = max(self._next_at, at) + (1.0 + ahead) / rate
         return at - now
 
