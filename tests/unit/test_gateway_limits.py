@@ -156,8 +156,6 @@ def test_no_second_holds_more_calls_than_the_rate_whatever_the_arrivals(max_rate
     sent = _send_times(rate, time, arrivals)
 
     assert _most_in_a_second(sent) <= max_rate
-    # And the rate is used: the calls are not spread over much longer than they must be.
-    assert sent[-1] - sent[0] < len(sent) / max_rate * (1 + BURST_S) + arrivals[-1]
 
 
 def test_a_throttle_pauses_until_retry_after_halves_the_rate_and_recovers_linearly() -> None:

@@ -263,11 +263,14 @@ def test_a_continuing_span_of_a_recording_tracer_is_its_child_and_records(
     assert finished.parent is not None and finished.parent.span_id == 0x00F067AA0BA902B7
     assert finished.context is not None
     assert finished.context.trace_state.to_header() == "vendor=1,other=x"
+
+
+def test_with_tracing_off_a_continuing_span_is_the_senders_context() -> None:
     off = start_span_continuing(
         trace.NoOpTracer(), "process", SENT_HEADERS[0], kind=SpanKind.CONSUMER
     )
-    # Tracing off: no span of its own; the sender's context passes as it came.
-    assert trace_headers_of(off) == SENT_HEADERS[0]
+    assert not off.is_recording()
+    assert trace_headers_of(off) == SENT_HEADERS[0]  # no span id of its own
 
 
 @pytest.mark.parametrize("sent", SENT_HEADERS)

@@ -78,9 +78,9 @@ class AdaptiveRate:
     """At most `rate` calls in any second, the rate adapting to the gateway (AIMD).
 
     Below `BURST_FROM_RATE` calls are spaced `1 / rate` apart. From it on a call may go up
-    to `BURST_S` (τ) ahead of its turn, and the turns are `(1 + τ) / rate` apart: the
-    generic cell rate algorithm, whose bound on the calls in a window of `w` seconds,
-    `(w + τ) / ((1 + τ) / rate)`, is `rate` for a second, as with plain spacing.
+    to `BURST_S` (τ) ahead of its turn, and the turns are `(1 + τ) / rate` apart (the
+    generic cell rate algorithm): `rate` turns span `1 + τ` seconds and no call goes more
+    than τ early, so a second still holds at most `rate` calls, as with plain spacing.
     A throttle (the gateway's 429) halves the rate, never below `min_rate`, and pauses
     every call until its `Retry-After` has passed; afterwards the rate grows back by
     `max_rate / recovery_s` each second until it is `max_rate` again. Throttles within
