@@ -123,6 +123,23 @@ def test_at_high_rates_a_batch_goes_at_once_up_to_the_burst_then_is_spaced() -> 
     assert [slow.reserve() for _ in range(2)] == [0.0, pytest.approx(2 / BURST_FROM_RATE)]
 
 
+def test_at_high_rates_a_throttle_still_pauses_every_call_and_widens_the_turns() -> None:
+    time = FakeTime()
+    rate = AdaptiveRate(10_000.0, clock=time)
+    before = [rate.reserve() for _ in range(100)]
+
+    rate.throttled(1.0)
+    after = [rate.reserve() for _ in range(400)]
+
+    assert max(before) < BURST_S
+    assert min(after) >= 1.0  # nothing goes before Retry-After has passed
+    assert rate.rate() == 5_000.0
+    turn = (1 + BURST_S) / 5_000.0  # the halved rate's turns
+    assert after[-1] - after[-2] == pytest.approx(turn)
+    # When the pause ends, what the halved rate allows at once goes at once.
+    assert sum(1 for d in after if d == 1.0) == int(BURST_S / turn) + 1
+
+
 def _send_times(rate: AdaptiveRate, time: FakeTime, arrivals: list[float]) -> list[float]:
     """When calls arriving at `arrivals` (ascending) are sent: each takes its turn on arrival."""
     sent = []
