@@ -22,7 +22,7 @@ from payment.adapters.kafka.topics import Topics
 from payment.adapters.observability.log_budget import LogBudget
 from payment.adapters.observability.span_attributes import send_attributes, send_span_name
 from payment.adapters.observability.span_values import untrusted_attribute
-from payment.adapters.observability.telemetry import context_from_trace, records_spans
+from payment.adapters.observability.telemetry import records_spans, start_span_continuing
 from payment.application import failpoints
 from payment.application.ports import OutboxRecord, RecordQueue
 
@@ -138,12 +138,8 @@ class RowSender:
 
     def _send_span(self, row: OutboxRecord, topic: str) -> Span:
         """The row's PRODUCER span, a child of the trace context stored with it."""
-        span = self._tracer.start_span(
-            send_span_name(topic),
-            context=context_from_trace(row.message.trace),
-            kind=SpanKind.PRODUCER,
-            record_exception=False,
-            set_status_on_exception=False,
+        span = start_span_continuing(
+            self._tracer, send_span_name(topic), row.message.trace, kind=SpanKind.PRODUCER
         )
         if span.is_recording():
             span.set_attributes(_send_span_attributes(row, topic))

@@ -163,21 +163,10 @@ class PropagatingTracer(Tracer):
     ) -> trace.Span:
         parent = trace.get_current_span(context).get_span_context()
         if parent.is_valid:
-            own = trace.SpanContext(
-                trace_id=parent.trace_id,
-                span_id=self._ids.generate_span_id(),
-                is_remote=False,
-                trace_flags=parent.trace_flags,
-                trace_state=parent.trace_state,
-            )
-        else:
-            own = trace.SpanContext(
-                trace_id=self._ids.generate_trace_id(),
-                span_id=self._ids.generate_span_id(),
-                is_remote=False,
-                trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
-            )
-        return trace.NonRecordingSpan(own)
+            return self._child(parent.trace_id, parent.trace_flags, parent.trace_state)
+        return self._child(
+            self._ids.generate_trace_id(), trace.TraceFlags(trace.TraceFlags.SAMPLED)
+        )
 
     def continuing(self, headers: TraceHeaders | None) -> trace.Span:
         """`start_span` continuing `headers`, without building the parent's context for
@@ -186,11 +175,21 @@ class PropagatingTracer(Tracer):
         if plain is None:
             return self.start_span("", context_from_trace(headers))
         trace_id, _, flags = plain
+        return self._child(trace_id, trace.TraceFlags(flags))
+
+    def _child(
+        self,
+        trace_id: int,
+        flags: trace.TraceFlags,
+        state: trace.TraceState = trace.DEFAULT_TRACE_STATE,
+    ) -> trace.Span:
+        """A span of the trace `trace_id` with a span id of its own."""
         own = trace.SpanContext(
             trace_id=trace_id,
             span_id=self._ids.generate_span_id(),
             is_remote=False,
-            trace_flags=trace.TraceFlags(flags),
+            trace_flags=flags,
+            trace_state=state,
         )
         return trace.NonRecordingSpan(own)
 
@@ -285,8 +284,9 @@ def _plain_parent(headers: TraceHeaders | None) -> tuple[int, int, int] | None:
 def start_span_continuing(
     tracer: Tracer, name: str, headers: TraceHeaders | None, *, kind: trace.SpanKind
 ) -> trace.Span:
-    """A span continuing the trace of a message's `headers` (not made current): what
-    `tracer.start_span(name, context_from_trace(headers), kind=kind)` gives.
+    """A span continuing the trace of `headers` (a consumed message's, or those stored
+    with an outbox row), not made current: what `tracer.start_span(name,
+    context_from_trace(headers), kind=kind)` gives.
 
     Exceptions are neither recorded nor turned into a status by the span: its caller
     says what failed. A `PropagatingTracer` makes it without the context in between.
