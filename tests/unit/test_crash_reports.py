@@ -79,3 +79,28 @@ def test_a_standard_error_without_a_file_descriptor_is_no_error() -> None:
 
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout == "False False\n"
+
+
+def test_dev_runs_the_service_with_the_stacks_reported_too() -> None:
+    # `dev` runs the service in its own process (embedded PostgreSQL and broker beside
+    # it); a fault there, here stood in by run_dev, must leave the stacks as under `run`.
+    crashed = _python(
+        textwrap.dedent(
+            """
+            import argparse, os, signal
+            import payment.devtools.devmode as devmode
+            from payment.cli.running import command
+            from payment.settings import Settings
+
+            def serving_in_dev_when_the_fault_comes(settings, **options):
+                os.kill(os.getpid(), signal.SIGSEGV)
+
+            devmode.run_dev = serving_in_dev_when_the_fault_comes
+            args = argparse.Namespace(command="dev", fresh=False, demo=0, broker="tansu")
+            command(Settings(), args)
+            """
+        )
+    )
+
+    assert crashed.returncode == -signal.SIGSEGV
+    assert "in serving_in_dev_when_the_fault_comes" in crashed.stderr

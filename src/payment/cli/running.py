@@ -18,7 +18,9 @@ def command(settings: Settings, args: argparse.Namespace) -> int:
         return run(settings)
     if args.command == "dev":
         from payment.devtools.devmode import run_dev
+        from payment.runtime.crash_reports import report_native_crashes
 
+        report_native_crashes()  # the service runs in this process, as under `run`
         return run_dev(settings, fresh=args.fresh, demo=args.demo, broker=args.broker)
     return asyncio.run(demo(settings, args.count, args.timeout))
 
