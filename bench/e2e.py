@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
@@ -30,11 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
-
-import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +55,7 @@ from benchlib import (
     table,
     tail,
 )
+from orchestrator import Orchestrator
 from past_payments import write_past_payments
 from timeline import stages
 
@@ -68,14 +64,6 @@ from payment.adapters.kafka.topics import Topics
 P99_LIMIT_MS = 250.0
 WARMUP_S = 30.0  # unmeasured seconds at the first step's rate (see Plan.warmup_s)
 DEFAULT_STEPS = (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000)
-
-
-class _Outcome(msgspec.Struct):
-    booking_id: str
-
-
-_decode_outcome = msgspec.json.Decoder(_Outcome).decode
-_encode = msgspec.json.Encoder().encode
 
 
 @dataclass
@@ -163,142 +151,6 @@ HEADER = [
     "steal s",
     "load 1/5/15",
 ]
-
-
-class Orchestrator:
-    """Sends requests on a schedule and matches the outcome events to them."""
-
-    def __init__(self, bootstrap: str, topics: Topics, run_id: str, fetch_wait_ms: int) -> None:
-        self._bootstrap = bootstrap
-        self._fetch_wait_ms = fetch_wait_ms
-        self._topics = topics
-        self._run_id = run_id
-        self._source = f"bench-e2e-{run_id}"
-        self.sent_at: dict[str, float] = {}
-        self.latency: dict[str, float] = {}
-        self.last_outcome = 0.0
-        self.send_failures = 0
-        self._producer: AIOKafkaProducer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._listener: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Orchestrator:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            enable_idempotence=False,
-            acks=1,
-            linger_ms=0,  # the load generator adds no wait of its own (issue 15)
-            max_batch_size=256 * 1024,
-        )
-        await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
-            group_id=None,
-            fetch_max_wait_ms=self._fetch_wait_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-        await self._consumer.start()
-        partitions: list[TopicPartition] = []
-        for topic in (self._topics.completed, self._topics.failed):
-            found = await self._producer.partitions_for(topic)
-            partitions += [TopicPartition(topic, p) for p in sorted(found)]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await self._consumer.position(tp)  # resolve the end offsets before sending
-        self._listener = asyncio.create_task(self._listen())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-
-    async def _listen(self) -> None:
-        assert self._consumer is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=100, max_records=5000)
-            now = loop.time()
-            for records in batch.values():
-                for record in records:
-                    if record.value is None:
-                        continue
-                    try:
-                        booking = _decode_outcome(record.value).booking_id
-                    except msgspec.ValidationError:
-                        continue
-                    sent = self.sent_at.get(booking)
-                    if sent is not None and booking not in self.latency:
-                        self.latency[booking] = now - sent
-                        self.last_outcome = now
-
-    def _request(self, booking: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-        value = _encode(
-            {
-                "booking_id": booking,
-                "amount": 1999,
-                "currency": "EUR",
-                "payment_method": "pm_card_visa",
-                "saga_id": f"saga-{booking}",
-            }
-        )
-        headers = [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", uuid.uuid4().hex.encode()),
-            ("ce_source", self._source.encode()),
-            ("ce_type", b"saga.request_payment"),
-            ("ce_time", datetime.now(UTC).isoformat().encode()),
-            ("content-type", b"application/json"),
-        ]
-        return value, headers
-
-    def _count_failure(self, future: asyncio.Future[object]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            self.send_failures += 1
-
-    async def offer(self, prefix: str, rate: float, duration_s: float) -> tuple[list[str], float]:
-        """Send `rate` requests/s for `duration_s` on schedule; (booking ids, worst lag s)."""
-        assert self._producer is not None
-        loop = asyncio.get_running_loop()
-        total = max(1, round(rate * duration_s))
-        bookings = [f"{prefix}-n{i}" for i in range(total)]
-        start = loop.time() + 0.01
-        worst_lag = 0.0
-        i = 0
-        while i < total:
-            now = loop.time()
-            due = min(total, int((now - start) * rate) + 1)
-            if i < due:
-                worst_lag = max(worst_lag, now - (start + i / rate))
-            while i < due:
-                booking = bookings[i]
-                value, headers = self._request(booking)
-                self.sent_at[booking] = start + i / rate
-                future = await self._producer.send(
-                    self._topics.request, value=value, key=booking.encode(), headers=headers
-                )
-                future.add_done_callback(self._count_failure)
-                i += 1
-            if i < total:
-                await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
-        await self._producer.flush()
-        return bookings, worst_lag
-
-    async def wait_answered(self, bookings: Sequence[str], timeout_s: float) -> int:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            answered = sum(1 for b in bookings if b in self.latency)
-            if answered == len(bookings):
-                return answered
-            await asyncio.sleep(0.1)
-        return sum(1 for b in bookings if b in self.latency)
 
 
 @dataclass
