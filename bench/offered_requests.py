@@ -1,5 +1,6 @@
-"""What the load generator's orchestrators send and read, whichever Kafka client they use:
-a request's message, the open-loop schedule, an outcome's booking."""
+"""What the load generator sends and reads, apart from its Kafka client
+(bench/orchestrator.py): a request's message, the open-loop schedule, an outcome's
+booking."""
 
 from __future__ import annotations
 
@@ -95,18 +96,14 @@ async def offer_on_schedule(
 
 
 async def wait_for_answers(
-    latency: Mapping[str, float],
-    bookings: Sequence[str],
-    timeout_s: float,
-    check: Callable[[], None] = lambda: None,
+    latency: Mapping[str, float], bookings: Sequence[str], timeout_s: float
 ) -> int:
     """How many of `bookings` have an outcome in `latency` once all have or `timeout_s`
-    has passed; `check()` raises if the listener has failed."""
+    has passed (only those still waiting are looked at again)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     waiting = [b for b in bookings if b not in latency]
     while waiting and loop.time() < deadline:
-        check()
         await asyncio.sleep(0.1)
         waiting = [b for b in waiting if b not in latency]
     return len(bookings) - len(waiting)
