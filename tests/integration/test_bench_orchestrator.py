@@ -17,7 +17,7 @@ from payment.adapters.kafka.partitioner import murmur2
 from payment.adapters.kafka.topics import Topics, ensure_topics
 from support.bench_scripts import load_bench_script
 
-orchestrators = load_bench_script("orchestrator")
+bench_orchestrator = load_bench_script("orchestrator")
 benchlib = load_bench_script("benchlib")
 
 PARTITIONS = 3
@@ -83,7 +83,7 @@ async def test_requests_go_on_schedule_and_every_outcome_is_matched_once(
         kafka_bootstrap, [topics.request, topics.completed, topics.failed], PARTITIONS
     )
     seen: list[Request] = []
-    orchestrator = orchestrators.Orchestrator(kafka_bootstrap, topics, run_id, 100)
+    orchestrator = bench_orchestrator.Orchestrator(kafka_bootstrap, topics, run_id, 100)
     async with orchestrator, responder(kafka_bootstrap, topics, seen):
         bookings, worst_lag = await orchestrator.offer("step", rate=100, duration_s=0.5)
         answered = await orchestrator.wait_answered(bookings, 30)
